@@ -1,0 +1,119 @@
+"""The backend protocol: one small async interface for every engine, in-process or over HTTP.
+
+A backend knows its engine and nothing about metrics: it turns a `Request` into a stream of timestamped
+`TokenEvent`s ended by one `Usage`. The harness's reducer computes every metric from those events.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from harness.scenario import BackendSpec
+
+now = time.perf_counter  # the one clock for every timestamp in a cell: monotonic, sub-microsecond
+
+
+class BackendError(Exception):
+    """An engine failed in a way the user should read: the cell is marked failed with this message."""
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TokenEvent:
+    """A chunk of generated tokens, stamped on arrival as close to the engine as the backend can."""
+    t: float
+    n_tokens: int = 1
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class Usage:
+    """The last item of every stream: token counts and where each came from."""
+    prompt_tokens: int | None
+    output_tokens: int | None
+    prompt_source: str  # "engine" | "server_usage" | "client_tokenizer" | "stream_chunks"
+    output_source: str
+    finish_reason: str | None = None
+    exact_length: bool = True  # False when the engine could not be told to ignore EOS
+
+
+@dataclass
+class Capabilities:
+    streaming: bool = True
+    exact_output_length: bool = True
+    max_concurrency: int | None = None  # None: the engine batches or queues requests itself
+    token_ids: bool = True
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+
+
+@dataclass
+class CellContext:
+    """What a backend may use beside its spec: the cell's folder (logs, offload files) and the scenario seed."""
+    dir: Path
+    seed: int = 0
+    vram_budget: int | None = None
+    phase_marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, phase: str) -> None:
+        """Phases (load, prefill, decode, idle) split resource measures; a mark starts a phase."""
+        self.phase_marks.append((phase, now()))
+
+
+class Backend(ABC):
+    kind: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, spec: BackendSpec, model: ModelInfo, ctx: CellContext):
+        self.spec = spec
+        self.model = model
+        self.ctx = ctx
+        self.options = self.Options.model_validate(spec.options)
+
+    @classmethod
+    def check_spec(cls, spec: BackendSpec) -> str | None:
+        """A problem with the spec beyond its options (e.g. a required url), as 'field: what was expected'."""
+        return None
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the engine or launch/attach the server; returns when it can serve."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Release everything start() took: memory, processes, files."""
+
+    @abstractmethod
+    def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        """Stream the request's tokens; the last item is a Usage."""
+
+    def environment(self) -> dict[str, Any]:
+        """Engine versions and settings worth keeping in the results."""
+        return {}

@@ -1,0 +1,123 @@
+"""HF transformers, in-process: the reference every other engine is compared against.
+
+`model.generate` runs in a thread; a streamer stamps each token the moment the engine hands it over.
+One request at a time (HF generate does not batch independent requests), so under concurrent load the wait
+for the engine shows up in TTFT, as it would for a user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import Backend, Capabilities, Request, TokenEvent, Usage, now
+
+
+class TransformersOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = Field("cpu", description="cpu, cuda, cuda:N")
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads (CPU)")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager")
+
+
+class _Streamer:
+    """transformers' streamer protocol: put() gets the prompt once, then each new token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, ctx):
+        self.loop, self.queue, self.ctx = loop, queue, ctx
+        self.seen_prompt = self.decoding = False
+
+    def put(self, value) -> None:
+        t = now()
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            self.ctx.mark("prefill")
+            return
+        if not self.decoding:
+            self.decoding = True
+            self.ctx.mark("decode")
+        ids = value.reshape(-1).tolist()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, TokenEvent(t=t, n_tokens=len(ids), token_ids=ids))
+
+    def end(self) -> None:
+        self.ctx.mark("idle")
+
+
+class TransformersBackend(Backend):
+    kind = "transformers"
+    Options = TransformersOptions
+    capabilities = Capabilities(max_concurrency=1)
+
+    async def start(self) -> None:
+        self.ctx.mark("load")
+        await asyncio.to_thread(self._load)
+        self._lock = asyncio.Lock()
+        self.ctx.mark("idle")
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        o = self.options
+        if o.num_threads:
+            torch.set_num_threads(o.num_threads)
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, o.dtype)}
+        if o.attn_implementation:
+            kwargs["attn_implementation"] = o.attn_implementation
+        self.torch = torch
+        self.hf = AutoModelForCausalLM.from_pretrained(self.model.path, **kwargs).to(o.device).eval()
+
+    async def stop(self) -> None:
+        self.hf = None
+        if self.options.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()
+
+    async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+            done = object()
+
+            def run() -> int:
+                try:
+                    return self._generate(request, _Streamer(loop, queue, self.ctx))
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, done)
+
+            future = loop.run_in_executor(None, run)
+            while (item := await queue.get()) is not done:
+                yield item
+            n_out = await future
+        yield Usage(prompt_tokens=len(request.prompt_token_ids), output_tokens=n_out,
+                    prompt_source="engine", output_source="engine")
+
+    def _generate(self, request: Request, streamer: _Streamer) -> int:
+        from transformers import GenerationConfig
+
+        torch = self.torch
+        ids = torch.tensor([request.prompt_token_ids], device=self.options.device)
+        sampling = request.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=request.max_tokens,
+            min_new_tokens=request.max_tokens if request.ignore_eos else None,
+            do_sample=sampling, temperature=request.temperature if sampling else None,
+            top_k=None, top_p=None,
+            pad_token_id=self.hf.config.eos_token_id if isinstance(self.hf.config.eos_token_id, int) else 0,
+            eos_token_id=self.hf.config.eos_token_id,
+        )
+        if sampling:
+            torch.manual_seed(request.seed)
+        with torch.inference_mode():
+            out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
+        return out.shape[1] - ids.shape[1]
+
+    def environment(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        return {"engine": "transformers", "transformers": transformers.__version__, "torch": torch.__version__,
+                "dtype": self.options.dtype, "device": self.options.device, "torch_threads": torch.get_num_threads()}
