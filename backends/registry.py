@@ -15,6 +15,12 @@ _BUILTIN = {
     "openai": "backends.openai_backend:OpenAIBackend",
 }
 _registered: dict[str, type[Backend]] = {}
+
+
+class PluginError(Exception):
+    """A module named in LLMBENCH_PLUGINS cannot be imported."""
+
+
 _plugins_loaded = False
 
 
@@ -28,7 +34,10 @@ def _load_plugins() -> None:
     if not _plugins_loaded:
         _plugins_loaded = True
         for mod in filter(None, os.environ.get("LLMBENCH_PLUGINS", "").split(",")):
-            importlib.import_module(mod.strip())
+            try:
+                importlib.import_module(mod.strip())
+            except ImportError as e:
+                raise PluginError(f"LLMBENCH_PLUGINS: cannot import {mod.strip()!r}: {e}") from None
 
 
 def known_kinds() -> list[str]:

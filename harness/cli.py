@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from backends.registry import PluginError
 from harness.results import ResultsError
 from harness.scenario import ScenarioError
 
@@ -20,7 +21,7 @@ models_app = typer.Typer(help="Build and list local models.", no_args_is_help=Tr
 app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 
-USER_ERRORS = (ScenarioError, ResultsError)
+USER_ERRORS = (ScenarioError, ResultsError, PluginError)
 
 
 def user_errors(fn):
@@ -104,6 +105,80 @@ def models_synth(
         task = progress.add_task(f"{preset} tensors", total=None)
         synth_model(preset, out_dir, seed, lambda i, n: progress.update(task, completed=i, total=n))
     typer.echo(f"wrote {out_dir}")
+
+
+@app.command()
+@user_errors
+def serve(
+    backend: Annotated[str, typer.Option("--backend", help="the in-process backend kind to serve, e.g. transformers")],
+    model: Annotated[Path, typer.Option("--model", help="an HF model folder")],
+    protocol: Annotated[str, typer.Option("--protocol", help="wire protocol: openai")] = "openai",
+    host: Annotated[str, typer.Option("--host", help="address to bind; only loopback unless you mean it")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8000,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="backend option KEY=VALUE (YAML value), repeatable")] = None,
+) -> None:
+    """Serve an in-process backend over HTTP (OpenAI completions and chat, streaming), to benchmark it as a server."""
+    import tempfile
+
+    import uvicorn
+    import yaml
+    from pydantic import ValidationError
+
+    from backends.registry import get_backend_class, known_kinds
+    from harness.scenario import format_validation_error
+    from harness.serve import build_server
+
+    if protocol != "openai":
+        raise ScenarioError(f"--protocol: expected openai, got {protocol!r}")
+    if not (model / "config.json").is_file():
+        raise ScenarioError(f"--model: expected an HF model folder with config.json, got {model}")
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ScenarioError(f"--option: expected KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    try:
+        get_backend_class(backend).Options.model_validate(options)
+    except KeyError:
+        raise ScenarioError(f"--backend: unknown backend kind {backend!r}; known: {', '.join(known_kinds())}") from None
+    except ValidationError as e:
+        raise ScenarioError(format_validation_error("--option", e, prefix="options")) from None
+    server = build_server(backend, model, options, Path(tempfile.mkdtemp(prefix="bench-serve-")))
+    uvicorn.run(server.app(), host=host, port=port, log_level="warning")
+
+
+@app.command()
+@user_errors
+def gate(
+    baseline: Annotated[Path, typer.Option("--baseline", help="baseline results.json or folder (e.g. results/baselines/NAME)")],
+    current: Annotated[Path, typer.Option("--current", help="the run to judge: results.json or its folder")],
+    policy: Annotated[Path | None, typer.Option("--policy", help="gate policy YAML (default: the packaged one)")] = None,
+    allow_env_change: Annotated[bool, typer.Option("--allow-env-change", help="compare despite a different GPU, CPU or engine version")] = False,
+    reference: Annotated[str | None, typer.Option("--reference", help="normalize by this backend of the same run (overrides the policy)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="where gate.md and gate.json go (default: the current results folder)")] = None,
+) -> None:
+    """Compare CURRENT with BASELINE cell by cell: exit 1 on a significant regression beyond the policy, 2 if incomparable."""
+    from harness.gate import run_gate
+
+    raise typer.Exit(run_gate(baseline, current, policy, allow_env_change, reference, out))
+
+
+baseline_app = typer.Typer(help="Store gate baselines.", no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("update")
+@user_errors
+def baseline_update(
+    results: Annotated[Path, typer.Argument(help="a results.json or results folder")],
+    name: Annotated[str | None, typer.Option("--name", help="baseline name (default: the scenario's name)")] = None,
+    directory: Annotated[Path, typer.Option("--dir", help="where baselines live")] = Path("results/baselines"),
+) -> None:
+    """Store RESULTS as the baseline DIR/NAME: results.json, the cells' requests files and metadata."""
+    from harness.baselines import store_baseline
+
+    typer.echo(f"stored baseline {store_baseline(results, directory, name)}")
 
 
 def main() -> None:

@@ -167,7 +167,7 @@ class Runner:
         report_file = cell_dir / "worker.json"
         report = json.loads(report_file.read_text()) if report_file.exists() else {}
         if report.get("status") != "ok" or exit_code != 0:
-            why = report.get("error") or (exit_code if isinstance(exit_code, str) else describe_exit(exit_code))
+            why = exit_code if isinstance(exit_code, str) else report.get("error") or describe_exit(exit_code)
             return self.failed(cell, why + (f"\n--- worker log (tail) ---\n{log_tail}" if log_tail else ""))
         records = [RequestRecord(**json.loads(line)) for line in (cell_dir / "requests.jsonl").read_text().splitlines()]
         reps = [reduce_repetition([r for r in records if r.repetition == i], self.scenario.slo)

@@ -90,8 +90,11 @@ async def run_cell(cell_dir: Path) -> dict:
                 raise BackendError(f"every request failed; first error: {records[0].error}")
         report["status"], report["error"] = "ok", None
     except BaseException as e:  # the cell fails; the runner reads why from here
-        report["error"] = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
-        if not isinstance(e, (BackendError, KeyboardInterrupt, SystemExit)):
+        if isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)):
+            report["error"] = "interrupted"
+        else:
+            report["error"] = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, (BackendError, KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
             traceback.print_exc()
         if not isinstance(e, Exception):
             raise

@@ -1,0 +1,92 @@
+"""The `openai` backend against a real OpenAI-protocol server: `bench serve` with the transformers engine."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from harness.runner import Runner
+from harness.scenario import load_scenario
+from tests.conftest import ROOT, scenario_dict
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "serve", "--backend", "transformers",
+                             "--model", str(tiny_model), "--port", str(port)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.poll() else "timeout"
+        time.sleep(0.3)
+    yield url + "/v1"
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def cells_of(path, out):
+    code = Runner(load_scenario(path), str(path), out).run()
+    return code, {c["backend"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+
+
+def test_completions_and_chat_streams_give_full_metrics_and_hf_tokens(server, tiny_model, write_scenario, tmp_path):
+    backends = [
+        {"name": "hf", "kind": "transformers"},
+        {"name": "remote", "kind": "openai", "url": server},
+        {"name": "chat", "kind": "openai", "url": server, "api": "chat"},
+        {"name": "no-usage", "kind": "openai", "url": server,
+         "options": {"extra_body": {"stream_options": {"include_usage": False}}}},
+    ]
+    wl = [{"name": "w", "input_tokens": 24, "output_tokens": 16, "num_requests": 3,
+           "load": {"type": "concurrency", "concurrency": 2}}]
+    path = write_scenario(scenario_dict(tiny_model, backends, wl, record_outputs=True))
+    code, cells = cells_of(path, tmp_path / "out")
+    assert code == 0, {k: c["error"] for k, c in cells.items()}
+    for name, c in cells.items():
+        m = c["metrics"]
+        assert m["completed"] == 3 and m["total_output_tokens"] == 48, name
+        assert m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0 and m["itl_ms"]["count"] == 3 * 15, name
+    assert cells["remote"]["token_counts"] == {"input": ["server_usage"], "output": ["server_usage"],
+                                               "exact_output_length": True}
+    assert cells["no-usage"]["token_counts"]["output"] == ["stream_chunks"]
+    assert cells["remote"]["metrics"]["total_input_tokens"] == 3 * 24  # the prompt is exact in the server's tokenizer
+    assert cells["chat"]["metrics"]["total_input_tokens"] > 3 * 24  # the chat template adds its tokens
+
+    def outputs(cell):
+        lines = (tmp_path / "out" / cell["requests_file"]).read_text().splitlines()
+        return {r["id"]: r["output_token_ids"] for r in map(json.loads, lines)}
+
+    assert outputs(cells["remote"]) == outputs(cells["hf"])  # greedy over the wire equals greedy in process
+
+
+def test_http_errors_fail_requests_with_the_servers_message(server, tiny_model, write_scenario, tmp_path):
+    b = {"name": "bad", "kind": "openai", "url": server, "options": {"extra_body": {"max_tokens": "lots"}}}
+    path = write_scenario(scenario_dict(tiny_model, [b]))
+    code, cells = cells_of(path, tmp_path / "out")
+    assert code == 1 and "HTTP 400" in cells["bad"]["error"] and "max_tokens" in cells["bad"]["error"]
+
+
+def test_missing_api_key_variable_fails_the_cell(server, tiny_model, write_scenario, tmp_path, monkeypatch):
+    monkeypatch.delenv("LLMBENCH_TEST_KEY", raising=False)
+    b = {"name": "keyed", "kind": "openai", "url": server, "options": {"api_key_env": "LLMBENCH_TEST_KEY"}}
+    code, cells = cells_of(write_scenario(scenario_dict(tiny_model, [b])), tmp_path / "out")
+    assert code == 1 and "LLMBENCH_TEST_KEY is not set" in cells["keyed"]["error"]
