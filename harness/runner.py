@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,7 +88,7 @@ class Runner:
         if key not in self.prompt_files:
             from transformers import AutoTokenizer
 
-            w = self.scenario.workload(workload_name)
+            w = self.scenario.workload(workload_name).spec
             count = w.warmup_requests + w.num_requests * self.scenario.repetitions
             try:
                 tokenizer = AutoTokenizer.from_pretrained(self.model_path(model))
@@ -95,7 +96,7 @@ class Runner:
             except (PromptError, OSError, ValueError) as e:
                 self.prompt_files[key] = PromptError(f"cannot build prompts for model {model!r}: {e}")
             else:
-                path = self.out / "prompts" / f"{model}__{workload_name}.json"
+                path = self.out / "prompts" / (re.sub(r"[^A-Za-z0-9_.=,-]", "_", f"{model}__{workload_name}") + ".json")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps([p.to_dict() for p in prompts]))
                 self.prompt_files[key] = path
@@ -108,7 +109,7 @@ class Runner:
 
     def run_cell(self, cell: Cell, progress: Progress) -> dict[str, Any]:
         backend = self.scenario.backend(cell.backend)
-        workload = self.scenario.workload(cell.workload)
+        workload = self.scenario.workload(cell.workload).spec
         cell_dir = self.store.cell_dir(cell.id)
         try:
             prompts = self.prompts_file(cell.model, cell.workload)
@@ -160,8 +161,13 @@ class Runner:
         return exit_code, tail(log_path)
 
     def failed(self, cell: Cell, error: str) -> dict[str, Any]:
+        return {**self.cell_header(cell), "status": "failed", "error": error, "metrics": None, "repetitions": []}
+
+    def cell_header(self, cell: Cell) -> dict[str, Any]:
+        """What identifies a cell in results: names, the concrete workload, and the swept values that made it."""
+        w = self.scenario.workload(cell.workload)
         return {"id": cell.id, **cell.model_dump(), "backend_kind": self.scenario.backend(cell.backend).kind,
-                "status": "failed", "error": error, "metrics": None, "repetitions": []}
+                "base_workload": w.base, "sweep": w.sweep, "workload_spec": w.spec.model_dump(mode="json")}
 
     def reduce(self, cell: Cell, cell_dir: Path, exit_code: int | str, log_tail: str) -> dict[str, Any]:
         report_file = cell_dir / "worker.json"
@@ -173,8 +179,7 @@ class Runner:
         reps = [reduce_repetition([r for r in records if r.repetition == i], self.scenario.slo)
                 for i in range(self.scenario.repetitions)]
         return {
-            "id": cell.id, **cell.model_dump(), "backend_kind": self.scenario.backend(cell.backend).kind,
-            "status": "ok", "error": None,
+            **self.cell_header(cell), "status": "ok", "error": None,
             "metrics": median_over_repetitions(reps), "repetitions": reps,
             "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records),
             "load_time_s": report.get("load_time_s"), "engine": report.get("environment", {}),

@@ -5,8 +5,10 @@ Key names here are the user interface; `bench schema` prints them as JSON Schema
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -92,16 +94,20 @@ class SequentialLoad(Strict):
     type: Literal["sequential"] = "sequential"
 
 
+Positive = Annotated[int, Field(gt=0)]
+PositiveRate = Annotated[float, Field(gt=0)]
+
+
 class ConcurrencyLoad(Strict):
     """Closed loop: `concurrency` requests in flight, a new one as soon as one completes."""
     type: Literal["concurrency"]
-    concurrency: int = Field(gt=0)
+    concurrency: Positive | list[Positive] = Field(description="a list sweeps: one cell per value")
 
 
 class PoissonLoad(Strict):
     """Open loop: requests arrive at exponential intervals with mean 1/rate, whatever completes."""
     type: Literal["poisson"]
-    rate: float = Field(gt=0, description="requests per second")
+    rate: PositiveRate | list[PositiveRate] = Field(description="requests per second; a list sweeps")
 
 
 Load = Annotated[SequentialLoad | ConcurrencyLoad | PoissonLoad, Field(discriminator="type")]
@@ -119,13 +125,53 @@ PromptSource = Annotated[SyntheticPrompts, Field(discriminator="type")]
 
 
 class Workload(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    input_tokens: int = Field(gt=0, description="exact prompt length in the model's tokenizer, special tokens included")
-    output_tokens: int = Field(gt=0, description="exact where the engine allows (ignore_eos / min_tokens)")
-    num_requests: int = Field(gt=0)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.,=\[\]-]*$")  # brackets: the names sweeps give
+    input_tokens: Positive | list[Positive] = Field(
+        description="exact prompt length in the model's tokenizer, special tokens included; a list sweeps")
+    output_tokens: Positive | list[Positive] = Field(
+        description="exact where the engine allows (ignore_eos / min_tokens); a list sweeps")
+    num_requests: Positive | list[Positive]
     load: Load = Field(default_factory=SequentialLoad)
     warmup_requests: int = Field(1, ge=0, description="sent before measuring, excluded from every metric")
     prompts: PromptSource = Field(default_factory=SyntheticPrompts)
+
+    @field_validator("input_tokens", "output_tokens", "num_requests")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("a sweep needs at least one value")
+        return v
+
+    def expand(self) -> list[ConcreteWorkload]:
+        """One concrete workload per combination of swept values (lists), named e.g. `short[input_tokens=1024]`."""
+        axes = {k: getattr(self, k) for k in SWEEPABLE if isinstance(getattr(self, k), list)}
+        for key in ("concurrency", "rate"):
+            if isinstance(getattr(self.load, key, None), list):
+                axes[f"load.{key}"] = getattr(self.load, key)
+        out = []
+        for values in itertools.product(*axes.values()):
+            sweep = dict(zip(axes, values))
+            data = self.model_dump()
+            for key, value in sweep.items():
+                if key.startswith("load."):
+                    data["load"][key[5:]] = value
+                else:
+                    data[key] = value
+            if sweep:
+                data["name"] = f"{self.name}[{','.join(f'{k}={v:g}' for k, v in sweep.items())}]"
+            out.append(ConcreteWorkload(spec=Workload.model_validate(data), base=self.name, sweep=sweep))
+        return out
+
+
+SWEEPABLE = ("input_tokens", "output_tokens", "num_requests")
+
+
+@dataclass
+class ConcreteWorkload:
+    """A workload with every swept field fixed to one value: what a cell runs."""
+    spec: Workload
+    base: str
+    sweep: dict[str, float]
 
 
 class SLO(Strict):
@@ -162,18 +208,21 @@ class Scenario(Strict):
     def cells(self, only_backends: list[str] | None = None) -> list[Cell]:
         """The matrix: every model × backend × workload, less what a backend restricts itself from."""
         return [
-            Cell(model=m, backend=b.name, workload=w.name)
+            Cell(model=m, backend=b.name, workload=w.spec.name)
             for m in self.models
             for b in self.backends
             if (not only_backends or b.name in only_backends) and (b.models is None or m in b.models)
-            for w in self.workloads
+            for w in self.concrete_workloads()
         ]
+
+    def concrete_workloads(self) -> list[ConcreteWorkload]:
+        return [c for w in self.workloads for c in w.expand()]
 
     def backend(self, name: str) -> BackendSpec:
         return next(b for b in self.backends if b.name == name)
 
-    def workload(self, name: str) -> Workload:
-        return next(w for w in self.workloads if w.name == name)
+    def workload(self, name: str) -> ConcreteWorkload:
+        return next(w for w in self.concrete_workloads() if w.spec.name == name)
 
 
 class Cell(Strict):
@@ -188,29 +237,33 @@ class Cell(Strict):
 
 # ---- loading ------------------------------------------------------------------------------------------------------
 
+_UNION_MEMBER = re.compile(r"^(int|float|str|bool|list\[.*\]|constrained-.*|function-.*)$")
+
+
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("sequential", "concurrency", "poisson", "synthetic") and out.endswith(("load", "prompts")):
-            continue  # pydantic's union tag adds noise to the path the user sees
+        elif _UNION_MEMBER.match(part) or (part in ("sequential", "concurrency", "poisson", "synthetic")
+                                           and out.endswith(("load", "prompts"))):
+            continue  # pydantic's union tags add noise to the path the user sees
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
 
 
 def format_validation_error(source: str, err: ValidationError, prefix: str = "") -> str:
-    lines = [f"{source}: invalid scenario"]
+    """One line per field: 'file: field: what was expected (got ...)'; union alternatives joined with 'or'."""
+    problems: dict[str, list[str]] = {}
     for e in err.errors():
         where = _loc(tuple(e["loc"]))
         where = f"{prefix}.{where}" if prefix and where != "(top level)" else (prefix or where)
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e['input']!r:.80})"
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {where}: {msg}{got}")
-    return "\n".join(lines)
+        if msg + got not in problems.setdefault(where, []):
+            problems[where].append(msg + got)
+    return "\n".join([f"{source}: invalid scenario"] + [f"  {w}: {' or '.join(m)}" for w, m in problems.items()])
 
 
 def load_scenario(path: Path | str) -> Scenario:

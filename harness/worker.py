@@ -18,6 +18,7 @@ from backends.base import BackendError, CellContext, ModelInfo, Request, TokenEv
 from backends.registry import get_backend_class
 from harness.loadgen import run_load
 from harness.metrics import RequestRecord
+from harness.results import atomic_write
 from harness.scenario import BackendSpec, Workload
 
 
@@ -43,20 +44,12 @@ async def measure(backend, request: Request, repetition: int, keep_ids: bool) ->
     return rec
 
 
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 async def run_cell(cell_dir: Path) -> dict:
     spec = json.loads((cell_dir / "cell.json").read_text())
-    bspec = BackendSpec.model_validate(spec["backend"])
     workload = Workload.model_validate(spec["workload"])
-    prompts = json.loads(Path(spec["prompts_file"]).read_text())
     ctx = CellContext(dir=cell_dir, seed=spec["seed"], vram_budget=spec.get("vram_budget"))
-    backend = get_backend_class(bspec.kind)(bspec, ModelInfo(spec["model"]["name"], Path(spec["model"]["path"])), ctx)
     report: dict = {"status": "failed", "error": None, "environment": {}, "repetitions": []}
+    backend = None
 
     def request(i: int) -> Request:
         p = prompts[i]
@@ -66,6 +59,9 @@ async def run_cell(cell_dir: Path) -> dict:
     records_file = (cell_dir / "requests.jsonl").open("w")
     t_start = now()
     try:
+        prompts = json.loads(Path(spec["prompts_file"]).read_text())
+        bspec = BackendSpec.model_validate(spec["backend"])
+        backend = get_backend_class(bspec.kind)(bspec, ModelInfo(spec["model"]["name"], Path(spec["model"]["path"])), ctx)
         await backend.start()
         report["load_time_s"] = now() - t_start
         report["environment"] = backend.environment()
@@ -101,11 +97,12 @@ async def run_cell(cell_dir: Path) -> dict:
     finally:
         records_file.close()
         try:
-            await backend.stop()
+            if backend is not None:
+                await backend.stop()
         except Exception as e:
             report["stop_error"] = f"{type(e).__name__}: {e}"
         report["t_start"], report["phase_marks"] = t_start, ctx.phase_marks
-        write_json(cell_dir / "worker.json", report)
+        atomic_write(cell_dir / "worker.json", json.dumps(report, indent=1))
     return report
 
 
