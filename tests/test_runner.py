@@ -117,3 +117,27 @@ def test_results_survive_a_killed_runner(write_scenario, tiny_model, tmp_path):
     proc.wait()
     data = results(out)
     assert [c["backend"] for c in data["cells"]] == ["ok"] and data["cells"][0]["status"] == "ok"
+
+
+def test_ctrl_c_stops_the_worker_and_keeps_results(write_scenario, tiny_model, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    backends = [SCRIPTED, {"name": "hang", "kind": "scripted", "options": {"hang": True}}]
+    path = write_scenario(scenario_dict(tiny_model, backends))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(path), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "cells" / "tiny__hang__w" / "requests.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert workers, "the hanging cell's worker should be running"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    cells = {c["backend"]: c for c in results(out)["cells"]}
+    assert cells["ok"]["status"] == "ok" and cells["hang"]["error"] == "interrupted by the user"
