@@ -1,0 +1,450 @@
+"""`bench gate`: compare a run with a baseline, cell by cell and metric by metric (docs/gate.md).
+
+A metric regresses only when the current run is beyond the policy's threshold AND significantly so: the one-sided
+test asks whether the current samples exceed `threshold × baseline`, not merely the baseline, so noise alone (or a
+small real change the policy tolerates) never fails a build. Pure functions of results files: no engine runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+from scipy.stats import mannwhitneyu
+
+from harness.baselines import META_FILE
+from harness.metrics import RequestRecord, reduce_repetition
+from harness.results import ResultsError, load_results
+from harness.scenario import SLO, Strict, format_validation_error
+
+DEFAULT_POLICY = Path(__file__).with_name("gate_policy.yaml")
+
+# Per-request samples are RequestRecord properties (seconds), so every formula stays in harness/metrics.py.
+# itl_ms is absent on purpose: its samples are the gaps inside a request, strongly correlated, and a rank test that
+# took them as independent would call noise significant; gate it per repetition (itl_ms.p50) instead.
+PER_REQUEST = {"ttft_ms": "ttft", "tpot_ms": "tpot", "e2el_ms": "e2el"}
+
+
+def _per_repetition_metrics() -> list[str]:
+    """Every number a repetition has, named as in results.json: scalars, and DISTRIBUTION.STAT for distributions."""
+    empty = reduce_repetition([], SLO())
+    return [f"{k}.{s}" for k, v in empty.items() if isinstance(v, dict) for s in v] + \
+           [k for k, v in empty.items() if not isinstance(v, dict)]
+
+
+PER_REPETITION = _per_repetition_metrics()
+
+
+class GateError(ResultsError):
+    """Runs that cannot be compared, or a bad policy file: one message, exit code 2."""
+
+
+# ---- policy -------------------------------------------------------------------------------------------------------
+
+class MetricRule(Strict):
+    direction: Literal["lower", "higher"] = Field(description="which way is better")
+    threshold: float = Field(gt=0, description="tolerated current/baseline ratio: the most for lower (e.g. 1.10), "
+                                               "the least for higher (e.g. 0.90)")
+    samples: Literal["per_request", "per_repetition"] | None = Field(
+        None, description="default: per_request for ttft_ms, tpot_ms, e2el_ms, else per_repetition")
+    test: Literal["mann_whitney", "bootstrap_median_ci"] = "mann_whitney"
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the one-sided test")
+    min_samples: int = Field(5, ge=2, description="fewer samples on either side: inconclusive")
+    inconclusive: Literal["pass", "fail"] | None = Field(None, description="default: the policy's `inconclusive`")
+
+    @model_validator(mode="after")
+    def _threshold_side(self) -> MetricRule:
+        if self.direction == "lower" and self.threshold < 1:
+            raise ValueError(f"with direction lower the threshold is the largest tolerated ratio current/baseline, "
+                             f"so >= 1 (e.g. 1.10); got {self.threshold}")
+        if self.direction == "higher" and self.threshold > 1:
+            raise ValueError(f"with direction higher the threshold is the smallest tolerated ratio current/baseline, "
+                             f"so <= 1 (e.g. 0.90); got {self.threshold}")
+        return self
+
+
+class Bootstrap(Strict):
+    resamples: int = Field(2000, ge=100)
+    seed: int = 0
+
+
+class Policy(Strict):
+    reference: str | None = Field(None, description="normalize every metric by this backend's, same run, model, workload")
+    inconclusive: Literal["pass", "fail"] = "pass"
+    bootstrap: Bootstrap = Field(default_factory=Bootstrap)
+    metrics: dict[str, MetricRule] = Field(min_length=1)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: dict[str, MetricRule]) -> dict[str, MetricRule]:
+        for name, rule in metrics.items():
+            rule.samples = rule.samples or ("per_request" if name in PER_REQUEST else "per_repetition")
+            if rule.samples == "per_request" and name not in PER_REQUEST:
+                raise ValueError(f"{name!r} has no per-request samples; those are {', '.join(PER_REQUEST)} "
+                                 f"(gate itl and the rest per repetition, e.g. itl_ms.p50)")
+            if rule.samples == "per_repetition" and name not in PER_REPETITION:
+                raise ValueError(f"unknown metric {name!r}; per repetition: a scalar such as output_throughput_tok_s "
+                                 f"or request_throughput_rps, or DISTRIBUTION.STAT such as ttft_ms.p50")
+        return metrics
+
+    def on_inconclusive(self, metric: str) -> str:
+        return self.metrics[metric].inconclusive or self.inconclusive
+
+
+def load_policy(path: Path | None) -> Policy:
+    source = path or DEFAULT_POLICY
+    try:
+        data = yaml.safe_load(source.read_text())
+    except FileNotFoundError:
+        raise GateError(f"{source}: no such policy file") from None
+    except OSError as e:
+        raise GateError(f"{source}: cannot read the policy file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise GateError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise GateError(f"{source}: expected a mapping with `metrics` (and optionally reference, inconclusive, "
+                        f"bootstrap), got {type(data).__name__}")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as e:
+        lines = format_validation_error(str(source), e).splitlines()
+        raise GateError("\n".join([f"{source}: invalid gate policy", *lines[1:]])) from None
+
+
+# ---- runs and their samples ---------------------------------------------------------------------------------------
+
+CellKey = tuple[str, str, str]  # model, backend, workload
+
+
+class Run:
+    """One results file, and the folder its per-cell requests files are relative to."""
+
+    def __init__(self, path: Path):
+        self.data = load_results(path)
+        self.folder = path if path.is_dir() else path.parent
+        self.cells: dict[CellKey, dict[str, Any]] = {(c["model"], c["backend"], c["workload"]): c
+                                                     for c in self.data["cells"]}
+        meta = self.folder / META_FILE
+        try:
+            self.baseline_meta = json.loads(meta.read_text()) if meta.is_file() else None
+        except json.JSONDecodeError as e:
+            raise GateError(f"{meta}: not valid JSON: {e}") from None
+        self._records: dict[str, list[RequestRecord]] = {}
+
+    def records(self, cell: dict[str, Any]) -> list[RequestRecord]:
+        if cell["id"] not in self._records:
+            path = self.folder / (cell.get("requests_file") or f"cells/{cell['id']}/requests.jsonl")
+            try:
+                lines = path.read_text().splitlines()
+                self._records[cell["id"]] = [RequestRecord(**json.loads(line)) for line in lines if line.strip()]
+            except FileNotFoundError:
+                raise GateError(f"{path}: missing; per-request metrics need every cell's requests file next to "
+                                f"results.json (`bench baseline update` stores them with a baseline)") from None
+            except (json.JSONDecodeError, TypeError) as e:
+                raise GateError(f"{path}: not a requests file of RequestRecord lines: {e}") from None
+        return self._records[cell["id"]]
+
+    def samples(self, cell: dict[str, Any], metric: str, rule: MetricRule) -> np.ndarray:
+        if rule.samples == "per_request":
+            prop = PER_REQUEST[metric]
+            values = [getattr(r, prop) for r in self.records(cell) if r.ok]
+            return np.array([v * 1e3 for v in values if v is not None], dtype=float)
+        name, _, stat = metric.partition(".")
+        values = [rep.get(name) for rep in cell.get("repetitions") or []]
+        values = [v.get(stat) if stat and isinstance(v, dict) else v for v in values]
+        return np.array([v for v in values if v is not None], dtype=float)
+
+
+# ---- environment guard --------------------------------------------------------------------------------------------
+
+@dataclass
+class EnvDifference:
+    kind: Literal["gpu", "cpu", "engine", "packages"]
+    what: str
+    baseline: Any
+    current: Any
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.baseline!r} (baseline) vs {self.current!r} (current)"
+
+
+def _dict_differences(kind, prefix: str, a: dict, b: dict) -> list[EnvDifference]:
+    return [EnvDifference(kind, f"{prefix}{k}", a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
+
+
+def environment_differences(base: Run, cur: Run, keys: list[CellKey]) -> list[EnvDifference]:
+    """What makes two runs' numbers incomparable: GPU models, CPU model and cores, engine versions and settings."""
+    eb, ec = base.data.get("environment") or {}, cur.data.get("environment") or {}
+
+    def gpu_names(env):
+        return [d.get("name") for d in (env.get("gpu") or {}).get("devices") or []]
+
+    diffs = []
+    if gpu_names(eb) != gpu_names(ec):
+        diffs.append(EnvDifference("gpu", "environment.gpu.devices", gpu_names(eb), gpu_names(ec)))
+    cpu_b, cpu_c = eb.get("cpu") or {}, ec.get("cpu") or {}
+    diffs += _dict_differences("cpu", "environment.cpu.", {k: cpu_b.get(k) for k in ("model", "logical_cores")},
+                               {k: cpu_c.get(k) for k in ("model", "logical_cores")})
+    diffs += _dict_differences("packages", "environment.packages.", eb.get("packages") or {}, ec.get("packages") or {})
+    seen = set()
+    for key in keys:
+        backend = key[1]
+        for d in _dict_differences("engine", f"backend {backend}: engine.", base.cells[key].get("engine") or {},
+                                   cur.cells[key].get("engine") or {}):
+            if (backend, d.what) not in seen:  # every cell of a backend reports the same engine
+                seen.add((backend, d.what))
+                diffs.append(d)
+    return diffs
+
+
+# ---- the statistics -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    cell: str
+    metric: str
+    baseline: float | None = None
+    current: float | None = None
+    ratio: float | None = None
+    threshold: float | None = None
+    test: str | None = None
+    p_value: float | None = None
+    ci_baseline: list[float] | None = None
+    ci_current: list[float] | None = None
+    n_baseline: int = 0
+    n_current: int = 0
+    verdict: Literal["pass", "regression", "improvement", "inconclusive"] = "pass"
+    fails_build: bool = False
+    note: str = ""
+
+
+def _bootstrap_ci(x: np.ndarray, ref: np.ndarray | None, alpha: float, boot: Bootstrap) -> list[float]:
+    """Percentile CI of median(x), or of median(x) / median(ref) resampling both, so the reference's noise counts."""
+    rng = np.random.default_rng(boot.seed)
+    stat = np.median(rng.choice(x, (boot.resamples, x.size)), axis=1)
+    if ref is not None:
+        stat = stat / np.median(rng.choice(ref, (boot.resamples, ref.size)), axis=1)
+    lo, hi = np.percentile(stat, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return [float(lo), float(hi)]
+
+
+def judge(rule: MetricRule, base: np.ndarray, cur: np.ndarray, base_ref: np.ndarray | None,
+          cur_ref: np.ndarray | None, boot: Bootstrap) -> dict[str, Any]:
+    """Compare one metric's samples; refs are the reference cell's samples of the same metric in each run."""
+    out: dict[str, Any] = {"threshold": rule.threshold, "test": rule.test, "n_baseline": int(base.size),
+                           "n_current": int(cur.size)}
+    if min(base.size, cur.size) < rule.min_samples:
+        return {**out, "verdict": "inconclusive",
+                "note": f"{min(base.size, cur.size)} sample(s) < min_samples {rule.min_samples}"}
+    for ref, run in ((base_ref, "baseline"), (cur_ref, "current")):
+        if ref is not None and ref.size < rule.min_samples:
+            return {**out, "verdict": "inconclusive", "note": f"the reference cell has {ref.size} sample(s) < "
+                                                              f"min_samples {rule.min_samples} in the {run} run"}
+        if ref is not None and np.median(ref) <= 0:
+            return {**out, "verdict": "inconclusive", "note": f"the reference's median is 0 in the {run} run"}
+    b = base / np.median(base_ref) if base_ref is not None else base
+    c = cur / np.median(cur_ref) if cur_ref is not None else cur
+    out["baseline"], out["current"] = float(np.median(b)), float(np.median(c))
+    if out["baseline"] <= 0:
+        return {**out, "verdict": "inconclusive", "note": "the baseline median is 0: no ratio"}
+    ratio = out["current"] / out["baseline"]
+    out["ratio"] = ratio
+    lower = rule.direction == "lower"
+    worse = ratio > 1 if lower else ratio < 1
+    # Test against the tolerance bound, not the baseline: "significantly beyond threshold × baseline".
+    bound = rule.threshold if worse else 1 / rule.threshold
+    above = lower == worse  # is the side being tested "current above the bound"?
+    beyond = ratio > bound if above else ratio < bound
+    if rule.test == "mann_whitney":
+        smallest_p = 1 / math.comb(base.size + cur.size, base.size)
+        if smallest_p >= rule.alpha:
+            return {**out, "verdict": "inconclusive",
+                    "note": f"with {base.size} and {cur.size} samples the smallest attainable p is "
+                            f"{smallest_p:.3g} >= alpha {rule.alpha}"}
+        p = float(mannwhitneyu(c, b * bound, alternative="greater" if above else "less").pvalue)
+        out["p_value"], significant = p, p < rule.alpha
+    else:
+        cb = _bootstrap_ci(base, base_ref, rule.alpha, boot)
+        cc = _bootstrap_ci(cur, cur_ref, rule.alpha, boot)
+        out["ci_baseline"], out["ci_current"] = cb, cc
+        significant = cc[0] > bound * cb[1] if above else cc[1] < bound * cb[0]
+    if beyond and significant:
+        return {**out, "verdict": "regression" if worse else "improvement"}
+    if beyond and worse:
+        return {**out, "verdict": "inconclusive", "note": "beyond the threshold, but not significantly"}
+    return {**out, "verdict": "pass"}
+
+
+# ---- the gate -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class GateReport:
+    baseline: str
+    current: str
+    reference: str | None
+    verdict: Literal["pass", "fail"] = "pass"
+    exit_code: int = 0
+    rows: list[Row] = field(default_factory=list)
+    environment_differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    baseline_meta: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False) -> GateReport:
+    """The whole comparison; raises GateError when the runs cannot be compared."""
+    report = GateReport(str(base.folder), str(cur.folder), policy.reference, baseline_meta=base.baseline_meta)
+    keys = [k for k in cur.cells if k in base.cells]
+    if not keys:
+        raise GateError(f"no matching cells (same model, backend and workload): the baseline has "
+                        f"{', '.join(c['id'] for c in base.cells.values()) or 'none'}; the current run has "
+                        f"{', '.join(c['id'] for c in cur.cells.values()) or 'none'}")
+    ref = policy.reference
+    for run, name in ((base, "baseline"), (cur, "current")):
+        if ref is not None and all(k[1] != ref for k in run.cells):
+            raise GateError(f"reference backend {ref!r} is not in the {name} run ({run.folder}); its backends: "
+                            f"{', '.join(sorted({k[1] for k in run.cells}))}")
+
+    diffs = environment_differences(base, cur, keys)
+    # With a reference, both numbers of every ratio come from one machine, so a different CPU model or core count
+    # (a shared runner pool) cancels to first order; a different GPU or engine version does not (docs/gate.md).
+    blocking = [d for d in diffs if not (ref is not None and d.kind == "cpu")]
+    if blocking and not allow_env_change:
+        raise GateError("the runs were measured in different environments, so their numbers are not comparable:\n"
+                        + "\n".join(f"  {d}" for d in blocking)
+                        + "\nstore a new baseline on this machine (`bench baseline update`), or pass "
+                          "--allow-env-change to compare anyway")
+    report.environment_differences = [str(d) for d in diffs]
+
+    for key in keys:
+        b_cell, c_cell = base.cells[key], cur.cells[key]
+        if b_cell["status"] != "ok":
+            report.notes.append(f"{c_cell['id']}: not compared, the baseline cell {b_cell['status']}")
+            continue
+        if c_cell["status"] != "ok":
+            why = (c_cell.get("error") or "").splitlines()[0] if c_cell.get("error") else c_cell["status"]
+            report.rows.append(Row(c_cell["id"], "status", verdict="regression", fails_build=True,
+                                   note=f"ok in the baseline, {c_cell['status']} now: {why}"))
+            continue
+        if ref is not None and key[1] == ref:
+            report.notes.append(f"{c_cell['id']}: the reference backend, not gated against itself (only a failure counts)")
+            continue
+        ref_cells = [run.cells.get((key[0], ref, key[2])) for run in (base, cur)] if ref is not None else [None, None]
+        missing = ref is not None and any(rc is None or rc["status"] != "ok" for rc in ref_cells)
+        for metric, rule in policy.metrics.items():
+            if missing:
+                row = Row(c_cell["id"], metric, threshold=rule.threshold, test=rule.test, verdict="inconclusive",
+                          note=f"no ok reference cell {key[0]}/{ref}/{key[2]} in both runs")
+            else:
+                refs = [run.samples(rc, metric, rule) if rc else None for run, rc in zip((base, cur), ref_cells)]
+                row = Row(c_cell["id"], metric, **judge(rule, base.samples(b_cell, metric, rule),
+                                                        cur.samples(c_cell, metric, rule), *refs, policy.bootstrap))
+            row.fails_build = row.verdict == "regression" or (
+                row.verdict == "inconclusive" and policy.on_inconclusive(metric) == "fail")
+            report.rows.append(row)
+    report.notes += [f"{c['id']}: in the baseline only, not compared" for k, c in base.cells.items() if k not in cur.cells]
+    report.notes += [f"{c['id']}: new, no baseline to compare with" for k, c in cur.cells.items() if k not in base.cells]
+    if not report.rows:
+        raise GateError("nothing to compare: " + "; ".join(report.notes))
+    if any(r.fails_build for r in report.rows):
+        report.verdict, report.exit_code = "fail", 1
+    return report
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+
+HEADERS = ["cell", "metric", "baseline", "current", "ratio", "threshold", "p-value or CI", "verdict", "note"]
+
+
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def _cells(r: Row) -> list[str]:
+    if r.p_value is not None:
+        evidence = f"p={r.p_value:.3g}"
+    elif r.ci_baseline is not None:
+        evidence = f"[{_num(r.ci_baseline[0])}, {_num(r.ci_baseline[1])}] → [{_num(r.ci_current[0])}, {_num(r.ci_current[1])}]"
+    else:
+        evidence = "–"
+    ratio = "–" if r.ratio is None else f"{r.ratio:.3f}×"
+    threshold = "–" if r.threshold is None else f"{r.threshold:g}×"
+    return [r.cell, r.metric, _num(r.baseline), _num(r.current), ratio, threshold, evidence, r.verdict, r.note]
+
+
+def _headline(report: GateReport) -> str:
+    counts = {v: sum(r.verdict == v for r in report.rows) for v in ("regression", "inconclusive", "improvement", "pass")}
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    return f"gate {report.verdict.upper()}: {summary}"
+
+
+def _preamble(report: GateReport) -> list[str]:
+    lines = [f"baseline: {report.baseline}", f"current: {report.current}"]
+    meta = report.baseline_meta
+    if meta:
+        lines.append(f"baseline {meta.get('name')!r} stored {meta.get('stored')} at git {meta.get('git_sha')} "
+                     f"from {meta.get('source')}")
+    if report.reference:
+        lines.append(f"values are ratios to backend {report.reference!r} in the same run (same model and workload)")
+    return lines
+
+
+VERDICT_STYLE = {"regression": "bold red", "inconclusive": "yellow", "improvement": "green", "pass": ""}
+
+
+def print_report(report: GateReport, console: Console) -> None:
+    for line in _preamble(report):
+        console.print(line, highlight=False, markup=False)
+    table = Table(title="bench gate")
+    for h in HEADERS:
+        table.add_column(h, justify="right" if h in ("baseline", "current", "ratio", "threshold") else "left")
+    for r in report.rows:
+        table.add_row(*map(Text, _cells(r)), style=VERDICT_STYLE[r.verdict] or None)
+    console.print(table)
+    for d in report.environment_differences:
+        console.print(f"[yellow]warning:[/yellow] environment changed: {escape(d)}", highlight=False)
+    for n in report.notes:
+        console.print(f"note: {n}", highlight=False, markup=False)
+    console.print(_headline(report), style="bold red" if report.exit_code else "bold green", highlight=False)
+
+
+def to_markdown(report: GateReport) -> str:
+    def md(cells: list[str]) -> str:
+        return "| " + " | ".join(s.replace("|", "\\|") for s in cells) + " |"
+
+    lines = [f"# {_headline(report)}", "", *(f"- {line}" for line in _preamble(report)), "",
+             md(HEADERS), md(["---"] * len(HEADERS)), *(md(_cells(r)) for r in report.rows)]
+    if report.environment_differences:
+        lines += ["", "## Environment changes (compared anyway)", "", *(f"- {d}" for d in report.environment_differences)]
+    if report.notes:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in report.notes)]
+    return "\n".join(lines) + "\n"
+
+
+def run_gate(baseline: Path, current: Path, policy_file: Path | None = None, allow_env_change: bool = False,
+             reference: str | None = None, out: Path | None = None, console: Console | None = None) -> int:
+    """`bench gate`: exit code 0 pass, 1 regression (raises GateError, exit 2, when the runs are incomparable)."""
+    policy = load_policy(policy_file)
+    if reference is not None:
+        policy.reference = reference
+    base, cur = Run(baseline), Run(current)
+    report = compare(base, cur, policy, allow_env_change)
+    out = out or cur.folder
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gate.json").write_text(report.to_json())
+    (out / "gate.md").write_text(to_markdown(report))
+    print_report(report, console or Console(width=200))
+    return report.exit_code

@@ -1,0 +1,406 @@
+"""`bench gate` and `bench baseline update` on synthetic runs with known, planted differences.
+
+The synthetic runs go through the real reducer and results writer, so they have exactly the shape `bench run`
+writes; only the latencies are drawn from chosen distributions instead of measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.gate import Run, judge, load_policy
+from harness.metrics import PERCENTILE_METHOD, RequestRecord, median_over_repetitions, reduce_repetition, token_sources
+from harness.results import ResultsStore
+from harness.scenario import SLO
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ENV = {
+    "llmbench": {"version": "0.1.0", "git_sha": None}, "python": "3.11.7", "os": "Linux", "hostname": "ci",
+    "cpu": {"model": "Synthetic CPU 9000", "logical_cores": 2, "physical_cores": 2}, "ram_bytes": 2**34,
+    "gpu": {"available": True, "driver": "550", "cuda_driver": "12.4",
+            "devices": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 85899345920}]},
+    "packages": {"torch": "2.13.0", "transformers": "5.23.0"},
+}
+# Seconds of TTFT and per-token gap of each synthetic backend at factor 1.
+SPEED = {"hf": (0.012, 0.0035), "own": (0.006, 0.0020)}
+
+
+def synth_run(out: Path, seed: int, factors: dict[str, float] | None = None, backends=("hf",), n_requests=16,
+              repetitions=5, output_tokens=32, env=None) -> Path:
+    """A results folder from lognormal latencies, sequential load; `factors` slows a backend down (1.2 = 20%).
+
+    Noise at three levels, as on a real machine: per repetition (3%), per request (10%), per token gap (10%).
+    """
+    rng = np.random.default_rng(seed)
+    store = ResultsStore(out, {"name": "synthetic", "repetitions": repetitions}, "synthetic.yaml", resume=False)
+    store.data["environment"] = copy.deepcopy(env or ENV)
+    ids = [f"tiny__{b}__short" for b in backends]
+    for backend, cell_id in zip(backends, ids):
+        ttft0, gap0 = SPEED[backend]
+        factor = (factors or {}).get(backend, 1.0)
+        records, t = [], 100.0
+        for rep in range(repetitions):
+            rep_noise = rng.lognormal(0, 0.03)
+            for i in range(n_requests):
+                slow = factor * rep_noise * rng.lognormal(0, 0.10)
+                first = t + ttft0 * slow * rng.lognormal(0, 0.10)
+                gaps = gap0 * slow * rng.lognormal(0, 0.10, output_tokens - 1)
+                times = [first, *(first + np.cumsum(gaps))]
+                records.append(RequestRecord(
+                    id=rep * n_requests + i, repetition=rep, t_send=t, chunk_times=[float(x) for x in times],
+                    chunk_tokens=[1] * output_tokens, input_tokens=64, output_tokens=output_tokens,
+                    input_source="engine", output_source="engine", exact_length=True, finish_reason="length"))
+                t = times[-1] + 0.001
+        cell_dir = store.cell_dir(cell_id)
+        (cell_dir / "requests.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+        reps = [reduce_repetition([r for r in records if r.repetition == i], SLO()) for i in range(repetitions)]
+        store.put({
+            "id": cell_id, "model": "tiny", "backend": backend, "workload": "short", "backend_kind": "synthetic",
+            "status": "ok", "error": None, "metrics": median_over_repetitions(reps), "repetitions": reps,
+            "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records), "load_time_s": 1.0,
+            "engine": {"engine": backend, "version": "1.0"}, "requests_file": f"cells/{cell_id}/requests.jsonl",
+        }, ids)
+    return out
+
+
+def gate(*args: str | Path):
+    result = CliRunner().invoke(app, ["gate", *map(str, args)])
+    assert "Traceback" not in result.output
+    return result
+
+
+def edit_results(folder: Path, change) -> None:
+    path = folder / "results.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def verdicts(folder: Path) -> dict[tuple[str, str], str]:
+    data = json.loads((folder / "gate.json").read_text())
+    return {(r["cell"], r["metric"]): r["verdict"] for r in data["rows"]}
+
+
+LATENCIES = ("ttft_ms", "tpot_ms", "e2el_ms")
+
+
+# ---- the verdicts -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_20pct_latency_regression_fails(tmp_path, seed):
+    base = synth_run(tmp_path / "base", seed)
+    cur = synth_run(tmp_path / "cur", seed + 100, factors={"hf": 1.2})
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 1, result.output
+    v = verdicts(cur)
+    assert all(v[("tiny__hf__short", m)] == "regression" for m in LATENCIES), v
+    assert "gate FAIL" in result.output
+    assert "regression" in (cur / "gate.md").read_text()
+
+
+def test_noise_only_passes_over_ten_seeds(tmp_path):
+    for seed in range(10):
+        base = synth_run(tmp_path / f"base{seed}", seed)
+        cur = synth_run(tmp_path / f"cur{seed}", seed + 1000)
+        result = gate("--baseline", base, "--current", cur)
+        assert result.exit_code == 0, (seed, result.output)
+        assert "regression" not in verdicts(cur).values()
+
+
+def test_improvement_is_reported_and_passes(tmp_path):
+    base = synth_run(tmp_path / "base", 0)
+    cur = synth_run(tmp_path / "cur", 1, factors={"hf": 0.7})
+    assert gate("--baseline", base, "--current", cur).exit_code == 0
+    v = verdicts(cur)
+    assert all(v[("tiny__hf__short", m)] == "improvement" for m in LATENCIES), v
+
+
+def test_bootstrap_median_ci_catches_regression_and_passes_noise(tmp_path):
+    policy = tmp_path / "boot.yaml"
+    policy.write_text("metrics:\n"
+                      "  e2el_ms: {direction: lower, threshold: 1.10, test: bootstrap_median_ci}\n"
+                      "  output_throughput_tok_s: {direction: higher, threshold: 0.90, test: bootstrap_median_ci}\n")
+    base = synth_run(tmp_path / "base", 0)
+    slow = synth_run(tmp_path / "slow", 1, factors={"hf": 1.3})
+    noisy = synth_run(tmp_path / "noisy", 2)
+    assert gate("--baseline", base, "--current", slow, "--policy", policy).exit_code == 1
+    assert set(verdicts(slow).values()) == {"regression"}
+    row = json.loads((slow / "gate.json").read_text())["rows"][0]
+    assert row["ci_current"][0] > 1.1 * row["ci_baseline"][1]  # the CIs the verdict rests on are in the report
+    assert gate("--baseline", base, "--current", noisy, "--policy", policy).exit_code == 0
+
+
+def test_beyond_threshold_but_not_significant_is_inconclusive():
+    """A single outlier-driven shift with few samples must not fail the build by default."""
+    rule = load_policy(None).metrics["e2el_ms"]
+    base = np.array([100.0, 140, 90, 160, 110, 95, 150, 105, 130, 120])
+    cur = base * 1.15
+    out = judge(rule, base, cur[::-1], None, None, load_policy(None).bootstrap)
+    assert out["ratio"] == pytest.approx(1.15)
+    assert out["verdict"] == "inconclusive" and "not significantly" in out["note"]
+
+
+def test_a_change_at_the_threshold_fails_at_most_about_alpha_of_the_time():
+    """The test is against threshold × baseline: a tolerated 10% slowdown with many samples must not fail builds
+    (testing against the baseline alone would call it significant every time, and fail whenever noise pushed the
+    median ratio past 1.10), while a 30% one always does."""
+    policy = load_policy(None)
+    rule = policy.metrics["e2el_ms"]
+
+    def regressions(true_ratio: float) -> int:
+        count = 0
+        for seed in range(40):
+            rng = np.random.default_rng(seed)
+            base, cur = 100 * rng.lognormal(0, 0.1, 80), 100 * true_ratio * rng.lognormal(0, 0.1, 80)
+            count += judge(rule, base, cur, None, None, policy.bootstrap)["verdict"] == "regression"
+        return count
+
+    assert regressions(1.10) <= 4  # alpha = 0.05 of 40 is 2
+    assert regressions(1.30) == 40
+
+
+# ---- reference-normalized mode ------------------------------------------------------------------------------------
+
+def test_reference_catches_regression_of_other_backend(tmp_path):
+    base = synth_run(tmp_path / "base", 0, backends=("hf", "own"))
+    cur = synth_run(tmp_path / "cur", 1, backends=("hf", "own"), factors={"own": 1.2})
+    result = gate("--baseline", base, "--current", cur, "--reference", "hf")
+    assert result.exit_code == 1, result.output
+    v = verdicts(cur)
+    assert all(v[("tiny__own__short", m)] == "regression" for m in LATENCIES), v
+    assert not any(cell == "tiny__hf__short" for cell, _ in v)  # the yardstick is not judged by itself
+    assert "tiny__hf__short: the reference backend, not gated against itself" in result.output
+
+
+def test_reference_only_run_has_nothing_to_gate(tmp_path):
+    base = synth_run(tmp_path / "base", 0)
+    cur = synth_run(tmp_path / "cur", 1)
+    result = gate("--baseline", base, "--current", cur, "--reference", "hf")
+    assert result.exit_code == 2 and "nothing to compare" in result.output
+
+
+def test_reference_absorbs_uniform_machine_slowdown(tmp_path):
+    base = synth_run(tmp_path / "base", 0, backends=("hf", "own"))
+    cur = synth_run(tmp_path / "cur", 1, backends=("hf", "own"), factors={"hf": 1.3, "own": 1.3})
+    # Raw numbers: a 30% slower machine looks like a regression of every backend...
+    assert gate("--baseline", base, "--current", cur, "--out", tmp_path / "raw").exit_code == 1
+    # ...normalized by hf measured on the same machine, it is not.
+    policy = tmp_path / "ref.yaml"
+    policy.write_text((ROOT / "harness/gate_policy.yaml").read_text().replace("reference: null", "reference: hf"))
+    result = gate("--baseline", base, "--current", cur, "--policy", policy)
+    assert result.exit_code == 0, result.output
+    assert "regression" not in verdicts(cur).values()
+    rows = json.loads((cur / "gate.json").read_text())["rows"]
+    assert all(abs(r["ratio"] - 1) < 0.1 for r in rows)
+
+
+def test_reference_missing_from_run_is_a_usage_error(tmp_path):
+    base = synth_run(tmp_path / "base", 0, backends=("own",))
+    cur = synth_run(tmp_path / "cur", 1, backends=("own",))
+    result = gate("--baseline", base, "--current", cur, "--reference", "hf")
+    assert result.exit_code == 2
+    assert "reference backend 'hf' is not in the baseline run" in result.output
+
+
+# ---- environment guard --------------------------------------------------------------------------------------------
+
+def test_different_gpu_and_engine_exit_2_listing_differences(tmp_path):
+    base = synth_run(tmp_path / "base", 0)
+    env = copy.deepcopy(ENV)
+    env["gpu"]["devices"][0]["name"] = "NVIDIA A100-SXM4-40GB"
+    env["packages"]["transformers"] = "5.24.0"
+    cur = synth_run(tmp_path / "cur", 1, env=env)
+    edit_results(cur, lambda d: d["cells"][0]["engine"].update(version="2.0"))
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "different environments" in out
+    assert "environment.gpu.devices: ['NVIDIA H100 80GB HBM3'] (baseline) vs ['NVIDIA A100-SXM4-40GB'] (current)" in out
+    assert "environment.packages.transformers: '5.23.0' (baseline) vs '5.24.0' (current)" in out
+    assert "backend hf: engine.version: '1.0' (baseline) vs '2.0' (current)" in out
+    assert "--allow-env-change" in out
+    assert not (cur / "gate.json").exists()
+
+    result = gate("--baseline", base, "--current", cur, "--allow-env-change")
+    assert result.exit_code == 0, result.output
+    assert "warning: environment changed: environment.gpu.devices" in " ".join(result.output.split())
+    assert len(json.loads((cur / "gate.json").read_text())["environment_differences"]) == 3
+
+
+def test_cpu_change_blocks_raw_mode_but_is_a_warning_with_reference(tmp_path):
+    base = synth_run(tmp_path / "base", 0, backends=("hf", "own"))
+    env = copy.deepcopy(ENV)
+    env["cpu"]["model"] = "Other CPU 1000"
+    cur = synth_run(tmp_path / "cur", 1, backends=("hf", "own"), env=env, factors={"hf": 1.4, "own": 1.4})
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 2 and "environment.cpu.model" in result.output
+    result = gate("--baseline", base, "--current", cur, "--reference", "hf")
+    assert result.exit_code == 0, result.output
+    assert "warning: environment changed: environment.cpu.model" in " ".join(result.output.split())
+
+
+def test_no_matching_cells_exit_2(tmp_path):
+    base = synth_run(tmp_path / "base", 0, backends=("hf",))
+    cur = synth_run(tmp_path / "cur", 1, backends=("own",))
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 2
+    assert "no matching cells" in result.output and "tiny__hf__short" in result.output
+
+
+def test_cells_in_one_run_only_are_noted(tmp_path):
+    base = synth_run(tmp_path / "base", 0, backends=("hf", "own"))
+    cur = synth_run(tmp_path / "cur", 1, backends=("hf",))
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 0
+    assert "tiny__own__short: in the baseline only, not compared" in result.output
+
+
+def test_failed_current_cell_is_a_regression(tmp_path):
+    base = synth_run(tmp_path / "base", 0)
+    cur = synth_run(tmp_path / "cur", 1)
+    edit_results(cur, lambda d: d["cells"][0].update(status="failed", error="KeyError: [red]boom[/red]\nmore"))
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 1
+    assert verdicts(cur) == {("tiny__hf__short", "status"): "regression"}
+    assert "KeyError: [red]boom[/red]" in result.output  # printed as text, not as rich markup
+    assert "ok in the baseline, failed now: KeyError: [red]boom[/red] |" in (cur / "gate.md").read_text()
+
+
+def test_missing_requests_file_exit_2(tmp_path):
+    base = synth_run(tmp_path / "base", 0)
+    cur = synth_run(tmp_path / "cur", 1)
+    (base / "cells/tiny__hf__short/requests.jsonl").unlink()
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 2
+    assert "requests.jsonl: missing" in result.output
+
+
+# ---- samples and policy -------------------------------------------------------------------------------------------
+
+def test_too_few_samples_is_inconclusive(tmp_path):
+    base = synth_run(tmp_path / "base", 0, n_requests=3, repetitions=2)
+    cur = synth_run(tmp_path / "cur", 1, n_requests=3, repetitions=2, factors={"hf": 1.5})
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 0, result.output  # the default policy: inconclusive passes
+    assert set(verdicts(cur).values()) == {"inconclusive"}
+    rows = json.loads((cur / "gate.json").read_text())["rows"]
+    assert {r["note"] for r in rows} == {"6 sample(s) < min_samples 10", "2 sample(s) < min_samples 4"}
+
+    strict = tmp_path / "strict.yaml"
+    strict.write_text((ROOT / "harness/gate_policy.yaml").read_text().replace("inconclusive: pass", "inconclusive: fail"))
+    assert gate("--baseline", base, "--current", cur, "--policy", strict).exit_code == 1
+
+
+def test_mann_whitney_with_unreachable_alpha_is_inconclusive(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("metrics:\n  output_throughput_tok_s: {direction: higher, threshold: 0.9, min_samples: 3}\n")
+    base = synth_run(tmp_path / "base", 0, repetitions=3)
+    cur = synth_run(tmp_path / "cur", 1, repetitions=3, factors={"hf": 2.0})
+    assert gate("--baseline", base, "--current", cur, "--policy", policy).exit_code == 0
+    row = json.loads((cur / "gate.json").read_text())["rows"][0]
+    assert row["verdict"] == "inconclusive" and "smallest attainable p is 0.05" in row["note"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("metrics:\n  ttft_ms: {direction: lower, treshold: 1.1}\n", "metrics.ttft_ms.treshold: unknown key"),
+    ("metrics:\n  ttft_ms: {direction: lower, threshold: 0.9}\n", "metrics.ttft_ms: with direction lower"),
+    ("metrics:\n  ttft_ms: {direction: faster, threshold: 1.1}\n", "metrics.ttft_ms.direction: Input should be"),
+    ("metrics:\n  itl_ms: {direction: lower, threshold: 1.1, samples: per_request}\n", "metrics: 'itl_ms' has no per-request"),
+    ("metrics:\n  latency: {direction: lower, threshold: 1.1}\n", "metrics: unknown metric 'latency'"),
+    ("inconclusive: maybe\nmetrics: {}\n", "inconclusive: Input should be 'pass' or 'fail'"),
+    ("- just a list\n", "expected a mapping with `metrics`"),
+    ("metrics: [\n", "not valid YAML"),
+])
+def test_bad_policy_exit_2_naming_file_and_field(tmp_path, text, expected):
+    base = synth_run(tmp_path / "base", 0, n_requests=2, repetitions=1)
+    policy = tmp_path / "gate.yaml"
+    policy.write_text(text)
+    result = gate("--baseline", base, "--current", base, "--policy", policy)
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert str(policy) in out and expected in out, out
+
+
+def test_packaged_policy_is_valid_and_gates_the_documented_metrics():
+    policy = load_policy(None)
+    assert list(policy.metrics) == ["ttft_ms", "tpot_ms", "e2el_ms", "output_throughput_tok_s", "request_throughput_rps"]
+    assert policy.metrics["ttft_ms"].samples == "per_request"
+    assert policy.metrics["output_throughput_tok_s"].samples == "per_repetition"
+
+
+def test_per_request_samples_come_from_request_records(tmp_path):
+    run_dir = synth_run(tmp_path / "run", 0, n_requests=4, repetitions=2)
+    run = Run(run_dir)
+    cell = run.data["cells"][0]
+    policy = load_policy(None)
+    ttft = run.samples(cell, "ttft_ms", policy.metrics["ttft_ms"])
+    lines = (run_dir / cell["requests_file"]).read_text().splitlines()
+    expected = [(r["chunk_times"][0] - r["t_send"]) * 1e3 for r in map(json.loads, lines)]
+    assert ttft.tolist() == pytest.approx(expected)
+    thr = run.samples(cell, "output_throughput_tok_s", policy.metrics["output_throughput_tok_s"])
+    assert thr.tolist() == [rep["output_throughput_tok_s"] for rep in cell["repetitions"]]
+
+
+# ---- baselines ----------------------------------------------------------------------------------------------------
+
+def test_baseline_update_then_gate(tmp_path):
+    src = synth_run(tmp_path / "run", 0)
+    store = tmp_path / "baselines"
+    result = CliRunner().invoke(app, ["baseline", "update", str(src), "--name", "ci", "--dir", str(store)])
+    assert result.exit_code == 0, result.output
+    baseline = store / "ci"
+    meta = json.loads((baseline / "baseline.json").read_text())
+    assert meta["name"] == "ci" and meta["source"] == str(src.resolve()) and meta["cells"] == ["tiny__hf__short"]
+    assert (baseline / "cells/tiny__hf__short/requests.jsonl").read_bytes() == \
+        (src / "cells/tiny__hf__short/requests.jsonl").read_bytes()
+    shutil.rmtree(src)  # self-contained: the source run is no longer needed
+
+    ok = synth_run(tmp_path / "ok", 1)
+    result = gate("--baseline", baseline, "--current", ok)
+    assert result.exit_code == 0, result.output
+    assert "baseline 'ci' stored" in result.output
+    slow = synth_run(tmp_path / "slow", 2, factors={"hf": 1.2})
+    assert gate("--baseline", baseline, "--current", slow).exit_code == 1
+
+    # Updating replaces the baseline: the slow run is now the yardstick, and the old one is gone.
+    assert CliRunner().invoke(app, ["baseline", "update", str(slow / "results.json"), "--name", "ci",
+                                    "--dir", str(store)]).exit_code == 0
+    assert sorted(p.name for p in store.iterdir()) == ["ci"]
+    assert gate("--baseline", baseline, "--current", slow, "--out", tmp_path / "g").exit_code == 0
+    assert all(r["ratio"] == 1 for r in json.loads((tmp_path / "g/gate.json").read_text())["rows"])
+
+
+def test_baseline_update_rejects_bad_name_and_missing_requests(tmp_path):
+    src = synth_run(tmp_path / "run", 0, n_requests=2, repetitions=1)
+    bad = CliRunner().invoke(app, ["baseline", "update", str(src), "--name", "../x", "--dir", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--name" in bad.output
+    (src / "cells/tiny__hf__short/requests.jsonl").unlink()
+    missing = CliRunner().invoke(app, ["baseline", "update", str(src), "--dir", str(tmp_path / "b")])
+    assert missing.exit_code == 2 and "requests.jsonl: missing" in missing.output
+    assert not (tmp_path / "b" / "synthetic").exists()
+
+
+# ---- a real run -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_ci_gate_run_passes_against_itself(tmp_path, tiny_model):
+    """scenarios/ci-gate.yaml through `bench run`, stored as a baseline, gated against itself: every ratio is 1."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(ROOT / "scenarios/ci-gate.yaml"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(app, ["baseline", "update", str(out), "--dir", str(tmp_path / "b")]).exit_code == 0
+    result = gate("--baseline", tmp_path / "b/ci-gate", "--current", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "gate.json").read_text())["rows"]
+    assert {r["metric"] for r in rows} == {"ttft_ms", "tpot_ms", "e2el_ms", "output_throughput_tok_s",
+                                           "request_throughput_rps"}
+    assert all(r["ratio"] == 1 and r["verdict"] == "pass" and r["n_current"] >= 5 for r in rows)
