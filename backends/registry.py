@@ -13,6 +13,8 @@ from backends.base import Backend
 _BUILTIN = {
     "transformers": "backends.transformers_backend:TransformersBackend",
     "openai": "backends.openai_backend:OpenAIBackend",
+    "tgi": "backends.tgi_backend:TGIBackend",
+    "llama_cpp": "backends.llamacpp_backend:LlamaCppBackend",
 }
 _registered: dict[str, type[Backend]] = {}
 

@@ -112,12 +112,12 @@ def models_synth(
 def serve(
     backend: Annotated[str, typer.Option("--backend", help="the in-process backend kind to serve, e.g. transformers")],
     model: Annotated[Path, typer.Option("--model", help="an HF model folder")],
-    protocol: Annotated[str, typer.Option("--protocol", help="wire protocol: openai")] = "openai",
+    protocol: Annotated[str, typer.Option("--protocol", help="wire protocol: openai or tgi (TGI's routes plus OpenAI's)")] = "openai",
     host: Annotated[str, typer.Option("--host", help="address to bind; only loopback unless you mean it")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8000,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="backend option KEY=VALUE (YAML value), repeatable")] = None,
 ) -> None:
-    """Serve an in-process backend over HTTP (OpenAI completions and chat, streaming), to benchmark it as a server."""
+    """Serve an in-process backend over HTTP (OpenAI or TGI protocol, streaming), to benchmark it as a server."""
     import tempfile
 
     import uvicorn
@@ -126,10 +126,10 @@ def serve(
 
     from backends.registry import get_backend_class, known_kinds
     from harness.scenario import format_validation_error
-    from harness.serve import build_server
+    from harness.serve import PROTOCOLS, build_server
 
-    if protocol != "openai":
-        raise ScenarioError(f"--protocol: expected openai, got {protocol!r}")
+    if protocol not in PROTOCOLS:
+        raise ScenarioError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if not (model / "config.json").is_file():
         raise ScenarioError(f"--model: expected an HF model folder with config.json, got {model}")
     options = {}
@@ -144,7 +144,7 @@ def serve(
         raise ScenarioError(f"--backend: unknown backend kind {backend!r}; known: {', '.join(known_kinds())}") from None
     except ValidationError as e:
         raise ScenarioError(format_validation_error("--option", e, prefix="options")) from None
-    server = build_server(backend, model, options, Path(tempfile.mkdtemp(prefix="bench-serve-")))
+    server = build_server(backend, model, options, Path(tempfile.mkdtemp(prefix="bench-serve-")), protocol)
     uvicorn.run(server.app(), host=host, port=port, log_level="warning")
 
 
@@ -179,6 +179,59 @@ def baseline_update(
     from harness.baselines import store_baseline
 
     typer.echo(f"stored baseline {store_baseline(results, directory, name)}")
+
+
+@models_app.command("gguf")
+@user_errors
+def models_gguf(
+    hf_dir: Annotated[Path, typer.Argument(help="an HF model folder (Llama family, safetensors, tokenizer.json)")],
+    out: Annotated[Path, typer.Argument(help="the GGUF file to write")],
+    gguf_type: Annotated[str, typer.Option("--type", help="f32, f16, bf16, q8_0, or a llama.cpp quantizer type (q4_k_m, ...)")] = "f32",
+) -> None:
+    """Convert HF_DIR to a GGUF file for llama.cpp."""
+    from harness.gguf import GGUF_TYPES, GGUFError, convert
+
+    if gguf_type not in GGUF_TYPES:
+        raise ScenarioError(f"--type: expected one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    try:
+        convert(hf_dir, out, gguf_type)
+    except GGUFError as e:
+        raise ScenarioError(str(e)) from None
+    typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {gguf_type})")
+
+
+@app.command()
+@user_errors
+def report(
+    results: Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")],
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default: the results folder of a "
+                                                           "single run, ./report for several)")] = None,
+    format: Annotated[str, typer.Option("--format", help="comma-separated: md, html")] = "md,html",
+) -> None:
+    """Write report.md (plots in plots/) and a self-contained report.html from one or several runs."""
+    from harness.report import parse_formats, write_report
+
+    try:
+        formats = parse_formats(format)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--format") from None
+    out = out or (Path("report") if len(results) > 1 else results[0] if results[0].is_dir() else results[0].parent)
+    for path in write_report(results, out, formats):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def guide(
+    results: Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")],
+    out: Annotated[Path, typer.Option("--out", help="guide.md or guide.html")] = Path("guide.md"),
+    rules: Annotated[list[Path] | None, typer.Option("--rules", help="extra use cases (YAML, repeatable); "
+                                                                     "an id already known replaces it")] = None,
+) -> None:
+    """Write a framework-selection guide: per use case, backends ranked from measured cells, and where it flips."""
+    from harness.guide import write_guide
+
+    typer.echo(f"wrote {write_guide(results, out, rules)}")
 
 
 def main() -> None:

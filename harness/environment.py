@@ -57,6 +57,12 @@ def gpus() -> dict[str, Any]:
         pynvml.nvmlShutdown()
 
 
+def gpu_memory_bytes() -> int | None:
+    """Memory of the first GPU the process sees (what a VRAM budget is a share of); None without one."""
+    info = gpus()
+    return info["devices"][0]["memory_bytes"] if info["available"] and info["devices"] else None
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in ENGINE_PACKAGES:

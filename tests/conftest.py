@@ -1,5 +1,9 @@
+import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +43,37 @@ def scenario_dict(tiny_model, backends, workloads=None, **extra) -> dict:
                                     "warmup_requests": 1}],
         **extra,
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def bench_serve(model: Path, kind: str, protocol: str, *options: str):
+    """`bench serve` in a subprocess; yields its base URL once /health answers, and stops its whole group after."""
+    import httpx
+
+    port = free_port()
+    argv = [sys.executable, "-m", "harness.cli", "serve", "--backend", kind, "--model", str(model),
+            "--protocol", protocol, "--port", str(port), *[a for o in options for a in ("--option", o)]]
+    proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"bench serve did not start:\n{proc.stdout.read().decode() if proc.poll() is not None else 'timeout'}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

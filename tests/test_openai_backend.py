@@ -1,46 +1,18 @@
 """The `openai` backend against a real OpenAI-protocol server: `bench serve` with the transformers engine."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from harness.runner import Runner
 from harness.scenario import load_scenario
-from tests.conftest import ROOT, scenario_dict
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import bench_serve, scenario_dict
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "serve", "--backend", "transformers",
-                             "--model", str(tiny_model), "--port", str(port)],
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.poll() else "timeout"
-        time.sleep(0.3)
-    yield url + "/v1"
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    with bench_serve(tiny_model, "transformers", "openai") as url:
+        yield url + "/v1"
 
 
 def cells_of(path, out):

@@ -1,12 +1,10 @@
 """Every kind of bad scenario stops before anything runs: exit 2, the file and field named, no traceback."""
 
-import socket
-
 import pytest
 from typer.testing import CliRunner
 
 from harness.cli import app
-from tests.conftest import scenario_dict
+from tests.conftest import free_port, scenario_dict
 
 runner = CliRunner()
 HF = {"name": "hf", "kind": "transformers"}
@@ -24,12 +22,6 @@ def expect_error(path, *needles, command="validate"):
     assert str(path) in out.replace("\n", "")
     for n in needles:
         assert n in out, f"{n!r} not in:\n{out}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_missing_file(tmp_path):

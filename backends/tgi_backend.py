@@ -1,0 +1,138 @@
+"""Hugging Face TGI through its own `text-generation` client: attach to `url:`, or launch `text-generation-launcher`
+(or its docker image) through the shared launcher.
+
+TGI cannot be told to ignore EOS, so an output length is exact only when a request ends by length; each request
+records which. Token counts come from the stream's `details.generated_tokens`; `/info` goes into the environment.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now
+from backends.servers import Server, launch
+
+
+class TGILaunch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    via: Literal["launcher", "docker"] = Field("launcher", description="text-generation-launcher on PATH, or docker")
+    image: str = "ghcr.io/huggingface/text-generation-inference:latest"
+    model_id: str | None = Field(None, description="default: the scenario model's folder")
+    max_input_tokens: int | None = Field(None, gt=0)
+    max_total_tokens: int | None = Field(None, gt=0)
+    max_batch_prefill_tokens: int | None = Field(None, gt=0)
+    quantize: str | None = Field(None, description="e.g. bitsandbytes, awq, gptq, eetq, fp8")
+    dtype: Literal["float16", "bfloat16"] | None = None
+    num_shard: int | None = Field(None, gt=0)
+    gpus: str = Field("all", description="docker --gpus")
+    shm_size: str = "1g"
+    extra_args: list[str] = Field(default_factory=list, description="more launcher flags, passed as they are")
+    startup_timeout_s: float = Field(900, gt=0)
+
+
+class TGIOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    launch: TGILaunch | None = None
+    timeout_s: int = Field(600, gt=0)
+
+
+def memory_fraction(budget: int | None, gpu_total: int | None) -> float | None:
+    """--cuda-memory-fraction from a VRAM budget: the share of the card the budget is, at most all of it."""
+    if budget is None or not gpu_total:
+        return None
+    return round(min(1.0, budget / gpu_total), 4)
+
+
+def launch_command(o: TGILaunch, model_path: Path, port: int, fraction: float | None) -> list[str]:
+    """The argv that starts TGI on 127.0.0.1:port. In docker the server listens on 80 inside, published on loopback."""
+    inside = "/data/model" if o.via == "docker" else (o.model_id or str(model_path))
+    flags = ["--model-id", o.model_id or inside]
+    for flag, value in (("--max-input-tokens", o.max_input_tokens), ("--max-total-tokens", o.max_total_tokens),
+                        ("--max-batch-prefill-tokens", o.max_batch_prefill_tokens), ("--quantize", o.quantize),
+                        ("--dtype", o.dtype), ("--num-shard", o.num_shard), ("--cuda-memory-fraction", fraction)):
+        if value is not None:
+            flags += [flag, str(value)]
+    if o.via == "docker":
+        mount = [] if o.model_id else ["-v", f"{model_path}:/data/model:ro"]
+        return ["docker", "run", "--rm", "--gpus", o.gpus, "--shm-size", o.shm_size, "-p", f"127.0.0.1:{port}:80",
+                *mount, o.image, *flags, "--port", "80", *o.extra_args]
+    return ["text-generation-launcher", *flags, "--hostname", "127.0.0.1", "--port", str(port), *o.extra_args]
+
+
+class TGIBackend(Backend):
+    kind = "tgi"
+    Options = TGIOptions
+    capabilities = Capabilities(exact_output_length=False)
+
+    @classmethod
+    def check_spec(cls, spec) -> str | None:
+        if (spec.url is None) == (spec.options.get("launch") is None):
+            return "give exactly one of url (attach to a running TGI) or options.launch (start one)"
+        return None
+
+    async def start(self) -> None:
+        from text_generation import AsyncClient
+
+        self.ctx.mark("load")
+        self.server: Server | None = None
+        if self.options.launch is not None:
+            from harness.environment import gpu_memory_bytes
+
+            o = self.options.launch
+            fraction = memory_fraction(self.ctx.vram_budget, gpu_memory_bytes())
+            self.server = await launch("tgi", lambda port: launch_command(o, self.model.path, port, fraction),
+                                       self.ctx.dir, "/health", o.startup_timeout_s)
+            base = self.server.url
+        else:
+            base = self.spec.url.rstrip("/")
+        self.client = AsyncClient(base, timeout=self.options.timeout_s)
+        self.info = await self._info(base)
+        self.ctx.mark("idle")
+
+    async def _info(self, base: str) -> dict[str, Any]:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.get(base + "/info")
+        if r.status_code != 200:
+            raise BackendError(f"GET {base}/info answered HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    async def stop(self) -> None:
+        if getattr(self, "server", None) is not None:
+            self.server.stop()
+
+    async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        from text_generation.errors import ValidationError as TGIError
+
+        sampling = request.temperature > 0
+        details, n = None, 0
+        self.ctx.mark("prefill")
+        try:
+            async for r in self.client.generate_stream(
+                    request.prompt, max_new_tokens=request.max_tokens, do_sample=sampling,
+                    temperature=request.temperature if sampling else None, seed=request.seed if sampling else None):
+                if n == 0:
+                    self.ctx.mark("decode")
+                n += 1
+                yield TokenEvent(t=now(), n_tokens=1, token_ids=[r.token.id])
+                details = r.details or details
+        except TGIError as e:
+            raise BackendError(f"TGI rejected the request: {e}") from None
+        except Exception as e:
+            if type(e).__module__.startswith("text_generation"):
+                raise BackendError(f"TGI: {type(e).__name__}: {e}") from None
+            raise
+        self.ctx.mark("idle")
+        finish = details.finish_reason.value if details else None
+        yield Usage(len(request.prompt_token_ids), details.generated_tokens if details else n, "client_tokenizer",
+                    "server_usage" if details else "stream_chunks", finish, exact_length=finish == "length")
+
+    def environment(self) -> dict[str, Any]:
+        return {"engine": "tgi", "text_generation_client": importlib.metadata.version("text-generation"),
+                "info": getattr(self, "info", None), "launched": self.options.launch is not None}

@@ -1,0 +1,103 @@
+"""The `tgi` backend and `bench serve --protocol tgi`, spoken through the real `text-generation` client.
+
+No TGI server runs on a CPU machine; `bench serve --protocol tgi` serves TGI's routes and shapes, and the real
+client (the one the backend uses) must parse every reply.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from backends.tgi_backend import TGILaunch, launch_command, memory_fraction
+from harness.runner import Runner
+from harness.scenario import load_scenario
+from tests.conftest import bench_serve, scenario_dict
+
+SERVED = "transformers"
+
+
+@pytest.fixture(scope="module")
+def tgi_url(tiny_model):
+    with bench_serve(tiny_model, SERVED, "tgi") as url:
+        yield url
+
+
+def test_the_installed_client_imports_beside_transformers():
+    import text_generation
+    import transformers
+
+    assert text_generation.AsyncClient and int(transformers.__version__.split(".")[0]) >= 4
+
+
+def test_streaming_and_list_shaped_replies_parse_with_the_real_client(tgi_url):
+    from text_generation import Client
+
+    client = Client(tgi_url)
+    whole = client.generate("the city of water", max_new_tokens=7)  # POST / without stream: a list body
+    assert whole.details.generated_tokens == 7 and whole.details.finish_reason.value == "length"
+    events = list(client.generate_stream("the city of water", max_new_tokens=7))
+    assert [e.token.id for e in events] == [t.id for t in whole.details.tokens]
+    assert events[-1].details.generated_tokens == 7 and events[-1].generated_text == whole.generated_text
+    assert all(e.details is None and e.generated_text is None for e in events[:-1])
+
+
+def test_generate_route_info_and_metrics(tgi_url):
+    import httpx
+
+    r = httpx.post(tgi_url + "/generate", json={"inputs": "the city", "parameters": {"max_new_tokens": 3, "details": True}})
+    assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 3  # an object, not a list
+    assert httpx.get(tgi_url + "/info").json()["model_pipeline_tag"] == "text-generation"
+    assert "llmbench_generated_tokens_total" in httpx.get(tgi_url + "/metrics").text
+    bad = httpx.post(tgi_url + "/generate", json={"inputs": 3})
+    assert bad.status_code == 422 and "inputs" in bad.json()["error"]
+
+
+def test_tgi_backend_gives_full_metrics_and_in_process_tokens(tgi_url, tiny_model, write_scenario, tmp_path):
+    backends = [{"name": "local", "kind": SERVED}, {"name": "tgi", "kind": "tgi", "url": tgi_url}]
+    wl = [{"name": "w", "input_tokens": 24, "output_tokens": 12, "num_requests": 3,
+           "load": {"type": "concurrency", "concurrency": 2}}]
+    path = write_scenario(scenario_dict(tiny_model, backends, wl, record_outputs=True))
+    assert Runner(load_scenario(path), str(path), tmp_path / "out").run() == 0
+    cells = {c["backend"]: c for c in json.loads((tmp_path / "out" / "results.json").read_text())["cells"]}
+    m = cells["tgi"]["metrics"]
+    assert m["completed"] == 3 and m["total_output_tokens"] == 36 and m["total_input_tokens"] == 72
+    assert m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0 and m["itl_ms"]["count"] == 33
+    assert cells["tgi"]["token_counts"]["output"] == ["server_usage"]
+    assert cells["tgi"]["engine"]["info"]["backend"] == SERVED
+
+    def outputs(cell):
+        lines = (tmp_path / "out" / cell["requests_file"]).read_text().splitlines()
+        return {r["id"]: r["output_token_ids"] for r in map(json.loads, lines)}
+
+    assert outputs(cells["tgi"]) == outputs(cells["local"])
+
+
+def test_openai_backend_against_serve_openai(tiny_model, write_scenario, tmp_path):
+    with bench_serve(tiny_model, SERVED, "openai") as url:
+        b = [{"name": "oa", "kind": "openai", "url": url + "/v1"}]
+        path = write_scenario(scenario_dict(tiny_model, b))
+        assert Runner(load_scenario(path), str(path), tmp_path / "out").run() == 0
+
+
+def test_launch_command_from_the_scenario_and_budget():
+    o = TGILaunch(max_input_tokens=4096, max_total_tokens=8192, quantize="awq", extra_args=["--max-concurrent-requests", "64"])
+    frac = memory_fraction(8 * 2**30, 80 * 2**30)
+    assert frac == 0.1 and memory_fraction(None, 80 * 2**30) is None and memory_fraction(100 * 2**30, 80 * 2**30) == 1.0
+    argv = launch_command(o, Path("/models/llama"), 8123, frac)
+    assert argv == ["text-generation-launcher", "--model-id", "/models/llama", "--max-input-tokens", "4096",
+                    "--max-total-tokens", "8192", "--quantize", "awq", "--cuda-memory-fraction", "0.1",
+                    "--hostname", "127.0.0.1", "--port", "8123", "--max-concurrent-requests", "64"]
+    docker = launch_command(TGILaunch(via="docker", image="tgi:3"), Path("/models/llama"), 9000, None)
+    assert docker[:8] == ["docker", "run", "--rm", "--gpus", "all", "--shm-size", "1g", "-p"]
+    assert "127.0.0.1:9000:80" in docker and "/models/llama:/data/model:ro" in docker
+    assert docker[docker.index("tgi:3") + 1:] == ["--model-id", "/data/model", "--port", "80"]
+
+
+def test_tgi_needs_url_or_launch(write_scenario, tiny_model):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    r = CliRunner().invoke(app, ["validate", str(write_scenario(scenario_dict(tiny_model, [{"name": "t", "kind": "tgi"}])))])
+    assert r.exit_code == 2 and "backends[0]" in r.output and "options.launch" in r.output
