@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -117,3 +117,19 @@ class Backend(ABC):
     def environment(self) -> dict[str, Any]:
         """Engine versions and settings worth keeping in the results."""
         return {}
+
+    async def server_metrics(self) -> dict[str, Any]:
+        """What the engine reports about itself over the cell (e.g. its Prometheus counters); {} if nothing."""
+        return {}
+
+    def offload_dirs(self) -> list[Path]:
+        """Folders the engine writes offloaded weights or KV into: their size is tracked, their cache dropped."""
+        return []
+
+    def disk_need(self) -> tuple[Path, int] | None:
+        """(folder, bytes) the engine will write: the cell is refused up front when that file system has less free."""
+        return None
+
+    def torch_allocator(self) -> Callable[[], tuple[int, int]] | None:
+        """For in-process torch engines on CUDA: harness.gpu.torch_peak_reader(), so allocator peaks are recorded."""
+        return None

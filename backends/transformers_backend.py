@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from backends.base import Backend, Capabilities, Request, TokenEvent, Usage, now
 
 
+# Share of a VRAM budget kept free of weights for activations and the KV cache when device_map places layers.
+ACTIVATION_RESERVE = 0.2
+
+
 class TransformersOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -69,7 +73,15 @@ class TransformersBackend(Backend):
         if o.attn_implementation:
             kwargs["attn_implementation"] = o.attn_implementation
         self.torch = torch
-        self.hf = AutoModelForCausalLM.from_pretrained(self.model.path, **kwargs).to(o.device).eval()
+        budget = self.ctx.vram_budget if o.device.startswith("cuda") else None
+        if budget:
+            # The budget caps the allocator, and accelerate's device_map places what does not fit in host memory.
+            index = torch.device(o.device).index or 0
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(index).total_memory), index)
+            kwargs |= {"device_map": "auto", "max_memory": {index: int(budget * (1 - ACTIVATION_RESERVE)), "cpu": "1TiB"}}
+            self.hf = AutoModelForCausalLM.from_pretrained(self.model.path, **kwargs).eval()
+        else:
+            self.hf = AutoModelForCausalLM.from_pretrained(self.model.path, **kwargs).to(o.device).eval()
 
     async def stop(self) -> None:
         self.hf = None
@@ -99,7 +111,7 @@ class TransformersBackend(Backend):
         from transformers import GenerationConfig
 
         torch = self.torch
-        ids = torch.tensor([request.prompt_token_ids], device=self.options.device)
+        ids = torch.tensor([request.prompt_token_ids], device=self.hf.device)
         sampling = request.temperature > 0
         config = GenerationConfig(
             max_new_tokens=request.max_tokens,
@@ -114,6 +126,11 @@ class TransformersBackend(Backend):
         with torch.inference_mode():
             out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
         return out.shape[1] - ids.shape[1]
+
+    def torch_allocator(self):
+        from harness.gpu import torch_peak_reader
+
+        return torch_peak_reader() if self.options.device.startswith("cuda") else None
 
     def environment(self) -> dict[str, Any]:
         import torch

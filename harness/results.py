@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,9 +75,11 @@ class ResultsStore:
             "cells": [],
         }
 
-    def cell_dir(self, cell_id: str) -> Path:
+    def fresh_cell_dir(self, cell_id: str) -> Path:
+        """The cell's folder, emptied: files of an earlier try must not mix with this one's."""
         d = self.out / "cells" / cell_id
-        d.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
         return d
 
     def done(self, cell_id: str) -> bool:

@@ -110,19 +110,21 @@ class Runner:
     def run_cell(self, cell: Cell, progress: Progress) -> dict[str, Any]:
         backend = self.scenario.backend(cell.backend)
         workload = self.scenario.workload(cell.workload).spec
-        cell_dir = self.store.cell_dir(cell.id)
+        cell_dir = self.store.fresh_cell_dir(cell.id)
         try:
             prompts = self.prompts_file(cell.model, cell.workload)
         except PromptError as e:
             return self.failed(cell, str(e))
-        budget = (backend.resources or self.scenario.resources).vram_budget
+        resources = self.scenario.resources.model_copy(
+            update=backend.resources.model_dump(exclude_unset=True) if backend.resources else {})
         (cell_dir / "cell.json").write_text(json.dumps({
             "cell": cell.model_dump(), "backend": backend.model_dump(mode="json"),
             "model": {"name": cell.model, "path": str(self.model_path(cell.model))},
             "workload": workload.model_dump(mode="json"), "prompts_file": str(prompts),
             "repetitions": self.scenario.repetitions, "seed": self.scenario.seed,
             "record_outputs": self.scenario.record_outputs,
-            "vram_budget": parse_bytes(budget) if budget else None,
+            "resources": resources.model_dump(),
+            "vram_budget": parse_bytes(resources.vram_budget) if resources.vram_budget else None,
         }, indent=1))
         total = workload.num_requests * self.scenario.repetitions
         task = progress.add_task(f"  {cell.id}", total=total)
@@ -172,9 +174,12 @@ class Runner:
     def reduce(self, cell: Cell, cell_dir: Path, exit_code: int | str, log_tail: str) -> dict[str, Any]:
         report_file = cell_dir / "worker.json"
         report = json.loads(report_file.read_text()) if report_file.exists() else {}
+        measured = {"resources": report["resources"], "timeline_file": f"cells/{cell.id}/timeline.json",
+                    "over_budget": report["resources"]["over_budget"]} if "resources" in report else {}
         if report.get("status") != "ok" or exit_code != 0:
             why = exit_code if isinstance(exit_code, str) else report.get("error") or describe_exit(exit_code)
-            return self.failed(cell, why + (f"\n--- worker log (tail) ---\n{log_tail}" if log_tail else ""))
+            return {**self.failed(cell, why + (f"\n--- worker log (tail) ---\n{log_tail}" if log_tail else "")),
+                    **measured}
         records = [RequestRecord(**json.loads(line)) for line in (cell_dir / "requests.jsonl").read_text().splitlines()]
         reps = [reduce_repetition([r for r in records if r.repetition == i], self.scenario.slo)
                 for i in range(self.scenario.repetitions)]
@@ -183,7 +188,7 @@ class Runner:
             "metrics": median_over_repetitions(reps), "repetitions": reps,
             "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records),
             "load_time_s": report.get("load_time_s"), "engine": report.get("environment", {}),
-            "requests_file": f"cells/{cell.id}/requests.jsonl",
+            "requests_file": f"cells/{cell.id}/requests.jsonl", **measured,
         }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import traceback
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from backends.base import BackendError, CellContext, ModelInfo, Request, TokenEvent, Usage, now
 from backends.registry import get_backend_class
+from harness.disk import check_disk_space, drop_page_cache
 from harness.loadgen import run_load
+from harness.monitor import ResourceMonitor, over_budget
 from harness.metrics import RequestRecord
 from harness.results import atomic_write
 from harness.scenario import BackendSpec, Workload
@@ -46,28 +49,64 @@ async def measure(backend, request: Request, repetition: int, keep_ids: bool) ->
 
 async def run_cell(cell_dir: Path) -> dict:
     spec = json.loads((cell_dir / "cell.json").read_text())
-    workload = Workload.model_validate(spec["workload"])
     ctx = CellContext(dir=cell_dir, seed=spec["seed"], vram_budget=spec.get("vram_budget"))
     report: dict = {"status": "failed", "error": None, "environment": {}, "repetitions": []}
-    backend = None
+    t_start = now()
+    try:
+        bspec = BackendSpec.model_validate(spec["backend"])
+        model_path = Path(spec["model"]["path"])
+        backend = get_backend_class(bspec.kind)(bspec, ModelInfo(spec["model"]["name"], model_path), ctx)
+        res = spec["resources"]
+        need = backend.disk_need()
+        if need and (problem := check_disk_space(*need)):
+            raise BackendError(f"disk preflight: {problem}")
+        if res["drop_page_cache"]:
+            drop_page_cache([model_path, *backend.offload_dirs()])
+        monitor = ResourceMonitor(os.getpid(), res["sample_interval_ms"], offload_dirs=backend.offload_dirs(),
+                                  torch_allocator=backend.torch_allocator(), cache_paths=[model_path])
+        try:
+            with monitor:
+                try:
+                    await exercise(backend, spec, ctx, report)
+                finally:
+                    await stop(backend, report)
+        finally:
+            report["resources"] = resources_block(monitor, ctx)
+            atomic_write(cell_dir / "timeline.json", json.dumps(monitor.timeline(ctx.phase_marks)))
+        report["status"], report["error"] = "ok", None
+    except BaseException as e:  # the cell fails; the runner reads why from here
+        if isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)):
+            report["error"] = "interrupted"
+        else:
+            report["error"] = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, (BackendError, KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+            traceback.print_exc()
+        if not isinstance(e, Exception):
+            raise
+    finally:
+        report["t_start"], report["phase_marks"] = t_start, ctx.phase_marks
+        atomic_write(cell_dir / "worker.json", json.dumps(report, indent=1))
+    return report
+
+
+async def exercise(backend, spec: dict, ctx: CellContext, report: dict) -> None:
+    """Start the backend, warm it up, then send each repetition's requests under the load pattern."""
+    workload = Workload.model_validate(spec["workload"])
+    prompts = json.loads(Path(spec["prompts_file"]).read_text())
 
     def request(i: int) -> Request:
         p = prompts[i]
         return Request(id=i, prompt=p["text"], prompt_token_ids=p["token_ids"], max_tokens=workload.output_tokens,
                        temperature=spec.get("temperature", 0.0), seed=spec["seed"] + i)
 
-    records_file = (cell_dir / "requests.jsonl").open("w")
-    t_start = now()
-    try:
-        prompts = json.loads(Path(spec["prompts_file"]).read_text())
-        bspec = BackendSpec.model_validate(spec["backend"])
-        backend = get_backend_class(bspec.kind)(bspec, ModelInfo(spec["model"]["name"], Path(spec["model"]["path"])), ctx)
-        await backend.start()
-        report["load_time_s"] = now() - t_start
-        report["environment"] = backend.environment()
-        for i in range(workload.warmup_requests):
-            await measure(backend, request(i), -1, False)
-        first = workload.warmup_requests
+    t0 = now()
+    await backend.start()
+    report["load_time_s"] = now() - t0
+    report["environment"] = backend.environment()
+    for i in range(workload.warmup_requests):
+        await measure(backend, request(i), -1, False)
+    first = workload.warmup_requests
+    with (ctx.dir / "requests.jsonl").open("w") as records_file:
         for rep in range(spec["repetitions"]):
             # Fresh prompts per repetition: a prefix cache must not make later repetitions look faster.
             reqs = [request(first + rep * workload.num_requests + j) for j in range(workload.num_requests)]
@@ -84,26 +123,21 @@ async def run_cell(cell_dir: Path) -> dict:
             report["repetitions"].append({"start": t_rep, "end": now()})
             if not any(r.ok for r in records):
                 raise BackendError(f"every request failed; first error: {records[0].error}")
-        report["status"], report["error"] = "ok", None
-    except BaseException as e:  # the cell fails; the runner reads why from here
-        if isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)):
-            report["error"] = "interrupted"
-        else:
-            report["error"] = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
-        if not isinstance(e, (BackendError, KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
-            traceback.print_exc()
-        if not isinstance(e, Exception):
-            raise
-    finally:
-        records_file.close()
-        try:
-            if backend is not None:
-                await backend.stop()
-        except Exception as e:
-            report["stop_error"] = f"{type(e).__name__}: {e}"
-        report["t_start"], report["phase_marks"] = t_start, ctx.phase_marks
-        atomic_write(cell_dir / "worker.json", json.dumps(report, indent=1))
-    return report
+    report["server_metrics"] = await backend.server_metrics()
+
+
+async def stop(backend, report: dict) -> None:
+    try:
+        await backend.stop()
+    except Exception as e:
+        report["stop_error"] = f"{type(e).__name__}: {e}"
+
+
+def resources_block(monitor: ResourceMonitor, ctx: CellContext) -> dict:
+    res = monitor.result(ctx.phase_marks)
+    res["vram_budget_bytes"] = ctx.vram_budget
+    res["over_budget"] = over_budget(res, ctx.vram_budget)
+    return res
 
 
 def _interrupt(signum, frame):

@@ -25,6 +25,7 @@ class ScriptedOptions(BaseModel):
     crash_after: int | None = None  # the worker process kills itself at this request id
     hang: bool = False
     fail_request_ids: list[int] = []
+    disk_need_bytes: int | None = None  # declared disk need, in the cell's folder
 
 
 @register
@@ -38,6 +39,9 @@ class ScriptedBackend(Backend):
 
     async def stop(self) -> None:
         pass
+
+    def disk_need(self):
+        return (self.ctx.dir, self.options.disk_need_bytes) if self.options.disk_need_bytes else None
 
     async def generate(self, request: Request):
         o = self.options

@@ -44,6 +44,12 @@ def test_quickstart_end_to_end(tmp_path):
         assert m["output_throughput_tok_s"] > 0 and m["errors"] == 0
         assert m["total_output_tokens"] == 16 * 64 and cell["token_counts"]["exact_output_length"]
         assert len(cell["repetitions"]) == 3
+        res = cell["resources"]
+        assert res["whole"]["max_rss_bytes"] > 10 * 2**20 and set(res["phases"]) >= {"load", "prefill", "decode"}
+        assert res["sample_interval_ms"] == 20 and res["page_cache"] in ("warm", "cold", "partial")
+        assert (out / cell["timeline_file"]).is_file()
+        if not data["environment"]["gpu"]["available"]:
+            assert res["whole"]["max_process_vram_bytes"] is None and "max_process_vram_bytes" in res["unavailable"]
     summary = (out / "summary.md").read_text()
     assert all(c["backend"] in summary for c in data["cells"])
     assert len((out / "requests.jsonl").read_text().splitlines()) == 16 * 3 * len(data["cells"])
@@ -141,3 +147,16 @@ def test_ctrl_c_stops_the_worker_and_keeps_results(write_scenario, tiny_model, t
     assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     cells = {c["backend"]: c for c in results(out)["cells"]}
     assert cells["ok"]["status"] == "ok" and cells["hang"]["error"] == "interrupted by the user"
+
+
+def test_disk_preflight_refuses_a_cell_and_cold_cache_is_recorded(write_scenario, tiny_model, tmp_path):
+    import shutil
+
+    too_much = shutil.disk_usage(tmp_path).free * 2
+    backends = [{"name": "greedy", "kind": "scripted", "options": {"disk_need_bytes": too_much}}, SCRIPTED]
+    path = write_scenario(scenario_dict(tiny_model, backends, resources={"drop_page_cache": True}))
+    assert run(path, tmp_path / "out") == 1
+    cells = {c["backend"]: c for c in results(tmp_path / "out")["cells"]}
+    assert "disk preflight" in cells["greedy"]["error"] and "free" in cells["greedy"]["error"]
+    assert "resources" not in cells["greedy"]  # refused before anything ran
+    assert cells["ok"]["resources"]["page_cache"] == "cold"
