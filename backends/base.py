@@ -130,6 +130,10 @@ class Backend(ABC):
         """(folder, bytes) the engine will write: the cell is refused up front when that file system has less free."""
         return None
 
+    def logical_io(self) -> dict[str, Any]:
+        """Bytes the engine itself counts per tier and phase, kept beside the measured ones (after the cell)."""
+        return {}
+
     def torch_allocator(self) -> Callable[[], tuple[int, int]] | None:
         """For in-process torch engines on CUDA: harness.gpu.torch_peak_reader(), so allocator peaks are recorded."""
         return None

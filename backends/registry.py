@@ -14,7 +14,9 @@ _BUILTIN = {
     "transformers": "backends.transformers_backend:TransformersBackend",
     "openai": "backends.openai_backend:OpenAIBackend",
     "tgi": "backends.tgi_backend:TGIBackend",
+    "own": "backends.own_backend:OwnBackend",
     "llama_cpp": "backends.llamacpp_backend:LlamaCppBackend",
+    "vllm": "backends.vllm_backend:VLLMBackend",
 }
 _registered: dict[str, type[Backend]] = {}
 

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from backends.registry import PluginError
 from harness.results import ResultsError
@@ -31,7 +32,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -232,6 +233,43 @@ def guide(
     from harness.guide import write_guide
 
     typer.echo(f"wrote {write_guide(results, out, rules)}")
+
+
+engine_app = typer.Typer(help="Our offloading engine (own_engine).", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+
+
+@engine_app.command("plan")
+def engine_plan(
+    model: Annotated[str, typer.Option("--model", help="an HF model folder, or a preset of `bench models list`")],
+    context: Annotated[int, typer.Option("--context", help="tokens per sequence (prompt + output)")] = 4096,
+    vram_budget: Annotated[str | None, typer.Option("--vram-budget", help="e.g. 8GiB; none: unlimited")] = None,
+    device: Annotated[str, typer.Option("--device", help="cuda or cpu")] = "cuda",
+    batch: Annotated[int, typer.Option("--batch", help="sequences decoded together")] = 1,
+    weights: Annotated[str, typer.Option("--weights", help="auto, gpu, cpu or disk")] = "auto",
+    kv: Annotated[str, typer.Option("--kv", help="auto, gpu, cpu or disk")] = "auto",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16; default the model's")] = None,
+) -> None:
+    """Explain where the engine would put weights and KV for MODEL at CONTEXT under a VRAM budget. Loads no weights."""
+    from harness.models import PRESETS, hf_config
+    from own_engine.config import DTYPES, EngineError, ModelConfig
+    from own_engine.planner import make_plan
+
+    try:
+        if model in PRESETS:
+            cfg = ModelConfig.from_dict(hf_config(model), source=f"preset {model}")
+        elif (Path(model) / "config.json").is_file():
+            cfg = ModelConfig.load(model)
+        else:
+            raise EngineError(f"--model: {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json")
+        if dtype is not None and dtype not in DTYPES:
+            raise EngineError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+        plan = make_plan(cfg, device=device, dtype=DTYPES[dtype] if dtype else None, vram_budget=vram_budget,
+                         context=context, batch=batch, weights=weights, kv=kv)
+    except EngineError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    typer.echo(plan.explain())
 
 
 def main() -> None:

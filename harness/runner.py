@@ -188,7 +188,8 @@ class Runner:
             "metrics": median_over_repetitions(reps), "repetitions": reps,
             "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records),
             "load_time_s": report.get("load_time_s"), "engine": report.get("environment", {}),
-            "requests_file": f"cells/{cell.id}/requests.jsonl", **measured,
+            "requests_file": f"cells/{cell.id}/requests.jsonl", "logical_io": report.get("logical_io") or None,
+            **measured,
         }
 
 

@@ -68,6 +68,7 @@ async def run_cell(cell_dir: Path) -> dict:
             with monitor:
                 try:
                     await exercise(backend, spec, ctx, report)
+                    report["logical_io"] = backend.logical_io()
                 finally:
                     await stop(backend, report)
         finally:
