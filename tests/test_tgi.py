@@ -14,7 +14,7 @@ from harness.runner import Runner
 from harness.scenario import load_scenario
 from tests.conftest import bench_serve, scenario_dict
 
-SERVED = "transformers"
+SERVED = "own"
 
 
 @pytest.fixture(scope="module")
