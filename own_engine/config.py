@@ -1,6 +1,5 @@
 """Model configuration parsed from a Hugging Face config.json (Llama, Qwen2, Mistral)."""
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,13 +132,7 @@ class ModelConfig:
             shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
         return shapes
 
-    def layer_numel(self) -> int:
-        return sum(math.prod(s) for s in self.layer_shapes().values())
-
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """K and V of one token in one layer."""
         return 2 * self.num_kv_heads * self.head_dim * dtype.itemsize
 
-    def num_params(self) -> int:
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * self.layer_numel() + embed + self.hidden_size

@@ -88,7 +88,9 @@ def probe_bandwidth(device="cpu", nbytes: int = 256 << 20, directory=None) -> fl
     from .weights import read_into  # the same read path the disk tier uses
 
     with tempfile.NamedTemporaryFile(dir=directory, prefix="own_engine_probe_") as f:
-        f.write(os.urandom(1 << 20) * (nbytes >> 20))
+        block = os.urandom(1 << 20)
+        for _ in range(nbytes >> 20):
+            f.write(block)
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)

@@ -1,0 +1,73 @@
+"""Tiny random Hugging Face models, each built and saved once per test session."""
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=160, max_position_embeddings=1024,
+              initializer_range=0.1, bos_token_id=None, eos_token_id=None)
+
+# name -> (config, model class, save options). The mix covers GQA ratios 1, 2 and 4, odd layer counts,
+# tied and untied embeddings, llama3 rope scaling with an explicit head_dim, qwen2 qkv bias, mistral's
+# sliding window, llama's attention_bias (q, k, v and o), a sharded checkpoint and a bfloat16 one.
+MODELS = {
+    "llama_gqa2": (LlamaConfig(**COMMON, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2),
+                   LlamaForCausalLM, {}),
+    "llama_mha_tied_sharded": (LlamaConfig(**COMMON, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=4, tie_word_embeddings=True),
+                               LlamaForCausalLM, {"max_shard_size": "100KB"}),
+    "llama3_gqa4": (LlamaConfig(**COMMON, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                head_dim=32, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 32}),
+                    LlamaForCausalLM, {}),
+    "qwen2_bias_tied": (Qwen2Config(**COMMON, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                    tie_word_embeddings=True), Qwen2ForCausalLM, {}),
+    "qwen2_untied": (Qwen2Config(**COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1),
+                     Qwen2ForCausalLM, {}),
+    "mistral_window": (MistralConfig(**COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                     sliding_window=40), MistralForCausalLM, {}),
+    "llama_attention_bias": (LlamaConfig(**COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         attention_bias=True), LlamaForCausalLM, {}),
+    "llama_bf16": (LlamaConfig(**COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                   LlamaForCausalLM, {"dtype": torch.bfloat16}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(name) -> (path, HF model in float32, eval mode)."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            config, cls, options = MODELS[name]
+            torch.manual_seed(sum(map(ord, name)))
+            model = cls(config).eval()
+            with torch.no_grad():  # transformers initialises biases to 0 and norms to 1: make them count
+                for param_name, param in model.named_parameters():
+                    if param_name.endswith("bias"):
+                        param.normal_(0, 0.1)
+                    elif "norm" in param_name:
+                        param.uniform_(0.5, 1.5)
+            path = tmp_path_factory.mktemp(name)
+            if "dtype" in options:
+                model.to(options["dtype"]).save_pretrained(path, safe_serialization=True)
+                model = cls.from_pretrained(path, dtype=torch.float32).eval()  # the rounded weights, in fp32
+            else:
+                model.save_pretrained(path, safe_serialization=True, max_shard_size=options.get("max_shard_size",
+                                                                                               "50GB"))
+            built[name] = (path, model)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared machine the threads wait on each
+    other for every small op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,67 @@
+"""Chunked attention with the log-sum-exp merge equals dense SDPA, also when the KV comes from paged blocks."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from own_engine.attention import chunked_attention, visible
+from own_engine.block_manager import BlockManager
+from own_engine.config import ModelConfig
+from own_engine.kv_cache import KVCache
+from own_engine.stats import EngineStats
+
+
+def dense(q, k, v, pos, kpos, window=None):
+    g = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(g, 1).transpose(0, 1),
+                                         v.repeat_interleave(g, 1).transpose(0, 1),
+                                         attn_mask=visible(pos, kpos, window), scale=q.shape[-1] ** -0.5)
+    return out.transpose(0, 1)
+
+
+def random_qkv(t_cached, t_new, heads, kv_heads, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(t_new, heads, d, generator=gen)
+    k = torch.randn(t_cached + t_new, kv_heads, d, generator=gen)
+    v = torch.randn(t_cached + t_new, kv_heads, d, generator=gen)
+    return q, k, v, torch.arange(t_cached + t_new)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2)])
+@pytest.mark.parametrize("chunk", [7, 16, 33, 200])
+@pytest.mark.parametrize("t_new", [1, 13])
+@pytest.mark.parametrize("window", [None, 20])
+def test_chunked_attention_equals_sdpa(heads, kv_heads, chunk, t_new, window):
+    t_cached = 70
+    q, k, v, pos = random_qkv(t_cached, t_new, heads, kv_heads)
+    cached = [(k[i:min(i + chunk, t_cached)], v[i:min(i + chunk, t_cached)], pos[i:min(i + chunk, t_cached)])
+              for i in range(0, t_cached, chunk)]
+    random.Random(chunk).shuffle(cached)  # the merge does not depend on the order of chunks
+    got = chunked_attention(q, k[t_cached:], v[t_cached:], pos[t_cached:], cached, 16 ** -0.5, window)
+    torch.testing.assert_close(got, dense(q, k, v, pos[t_cached:], pos, window), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_prefill_without_cache_equals_sdpa():
+    q, k, v, pos = random_qkv(0, 40, 8, 2)
+    got = chunked_attention(q, k, v, pos, [], 16 ** -0.5)
+    torch.testing.assert_close(got, dense(q, k, v, pos, pos), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 3])
+def test_paged_kv_over_tiers_equals_sdpa(tmp_path, chunk_blocks):
+    """KV written in prefill chunks into blocks spread over device, host and disk reads back for attention."""
+    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 64,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    kv = KVCache(cfg, {"device": 2, "host": 2, "disk": 4}, block_size=8, chunk_blocks=chunk_blocks,
+                 dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
+    blocks = BlockManager(kv.num_blocks, block_size=8)
+    blocks.reserve(blocks.add_sequence(), 8)  # a neighbour holding block 0
+    seq = blocks.add_sequence()
+    q, k, v, pos = random_qkv(45, 5, 4, 2)
+    for start, n in [(0, 11), (11, 24), (35, 10), (45, 5)]:
+        blocks.reserve(seq, start + n)
+        kv.write(1, *blocks.slots(seq, start, n), k[start:start + n], v[start:start + n])
+    assert blocks.tables[seq] == [1, 2, 3, 4, 5, 6, 7]  # device 1, host 2-3, disk 4-7
+    got = chunked_attention(q, k[45:], v[45:], pos[45:], kv.read(1, blocks.tables[seq], 45), 16 ** -0.5)
+    torch.testing.assert_close(got, dense(q, k, v, pos[45:], pos), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,88 @@
+"""Batching, callbacks, stopping, sampling, offload files, statistics and the plan's explanation."""
+import dataclasses
+
+import pytest
+
+from own_engine import Engine, probe_bandwidth
+
+PROMPTS = [[5, 77, 300, 12, 9, 401, 33], list(range(100, 140)), [7, 7, 8]]
+
+
+@pytest.mark.parametrize("placement", [dict(weights="gpu", kv="gpu"), dict(weights="disk", kv="disk")])
+def test_batch_equals_each_sequence_alone(tiny_model, tmp_path, placement):
+    path, _ = tiny_model("qwen2_bias_tied")
+    options = dict(block_size=16, prefill_chunk=24, max_context=96, max_batch=3, offload_dir=tmp_path / "off")
+    with Engine.from_pretrained(path, **placement, **options) as engine:
+        alone = [engine.generate(p, max_new_tokens=20) for p in PROMPTS]
+        streamed = []
+        together = engine.generate(PROMPTS, max_new_tokens=20, on_token=lambda i, t: streamed.append((i, t)))
+        assert together == alone
+        assert [t for i, t in streamed if i == 1] == alone[1] and len(streamed) == 60
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_stops_at_eos_unless_ignored(tiny_model):
+    path, _ = tiny_model("llama_gqa2")
+    with Engine.from_pretrained(path) as engine:
+        tokens = engine.generate(PROMPTS[0], max_new_tokens=30)
+        stop = next(i for i, t in enumerate(tokens) if t not in tokens[:i] and i >= 3)
+        engine.config = dataclasses.replace(engine.config, eos_token_ids=(tokens[stop],))
+        assert engine.generate(PROMPTS[0], max_new_tokens=30) == tokens[:stop + 1]
+        assert engine.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True) == tokens
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model):
+    path, _ = tiny_model("llama_gqa2")
+    with Engine.from_pretrained(path) as engine:
+        def run(seed, **kw):
+            return engine.generate(PROMPTS[1], max_new_tokens=20, temperature=0.8, seed=seed, **kw)
+        assert run(1) == run(1) != run(2)
+        assert run(3, top_k=1) == engine.generate(PROMPTS[1], max_new_tokens=20)  # top-1 is greedy
+        assert run(4, top_p=1e-6) == run(5, top_p=1e-6) == run(6, top_k=1)
+
+
+def test_offload_files_removed_on_close_unless_kept(tiny_model, tmp_path):
+    path, _ = tiny_model("llama_bf16")  # weights on disk in fp32: packed files under the offload dir
+    options = dict(weights="disk", kv="disk", dtype="float32", max_context=64)
+
+    engine = Engine.from_pretrained(path, **options)  # no offload_dir: a temporary one
+    temp = engine.offload_dir
+    assert (temp / "kv").is_dir() and (temp / "weights" / "manifest.json").is_file()
+    engine.close()
+    assert not temp.exists()
+
+    kept = tmp_path / "kept"
+    with Engine.from_pretrained(path, **options, offload_dir=kept, keep_offload=True) as engine:
+        first = engine.generate(PROMPTS[0], max_new_tokens=5)
+    packed = kept / "weights" / "layer_000.bin"
+    mtime = packed.stat().st_mtime_ns
+    with Engine.from_pretrained(path, **options, offload_dir=kept) as engine:  # reuses the packed layers
+        assert engine.generate(PROMPTS[0], max_new_tokens=5) == first
+        assert packed.stat().st_mtime_ns == mtime
+    assert kept.is_dir() and not any(kept.iterdir())  # user's folder stays, our files go
+
+
+def test_stats_count_streamed_bytes(tiny_model, tmp_path):
+    path, _ = tiny_model("llama_gqa2")
+    with Engine.from_pretrained(path, weights="disk", kv="disk", block_size=16, prefill_chunk=8,
+                                offload_dir=tmp_path / "off") as engine:
+        engine.generate(PROMPTS[1], max_new_tokens=10)
+        stats, layers = engine.stats, engine.config.num_layers * engine.plan.layer_bytes
+        # One pass over the weights per forward, prefill included despite its 5 chunks (plus the KV it reads
+        # back and the first layer of the next pass, prefetched ahead).
+        assert layers <= stats.bytes[("prefill", "disk->host")] <= 1.5 * layers
+        assert stats.bytes[("decode", "disk->host")] >= 9 * layers
+        assert stats.bytes[("decode", "host->disk")] == 9 * 5 * engine.config.kv_bytes_per_token(engine.dtype)
+        assert stats.bandwidth("disk->host") > 0 and stats.tokens == {"load": 0, "prefill": 40, "decode": 9}
+        assert set(stats.as_dict()) == {"transfers", "phase_seconds", "tokens"}
+
+
+def test_plan_explains_itself(tiny_model):
+    path, _ = tiny_model("llama_gqa2")
+    with Engine.from_pretrained(path, weights="disk", max_context=1000) as engine:
+        text = engine.plan.explain()
+    assert "0 of 5 layers resident" in text and "5 from disk" in text and "KV cache: 4 on device blocks" in text
+
+
+def test_probe_bandwidth_on_cpu(tmp_path):
+    assert probe_bandwidth("cpu", nbytes=8 << 20, directory=tmp_path) > 1e6
