@@ -272,6 +272,26 @@ def engine_plan(
     typer.echo(plan.explain())
 
 
+@app.command()
+def doctor(
+    python: Annotated[list[Path] | None, typer.Option("--python", help="also look for vLLM in this interpreter "
+                                                                         "(an engine's own venv), repeatable")] = None,
+) -> None:
+    """Which engines can be imported or launched here, and why not where one cannot."""
+    from rich.table import Table
+
+    from harness.doctor import run_checks
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    with console.status("probing engines (vLLM takes a few seconds per interpreter)"):
+        checks = run_checks(python or [])
+    table = Table("component", "status", "details", title="bench doctor")
+    colors = {"ok": "green", "limited": "yellow", "missing": "red"}
+    for c in checks:
+        table.add_row(c.component, f"[{colors[c.status]}]{c.status}[/]", c.detail)
+    console.print(table)
+
+
 def main() -> None:
     app(prog_name="bench")
 

@@ -121,6 +121,12 @@ def median_over_repetitions(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def spread_over_repetitions(reps: list[dict[str, Any]], key: str, stat: str) -> float | None:
+    """Coefficient of variation of one statistic across repetitions (e.g. TTFT p99): run-to-run stability."""
+    s = stats([r[key][stat] for r in reps if r[key][stat] is not None])
+    return s["std"] / s["mean"] if s["count"] >= 2 and s["mean"] else None
+
+
 def token_sources(records: list[RequestRecord]) -> dict[str, Any]:
     """Where the token counts came from, and whether every output length was forced exact."""
     return {

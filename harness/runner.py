@@ -16,10 +16,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import harness
-from backends.servers import stop_process_group
-from harness.metrics import PERCENTILE_METHOD, RequestRecord, median_over_repetitions, reduce_repetition, token_sources
+from backends.servers import kill_leftover_groups, stop_process_group
+from harness.metrics import (PERCENTILE_METHOD, RequestRecord, median_over_repetitions, reduce_repetition,
+                             spread_over_repetitions, token_sources)
 from harness.models import cached_synthetic
 from harness.prompts import PromptError, make_prompts
+from harness.report import write_report
 from harness.results import ResultsStore
 from harness.scenario import Cell, Scenario, ScenarioError, check_reachable, parse_bytes
 from harness.summary import print_summary, write_summary
@@ -68,7 +70,10 @@ class Runner:
         results = self.store.data
         print_summary(results, self.console)
         write_summary(results, self.out / "summary.md")
-        self.console.print(f"results: {self.store.path}\nsummary: {self.out / 'summary.md'}")
+        with self.console.status("writing the report"):
+            report = write_report([self.out], self.out)
+        self.console.print(f"results: {self.store.path}\nsummary: {self.out / 'summary.md'}\n"
+                           f"report:  {', '.join(str(p) for p in report)}")
         return 0 if all(c["status"] == "ok" for c in results["cells"]) else 1
 
     # ---- per model / workload preparation, done once and shared by every backend ------------------------------
@@ -159,6 +164,9 @@ class Runner:
             except KeyboardInterrupt:
                 stop_process_group(proc)
                 raise Interrupted from None
+            finally:
+                # Servers run in sessions of their own: a worker that died without stopping them leaves them here.
+                kill_leftover_groups(cell_dir)
             reader.join(timeout=5)
         return exit_code, tail(log_path)
 
@@ -185,7 +193,8 @@ class Runner:
                 for i in range(self.scenario.repetitions)]
         return {
             **self.cell_header(cell), "status": "ok", "error": None,
-            "metrics": median_over_repetitions(reps), "repetitions": reps,
+            "metrics": {**median_over_repetitions(reps), "ttft_p99_cv": spread_over_repetitions(reps, "ttft_ms", "p99")},
+            "repetitions": reps,
             "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records),
             "load_time_s": report.get("load_time_s"), "engine": report.get("environment", {}),
             "requests_file": f"cells/{cell.id}/requests.jsonl", "logical_io": report.get("logical_io") or None,

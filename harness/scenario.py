@@ -6,6 +6,7 @@ Key names here are the user interface; `bench schema` prints them as JSON Schema
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -294,7 +295,8 @@ def _resolve_paths(scenario: Scenario, base: Path) -> None:
             m.path = (base / m.path).expanduser().resolve() if not m.path.is_absolute() else m.path
     for b in scenario.backends:
         if b.python is not None and not b.python.is_absolute():
-            b.python = (base / b.python).resolve()
+            # Normalized but not resolved: a venv's python is a symlink to the base interpreter, which lacks the venv.
+            b.python = Path(os.path.normpath(base.absolute() / b.python))
 
 
 def _check_backends(scenario: Scenario, source: str) -> None:

@@ -1,0 +1,371 @@
+"""llama.cpp through llama-cpp-python: in-process (`llama_cpp.Llama`) or as its OpenAI-compatible server.
+
+The model folder is converted to GGUF on first use (harness/gguf.py, cached), unless `gguf:` names a file.
+
+- in_process: `Llama.generate` runs in a thread on the request's own token ids (so the input length is exact) and
+  each token is stamped in that thread the moment the sampler returns it. `generate` never stops by itself, so
+  exact lengths cost nothing: EOS is produced and decoding goes on (vLLM's `ignore_eos`). One request at a time,
+  each from an empty KV cache (no prefix reuse between requests, like the transformers backend).
+- server: `python -m llama_cpp.server` launched with the shared launcher and spoken to with the shared OpenAI client
+  (this class extends it). Its sampling defaults are not greedy, so every body sets temperature, repeat_penalty,
+  top_k/top_p/min_p. It takes no `ignore_eos`, and `min_tokens` together with `logit_bias` silently drops both
+  (llama-cpp-python 0.3.36 assigns the result of `list.extend`), so exact lengths come from a -1e9 logit bias on every
+  end-of-generation token, which is HF's `min_new_tokens` semantics. It streams text, not token ids, and merges
+  tokens into one chunk when they end inside a UTF-8 character, so chunk counts undercount: when the EOS bias was
+  sent and the server finished with `length`, the output length is max_tokens by the server's own stop rule
+  (source `server_finish_reason`), otherwise the chunk count (`stream_chunks`).
+
+VRAM budget (cell `resources.vram_budget`) → `n_gpu_layers` and `offload_kqv` by `plan_offload`, a pure function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from backends.base import BackendError, Capabilities, Request, TokenEvent, Usage, now
+from backends.openai_backend import OpenAIBackend, OpenAIOptions
+from harness.gguf import GGUF_TYPES, GGUFLayout
+
+EOS_BIAS = -1e9
+KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default KV cache type is f16
+GPU_RESERVE_BYTES = 512 * 2**20  # CUDA context and llama.cpp's fixed buffers (an estimate)
+
+
+class LlamaCppOptions(OpenAIOptions):
+    """OpenAIOptions (exact_length, api_key_env, extra_body, timeout_s) apply to the server mode's requests;
+    exact_length applies to both modes."""
+    mode: Literal["in_process", "server"] = "in_process"
+    gguf_type: Literal[GGUF_TYPES] = Field("f32", description="f32/f16/bf16/q8_0 written by the converter; k-quants "
+                                                             "and others by llama.cpp's quantizer")
+    gguf: Path | None = Field(None, description="use this GGUF file instead of converting the model folder")
+    n_ctx: int = Field(4096, gt=0, description="context size: must hold prompt + output tokens")
+    n_batch: int = Field(512, gt=0, description="prompt tokens per llama_decode call")
+    n_threads: int | None = Field(None, gt=0, description="decode and batch threads; default: physical cores")
+    flash_attn: bool = False
+    n_gpu_layers: int | None = Field(None, ge=-1, description="override; default: from the VRAM budget, else all (-1)")
+    offload_kqv: bool | None = Field(None, description="override; default: from the VRAM budget, else true")
+    server_args: list[str] = Field(default_factory=list, description="extra argv for llama_cpp.server")
+    startup_timeout_s: float = Field(120, gt=0)
+
+
+# ---- placing layers on a GPU under a budget ------------------------------------------------------------------------
+
+@dataclass
+class OffloadPlan:
+    n_gpu_layers: int
+    offload_kqv: bool
+    gpu_bytes: int  # estimated VRAM use of the plan, reserve included
+
+
+def plan_offload(budget: int, layout: GGUFLayout, n_ctx: int, n_batch: int) -> OffloadPlan:
+    """The placement that fits in `budget` bytes of VRAM and leaves the CPU the fewest bytes to read per token.
+
+    reserve = GPU_RESERVE_BYTES + n_batch × n_vocab × 4   (context, fixed buffers, one batch of f32 logits)
+    a layer costs its tensor bytes, plus kv = n_ctx × (n_embd_k_gqa + n_embd_v_gqa) × 2 bytes of f16 KV when
+    offload_kqv (otherwise every layer's KV stays in host memory); llama.cpp offloads the last layers first, and
+    n_gpu_layers = n_layers + 1 also places the output head. Batch-1 decode is memory-bound and host memory is the
+    slow side, so of the most layers that fit with and without KV on the GPU, the plan whose CPU reads fewer bytes
+    per token at full context wins (weights of CPU layers and the head if left there, plus the KV the CPU attends
+    over); a tie keeps KV with its layers.
+    """
+    kv_per_layer = n_ctx * (layout.n_embd_k_gqa + layout.n_embd_v_gqa) * KV_BYTES_PER_ELEMENT
+    reserve = GPU_RESERVE_BYTES + n_batch * layout.n_vocab * 4
+    room = budget - reserve
+    n_layers = layout.n_layers
+
+    def fit(kv: int) -> tuple[int, int]:
+        used = n = 0
+        for size in reversed(layout.layer_bytes):
+            if used + size + kv > room:
+                return n, used
+            used, n = used + size + kv, n + 1
+        if used + layout.output_bytes <= room:
+            return n + 1, used + layout.output_bytes
+        return n, used
+
+    def cpu_reads(n_gpu: int, kv_on_gpu: bool) -> int:
+        n_cpu = n_layers - min(n_gpu, n_layers)
+        head = layout.output_bytes if n_gpu <= n_layers else 0
+        return sum(layout.layer_bytes[:n_cpu]) + head + kv_per_layer * (n_cpu if kv_on_gpu else n_layers)
+
+    (n_kv, used_kv), (n_host_kv, used_host_kv) = fit(kv_per_layer), fit(0)
+    if cpu_reads(n_host_kv, False) < cpu_reads(n_kv, True):
+        return OffloadPlan(n_host_kv, False, used_host_kv + reserve)
+    return OffloadPlan(n_kv, True, used_kv + reserve)
+
+
+# ---- the backend ----------------------------------------------------------------------------------------------------
+
+class LlamaCppBackend(OpenAIBackend):
+    kind = "llama_cpp"
+    Options = LlamaCppOptions
+    capabilities = Capabilities(max_concurrency=1)  # in-process: one Llama context; the server serializes too
+
+    llm: Any = None
+    server: Any = None
+    gguf_path: Path | None = None
+    layout: GGUFLayout | None = None
+    eog_ids: list[int] | None = None
+    placement: dict[str, Any] | None = None
+
+    def __init__(self, spec, model, ctx):
+        super().__init__(spec, model, ctx)
+        if self.options.mode == "server":
+            self.capabilities = Capabilities(max_concurrency=1, token_ids=False)
+        self.n_threads = self.options.n_threads or _physical_cores()
+
+    @classmethod
+    def check_spec(cls, spec) -> str | None:
+        mode = spec.options.get("mode", "in_process")
+        if spec.url is not None and mode != "server":
+            return "url: attaching to a running llama.cpp server needs options.mode: server"
+        gguf = spec.options.get("gguf")
+        if gguf is not None and not Path(gguf).expanduser().is_file():
+            return f"options.gguf: expected a GGUF file, {gguf} does not exist"
+        return None
+
+    # ---- start / stop ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.ctx.mark("load")
+        if self.spec.url is not None:
+            self.base_url = self.spec.url.rstrip("/")
+            if self.options.gguf is not None:
+                self.eog_ids = await asyncio.to_thread(_eog_ids, self.options.gguf.expanduser())
+            await self.connect()
+        else:
+            self.gguf_path = await asyncio.to_thread(self._gguf)
+            self.layout = await asyncio.to_thread(_read_layout, self.gguf_path)
+            self.placement = self._placement()
+            if self.options.mode == "in_process":
+                await asyncio.to_thread(self._load)
+            else:
+                self.eog_ids = await asyncio.to_thread(_eog_ids, self.gguf_path)
+                await self._launch()
+        self._lock = asyncio.Lock()
+        self.ctx.mark("idle")
+
+    def _gguf(self) -> Path:
+        from harness.gguf import GGUFError, cached_gguf
+
+        if self.options.gguf is not None:
+            return self.options.gguf.expanduser()
+        try:
+            return cached_gguf(self.model.path, self.options.gguf_type)
+        except GGUFError as e:
+            raise BackendError(f"cannot convert {self.model.path} to GGUF: {e}") from None
+
+    def _placement(self) -> dict[str, Any]:
+        o, budget = self.options, self.ctx.vram_budget
+        plan = plan_offload(budget, self.layout, o.n_ctx, o.n_batch) if budget is not None else None
+        return {
+            "n_gpu_layers": o.n_gpu_layers if o.n_gpu_layers is not None else (plan.n_gpu_layers if plan else -1),
+            "offload_kqv": o.offload_kqv if o.offload_kqv is not None else (plan.offload_kqv if plan else True),
+            "from": "options" if o.n_gpu_layers is not None else ("vram_budget" if plan else "default (all layers)"),
+            "planned_gpu_bytes": plan.gpu_bytes if plan else None,
+        }
+
+    def _load(self) -> None:
+        import llama_cpp
+
+        o = self.options
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.gguf_path), n_ctx=o.n_ctx, n_batch=o.n_batch, n_ubatch=o.n_batch,
+                n_threads=self.n_threads, n_threads_batch=self.n_threads, flash_attn=o.flash_attn,
+                n_gpu_layers=self.placement["n_gpu_layers"], offload_kqv=self.placement["offload_kqv"],
+                seed=self.ctx.seed, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise BackendError(f"llama.cpp could not load {self.gguf_path}: {e}") from None
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._is_eog = lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)
+
+    async def _launch(self) -> None:
+        from backends.servers import launch
+
+        o, p = self.options, self.placement
+
+        def argv(port: int) -> list[str]:
+            return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf_path),
+                    "--model_alias", self.model.name, "--host", "127.0.0.1", "--port", str(port),
+                    "--n_ctx", str(o.n_ctx), "--n_batch", str(o.n_batch), "--n_ubatch", str(o.n_batch),
+                    "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
+                    "--n_gpu_layers", str(p["n_gpu_layers"]), "--offload_kqv", _flag(p["offload_kqv"]),
+                    "--flash_attn", _flag(o.flash_attn), "--seed", str(self.ctx.seed),
+                    # logits for every prompt token would slow prefill; no request here asks for logprobs.
+                    "--logits_all", "false",
+                    # by default a waiting request cuts off the one streaming: a concurrent load would truncate outputs
+                    "--interrupt_requests", "false",
+                    *o.server_args]
+
+        self.server = await launch("llama_server", argv, self.ctx.dir, "/v1/models", o.startup_timeout_s,
+                                   env={"PYTHONUNBUFFERED": "1"})
+        self.base_url = self.server.url + "/v1"
+        await self.connect()
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+            self.server = None
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+
+    def _check_fits(self, request: Request) -> None:
+        if self.spec.url is None and len(request.prompt_token_ids) + request.max_tokens > self.options.n_ctx:
+            raise BackendError(f"prompt ({len(request.prompt_token_ids)}) + output ({request.max_tokens}) tokens "
+                               f"exceed options.n_ctx = {self.options.n_ctx}")
+
+    async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        self._check_fits(request)
+        if self.llm is not None:
+            async for item in self._generate_in_process(request):
+                yield item
+            return
+        import httpx
+
+        try:
+            async for item in super().generate(request):
+                yield self._server_usage(item, request) if isinstance(item, Usage) else item
+        except httpx.TransportError:
+            # The connection drops a moment before the dead server can be reaped: give it that moment.
+            if self.server is not None and await asyncio.to_thread(self.server.wait_exit, 2.0) is not None:
+                raise BackendError(self.server.died_message()) from None
+            raise
+
+    def body(self, request: Request) -> dict[str, Any]:
+        body = super().body(request)
+        body.pop("ignore_eos", None)  # not a llama_cpp.server field
+        # Plain greedy (temperature 0) or plain temperature sampling: the server's defaults are neither.
+        body |= {"repeat_penalty": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        if self._forced_length(request):
+            body.pop("min_tokens", None)  # beside logit_bias it would disable both (see the module docstring)
+            body["logit_bias"] = {str(i): EOS_BIAS for i in self.eog_ids}
+        return body | self.options.extra_body
+
+    def _forced_length(self, request: Request) -> bool:
+        return self.options.exact_length and request.ignore_eos and bool(self.eog_ids)
+
+    def _server_usage(self, usage: Usage, request: Request) -> Usage:
+        # n_ctx was checked for launched servers only: an attached one may shorten max_tokens without saying so.
+        if self._forced_length(request) and usage.finish_reason == "length" and self.server is not None:
+            return Usage(usage.prompt_tokens, request.max_tokens, usage.prompt_source, "server_finish_reason",
+                         usage.finish_reason, exact_length=True)
+        usage.exact_length = self.options.exact_length and request.ignore_eos and usage.output_tokens == request.max_tokens
+        return usage
+
+    async def _generate_in_process(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+            done = object()
+
+            def run() -> int:
+                try:
+                    return self._decode(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, done)
+
+            future = loop.run_in_executor(None, run)
+            while (item := await queue.get()) is not done:
+                yield item
+            n_out = await future
+        exact = self.options.exact_length and request.ignore_eos
+        yield Usage(len(request.prompt_token_ids), n_out, "engine", "engine",
+                    "length" if n_out == request.max_tokens else "stop", exact_length=exact)
+
+    def _decode(self, request: Request, emit) -> int:
+        """Runs in the engine thread: prefill, then one token per step, each stamped as the sampler returns it."""
+        sampling = request.temperature > 0
+        if sampling:
+            self.llm.set_seed(request.seed)
+        stop_at_eog = not (self.options.exact_length and request.ignore_eos)
+        self.llm.reset()  # an empty KV cache: no reuse of the previous request's prefix
+        self.ctx.mark("prefill")
+        n = 0
+        for token in self.llm.generate(request.prompt_token_ids, temp=request.temperature, repeat_penalty=1.0,
+                                       top_k=0 if sampling else 1, top_p=1.0, min_p=0.0):
+            t = now()
+            if n == 0:
+                self.ctx.mark("decode")
+            if stop_at_eog and self._is_eog(token):
+                break
+            emit(TokenEvent(t=t, n_tokens=1, token_ids=[token]))
+            n += 1
+            if n == request.max_tokens:
+                break
+        self.ctx.mark("idle")
+        return n
+
+    def environment(self) -> dict[str, Any]:
+        import llama_cpp
+
+        o = self.options
+        env: dict[str, Any] = {
+            "engine": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "mode": o.mode,
+            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+            "sampling": "the request's temperature (greedy at 0), repeat_penalty 1.0, no top-k/top-p/min-p",
+        }
+        if self.spec.url is None:
+            env |= {"gguf": str(self.gguf_path), "gguf_type": "given file" if o.gguf else o.gguf_type,
+                    "gguf_file_type": self.layout.file_type, "n_ctx": o.n_ctx, "n_batch": o.n_batch,
+                    "n_threads": self.n_threads, "flash_attn": o.flash_attn, **self.placement}
+        if o.mode == "in_process":
+            env["token_counts"] = {"input": "engine (the request's token ids are fed directly)",
+                                   "output": "engine (tokens returned by Llama.generate)"}
+            env["exact_length"] = "Llama.generate does not stop at EOS; decoding continues (ignore_eos semantics)"
+        else:
+            env |= super().environment() | {"engine": "llama.cpp"}
+            env["token_counts"] = {
+                "input": "client_tokenizer (the server re-tokenizes the prompt text; the harness's count is used)",
+                "output": ("server_finish_reason when finish_reason is length under the EOS bias, else stream_chunks"
+                           if self.server is not None else "stream_chunks (an attached server's n_ctx is unknown)")}
+            env["exact_length"] = (f"logit_bias {EOS_BIAS:g} on end-of-generation tokens {self.eog_ids}" if self.eog_ids
+                                   else "min_tokens: masks the EOS id only (no GGUF to read the other end-of-generation "
+                                        "tokens from); exact per request only when the counted chunks reach max_tokens")
+        return env
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _read_layout(path: Path) -> GGUFLayout:
+    from harness.gguf import read_layout
+
+    try:
+        return read_layout(path)
+    except Exception as e:  # a truncated or foreign file: the gguf reader raises anything from ValueError to KeyError
+        raise BackendError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
+
+
+def _eog_ids(path: Path) -> list[int]:
+    """Every token llama.cpp treats as end of generation (EOS, EOT, ... also those it detects by their text)."""
+    import llama_cpp
+
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise BackendError(f"llama.cpp could not read the vocabulary of {path}: {e}") from None
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        return [i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+    finally:
+        llm.close()

@@ -1,0 +1,466 @@
+"""`bench guide`: which backend to pick for which use case, from measured cells only.
+
+Use cases are data (guide_rules.yaml, validated here). For each one: keep the relevant cells, drop those that
+break a constraint, score the rest per workload (SCORING), rank backends by their mean score, and look along
+swept settings for where the answer changes. What was not measured is listed, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.report import Row, Table, render
+from harness.results import ResultsError
+from harness.runs import METRICS, CellView, Run, fmt_value, load_runs
+from harness.scenario import parse_bytes
+
+RULES_FILE = Path(__file__).parent / "guide_rules.yaml"
+SCORING = (  # shown in every guide, one line each
+    "Each workload (model × workload; each sweep point is a workload of its own) is scored separately.",
+    "Each weighted metric is normalized among the backends that fit there: value / best when higher is better, "
+    "best / value when lower is better, so the best gets 1.",
+    "Values below a metric's resolution count as equal to it (error rate 0.1 %, TTFT p99 spread 0.01).",
+    "score = Σ weight × normalized / Σ weight, over the metrics measured for every fitting backend there.",
+    "A cell that failed or breaks a constraint (or whose constraint cannot be checked) scores 0 there.",
+    "A backend's rank is its mean score over the workloads it was measured on.",
+)
+
+
+class RulesError(ResultsError):
+    """A mistake in a guide rules file: printed without a traceback, exit code 2."""
+
+
+# ---- the rules ---------------------------------------------------------------------------------------------
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _known_metric(name: str) -> str:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    return name
+
+
+class Select(Strict):
+    device: Literal["any", "gpu", "cpu"] = "any"
+    min_input_tokens: int | None = Field(None, gt=0)
+    max_input_tokens: int | None = Field(None, gt=0)
+    loads: list[Literal["sequential", "concurrency", "poisson"]] | None = None
+    min_concurrency: int | None = Field(None, gt=0, description="for closed-loop (concurrency) loads")
+
+
+class Constraint(Strict):
+    metric: str
+    max: float | str | None = None
+    min: float | str | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        return _known_metric(v)
+
+    @field_validator("max", "min")
+    @classmethod
+    def _number(cls, v: float | str | None) -> float | None:
+        return float(parse_bytes(v)) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _bound(self) -> Constraint:
+        if self.max is None and self.min is None:
+            raise ValueError("give max or min")
+        return self
+
+    def describe(self) -> str:
+        m = METRICS[self.metric]
+        bounds = [f"≤ {fmt_value(self.max, m.unit)}" if self.max is not None else "",
+                  f"≥ {fmt_value(self.min, m.unit)}" if self.min is not None else ""]
+        return f"{m.label} {' and '.join(b for b in bounds if b)}"
+
+    def check(self, c: CellView) -> str | None:
+        """Why the cell breaks this constraint, or None when it meets it."""
+        m = METRICS[self.metric]
+        v = m.get(c)
+        if v is None:
+            return f"cannot check {self.describe()}: {m.label} not measured ({m.why_missing(c)})"
+        if self.max is not None and v > self.max:
+            return f"{m.label} {fmt_value(v, m.unit)} > {fmt_value(self.max, m.unit)}"
+        if self.min is not None and v < self.min:
+            return f"{m.label} {fmt_value(v, m.unit)} < {fmt_value(self.min, m.unit)}"
+        return None
+
+
+class UseCase(Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    title: str
+    description: str = ""
+    select: Select = Field(default_factory=Select)
+    constraints: list[Constraint] = Field(default_factory=list)
+    weights: dict[str, float] = Field(min_length=1)
+    flip_axes: list[str] = Field(default_factory=list)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, w in v.items():
+            _known_metric(name)
+            if w <= 0:
+                raise ValueError(f"weight of {name} must be > 0, got {w}")
+        return v
+
+
+class Rules(Strict):
+    use_cases: list[UseCase] = Field(min_length=1)
+
+
+def load_rules(extra: list[Path] | None = None) -> list[UseCase]:
+    """The packaged use cases, then each extra file's: a use case with an id already known replaces it."""
+    merged: dict[str, UseCase] = {}
+    for path in [RULES_FILE, *(extra or [])]:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise RulesError(f"{path}: cannot read the rules file: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise RulesError(f"{path}: not valid YAML: {e}") from None
+        try:
+            rules = Rules.model_validate(data)
+        except ValidationError as e:
+            lines = [f"{path}: invalid guide rules"]
+            for err in e.errors():
+                where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+                where = where or "(top level)"
+                lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
+            raise RulesError("\n".join(lines)) from None
+        merged.update({u.id: u for u in rules.use_cases})
+    return list(merged.values())
+
+
+# ---- evaluating one use case ---------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    candidate: str
+    condition: tuple[str, str]  # (model, workload)
+    cell: CellView
+    misfit: str | None  # why it does not fit, or None
+    score: float | None = None
+    used: list[str] = field(default_factory=list)  # metrics that went into the score
+
+    @property
+    def ref(self) -> str:
+        return f"cell {self.cell.id}, run {self.cell.run.label}"
+
+
+@dataclass
+class UseCaseResult:
+    id: str
+    title: str
+    description: str
+    criteria: list[str]
+    ranking: Table
+    recommendation: str
+    evidence: list[str]
+    flips: list[str]
+    not_measured: list[str]
+    excluded: list[str]
+    details: Table
+
+
+def selected(c: CellView, s: Select) -> str | None:
+    """Why the cell is outside the use case, or None."""
+    if s.device != "any" and c.device != s.device:
+        return "device"
+    n_in = c.spec_value("input_tokens")
+    if s.min_input_tokens and not (isinstance(n_in, int) and n_in >= s.min_input_tokens):
+        return "min_input_tokens"
+    if s.max_input_tokens and not (isinstance(n_in, int) and n_in <= s.max_input_tokens):
+        return "max_input_tokens"
+    load = c.spec_value("load.type") or "sequential"
+    if s.loads and load not in s.loads:
+        return "loads"
+    conc = c.spec_value("load.concurrency")
+    if s.min_concurrency and load == "concurrency" and not (isinstance(conc, int) and conc >= s.min_concurrency):
+        return "min_concurrency"
+    return None
+
+
+def why_nothing_selected(cells: list[CellView], s: Select) -> list[str]:
+    """For an empty selection: what was measured instead, criterion by criterion."""
+    if not cells:
+        return ["these results have no completed or failed cell"]
+    out = []
+    if s.device != "any":
+        seen = Counter(c.device or "unknown" for c in cells)
+        out.append(f"no cell ran on a {s.device.upper()} (cells by device: "
+                   + ", ".join(f"{k} ×{n}" for k, n in seen.items()) + ")")
+    sizes = sorted({v for c in cells if isinstance(v := c.spec_value("input_tokens"), int)})
+    measured = ", ".join(map(str, sizes)) or "none"
+    if s.min_input_tokens and not any(v >= s.min_input_tokens for v in sizes):
+        out.append(f"no workload has input_tokens ≥ {s.min_input_tokens} (measured: {measured})")
+    if s.max_input_tokens and not any(v <= s.max_input_tokens for v in sizes):
+        out.append(f"no workload has input_tokens ≤ {s.max_input_tokens} (measured: {measured})")
+    if s.loads or s.min_concurrency:
+        seen_loads = Counter(f"{c.spec_value('load.type') or 'sequential'}"
+                             + (f" {c.spec_value('load.concurrency')}" if c.spec_value("load.concurrency") else "")
+                             for c in cells)
+        out.append(f"wanted loads {', '.join(s.loads or ['any'])}"
+                   + (f" with concurrency ≥ {s.min_concurrency}" if s.min_concurrency else "")
+                   + f"; measured: {', '.join(seen_loads) or 'none'}")
+    return out or ["no cell matches the use case's selection"]
+
+
+def normalized(values: dict[str, float], better: str, floor: float = 0.0) -> dict[str, float]:
+    """1 for the best value, the ratio to it for the others; values under `floor` count as `floor`."""
+    values = {k: max(v, floor) for k, v in values.items()}
+    if better == "higher":
+        top = max(values.values())
+        return {k: (v / top if top > 0 else 1.0) for k, v in values.items()}
+    low = min(values.values())
+    return {k: (low / v if v > 0 else 1.0) for k, v in values.items()}
+
+
+def score_condition(entries: list[Entry], weights: dict[str, float]) -> list[str]:
+    """Fill in each entry's score; return the weighted metrics left out because some fitting cell lacks them."""
+    fitting = [e for e in entries if e.misfit is None]
+    for e in entries:
+        if e.misfit is not None:
+            e.score = 0.0
+    if not fitting:
+        return []
+    used = [m for m in weights if all(METRICS[m].get(e.cell) is not None for e in fitting)]
+    left_out = [m for m in weights if m not in used]
+    if not used:
+        return left_out
+    total = {e.candidate: 0.0 for e in fitting}
+    for m in used:
+        norm = normalized({e.candidate: METRICS[m].get(e.cell) for e in fitting}, METRICS[m].better, METRICS[m].floor)
+        for k, v in norm.items():
+            total[k] += weights[m] * v
+    wsum = sum(weights[m] for m in used)
+    for e in fitting:
+        e.score, e.used = total[e.candidate] / wsum, used
+    return left_out
+
+
+def metric_summary(e: Entry, names: list[str]) -> str:
+    return ", ".join(f"{METRICS[m].label} {fmt_value(METRICS[m].get(e.cell), METRICS[m].unit)}" for m in names)
+
+
+def fmt_axis(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def find_flips(entries: list[Entry], names: Names) -> tuple[list[str], set[str]]:
+    """Changes of winner or of who fits along each swept setting; also returns the axes that were swept."""
+    flips, swept = [], set()
+    sweep_axes = list(dict.fromkeys(a for e in entries for a in e.cell.sweep))
+    for axis in sweep_axes:
+        groups: dict[tuple, dict[Any, list[Entry]]] = defaultdict(lambda: defaultdict(list))
+        for e in entries:
+            v = e.cell.sweep.get(axis)
+            if v is None:
+                continue
+            others = tuple(sorted((k, str(x)) for k, x in e.cell.sweep.items() if k != axis))
+            groups[(e.cell.model, e.cell.base_workload, others)][v].append(e)
+        for (model, base, others), points in groups.items():
+            if len(points) < 2:
+                continue
+            swept.add(axis)
+            where = " ".join([base] + [f"{k}={x}" for k, x in others]) + (f" ({model})" if names.models else "")
+            flips += flips_along(axis, where, sorted(points.items(), key=lambda kv: kv[0]))
+    return flips, swept
+
+
+def flips_along(axis: str, where: str, points: list[tuple[Any, list[Entry]]]) -> list[str]:
+    """Statements for each value of `axis` where the backends that fit, or the best of them, change."""
+    def fits(es: list[Entry]) -> set[str]:
+        return {e.candidate for e in es if e.misfit is None}
+
+    def winner(es: list[Entry]) -> Entry | None:
+        scored = [e for e in es if e.misfit is None and e.score is not None]
+        return max(scored, key=lambda e: e.score) if scored else None
+
+    states = [(frozenset(fits(es)), w.candidate if (w := winner(es)) else None) for _, es in points]
+    out = []
+    for i in range(1, len(points)):
+        (v, now), (_, before) = points[i], points[i - 1]
+        # "≥ v" only when nothing changes again at larger values measured.
+        at = f"{axis} ≥ {fmt_axis(v)}" if all(st == states[i] for st in states[i:]) else f"{axis} = {fmt_axis(v)}"
+        fit_now = fits(now)
+        lost = [e for e in now if e.candidate in fits(before) and e.misfit is not None]
+        if lost:
+            head = ("no backend fits" if not fit_now else f"only {next(iter(fit_now))} fits" if len(fit_now) == 1
+                    else f"{', '.join(e.candidate for e in lost)} no longer fit(s)")
+            out.append(f"{where}: at {at}, {head} ("
+                       + "; ".join(f"{e.candidate}: {e.misfit} ({e.ref})" for e in lost) + ")")
+        gained = sorted((fit_now & {e.candidate for e in before}) - fits(before))
+        if gained:
+            out.append(f"{where}: at {at}, {', '.join(gained)} fit(s) again")
+        w0, w1 = winner(before), winner(now)
+        prev = next((e for e in now if w0 and e.candidate == w0.candidate and e.misfit is None), None)
+        if w1 and prev and prev.score is not None and w1.candidate != prev.candidate and w1.score > prev.score + 1e-9:
+            out.append(f"{where}: at {at}, {w1.candidate} overtakes {w0.candidate} "
+                       f"(score {w1.score:.2f} vs {prev.score:.2f}; {w1.ref} vs {prev.ref})")
+    winners = {w for _, w in states if w}
+    if not out and len(winners) == 1:
+        out.append(f"{where}: {next(iter(winners))} leads at every {axis} measured "
+                   f"({', '.join(fmt_axis(v) for v, _ in points)}); no flip")
+    return out
+
+
+class Names:
+    """Backend names, with the run added where the same backend name comes from several runs."""
+
+    def __init__(self, cells: list[CellView]):
+        runs_of = defaultdict(set)
+        for c in cells:
+            runs_of[c.backend].add(c.run.label)
+        self.ambiguous = {b for b, rs in runs_of.items() if len(rs) > 1}
+        self.models = len({c.model for c in cells}) > 1
+
+    def candidate(self, c: CellView) -> str:
+        return f"{c.backend} @{c.run.label}" if c.backend in self.ambiguous else c.backend
+
+    def condition(self, key: tuple[str, str]) -> str:
+        return f"{key[1]} ({key[0]})" if self.models else key[1]
+
+
+def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
+    names = Names(cells)
+    criteria = [f"{METRICS[m].label} ({METRICS[m].better} is better) × {w:g}" for m, w in u.weights.items()]
+    criteria += [f"constraint: {c.describe()}" for c in u.constraints]
+    sel = {k: v for k, v in u.select.model_dump().items() if v not in (None, "any")}
+    if sel:
+        criteria.append("cells: " + ", ".join(f"{k} {'/'.join(v) if isinstance(v, list) else v}"
+                                              for k, v in sel.items()))
+    relevant = [c for c in cells if c.status != "skipped" and selected(c, u.select) is None]
+    empty = Table([], [])
+    if not relevant:
+        return UseCaseResult(u.id, u.title, u.description, criteria, empty,
+                             "No recommendation: no measured cell is relevant to this use case.", [], [],
+                             why_nothing_selected([c for c in cells if c.status != "skipped"], u.select), [], empty)
+
+    entries = []
+    for c in relevant:
+        misfit = f"failed: {c.error_line or c.status}" if not c.ok else \
+            next((why for con in u.constraints if (why := con.check(c))), None)
+        entries.append(Entry(names.candidate(c), (c.model, c.workload), c, misfit))
+    by_cond: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+    for e in entries:
+        by_cond[e.condition].append(e)
+    not_measured: list[str] = []
+    for key, es in by_cond.items():
+        for m in score_condition(es, u.weights):
+            lacking = [e for e in es if e.misfit is None and METRICS[m].get(e.cell) is None]
+            why = "; ".join(sorted({METRICS[m].why_missing(e.cell) for e in lacking}))
+            not_measured.append(f"{METRICS[m].label} at {names.condition(key)}: not measured for "
+                                + ", ".join(f"{e.candidate} ({e.ref})" for e in lacking)
+                                + f" ({why}); left out of the score there")
+
+    # Rank: mean score over the workloads each backend was measured on.
+    per_cand: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        per_cand[e.candidate].append(e)
+    wins = Counter()
+    for es in by_cond.values():
+        scored = [e for e in es if e.misfit is None and e.score is not None]
+        top = max((e.score for e in scored), default=None)
+        wins.update(e.candidate for e in scored if e.score >= top - 1e-9)  # a tie is a win for each
+    mean = {k: sum(e.score or 0.0 for e in es) / len(es) for k, es in per_cand.items()}
+    order = sorted(per_cand, key=lambda k: (-mean[k], -wins[k], k))
+    ranking = Table(["rank", "backend", "mean score", "workloads measured", "workloads won", "fits"],
+                    [Row([str(i + 1), k, f"{mean[k]:.3f}", str(len(per_cand[k])), str(wins[k]),
+                          f"{sum(e.misfit is None for e in per_cand[k])} of {len(per_cand[k])}"],
+                         None if any(e.misfit is None for e in per_cand[k]) else "does not fit")
+                     for i, k in enumerate(order)])
+
+    evidence: list[str] = []
+    if all(e.misfit is not None for e in entries):
+        recommendation = "No recommendation: no measured backend meets this use case's constraints (see below)."
+    elif all(e.score is None for e in entries if e.misfit is None):
+        recommendation = "No recommendation: none of the metrics this use case ranks by was measured (see below)."
+    else:
+        best = order[0]
+        # The evidence: a workload the winner won, among those with the most fitting backends.
+        key = max((k for k, es in by_cond.items() if any(e.candidate == best for e in es)),
+                  key=lambda k: (sum(e.misfit is None for e in by_cond[k]),
+                                 max(by_cond[k], key=lambda e: e.score or 0).candidate == best))
+        shown = list(dict.fromkeys(u.weights))
+        for e in sorted(by_cond[key], key=lambda e: -(e.score or 0)):
+            evidence.append(f"{e.candidate} at {names.condition(key)}: "
+                            + (f"score {e.score:.2f}; {metric_summary(e, shown)}" if e.misfit is None
+                               else f"does not fit: {e.misfit}") + f" ({e.ref})")
+        if len(per_cand) == 1:
+            recommendation = (f"{best}: the only backend measured for this use case (mean score {mean[best]:.2f}); "
+                              "there is nothing to compare it against.")
+        else:
+            runner = order[1]
+            tied = [k for k in order[1:] if mean[best] - mean[k] < 0.005]
+            recommendation = (f"{best}: mean score {mean[best]:.2f}, first on {wins[best]} of the "
+                              f"{len(per_cand[best])} workload(s) it was measured on; "
+                              + (f"tied with {', '.join(tied)}." if tied else f"next: {runner} at {mean[runner]:.2f}."))
+        misfits = sum(e.misfit is not None for e in per_cand[best])
+        if misfits:
+            recommendation += f" It does not fit on {misfits} of them: see when the answer changes."
+
+    flips, swept = find_flips(entries, names)
+    for axis in u.flip_axes:
+        if axis not in swept:
+            not_measured.append(f"no sweep over {axis} among the relevant cells: where the answer changes "
+                                f"with {axis} is not known")
+    if len(per_cand) == 1:
+        not_measured.append("only one backend was measured for this use case")
+    excluded = [f"{e.candidate} at {names.condition(e.condition)}: {e.misfit} ({e.ref})"
+                for e in entries if e.misfit is not None]
+
+    metric_cols = list(dict.fromkeys([*u.weights, *(c.metric for c in u.constraints)]))
+    details = Table(["workload", "backend", "score", *(METRICS[m].label for m in metric_cols), "cell", "run"],
+                    [Row([names.condition(key), e.candidate,
+                          f"{e.score:.3f}" if e.score is not None else "n/a",
+                          *(fmt_value(METRICS[m].get(e.cell), METRICS[m].unit) for m in metric_cols),
+                          e.cell.id, e.cell.run.label], "does not fit" if e.misfit else None)
+                     for key, es in by_cond.items() for e in sorted(es, key=lambda e: -(e.score or 0))])
+    return UseCaseResult(u.id, u.title, u.description, criteria, ranking, recommendation, evidence, flips,
+                         not_measured, excluded, details)
+
+
+@dataclass
+class GuideData:
+    title: str
+    generated: str
+    runs: Table
+    use_cases: list[UseCaseResult]
+
+
+def build_guide(runs: list[Run], use_cases: list[UseCase]) -> GuideData:
+    cells = [c for r in runs for c in r.cells]
+    return GuideData(
+        title="Which inference engine? A guide from "
+              + ", ".join(dict.fromkeys(str(r.scenario.get("name", "?")) for r in runs)),
+        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        runs=Table.of(["run", "results file", "host", "cells"],
+                      [[r.label, str(r.path), str(r.environment.get("hostname") or "?"), str(len(r.cells))]
+                       for r in runs]),
+        use_cases=[evaluate(u, cells) for u in use_cases],
+    )
+
+
+def write_guide(results: list[Path | str], out: Path | str, rules: list[Path] | None = None) -> Path:
+    """Write guide.md or guide.html (by out's suffix) from one or several results."""
+    out = Path(out)
+    fmt = {".md": "md", ".html": "html"}.get(out.suffix.lower())
+    if fmt is None:
+        raise ResultsError(f"--out {out}: expected a file name ending in .md or .html")
+    data = build_guide(load_runs(list(results)), load_rules(rules))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(data, f"guide.{fmt}.j2", fmt, scoring=SCORING))
+    return out

@@ -1,0 +1,200 @@
+"""`bench guide`: rankings, the numbers behind a recommendation, flips along sweeps, and what was not measured."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.guide import RulesError, build_guide, load_rules, normalized, write_guide
+from harness.runs import METRICS, fmt_value, load_runs
+from harness.scenario import SLO
+from tests.report_fixtures import ResultsBuilder, environment, hacked, resources, swept_gpu_results, workload
+
+pytest_plugins = ["tests.report_fixtures"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    return swept_gpu_results(tmp_path_factory.mktemp("swept") / "sweeps")
+
+
+@pytest.fixture(scope="module")
+def guide(swept):
+    return {u.id: u for u in build_guide(load_runs([swept]), load_rules()).use_cases}
+
+
+def test_normalization():
+    assert normalized({"a": 10.0, "b": 5.0}, "higher") == {"a": 1.0, "b": 0.5}
+    assert normalized({"a": 10.0, "b": 5.0}, "lower") == {"a": 0.5, "b": 1.0}
+    assert normalized({"a": 0.0, "b": 0.0}, "lower") == {"a": 1.0, "b": 1.0}
+    # Below the metric's resolution, values are equal.
+    assert normalized({"a": 1e-9, "b": 4e-9}, "lower", floor=1e-3) == {"a": 1.0, "b": 1.0}
+
+
+def test_ranking_matches_the_documented_score(swept, guide):
+    """Recompute chat-serving's ranking from results.json with the formula in SCORING."""
+    u = next(u for u in load_rules() if u.id == "chat-serving")
+    cells = json.loads((swept / "results.json").read_text())["cells"]
+    by_workload = defaultdict(dict)
+    for c in cells:
+        if c["workload"].startswith("chat"):
+            by_workload[c["workload"]][c["backend"]] = c["metrics"]
+    get = {"output_throughput_tok_s": lambda m: m["output_throughput_tok_s"],
+           "goodput_rps": lambda m: m["goodput_rps"], "ttft_p99_ms": lambda m: m["ttft_ms"]["p99"]}
+    scores = defaultdict(list)
+    for per_backend in by_workload.values():
+        total = defaultdict(float)
+        for metric, w in u.weights.items():
+            vals = {b: get[metric](m) for b, m in per_backend.items()}
+            best = max(vals.values()) if METRICS[metric].better == "higher" else min(vals.values())
+            for b, v in vals.items():
+                total[b] += w * (v / best if METRICS[metric].better == "higher" else best / v)
+        for b, t in total.items():
+            scores[b].append(t / sum(u.weights.values()))
+    expected = sorted(((sum(s) / len(s), b) for b, s in scores.items()), reverse=True)
+
+    ranking = guide["chat-serving"].ranking
+    assert [r.values[1] for r in ranking.rows] == [b for _, b in expected] == ["batcher", "fastgpu"]
+    for row, (score, _) in zip(ranking.rows, expected):
+        assert float(row.values[2]) == pytest.approx(score, abs=1e-3)
+
+
+def test_recommendation_states_its_numbers(swept, guide):
+    chat = guide["chat-serving"]
+    assert chat.recommendation.startswith("batcher:")
+    cells = {c["id"]: c for c in json.loads((swept / "results.json").read_text())["cells"]}
+    evidence = " ".join(chat.evidence)
+    cited = [cid for cid in cells if f"cell {cid}," in evidence]
+    assert cited, "the evidence names no cell"
+    for cid in cited:
+        assert fmt_value(cells[cid]["metrics"]["output_throughput_tok_s"], "tok/s") in evidence
+
+
+def test_flips_from_sweeps(guide):
+    flips = " ".join(guide["chat-serving"].flips)
+    assert "chat: at load.concurrency ≥ 4, batcher overtakes fastgpu" in flips
+    long_doc = " ".join(guide["long-document-8gb"].flips)
+    assert "long: at input_tokens ≥ 32768, only offload fits" in long_doc
+    assert "peak VRAM 9.50 GiB > 8.00 GiB" in long_doc and "m__fastgpu__long_input_tokens_32768_" in long_doc
+    # Below 32k the faster backend still ranks first, and the recommendation says where it does not fit.
+    assert guide["long-document-8gb"].recommendation.startswith("fastgpu:")
+    assert "It does not fit on 1 of them" in guide["long-document-8gb"].recommendation
+    excluded = guide["long-document-8gb"].excluded
+    assert any("fastgpu at long[input_tokens=32768]: peak VRAM 9.50 GiB" in e for e in excluded)
+    # No change along a sweep is said as such.
+    assert any("leads at every input_tokens measured" in f for f in guide["offline-batch"].flips)
+
+
+def test_not_measured_is_listed(guide):
+    cpu = guide["cpu-edge"]
+    assert cpu.recommendation.startswith("No recommendation") and not cpu.ranking.rows
+    assert any("no cell ran on a CPU" in n for n in cpu.not_measured)
+    assert any("no sweep over load.rate" in n for n in guide["chat-serving"].not_measured)
+
+
+def test_missing_metrics_and_constraints_that_cannot_be_checked(tmp_path):
+    b = ResultsBuilder(tmp_path / "r", env=environment(gpu="Test GPU"), slo=SLO())  # no SLO: no goodput
+    w = workload("chat", input_tokens=16384, concurrency=4)
+    b.add("a", w, 0.05, 0.01, device="cuda:0", resources=resources(None))
+    b.add("b", w, 0.05, 0.02, device="cuda:0", failed="RuntimeError: CUDA out of memory\ndetails")
+    guide = {u.id: u for u in build_guide(load_runs([b.write()]), load_rules()).use_cases}
+
+    chat = guide["chat-serving"]
+    assert any(n.startswith("goodput req/s at chat: not measured for a") for n in chat.not_measured)
+    assert any("b at chat: failed: RuntimeError: CUDA out of memory" in e for e in chat.excluded)
+    assert chat.recommendation.startswith("a:")
+    long_doc = guide["long-document-8gb"]
+    assert long_doc.recommendation.startswith("No recommendation: no measured backend meets")
+    assert any("cannot check peak VRAM ≤ 8.00 GiB: peak VRAM not measured (NVML: NVML Shared Library Not Found)" in e
+               for e in long_doc.excluded)
+
+
+def test_custom_rules_add_and_replace(swept, tmp_path):
+    rules = tmp_path / "my.yaml"
+    rules.write_text(yaml.safe_dump({"use_cases": [
+        {"id": "busy-only", "title": "Busy servers", "select": {"loads": ["concurrency"], "min_concurrency": 16},
+         "weights": {"tpot_p50_ms": 1}},
+        {"id": "offline-batch", "title": "My batch", "weights": {"request_throughput_rps": 1},
+         "constraints": [{"metric": "peak_vram_bytes", "max": "5GiB"}]},
+    ]}))
+    use_cases = load_rules([rules])
+    assert [u.id for u in use_cases].count("offline-batch") == 1
+    guide = {u.id: u for u in build_guide(load_runs([swept]), use_cases).use_cases}
+    busy = guide["busy-only"]
+    assert {r.values[0] for r in busy.details.rows} == {"chat[load.concurrency=16]"}
+    assert busy.recommendation.startswith("batcher:")
+    assert guide["offline-batch"].title == "My batch"
+    assert any("peak VRAM 6.00 GiB > 5.00 GiB" in e for e in guide["offline-batch"].excluded)
+
+
+def test_no_recommendation_when_nothing_it_ranks_by_was_measured(tmp_path):
+    b = ResultsBuilder(tmp_path / "r")
+    b.add("a", workload("w"), 0.05, 0.01)  # no resources block: no RAM, no VRAM
+    b.add("b", workload("w"), 0.05, 0.02)
+    rules = tmp_path / "ram.yaml"
+    rules.write_text("use_cases: [{id: ram, title: Small RAM, weights: {max_rss_bytes: 1}}]")
+    ram = next(u for u in build_guide(load_runs([b.write()]), load_rules([rules])).use_cases if u.id == "ram")
+    assert ram.recommendation.startswith("No recommendation: none of the metrics")
+    assert any(n.startswith("peak host RAM at w: not measured for a (cell m__a__w, run r), b (cell m__b__w, run r) "
+                            "(no resources block in these results)") for n in ram.not_measured)
+
+
+@pytest.mark.parametrize("content, where", [
+    ("use_cases: [{id: x, title: y, weights: {nope: 1}}]", "use_cases[0].weights: unknown metric 'nope'"),
+    ("use_cases: [{id: x, title: y, weights: {ttft_p50_ms: -1}}]", "weight of ttft_p50_ms must be > 0"),
+    ("use_cases: [{id: x, title: y, weights: {ttft_p50_ms: 1}, constraints: [{metric: peak_vram_bytes}]}]",
+     "use_cases[0].constraints[0]: give max or min"),
+    ("use_cases: [{id: x, title: y, weights: {ttft_p50_ms: 1}, extra: 1}]", "use_cases[0].extra"),
+    ("use_cases: [{id: x, title: y, weights: {ttft_p50_ms: 1}, constraints: [{metric: peak_vram_bytes, max: 8 lots}]}]",
+     "expected a size like 8GiB"),
+    ("[unclosed", "not valid YAML"),
+])
+def test_bad_rules_exit_2_naming_file_and_field(swept, tmp_path, content, where):
+    rules = tmp_path / "bad.yaml"
+    rules.write_text(content)
+    with pytest.raises(RulesError, match="bad.yaml"):
+        load_rules([rules])
+    r = CliRunner().invoke(app, ["guide", str(swept), "--out", str(tmp_path / "g.md"), "--rules", str(rules)])
+    assert r.exit_code == 2 and where in r.output and "Traceback" not in r.output
+
+
+def test_cli_guide_formats(swept, tmp_path):
+    runner = CliRunner()
+    for name in ("guide.md", "guide.html"):
+        r = runner.invoke(app, ["guide", str(swept), "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        text = (tmp_path / name).read_text()
+        assert "High-throughput chat serving" in text and "overtakes" in text
+    r = runner.invoke(app, ["guide", str(swept), "--out", str(tmp_path / "guide.txt")])
+    assert r.exit_code == 2 and "expected a file name ending in .md or .html" in r.output
+
+
+@pytest.mark.slow
+def test_guide_from_quickstart(quickstart_results, tmp_path):
+    data = json.loads((quickstart_results / "results.json").read_text())
+    out = write_guide([quickstart_results], tmp_path / "guide.md")
+    md = out.read_text()
+    for c in data["cells"]:
+        assert c["backend"] in md and c["id"] in md
+    guide = {u.id: u for u in build_guide(load_runs([quickstart_results]), load_rules()).use_cases}
+    # The quickstart runs on a CPU with short prompts: the 8 GB GPU case has nothing to go on, and says why.
+    long_doc = guide["long-document-8gb"]
+    assert long_doc.recommendation.startswith("No recommendation") and not long_doc.ranking.rows
+    assert any("no cell ran on a GPU" in n for n in long_doc.not_measured)
+    assert any("no workload has input_tokens ≥ 8192" in n for n in long_doc.not_measured)
+    assert {r.values[1] for r in guide["cpu-edge"].ranking.rows} == {c["backend"] for c in data["cells"]}
+
+
+@pytest.mark.slow
+def test_guide_escapes_injected_strings(quickstart_results, tmp_path):
+    results = hacked(quickstart_results, tmp_path / "hacked", "<script>alert(1)</script>")
+    html = write_guide([results], tmp_path / "g.html").read_text()
+    md = write_guide([results], tmp_path / "g.md").read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in md.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;" in md

@@ -1,0 +1,329 @@
+"""llama.cpp: GGUF conversion against HF, both modes through `bench run`, server failures, and layer placement under
+a VRAM budget (the launcher itself: test_servers.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.servers import GROUPS_FILE
+from harness.gguf import GGUFLayout
+from harness.runner import Runner
+from harness.scenario import load_scenario
+from tests.conftest import ROOT, scenario_dict
+
+try:
+    import gguf  # noqa: F401
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+# Everything but the pure placement function needs the engine: pip install -e '.[llamacpp]'.
+needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python and gguf are not installed")
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    from harness.gguf import convert
+
+    return convert(tiny_model, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32")
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (zombies already count as gone)."""
+    import psutil
+
+    members = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(p.pid)
+        except ProcessLookupError:
+            pass
+    return members
+
+
+def servers_with(needle: str) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline", "status"])
+            if "llama_cpp.server" in " ".join(p.info["cmdline"] or []) and needle in " ".join(p.info["cmdline"] or [])
+            and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+def server_pid(log: Path) -> int:
+    """uvicorn's "Started server process [PID]" line; the launcher makes that pid the group id."""
+    line = next(line for line in log.read_text().splitlines() if "Started server process" in line)
+    return int(line.rsplit("[", 1)[1].rstrip("]"))
+
+
+# ---- conversion -----------------------------------------------------------------------------------------------------
+
+@needs_llama
+@pytest.mark.slow
+def test_f32_gguf_gives_hf_fp32_greedy_tokens(tiny_model, tiny_gguf):
+    """Same weights, same prompt: llama.cpp on the converted f32 file decodes the 32 tokens HF fp32 decodes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.gguf import read_layout
+
+    ids = AutoTokenizer.from_pretrained(tiny_model).encode("the city of music and the world", add_special_tokens=True)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=1)
+    expected = out[0, len(ids):].tolist()
+
+    llm = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=256, verbose=False)
+    try:
+        assert llm.tokenize(b"the city of music and the world", add_bos=True, special=True) == ids
+        stream = llm.generate(ids, temp=0.0, repeat_penalty=1.0)
+        got = [next(stream) for _ in range(32)]
+    finally:
+        llm.close()
+    assert got == expected
+    layout = read_layout(tiny_gguf)
+    assert layout.n_layers == 4 and layout.file_type == "f32" and layout.n_vocab == 4096
+    assert layout.n_embd_k_gqa == 4 * 32  # 4 KV heads × head dim 32
+
+
+@needs_llama
+def test_cli_converts_and_rejects_bad_input(tiny_model, tmp_path):
+    out = tmp_path / "m.gguf"
+    cli = [sys.executable, "-m", "harness.cli", "models", "gguf"]
+    ok = subprocess.run([*cli, str(tiny_model), str(out), "--type", "q8_0"], capture_output=True, text=True, env=ENV)
+    assert ok.returncode == 0, ok.stderr
+    from harness.gguf import read_layout
+
+    assert read_layout(out).file_type == "q8_0"
+    bad_type = subprocess.run([*cli, str(tiny_model), str(out), "--type", "q9"], capture_output=True, text=True, env=ENV)
+    assert bad_type.returncode == 2 and "--type" in bad_type.stderr and "Traceback" not in bad_type.stderr
+    no_model = subprocess.run([*cli, str(tmp_path), str(out)], capture_output=True, text=True, env=ENV)
+    assert no_model.returncode == 2 and "config.json" in no_model.stderr and "Traceback" not in no_model.stderr
+
+
+@needs_llama
+def test_converted_files_are_cached_by_source(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from harness import gguf
+
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model, src)
+    first = gguf.cached_gguf(src, "f16")
+    assert gguf.cached_gguf(src, "f16") == first and first.is_file()
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-6}))
+    assert gguf.cached_gguf(src, "f16") != first  # a changed source is converted again
+
+
+# ---- both modes through bench run -------------------------------------------------------------------------------------
+
+@needs_llama
+@pytest.mark.slow
+def test_both_modes_give_full_metrics(tiny_model, write_scenario, tmp_path):
+    backends = [{"name": "inproc", "kind": "llama_cpp", "options": {"gguf_type": "f32"}},
+                {"name": "server", "kind": "llama_cpp", "options": {"mode": "server", "gguf_type": "f32"}}]
+    workloads = [{"name": "w", "input_tokens": 32, "output_tokens": 16, "num_requests": 4, "warmup_requests": 1,
+                  "load": {"type": "concurrency", "concurrency": 2}}]
+    path = write_scenario(scenario_dict(tiny_model, backends, workloads, record_outputs=True))
+    out = tmp_path / "out"
+    assert Runner(load_scenario(path), str(path), out).run() == 0
+    cells = {c["backend"]: c for c in results(out)["cells"]}
+    for name, cell in cells.items():
+        assert cell["status"] == "ok", cell["error"]
+        m = cell["metrics"]
+        assert m["completed"] == 4 and m["errors"] == 0
+        assert m["total_input_tokens"] == 4 * 32 and m["total_output_tokens"] == 4 * 16
+        for key in ("ttft_ms", "tpot_ms", "e2el_ms"):
+            assert m[key]["count"] == 4 and m[key]["min"] > 0, (name, key, m[key])
+        assert m["itl_ms"]["count"] >= 4 and m["itl_ms"]["min"] >= 0
+        assert m["e2el_ms"]["min"] >= m["ttft_ms"]["min"]
+        assert m["output_throughput_tok_s"] > 0 and m["request_throughput_rps"] > 0
+        assert m["total_token_throughput_tok_s"] > m["output_throughput_tok_s"]
+        assert cell["token_counts"]["exact_output_length"] is True
+        assert cell["engine"]["engine"] == "llama.cpp" and cell["engine"]["n_gpu_layers"] == -1
+    assert cells["inproc"]["token_counts"]["input"] == ["engine"]
+    assert cells["inproc"]["token_counts"]["output"] == ["engine"]
+    assert cells["server"]["token_counts"]["input"] == ["client_tokenizer"]
+    assert cells["server"]["token_counts"]["output"] == ["server_finish_reason"]
+    assert cells["server"]["engine"]["exact_length"].startswith("logit_bias")
+    # Greedy in both modes and the same file: the server's text must come from the same tokens; in-process we see ids.
+    records = [json.loads(line) for line in (out / "cells" / cells["inproc"]["id"] / "requests.jsonl").open()]
+    assert all(len(r["output_token_ids"]) == 16 for r in records)
+    server_dir = out / "cells" / cells["server"]["id"]
+    assert not (server_dir / GROUPS_FILE).exists()  # stopped cleanly: nothing left to clean up
+    assert not group_members(server_pid(server_dir / "llama_server.log"))
+
+
+@needs_llama
+@pytest.mark.slow
+async def test_greedy_is_greedy_in_both_modes(tiny_model, tiny_gguf, tmp_path):
+    """The server gets exactly the request body the backend builds: it must decode the in-process tokens, all 48 of
+    them (the EOS bias in place), where its own defaults (temperature 0.8, repeat_penalty 1.1) would not."""
+    from transformers import AutoTokenizer
+
+    from backends.base import CellContext, ModelInfo, Request, TokenEvent
+    from backends.llamacpp_backend import LlamaCppBackend
+    from harness.scenario import BackendSpec
+
+    text = "the city of music and the world"
+    request = Request(0, text, AutoTokenizer.from_pretrained(tiny_model).encode(text), max_tokens=48)
+    model, ctx = ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path)
+    local = LlamaCppBackend(BackendSpec(name="l", kind="llama_cpp", options={"gguf": str(tiny_gguf)}), model, ctx)
+    await local.start()
+    try:
+        ids = [i for ev in [e async for e in local.generate(request)] if isinstance(ev, TokenEvent) for i in ev.token_ids]
+        expected = local.llm.detokenize(ids).decode("utf-8", errors="ignore")
+    finally:
+        await local.stop()
+    served = LlamaCppBackend(BackendSpec(name="s", kind="llama_cpp", options={"mode": "server", "gguf": str(tiny_gguf)}),
+                             model, ctx)
+    await served.start()
+    try:
+        body = served.body(request)
+        assert body["temperature"] == 0 and body["repeat_penalty"] == 1.0 and "min_tokens" not in body
+        assert set(body["logit_bias"]) == {"1", "4"}  # <|end_of_text|> and <|eot_id|>, found by llama.cpp
+        r = await served.client.post(served.base_url + "/completions", json=body | {"stream": False})
+        reply = r.json()
+    finally:
+        await served.stop()
+    assert len(ids) == 48 and reply["usage"]["completion_tokens"] == 48
+    assert reply["choices"][0]["text"] == expected
+
+
+# ---- failures -----------------------------------------------------------------------------------------------------
+
+@needs_llama
+@pytest.mark.slow
+def test_bad_model_files_fail_their_cells_with_the_log(tiny_model, write_scenario, tmp_path):
+    """A GGUF that llama.cpp cannot load (5 layers declared, 4 present) makes the server die at start: the cell
+    fails with the server's own words; a file that is not GGUF at all fails before anything starts."""
+    import shutil
+
+    from harness.gguf import convert
+
+    broken_src = tmp_path / "five-layers"
+    shutil.copytree(tiny_model, broken_src)
+    config = json.loads((broken_src / "config.json").read_text())
+    (broken_src / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 5}))
+    broken = convert(broken_src, tmp_path / "broken.gguf", "f32")
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file" * 100)
+    backends = [{"name": "dies", "kind": "llama_cpp", "options": {"mode": "server", "gguf": str(broken)}},
+                {"name": "garbage", "kind": "llama_cpp", "options": {"gguf": str(garbage)}}]
+    path = write_scenario(scenario_dict(tiny_model, backends))
+    out = tmp_path / "out"
+    assert Runner(load_scenario(path), str(path), out).run() == 1
+    cells = {c["backend"]: c for c in results(out)["cells"]}
+    dies = cells["dies"]
+    assert dies["status"] == "failed"
+    assert "llama_server did not start" in dies["error"] and "llama_server.log" in dies["error"]
+    assert "blk.4" in dies["error"]  # llama.cpp's message about the missing layer, from the log tail
+    assert cells["garbage"]["status"] == "failed" and "not a readable GGUF file" in cells["garbage"]["error"]
+    assert not servers_with(str(broken))
+
+
+@needs_llama
+@pytest.mark.slow
+def test_a_server_killed_mid_stream_fails_the_cell_and_leaves_nothing(tiny_model, tiny_gguf, write_scenario, tmp_path):
+    backends = [{"name": "victim", "kind": "llama_cpp", "options": {"mode": "server", "gguf": str(tiny_gguf)}}]
+    workloads = [{"name": "long", "input_tokens": 16, "output_tokens": 3000, "num_requests": 1, "warmup_requests": 0}]
+    path = write_scenario(scenario_dict(tiny_model, backends, workloads))
+    out = tmp_path / "out"
+    cell_dir = out / "cells" / "tiny__victim__long"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(path), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        log = cell_dir / "llama_server.log"
+        while time.time() < deadline and not (log.exists() and "POST /v1/completions" in log.read_text(errors="replace")):
+            time.sleep(0.05)
+        assert log.exists(), "the server never received the request"
+        time.sleep(0.3)  # well into the 3000-token stream
+        pgid = json.loads((cell_dir / GROUPS_FILE).read_text())["pgid"]
+        os.killpg(pgid, signal.SIGKILL)
+        assert proc.wait(timeout=120) == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    cell = results(out)["cells"][0]
+    assert cell["status"] == "failed"
+    assert "llama_server was killed by SIGKILL" in cell["error"] and "llama_server.log" in cell["error"]
+    assert not group_members(pgid)
+    assert not (cell_dir / GROUPS_FILE).exists()
+
+
+def test_url_needs_server_mode(tiny_model, write_scenario):
+    from harness.scenario import ScenarioError
+
+    b = {"name": "x", "kind": "llama_cpp", "url": "http://127.0.0.1:9/v1"}
+    with pytest.raises(ScenarioError, match="options.mode: server"):
+        load_scenario(write_scenario(scenario_dict(tiny_model, [b])))
+    b = {"name": "x", "kind": "llama_cpp", "options": {"gguf_type": "q9"}}
+    with pytest.raises(ScenarioError, match="gguf_type"):
+        load_scenario(write_scenario(scenario_dict(tiny_model, [b])))
+
+
+# ---- VRAM budget → layers on the GPU ------------------------------------------------------------------------------
+
+def llama_8b_q8_layout() -> GGUFLayout:
+    """Llama-3.1-8B shaped: 32 layers of 218 MiB, 532 MiB of output head, 8 KV heads × 128."""
+    return GGUFLayout(n_layers=32, layer_bytes=[218 * MiB] * 32, output_bytes=532 * MiB, n_embd_k_gqa=1024,
+                      n_embd_v_gqa=1024, n_vocab=128256, n_ctx_train=131072, file_type="q8_0")
+
+
+def test_plan_offload_everything_when_it_fits():
+    from backends.llamacpp_backend import plan_offload
+
+    layout = llama_8b_q8_layout()
+    plan = plan_offload(80 * 2**30, layout, n_ctx=4096, n_batch=512)
+    kv = 32 * 4096 * 2048 * 2  # layers × tokens × (K + V widths) × f16
+    reserve = 512 * MiB + 512 * 128256 * 4
+    assert plan.n_gpu_layers == 33 and plan.offload_kqv  # 32 layers + the output head
+    assert plan.gpu_bytes == 32 * 218 * MiB + 532 * MiB + kv + reserve
+
+
+def test_plan_offload_partial_layers_under_a_small_budget():
+    from backends.llamacpp_backend import plan_offload
+
+    layout = llama_8b_q8_layout()
+    reserve = 512 * MiB + 512 * 128256 * 4
+    kv_layer = 4096 * 2048 * 2  # 16 MiB per layer at 4k context
+    budget = reserve + 10 * (218 * MiB + kv_layer) + 10 * MiB  # ten layers with their KV, or ten without
+    plan = plan_offload(budget, layout, n_ctx=4096, n_batch=512)
+    assert (plan.n_gpu_layers, plan.offload_kqv) == (10, True)
+    assert plan.gpu_bytes <= budget
+
+
+def test_plan_offload_moves_kv_to_host_when_that_fits_more_layers():
+    from backends.llamacpp_backend import plan_offload
+
+    layout = llama_8b_q8_layout()
+    reserve = 512 * MiB + 512 * 128256 * 4
+    kv_layer = 131072 * 2048 * 2  # 512 MiB per layer at 128k context: more than a layer's weights
+    budget = reserve + 10 * 218 * MiB
+    plan = plan_offload(budget, layout, n_ctx=131072, n_batch=512)
+    assert (plan.n_gpu_layers, plan.offload_kqv) == (10, False)
+    assert plan_offload(budget, layout, n_ctx=131072, n_batch=512).gpu_bytes <= budget
+    assert 3 * (218 * MiB + kv_layer) > budget - reserve  # with their KV only 2 layers would have fit
+
+
+def test_plan_offload_nothing_when_the_budget_is_below_the_reserve():
+    from backends.llamacpp_backend import plan_offload
+
+    plan = plan_offload(256 * MiB, llama_8b_q8_layout(), n_ctx=4096, n_batch=512)
+    assert plan.n_gpu_layers == 0

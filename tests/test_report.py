@@ -1,0 +1,230 @@
+"""`bench report`: built from a real quickstart run and from synthetic swept results; safe against injected
+strings; self-contained HTML; environment diff across runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.report import SUMMARY_COLUMNS, build_report, md_escape, write_report
+from harness.runs import fmt_value, load_runs
+from tests.report_fixtures import ResultsBuilder, hacked, resources, swept_gpu_results, workload
+
+pytest_plugins = ["tests.report_fixtures"]
+
+PAYLOAD = "<script>alert(1)</script>"
+
+
+class Tags(HTMLParser):
+    """Every start tag with its attributes, and the text of <style> elements."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.styles: list[str] = []
+        self._in_style = False
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag):
+        self._in_style = False
+
+    def handle_data(self, data):
+        if self._in_style:
+            self.styles.append(data)
+
+
+def external_references(html: str) -> list[str]:
+    found = []
+    p = Tags(html)
+    for tag, attrs in p.tags:
+        for name in ("src", "href", "srcset", "action", "poster", "data", "formaction", "xlink:href"):
+            v = attrs.get(name, "").strip().lower()
+            if v.startswith(("http:", "https:", "//", "ftp:")):
+                found.append(f"<{tag} {name}={v}>")
+        if tag == "script" and "src" in attrs:
+            found.append(f"<script src={attrs['src']}>")
+        if tag == "link":
+            found.append(f"<link {attrs}>")
+        if re.search(r"url\(\s*['\"]?\s*(https?:|//)", attrs.get("style", ""), re.I):
+            found.append(f"<{tag} style={attrs['style']}>")
+    for css in p.styles:
+        found += re.findall(r"@import[^;]*|url\(\s*['\"]?\s*(?:https?:|//)[^)]*\)", css, re.I)
+    return found
+
+
+def md_table_widths(md: str) -> list[int]:
+    """Column count of every Markdown table line, counting only unescaped pipes."""
+    return [len(re.findall(r"(?<!\\)\|", line)) for line in md.splitlines() if line.startswith("|")]
+
+
+@pytest.fixture(scope="module")
+def qs_report(quickstart_results, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qs-report")
+    write_report([quickstart_results], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    return swept_gpu_results(tmp_path_factory.mktemp("swept") / "sweeps")
+
+
+@pytest.mark.slow
+def test_quickstart_report_has_every_backend_and_metric(quickstart_results, qs_report):
+    data = json.loads((quickstart_results / "results.json").read_text())
+    md, html = (qs_report / "report.md").read_text(), (qs_report / "report.html").read_text()
+    assert data["cells"], "the quickstart wrote no cells"
+    for text in (md, html):
+        for header, _ in SUMMARY_COLUMNS:
+            assert header in text
+        for cell in data["cells"]:
+            assert cell["backend"] in text and cell["id"] in text
+            if cell["status"] == "ok":
+                m = cell["metrics"]
+                for value, unit in ((m["ttft_ms"]["p50"], "ms"), (m["ttft_ms"]["p99"], "ms"),
+                                    (m["tpot_ms"]["p50"], "ms"), (m["output_throughput_tok_s"], "tok/s"),
+                                    (m["goodput_rps"], "req/s")):
+                    assert fmt_value(value, unit) in text
+        # No resources block yet in these results: said, with the reason, not left blank.
+        assert "Peak VRAM per cell" in text and "not drawn" in text
+    # Per-request box plots drawn from requests.jsonl: files for Markdown, inlined for HTML.
+    drawn = sorted(p.name for p in (qs_report / "plots").glob("*.png"))
+    assert any(n.startswith("ttft-") for n in drawn) and any(n.startswith("tpot-") for n in drawn)
+    for name in drawn:
+        assert (qs_report / "plots" / name).read_bytes().startswith(b"\x89PNG")
+        assert f"](plots/{name})" in md
+    assert html.count('src="data:image/png;base64,') == len(drawn)
+
+
+@pytest.mark.slow
+def test_quickstart_html_is_self_contained(qs_report):
+    html = (qs_report / "report.html").read_text()
+    assert external_references(html) == []
+    tags = Tags(html).tags
+    assert not [t for t, _ in tags if t == "script"]
+    imgs = [a["src"] for t, a in tags if t == "img"]
+    assert imgs and all(src.startswith("data:image/png;base64,") for src in imgs)
+
+
+def test_external_reference_check_catches_them():
+    bad = ('<link rel="stylesheet" href="https://cdn.example/x.css"><script src="//cdn.example/x.js"></script>'
+           '<img src="http://x/y.png"><style>@import url(https://fonts.example/f.css); '
+           'body{background:url(//x/y.png)}</style>')
+    assert len(external_references(bad)) >= 5
+
+
+@pytest.mark.slow
+def test_injected_strings_are_escaped(quickstart_results, tmp_path):
+    results = hacked(quickstart_results, tmp_path / "hacked", PAYLOAD)
+    write_report([results], tmp_path / "out")
+    html = (tmp_path / "out" / "report.html").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+
+    # HTML: the payload appears only as text.
+    assert PAYLOAD not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    tags = Tags(html).tags
+    assert not [t for t, _ in tags if t == "script"]
+    assert not [(t, a) for t, a in tags if any(k.startswith("on") for k in a)]
+    assert "server said &lt;script&gt;" in html  # a request's error, from requests.jsonl
+    assert external_references(html) == []
+
+    # Markdown: no raw HTML, no link or image, and no table broken by a '|'.
+    assert "<script" not in md.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    assert not re.search(r"(?<!\\)\]\(http", md) and "\\[x\\](http://evil" in md
+    assert "model\\|" in md
+    for block in md.split("\n\n"):
+        widths = md_table_widths(block)
+        assert len(set(widths)) <= 1, f"a table with uneven rows:\n{block}"
+    # The failed cell is shown with its error's first line, not hidden.
+    assert "FAILED" in md and "Traceback follows" not in md
+
+
+def test_markdown_escape():
+    assert md_escape("a|b") == "a\\|b"
+    assert md_escape("<b>&") == "&lt;b&gt;&amp;"
+    assert md_escape("![x](http://e/x.png)") == "!\\[x\\](http://e/x.png)"
+    assert md_escape("two\nlines") == "two lines"
+
+
+@pytest.mark.slow
+def test_comparison_shows_environment_diff(quickstart_results, tmp_path):
+    a, b = tmp_path / "a" / "results", tmp_path / "b" / "results"
+    shutil.copytree(quickstart_results, a)
+    shutil.copytree(quickstart_results, b)
+    data = json.loads((b / "results.json").read_text())
+    original_cpu = data["environment"]["cpu"]["model"]
+    data["environment"]["cpu"]["model"] = "Other CPU 9000"
+    data["environment"]["packages"]["torch"] = "9.9.9"
+    (b / "results.json").write_text(json.dumps(data))
+
+    report = build_report(load_runs([a, b]))
+    assert [r.values[0] for r in report.runs.rows] == ["results#1", "results#2"]
+    diff = {r.values[0]: r.values[1:] for r in report.environment_diff.rows}
+    assert diff["cpu.model"] == [original_cpu, "Other CPU 9000"]
+    assert diff["packages.torch"][1] == "9.9.9"
+    assert "cpu.model" not in {r.values[0] for r in report.environment.rows}
+    assert "python" in {r.values[0] for r in report.environment.rows}  # the same in both: shared, not a diff
+    # Every row names the run its numbers came from.
+    section = report.sections[0]
+    run_col = section.table.headers.index("run")
+    runs_shown = [r.values[run_col] for r in section.table.rows]
+    assert runs_shown.count("results#1") == runs_shown.count("results#2") == len(data["cells"])
+
+    write_report([a, b], tmp_path / "out", ["md"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "What differs between runs" in md and "| cpu.model |" in md and "Other CPU 9000" in md
+
+
+def test_swept_report_plots_and_marks(swept, tmp_path):
+    b = ResultsBuilder(tmp_path / "extra")
+    b.add("broken", workload("short"), 0.1, 0.01, failed="CUDA out of memory\nlong traceback here")
+    b.add("hf", workload("short"), 0.1, 0.01, request_errors={1: "ValueError: boom"},
+          resources=resources(None))
+    extra = b.write()
+    shutil.rmtree(extra / "cells")  # per-request samples gone: the box plots must say so
+
+    report = build_report(load_runs([swept, extra]))
+    slugs = {p.slug: p for s in report.sections for p in s.plots} | {p.slug: p for p in report.resource_plots}
+    for slug in ("sweep-long-input_tokens", "sweep-chat-load-concurrency", "pareto-long", "pareto-chat",
+                 "ttft-long", "tpot-chat", "vram"):
+        assert slugs[slug].png and slugs[slug].png.startswith(b"\x89PNG"), slug
+    assert any(s.startswith("timeline-") and p.png for s, p in slugs.items())
+    assert slugs["ttft-short"].png is None and "no per-request samples" in slugs["ttft-short"].note
+    assert "Latency and throughput vs context length" in slugs["sweep-long-input_tokens"].title
+
+    long = next(s for s in report.sections if s.name == "long")
+    assert "swept over input_tokens" in long.description
+    assert "input_tokens" in long.table.headers
+    marks = {r.values[-1]: r.mark for s in report.sections for r in s.table.rows}
+    assert marks["m__fastgpu__long_input_tokens_32768_"] == "over budget"
+    assert marks["m__broken__short"] == "failed" and marks["m__hf__short"] == "request errors"
+    row = next(r for s in report.sections for r in s.table.rows if r.values[-1] == "m__broken__short")
+    assert "CUDA out of memory" in row.values and "long traceback here" not in " ".join(row.values)
+    vram_col = long.table.headers.index("peak VRAM / budget")
+    assert next(r for r in long.table.rows if r.mark).values[vram_col] == "9.50 GiB / 8.00 GiB OVER BUDGET"
+    short = next(s for s in report.sections if s.name == "short")
+    hf_row = next(r for r in short.table.rows if r.values[-1] == "m__hf__short")
+    assert "n/a (NVML: NVML Shared Library Not Found)" in hf_row.values
+    assert any(v.startswith("1 of 8 requests") for v in hf_row.values)
+
+
+def test_cli_report(swept, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["report", str(swept), "--out", str(tmp_path / "r"), "--format", "html"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r" / "report.html").is_file() and not (tmp_path / "r" / "report.md").exists()
+    r = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "no such results file" in r.output
+    r = runner.invoke(app, ["report", str(swept), "--format", "pdf"])
+    assert r.exit_code == 2
