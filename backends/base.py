@@ -6,6 +6,7 @@ A backend knows its engine and nothing about metrics: it turns a `Request` into 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
@@ -84,6 +85,35 @@ class CellContext:
     def mark(self, phase: str) -> None:
         """Phases (load, prefill, decode, idle) split resource measures; a mark starts a phase."""
         self.phase_marks.append((phase, now()))
+
+
+class EngineThread:
+    """A blocking engine call in a worker thread, its tokens as an async stream.
+
+    `work(emit)` runs in the thread and calls `emit(event)` as tokens come (stamped there, close to the engine);
+    iterating yields those events; `result` is what `work` returned.
+        stream = EngineThread(lambda emit: engine_generate(..., on_token=emit))
+        async for event in stream: ...
+    """
+
+    def __init__(self, work: Callable[[Callable[[Any], None]], Any]):
+        self.work, self.result = work, None
+
+    async def __aiter__(self):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def run():
+            try:
+                return self.work(lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        future = loop.run_in_executor(None, run)
+        while (item := await queue.get()) is not done:
+            yield item
+        self.result = await future
 
 
 class Backend(ABC):

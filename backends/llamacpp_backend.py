@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from backends.base import BackendError, Capabilities, Request, TokenEvent, Usage, now
+from backends.base import BackendError, Capabilities, EngineThread, Request, TokenEvent, Usage, now
 from backends.openai_backend import OpenAIBackend, OpenAIOptions
 from harness.gguf import GGUF_TYPES, GGUFLayout
 
@@ -267,21 +267,10 @@ class LlamaCppBackend(OpenAIBackend):
 
     async def _generate_in_process(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         async with self._lock:
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-            done = object()
-
-            def run() -> int:
-                try:
-                    return self._decode(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
-                finally:
-                    loop.call_soon_threadsafe(queue.put_nowait, done)
-
-            future = loop.run_in_executor(None, run)
-            while (item := await queue.get()) is not done:
-                yield item
-            n_out = await future
-        exact = self.options.exact_length and request.ignore_eos
+            stream = EngineThread(lambda emit: self._decode(request, emit))
+            async for event in stream:
+                yield event
+        n_out, exact = stream.result, self.options.exact_length and request.ignore_eos
         yield Usage(len(request.prompt_token_ids), n_out, "engine", "engine",
                     "length" if n_out == request.max_tokens else "stop", exact_length=exact)
 

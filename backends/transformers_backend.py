@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, Capabilities, Request, TokenEvent, Usage, now
+from backends.base import Backend, Capabilities, EngineThread, Request, TokenEvent, Usage, now
 
 
 # Share of a VRAM budget kept free of weights for activations and the KV cache when device_map places layers.
@@ -31,8 +31,8 @@ class TransformersOptions(BaseModel):
 class _Streamer:
     """transformers' streamer protocol: put() gets the prompt once, then each new token."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, ctx):
-        self.loop, self.queue, self.ctx = loop, queue, ctx
+    def __init__(self, emit, ctx):
+        self.emit, self.ctx = emit, ctx
         self.seen_prompt = self.decoding = False
 
     def put(self, value) -> None:
@@ -45,7 +45,7 @@ class _Streamer:
             self.decoding = True
             self.ctx.mark("decode")
         ids = value.reshape(-1).tolist()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, TokenEvent(t=t, n_tokens=len(ids), token_ids=ids))
+        self.emit(TokenEvent(t=t, n_tokens=len(ids), token_ids=ids))
 
     def end(self) -> None:
         self.ctx.mark("idle")
@@ -90,21 +90,10 @@ class TransformersBackend(Backend):
 
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         async with self._lock:
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-            done = object()
-
-            def run() -> int:
-                try:
-                    return self._generate(request, _Streamer(loop, queue, self.ctx))
-                finally:
-                    loop.call_soon_threadsafe(queue.put_nowait, done)
-
-            future = loop.run_in_executor(None, run)
-            while (item := await queue.get()) is not done:
-                yield item
-            n_out = await future
-        yield Usage(prompt_tokens=len(request.prompt_token_ids), output_tokens=n_out,
+            stream = EngineThread(lambda emit: self._generate(request, _Streamer(emit, self.ctx)))
+            async for event in stream:
+                yield event
+        yield Usage(prompt_tokens=len(request.prompt_token_ids), output_tokens=stream.result,
                     prompt_source="engine", output_source="engine")
 
     def _generate(self, request: Request, streamer: _Streamer) -> int:
