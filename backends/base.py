@@ -7,6 +7,7 @@ A backend knows its engine and nothing about metrics: it turns a `Request` into 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
@@ -85,6 +86,16 @@ class CellContext:
     def mark(self, phase: str) -> None:
         """Phases (load, prefill, decode, idle) split resource measures; a mark starts a phase."""
         self.phase_marks.append((phase, now()))
+
+
+def vram_share(budget: int, gpu_total: int) -> float:
+    """The share of the card a VRAM budget is, rounded down to 0.01% so the budget holds, at most the whole card:
+    what engines take as a memory fraction (vLLM's gpu_memory_utilization, TGI's --cuda-memory-fraction, torch's
+    set_per_process_memory_fraction)."""
+    share = min(1.0, math.floor(budget / gpu_total * 10_000) / 10_000)
+    if share <= 0:
+        raise BackendError(f"resources.vram_budget: {budget} bytes is less than 0.01% of the GPU's {gpu_total} bytes")
+    return share
 
 
 class EngineThread:

@@ -2,7 +2,8 @@
 (or its docker image) through the shared launcher.
 
 TGI cannot be told to ignore EOS, so an output length is exact only when a request ends by length; each request
-records which. Token counts come from the stream's `details.generated_tokens`; `/info` goes into the environment.
+records which. Token counts come from the stream's `details.generated_tokens`; `/info` goes into the environment
+and TGI's Prometheus `/metrics` (queue and batch sizes, token counters) into `server_metrics`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now
+from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now, vram_share
+from backends.prometheus import MetricsWatch, Watched
 from backends.servers import Server, launch
+
+TGI_METRICS = {
+    "queue_size": Watched("tgi_queue_size", "gauge"),
+    "batch_size": Watched("tgi_batch_current_size", "gauge"),
+    "batch_max_tokens": Watched("tgi_batch_current_max_tokens", "gauge"),
+    "requests": Watched("tgi_request_count", "counter"),
+    "requests_succeeded": Watched("tgi_request_success", "counter"),
+    "generated_tokens": Watched("tgi_request_generated_tokens_sum", "counter"),
+    "input_tokens": Watched("tgi_request_input_length_sum", "counter"),
+}
 
 
 class TGILaunch(BaseModel):
@@ -39,13 +51,7 @@ class TGIOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     launch: TGILaunch | None = None
     timeout_s: int = Field(600, gt=0)
-
-
-def memory_fraction(budget: int | None, gpu_total: int | None) -> float | None:
-    """--cuda-memory-fraction from a VRAM budget: the share of the card the budget is, at most all of it."""
-    if budget is None or not gpu_total:
-        return None
-    return round(min(1.0, budget / gpu_total), 4)
+    metrics_interval_s: float | None = Field(1.0, gt=0, description="scrape /metrics this often; null: start and end only")
 
 
 def launch_command(o: TGILaunch, model_path: Path, port: int, fraction: float | None) -> list[str]:
@@ -84,7 +90,8 @@ class TGIBackend(Backend):
             from harness.environment import gpu_memory_bytes
 
             o = self.options.launch
-            fraction = memory_fraction(self.ctx.vram_budget, gpu_memory_bytes())
+            total = gpu_memory_bytes()
+            fraction = vram_share(self.ctx.vram_budget, total) if self.ctx.vram_budget and total else None
             self.server = await launch("tgi", lambda port: launch_command(o, self.model.path, port, fraction),
                                        self.ctx.dir, "/health", o.startup_timeout_s)
             base = self.server.url
@@ -92,7 +99,21 @@ class TGIBackend(Backend):
             base = self.spec.url.rstrip("/")
         self.client = AsyncClient(base, timeout=self.options.timeout_s)
         self.info = await self._info(base)
+        self.watch = MetricsWatch(lambda: self._get_text(base + "/metrics"), TGI_METRICS, base + "/metrics",
+                                  self.options.metrics_interval_s)
+        await self.watch.start()
         self.ctx.mark("idle")
+
+    async def _get_text(self, url: str) -> str:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.get(url)
+        r.raise_for_status()
+        return r.text
+
+    async def server_metrics(self) -> dict[str, Any]:
+        return await self.watch.finish()
 
     async def _info(self, base: str) -> dict[str, Any]:
         import httpx
@@ -104,6 +125,8 @@ class TGIBackend(Backend):
         return r.json()
 
     async def stop(self) -> None:
+        if getattr(self, "watch", None) is not None:
+            await self.watch.close()
         if getattr(self, "server", None) is not None:
             self.server.stop()
 

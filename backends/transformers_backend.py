@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, Capabilities, EngineThread, Request, TokenEvent, Usage, now
+from backends.base import Backend, Capabilities, EngineThread, Request, TokenEvent, Usage, now, vram_share
 
 
 # Share of a VRAM budget kept free of weights for activations and the KV cache when device_map places layers.
@@ -77,7 +77,8 @@ class TransformersBackend(Backend):
         if budget:
             # The budget caps the allocator, and accelerate's device_map places what does not fit in host memory.
             index = torch.device(o.device).index or 0
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(index).total_memory), index)
+            torch.cuda.set_per_process_memory_fraction(
+                vram_share(budget, torch.cuda.get_device_properties(index).total_memory), index)
             kwargs |= {"device_map": "auto", "max_memory": {index: int(budget * (1 - ACTIVATION_RESERVE)), "cpu": "1TiB"}}
             self.hf = AutoModelForCausalLM.from_pretrained(self.model.path, **kwargs).eval()
         else:

@@ -198,6 +198,7 @@ class Runner:
             "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records),
             "load_time_s": report.get("load_time_s"), "engine": report.get("environment", {}),
             "requests_file": f"cells/{cell.id}/requests.jsonl", "logical_io": report.get("logical_io") or None,
+            "server_metrics": report.get("server_metrics") or None,
             **measured,
         }
 

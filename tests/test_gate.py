@@ -60,7 +60,7 @@ def synth_run(out: Path, seed: int, factors: dict[str, float] | None = None, bac
                     chunk_tokens=[1] * output_tokens, input_tokens=64, output_tokens=output_tokens,
                     input_source="engine", output_source="engine", exact_length=True, finish_reason="length"))
                 t = times[-1] + 0.001
-        cell_dir = store.cell_dir(cell_id)
+        cell_dir = store.fresh_cell_dir(cell_id)
         (cell_dir / "requests.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
         reps = [reduce_repetition([r for r in records if r.repetition == i], SLO()) for i in range(repetitions)]
         store.put({

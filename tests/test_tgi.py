@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.tgi_backend import TGILaunch, launch_command, memory_fraction
+from backends.base import vram_share
+from backends.tgi_backend import TGILaunch, launch_command
 from harness.runner import Runner
 from harness.scenario import load_scenario
 from tests.conftest import bench_serve, scenario_dict
@@ -65,6 +66,8 @@ def test_tgi_backend_gives_full_metrics_and_in_process_tokens(tgi_url, tiny_mode
     assert m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0 and m["itl_ms"]["count"] == 33
     assert cells["tgi"]["token_counts"]["output"] == ["server_usage"]
     assert cells["tgi"]["engine"]["info"]["backend"] == SERVED
+    scraped = cells["tgi"]["server_metrics"]  # bench serve names its counters llmbench_*, not TGI's
+    assert scraped["scrapes"] >= 2 and "failed_scrapes" not in scraped and "queue_size" in scraped["missing"]
 
     def outputs(cell):
         lines = (tmp_path / "out" / cell["requests_file"]).read_text().splitlines()
@@ -82,8 +85,8 @@ def test_openai_backend_against_serve_openai(tiny_model, write_scenario, tmp_pat
 
 def test_launch_command_from_the_scenario_and_budget():
     o = TGILaunch(max_input_tokens=4096, max_total_tokens=8192, quantize="awq", extra_args=["--max-concurrent-requests", "64"])
-    frac = memory_fraction(8 * 2**30, 80 * 2**30)
-    assert frac == 0.1 and memory_fraction(None, 80 * 2**30) is None and memory_fraction(100 * 2**30, 80 * 2**30) == 1.0
+    frac = vram_share(8 * 2**30, 80 * 2**30)
+    assert frac == 0.1 and vram_share(100 * 2**30, 80 * 2**30) == 1.0 and vram_share(2**30, 3 * 2**30) == 0.3333
     argv = launch_command(o, Path("/models/llama"), 8123, frac)
     assert argv == ["text-generation-launcher", "--model-id", "/models/llama", "--max-input-tokens", "4096",
                     "--max-total-tokens", "8192", "--quantize", "awq", "--cuda-memory-fraction", "0.1",
