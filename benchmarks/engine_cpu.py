@@ -20,49 +20,17 @@ from pathlib import Path
 import psutil
 import torch
 
-SIZES = {  # name -> LlamaConfig fields
-    "default": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
-                    num_key_value_heads=4, vocab_size=32000),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1024),
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness.models import synth_model  # noqa: E402
+
+_LLAMA = dict(model_type="llama", max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, torch_dtype="float32")
+SIZES = {  # shaped like harness.models.PRESETS entries
+    "default": dict(_LLAMA, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                    num_key_value_heads=4, vocab_size=32000, bpe_vocab=4096),
+    "small": dict(_LLAMA, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024, bpe_vocab=1024),
 }
-
-
-def build_model(path: Path, fields: dict):
-    """Random Llama weights written one shard per layer, so the whole model is never in memory."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    LlamaConfig(**fields, max_position_embeddings=4096, bos_token_id=None, eos_token_id=None,
-                dtype="float32").save_pretrained(path)
-    h, inter, vocab = fields["hidden_size"], fields["intermediate_size"], fields["vocab_size"]
-    d = h // fields["num_attention_heads"]
-    kv = fields["num_key_value_heads"] * d
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen) * 0.02
-
-    def shard(n):
-        if n == 0:
-            return {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h),
-                    "lm_head.weight": rand(vocab, h)}
-        p = f"model.layers.{n - 1}."
-        return {p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
-                p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-                p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
-                p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
-                p + "mlp.down_proj.weight": rand(h, inter)}
-
-    count = fields["num_hidden_layers"] + 1
-    weight_map, total = {}, 0
-    for n in range(count):
-        tensors, name = shard(n), f"model-{n + 1:05d}-of-{count:05d}.safetensors"
-        save_file(tensors, path / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.nbytes for t in tensors.values())
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                    "weight_map": weight_map}))
 
 
 def run_child(args) -> dict:
@@ -130,7 +98,7 @@ def main():
         if args.model is None:
             args.model = Path(tmp) / "model"
             start = time.perf_counter()
-            build_model(args.model, SIZES["small" if args.small else "default"])
+            synth_model(SIZES["small" if args.small else "default"], args.model)
             print(f"built synthetic model in {time.perf_counter() - start:.1f}s")
         size = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
         budget = int(size * (args.budget_fraction or (0.4 if args.small else 0.25)))

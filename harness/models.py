@@ -73,8 +73,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMBENCH_CACHE", Path.home() / ".cache" / "llmbench"))
 
 
-def hf_config(preset: str) -> dict[str, Any]:
-    p = {k: v for k, v in PRESETS[preset].items() if k != "bpe_vocab"}
+def hf_config(preset: str | dict[str, Any]) -> dict[str, Any]:
+    """config.json of a preset, given by name or as a dict shaped like a PRESETS entry (for custom sizes)."""
+    p = {k: v for k, v in (PRESETS[preset] if isinstance(preset, str) else preset).items() if k != "bpe_vocab"}
     return {"architectures": [ARCHITECTURES[p["model_type"]]], **p, "hidden_act": "silu", "attention_bias": False,
             "bos_token_id": 0, "eos_token_id": 1, "initializer_range": 0.02, "use_cache": True}
 
@@ -112,8 +113,9 @@ def tensor_shapes(c: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def synth_model(preset: str, out_dir: Path, seed: int = 0, progress=None) -> Path:
-    """Write a random-weight HF folder for `preset` into out_dir (which must not exist or be empty)."""
+def synth_model(preset: str | dict[str, Any], out_dir: Path, seed: int = 0, progress=None) -> Path:
+    """Write a random-weight HF folder for `preset` (a name, or a dict shaped like a PRESETS entry) into out_dir
+    (which must not exist or be empty)."""
     import torch
     from safetensors.torch import save_file
 
@@ -155,7 +157,7 @@ def synth_model(preset: str, out_dir: Path, seed: int = 0, progress=None) -> Pat
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}, indent=2))
-    write_tokenizer(out_dir, config["vocab_size"], PRESETS[preset]["bpe_vocab"], seed)
+    write_tokenizer(out_dir, config["vocab_size"], (PRESETS[preset] if isinstance(preset, str) else preset)["bpe_vocab"], seed)
     return out_dir
 
 

@@ -21,6 +21,18 @@ def tiny_model() -> Path:
     return cached_synthetic("tiny-llama", 0)
 
 
+@pytest.fixture(scope="session")
+def quickstart_results(tmp_path_factory) -> Path:
+    """A results folder written by a real `bench run scenarios/quickstart.yaml` (the README's first command, minus
+    the install), shared by the end-to-end, report and guide tests: every cell must be ok."""
+    out = tmp_path_factory.mktemp("quickstart") / "results"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "scenarios/quickstart.yaml", "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, f"quickstart run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
 @pytest.fixture
 def write_scenario(tmp_path, tiny_model):
     """Write a scenario YAML (a dict, or raw text) into tmp_path and return its path."""

@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from harness.metrics import PERCENTILE_METHOD, RequestRecord, median_over_repetitions, reduce_repetition, token_sources
 from harness.scenario import SLO
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
-
-
-@pytest.fixture(scope="session")
-def quickstart_results(tmp_path_factory) -> Path:
-    """A results folder written by a real `bench run scenarios/quickstart.yaml`."""
-    out = tmp_path_factory.mktemp("quickstart") / "results"
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "scenarios/quickstart.yaml", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert (out / "results.json").is_file(), f"quickstart run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return out
 
 
 def environment(cpu: str = "Test CPU", gpu: str | None = None) -> dict[str, Any]:
