@@ -136,6 +136,11 @@ class OwnBackend(Backend):
     def _batch_key(r: Request) -> tuple:
         return r.max_tokens, r.temperature, r.ignore_eos
 
+    def torch_allocator(self):
+        from harness.gpu import torch_peak_reader
+
+        return torch_peak_reader() if self.options.device.startswith("cuda") else None
+
     def logical_io(self) -> dict[str, Any]:
         """The engine's own byte counts per tier and phase, and decode time against the bound of its slowest link."""
         from own_engine.stats import probe_bandwidth
