@@ -8,6 +8,7 @@ thread as they are chosen; the engine's own logical bytes per tier and phase go 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,7 @@ class OwnOptions(BaseModel):
     prefill_chunk: int | None = Field(None, gt=0)
     max_context: int = Field(8192, gt=0, description="the longest prompt + output a sequence may reach")
     max_batch: int = Field(8, gt=0, description="requests gathered into one static batch")
-    num_threads: int | None = Field(None, gt=0)
+    num_threads: int | None = Field(None, gt=0, description="default: one core fewer when streaming from disk on CPU")
     probe_bandwidth: bool = Field(True, description="after the cell, measure the streaming link's bandwidth to "
                                                     "report decode time against its bound")
 
@@ -64,12 +65,17 @@ class OwnBackend(Backend):
         if o.num_threads:
             torch.set_num_threads(o.num_threads)
         try:
-            return Engine(self.model.path, device=o.device, dtype=o.dtype, vram_budget=o.vram_budget or self.ctx.vram_budget,
-                          weights=o.weights, kv=o.kv, offload_dir=self.offload_dir(), keep_offload=o.keep_offload,
-                          max_context=o.max_context, max_batch=o.max_batch, block_size=o.block_size,
-                          prefill_chunk=o.prefill_chunk)
+            engine = Engine(self.model.path, device=o.device, dtype=o.dtype,
+                            vram_budget=o.vram_budget or self.ctx.vram_budget, weights=o.weights, kv=o.kv,
+                            offload_dir=self.offload_dir(), keep_offload=o.keep_offload, max_context=o.max_context,
+                            max_batch=o.max_batch, block_size=o.block_size, prefill_chunk=o.prefill_chunk)
         except EngineError as e:
             raise BackendError(f"own engine: {e}") from None
+        if o.num_threads is None and engine.device.type == "cpu" and "disk" in engine.plan.layer_tiers:
+            # The prefetch thread reads the next layer while torch computes: with every core computing, reads and
+            # compute take turns instead (measured: 0.52 vs 0.37 s/token for a 1B model on 2 cores).
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        return engine
 
     async def stop(self) -> None:
         if getattr(self, "batcher", None) is not None:
