@@ -45,7 +45,7 @@ def run(
     backend: Annotated[list[str] | None, typer.Option("--backend", help="run only this backend (repeatable)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="re-run only the cells missing or failed in --out")] = False,
 ) -> None:
-    """Run every model × backend × workload cell of SCENARIO and write results.json, requests.jsonl and summary.md."""
+    """Run every model × backend × workload cell of SCENARIO; write results.json, requests.jsonl, summary.md, the report."""
     from harness.runner import Runner
     from harness.scenario import load_scenario
 
