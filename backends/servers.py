@@ -48,6 +48,14 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, or "" when it cannot be read."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def free_port() -> int:
     """A port nobody listens on now. Another process could take it before the server binds it: `launch` then waits
     for the port to be its server's, and reports the log of a server that died failing to bind."""
@@ -84,10 +92,7 @@ class Server:
             return None
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def died_message(self) -> str:
         code = self.exited()

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import harness
-from backends.servers import kill_leftover_groups, stop_process_group
+from backends.servers import kill_leftover_groups, log_tail, stop_process_group
 from harness.metrics import (PERCENTILE_METHOD, RequestRecord, median_over_repetitions, reduce_repetition,
                              spread_over_repetitions, token_sources)
 from harness.models import cached_synthetic
@@ -168,7 +168,7 @@ class Runner:
                 # Servers run in sessions of their own: a worker that died without stopping them leaves them here.
                 kill_leftover_groups(cell_dir)
             reader.join(timeout=5)
-        return exit_code, tail(log_path)
+        return exit_code, log_tail(log_path, 25)
 
     def failed(self, cell: Cell, error: str) -> dict[str, Any]:
         return {**self.cell_header(cell), "status": "failed", "error": error, "metrics": None, "repetitions": []}
@@ -209,10 +209,3 @@ def describe_exit(code: int) -> str:
         hint = " (likely out of memory)" if code == -signal.SIGKILL else ""
         return f"the worker was killed by {name}{hint}"
     return f"the worker exited with code {code}"
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

@@ -1,12 +1,13 @@
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from backends.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Workers are separate processes: the scripted test backend reaches them through the plugin variable.
@@ -55,12 +56,6 @@ def scenario_dict(tiny_model, backends, workloads=None, **extra) -> dict:
                                     "warmup_requests": 1}],
         **extra,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
