@@ -8,84 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-if TYPE_CHECKING:
-    from harness.scenario import BackendSpec
+# The protocol's types live in the core, which the harness shares; backends and plugins import them from here.
+from harness.core.errors import BackendError
+from harness.core.events import Capabilities, CellContext, ModelInfo, Request, TokenEvent, Usage, now
+from harness.core.spec import BackendSpec
 
-now = time.perf_counter  # the one clock for every timestamp in a cell: monotonic, sub-microsecond
-
-
-class BackendError(Exception):
-    """An engine failed in a way the user should read: the cell is marked failed with this message."""
+__all__ = ["Backend", "BackendError", "BackendSpec", "Capabilities", "CellContext", "EngineThread", "ModelInfo",
+           "NoOptions", "Request", "TokenEvent", "Usage", "now", "vram_share"]
 
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-@dataclass
-class Request:
-    id: int
-    prompt: str
-    prompt_token_ids: list[int]
-    max_tokens: int
-    ignore_eos: bool = True
-    temperature: float = 0.0
-    seed: int = 0
-
-
-@dataclass
-class TokenEvent:
-    """A chunk of generated tokens, stamped on arrival as close to the engine as the backend can."""
-    t: float
-    n_tokens: int = 1
-    token_ids: list[int] | None = None
-
-
-@dataclass
-class Usage:
-    """The last item of every stream: token counts and where each came from."""
-    prompt_tokens: int | None
-    output_tokens: int | None
-    prompt_source: str  # "engine" | "server_usage" | "client_tokenizer" | "stream_chunks"
-    output_source: str
-    finish_reason: str | None = None
-    exact_length: bool = True  # False when the engine could not be told to ignore EOS
-
-
-@dataclass
-class Capabilities:
-    streaming: bool = True
-    exact_output_length: bool = True
-    max_concurrency: int | None = None  # None: the engine batches or queues requests itself
-    token_ids: bool = True
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    path: Path
-
-
-@dataclass
-class CellContext:
-    """What a backend may use beside its spec: the cell's folder (logs, offload files) and the scenario seed."""
-    dir: Path
-    seed: int = 0
-    vram_budget: int | None = None
-    phase_marks: list[tuple[str, float]] = field(default_factory=list)
-
-    def mark(self, phase: str) -> None:
-        """Phases (load, prefill, decode, idle) split resource measures; a mark starts a phase."""
-        self.phase_marks.append((phase, now()))
 
 
 def vram_share(budget: int, gpu_total: int) -> float:
@@ -176,5 +116,5 @@ class Backend(ABC):
         return {}
 
     def torch_allocator(self) -> Callable[[], tuple[int, int]] | None:
-        """For in-process torch engines on CUDA: harness.gpu.torch_peak_reader(), so allocator peaks are recorded."""
+        """For in-process torch engines on CUDA: harness.core.gpu.torch_peak_reader(), so allocator peaks are recorded."""
         return None

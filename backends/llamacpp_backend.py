@@ -32,7 +32,7 @@ from pydantic import Field
 
 from backends.base import BackendError, Capabilities, EngineThread, Request, TokenEvent, Usage, now
 from backends.openai_backend import OpenAIBackend, OpenAIOptions
-from harness.gguf import GGUF_TYPES, GGUFLayout
+from backends.gguf import GGUF_TYPES, GGUFLayout
 
 EOS_BIAS = -1e9
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default KV cache type is f16
@@ -135,7 +135,6 @@ class LlamaCppBackend(OpenAIBackend):
     # ---- start / stop ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.ctx.mark("load")
         if self.spec.url is not None:
             self.base_url = self.spec.url.rstrip("/")
             if self.options.gguf is not None:
@@ -151,10 +150,9 @@ class LlamaCppBackend(OpenAIBackend):
                 self.eog_ids = await asyncio.to_thread(_eog_ids, self.gguf_path)
                 await self._launch()
         self._lock = asyncio.Lock()
-        self.ctx.mark("idle")
 
     def _gguf(self) -> Path:
-        from harness.gguf import GGUFError, cached_gguf
+        from backends.gguf import GGUFError, cached_gguf
 
         if self.options.gguf is not None:
             return self.options.gguf.expanduser()
@@ -189,7 +187,7 @@ class LlamaCppBackend(OpenAIBackend):
         self._is_eog = lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)
 
     async def _launch(self) -> None:
-        from backends.servers import launch
+        from harness.core.processes import launch
 
         o, p = self.options, self.placement
 
@@ -281,20 +279,16 @@ class LlamaCppBackend(OpenAIBackend):
             self.llm.set_seed(request.seed)
         stop_at_eog = not (self.options.exact_length and request.ignore_eos)
         self.llm.reset()  # an empty KV cache: no reuse of the previous request's prefix
-        self.ctx.mark("prefill")
         n = 0
         for token in self.llm.generate(request.prompt_token_ids, temp=request.temperature, repeat_penalty=1.0,
                                        top_k=0 if sampling else 1, top_p=1.0, min_p=0.0):
             t = now()
-            if n == 0:
-                self.ctx.mark("decode")
             if stop_at_eog and self._is_eog(token):
                 break
             emit(TokenEvent(t=t, n_tokens=1, token_ids=[token]))
             n += 1
             if n == request.max_tokens:
                 break
-        self.ctx.mark("idle")
         return n
 
     def environment(self) -> dict[str, Any]:
@@ -337,7 +331,7 @@ def _physical_cores() -> int:
 
 
 def _read_layout(path: Path) -> GGUFLayout:
-    from harness.gguf import read_layout
+    from backends.gguf import read_layout
 
     try:
         return read_layout(path)

@@ -38,10 +38,8 @@ class OpenAIBackend(Backend):
         return None
 
     async def start(self) -> None:
-        self.ctx.mark("load")
         self.base_url = self.spec.url.rstrip("/")
         await self.connect()
-        self.ctx.mark("idle")
 
     async def connect(self) -> None:
         """Open the client and learn the served model; servers launched by subclasses call this once healthy."""
@@ -88,7 +86,6 @@ class OpenAIBackend(Backend):
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         path = "/chat/completions" if self.spec.api == "chat" else "/completions"
         n_chunks_tokens, usage, finish = 0, None, None
-        self.ctx.mark("prefill")  # seen from the client, prefill lasts until the first token arrives
         async with self.client.stream("POST", self.base_url + path, json=self.body(request)) as r:
             if r.status_code != 200:
                 raise BackendError(f"HTTP {r.status_code} from {path}: {(await r.aread()).decode(errors='replace')[:500]}")
@@ -108,12 +105,9 @@ class OpenAIBackend(Backend):
                     text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
                     ids = choice.get("token_ids")
                     if text or ids:
-                        if not n_chunks_tokens:
-                            self.ctx.mark("decode")
                         n = len(ids) if ids else 1
                         n_chunks_tokens += n
                         yield TokenEvent(t=t, n_tokens=n, token_ids=ids)
-        self.ctx.mark("idle")
         exact = self.options.exact_length and request.ignore_eos
         if usage and usage.get("completion_tokens") is not None:
             yield Usage(usage.get("prompt_tokens"), usage["completion_tokens"], "server_usage", "server_usage",

@@ -49,11 +49,9 @@ class OwnBackend(Backend):
         return [self.offload_dir()]
 
     async def start(self) -> None:
-        self.ctx.mark("load")
         self.engine = await asyncio.to_thread(self._load)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.batcher = asyncio.create_task(self._run_batches())
-        self.ctx.mark("idle")
 
     def _load(self):
         import torch
@@ -112,13 +110,11 @@ class OwnBackend(Backend):
             def on_token(i: int, token: int) -> None:
                 loop.call_soon_threadsafe(outs[i].put_nowait, TokenEvent(t=now(), n_tokens=1, token_ids=[token]))
 
-            self.ctx.mark("prefill")
             try:
                 await asyncio.to_thread(self._generate, [r.prompt_token_ids for r, _ in batch], first, on_token)
                 ends = [None] * len(outs)
             except Exception as e:
                 ends = [BackendError(f"own engine: {e}")] * len(outs)
-            self.ctx.mark("idle")
             for q, end in zip(outs, ends):
                 if end is not None:
                     q.put_nowait(end)
@@ -131,7 +127,6 @@ class OwnBackend(Backend):
             nonlocal marked
             if not marked:
                 marked = True
-                self.ctx.mark("decode")
             on_token(i, token)
 
         self.engine.generate(prompts, max_new_tokens=like.max_tokens, temperature=like.temperature,
@@ -143,13 +138,13 @@ class OwnBackend(Backend):
         return r.max_tokens, r.temperature, r.ignore_eos
 
     def torch_allocator(self):
-        from harness.gpu import torch_peak_reader
+        from harness.core.gpu import torch_peak_reader
 
         return torch_peak_reader() if self.options.device.startswith("cuda") else None
 
     def logical_io(self) -> dict[str, Any]:
         """The engine's own byte counts per tier and phase, and decode time against the bound of its slowest link."""
-        from own_engine.stats import probe_bandwidth
+        from own_engine.bandwidth import probe_bandwidth
 
         if getattr(self, "engine", None) is None:
             return {}

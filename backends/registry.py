@@ -9,6 +9,7 @@ import importlib
 import os
 
 from backends.base import Backend
+from harness.core.errors import UserError
 
 _BUILTIN = {
     "transformers": "backends.transformers_backend:TransformersBackend",
@@ -21,7 +22,7 @@ _BUILTIN = {
 _registered: dict[str, type[Backend]] = {}
 
 
-class PluginError(Exception):
+class PluginError(UserError):
     """A module named in LLMBENCH_PLUGINS cannot be imported."""
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now, vram_share
 from backends.prometheus import MetricsWatch, Watched
-from backends.servers import Server, launch
+from harness.core.processes import Server, launch
 
 TGI_METRICS = {
     "queue_size": Watched("tgi_queue_size", "gauge"),
@@ -84,10 +84,9 @@ class TGIBackend(Backend):
     async def start(self) -> None:
         from text_generation import AsyncClient
 
-        self.ctx.mark("load")
         self.server: Server | None = None
         if self.options.launch is not None:
-            from harness.environment import gpu_memory_bytes
+            from harness.core.gpu import gpu_memory_bytes
 
             o = self.options.launch
             total = gpu_memory_bytes()
@@ -102,7 +101,6 @@ class TGIBackend(Backend):
         self.watch = MetricsWatch(lambda: self._get_text(base + "/metrics"), TGI_METRICS, base + "/metrics",
                                   self.options.metrics_interval_s)
         await self.watch.start()
-        self.ctx.mark("idle")
 
     async def _get_text(self, url: str) -> str:
         import httpx
@@ -135,13 +133,10 @@ class TGIBackend(Backend):
 
         sampling = request.temperature > 0
         details, n = None, 0
-        self.ctx.mark("prefill")
         try:
             async for r in self.client.generate_stream(
                     request.prompt, max_new_tokens=request.max_tokens, do_sample=sampling,
                     temperature=request.temperature if sampling else None, seed=request.seed if sampling else None):
-                if n == 0:
-                    self.ctx.mark("decode")
                 n += 1
                 yield TokenEvent(t=now(), n_tokens=1, token_ids=[r.token.id])
                 details = r.details or details
@@ -151,7 +146,6 @@ class TGIBackend(Backend):
             if type(e).__module__.startswith("text_generation"):
                 raise BackendError(f"TGI: {type(e).__name__}: {e}") from None
             raise
-        self.ctx.mark("idle")
         finish = details.finish_reason.value if details else None
         yield Usage(len(request.prompt_token_ids), details.generated_tokens if details else n, "client_tokenizer",
                     "server_usage" if details else "stream_chunks", finish, exact_length=finish == "length")

@@ -31,24 +31,20 @@ class TransformersOptions(BaseModel):
 class _Streamer:
     """transformers' streamer protocol: put() gets the prompt once, then each new token."""
 
-    def __init__(self, emit, ctx):
-        self.emit, self.ctx = emit, ctx
-        self.seen_prompt = self.decoding = False
+    def __init__(self, emit):
+        self.emit = emit
+        self.seen_prompt = False
 
     def put(self, value) -> None:
         t = now()
         if not self.seen_prompt:
             self.seen_prompt = True
-            self.ctx.mark("prefill")
             return
-        if not self.decoding:
-            self.decoding = True
-            self.ctx.mark("decode")
         ids = value.reshape(-1).tolist()
         self.emit(TokenEvent(t=t, n_tokens=len(ids), token_ids=ids))
 
     def end(self) -> None:
-        self.ctx.mark("idle")
+        pass
 
 
 class TransformersBackend(Backend):
@@ -57,10 +53,8 @@ class TransformersBackend(Backend):
     capabilities = Capabilities(max_concurrency=1)
 
     async def start(self) -> None:
-        self.ctx.mark("load")
         await asyncio.to_thread(self._load)
         self._lock = asyncio.Lock()
-        self.ctx.mark("idle")
 
     def _load(self) -> None:
         import torch
@@ -91,7 +85,7 @@ class TransformersBackend(Backend):
 
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         async with self._lock:
-            stream = EngineThread(lambda emit: self._generate(request, _Streamer(emit, self.ctx)))
+            stream = EngineThread(lambda emit: self._generate(request, _Streamer(emit)))
             async for event in stream:
                 yield event
         yield Usage(prompt_tokens=len(request.prompt_token_ids), output_tokens=stream.result,
@@ -118,7 +112,7 @@ class TransformersBackend(Backend):
         return out.shape[1] - ids.shape[1]
 
     def torch_allocator(self):
-        from harness.gpu import torch_peak_reader
+        from harness.core.gpu import torch_peak_reader
 
         return torch_peak_reader() if self.options.device.startswith("cuda") else None
 

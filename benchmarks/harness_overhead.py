@@ -8,16 +8,15 @@ the harness adds. Also times the reducer per request. Run: python benchmarks/har
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.base import Backend, CellContext, ModelInfo, Request, TokenEvent, Usage, now  # noqa: E402
-from harness.metrics import reduce_repetition  # noqa: E402
-from harness.scenario import SLO, BackendSpec  # noqa: E402
-from harness.worker import measure  # noqa: E402
+from backends.base import Backend, CellContext, ModelInfo, Request, TokenEvent, Usage, now
+from harness.results.metrics import reduce_repetition
+from harness.config.scenario import SLO
+from harness.core.spec import BackendSpec
+from harness.run.worker import measure
 
 
 class Instant(Backend):

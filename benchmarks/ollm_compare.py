@@ -145,7 +145,7 @@ def main():
         sys.exit(f"{OLLM_PYTHON} not found: run `bash scripts/install-ollm.sh` first")
 
     if args.model is None:
-        from harness.models import cached_synthetic
+        from harness.inputs.models import cached_synthetic
 
         start = time.perf_counter()
         args.model = cached_synthetic("llama-3.2-1b", 0)

@@ -12,9 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from backends.registry import PluginError
-from harness.results import ResultsError
-from harness.scenario import ScenarioError
+from harness.config.load import ScenarioError
+from harness.core.errors import UserError
 
 app = typer.Typer(help="Benchmark LLM inference engines side by side: latency, throughput and resources.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -22,16 +21,13 @@ models_app = typer.Typer(help="Build and list local models.", no_args_is_help=Tr
 app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 
-USER_ERRORS = (ScenarioError, ResultsError, PluginError)
-
-
 def user_errors(fn):
     """Turn the user's mistakes into a message and exit code 2."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except UserError as e:
             err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
@@ -46,8 +42,8 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="re-run only the cells missing or failed in --out")] = False,
 ) -> None:
     """Run every model × backend × workload cell of SCENARIO; write results.json, requests.jsonl, summary.md, the report."""
-    from harness.runner import Runner
-    from harness.scenario import load_scenario
+    from harness.run.runner import Runner
+    from harness.config.load import load_scenario
 
     s = load_scenario(scenario)
     out = out or s.output or Path("results") / s.name
@@ -58,7 +54,7 @@ def run(
 @user_errors
 def validate(scenario: Annotated[Path, typer.Argument(help="the scenario YAML file")]) -> None:
     """Check SCENARIO (schema, references, backend options, reachable URLs) without running anything."""
-    from harness.scenario import check_reachable, load_scenario
+    from harness.config.load import check_reachable, load_scenario
 
     s = load_scenario(scenario)
     check_reachable(s, str(scenario))
@@ -69,7 +65,7 @@ def validate(scenario: Annotated[Path, typer.Argument(help="the scenario YAML fi
 @app.command()
 def schema() -> None:
     """Print the scenario's JSON Schema (for editor completion and validation)."""
-    from harness.scenario import Scenario
+    from harness.config.scenario import Scenario
 
     typer.echo(json.dumps(Scenario.model_json_schema(), indent=2))
 
@@ -77,7 +73,7 @@ def schema() -> None:
 @models_app.command("list")
 def models_list() -> None:
     """List the synthetic model presets and their sizes."""
-    from harness.models import PRESETS, hf_config, parameter_count
+    from harness.inputs.models import PRESETS, hf_config, parameter_count
 
     for name, p in PRESETS.items():
         n = parameter_count(hf_config(name))
@@ -94,7 +90,7 @@ def models_synth(
     """Build a random-weight HF model folder: config, safetensors, a tokenizer trained offline, a chat template."""
     from rich.progress import Progress
 
-    from harness.models import PRESETS, synth_model
+    from harness.inputs.models import PRESETS, synth_model
 
     if preset not in PRESETS:
         err.print(f"[red]error:[/red] unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -126,7 +122,7 @@ def serve(
     from pydantic import ValidationError
 
     from backends.registry import get_backend_class, known_kinds
-    from harness.scenario import format_validation_error
+    from harness.config.load import format_validation_error
     from harness.serve import PROTOCOLS, build_server
 
     if protocol not in PROTOCOLS:
@@ -160,7 +156,7 @@ def gate(
     out: Annotated[Path | None, typer.Option("--out", help="where gate.md and gate.json go (default: the current results folder)")] = None,
 ) -> None:
     """Compare CURRENT with BASELINE cell by cell: exit 1 on a significant regression beyond the policy, 2 if incomparable."""
-    from harness.gate import run_gate
+    from harness.analyze.gate import run_gate
 
     raise typer.Exit(run_gate(baseline, current, policy, allow_env_change, reference, out))
 
@@ -177,7 +173,7 @@ def baseline_update(
     directory: Annotated[Path, typer.Option("--dir", help="where baselines live")] = Path("results/baselines"),
 ) -> None:
     """Store RESULTS as the baseline DIR/NAME: results.json, the cells' requests files and metadata."""
-    from harness.baselines import store_baseline
+    from harness.analyze.baselines import store_baseline
 
     typer.echo(f"stored baseline {store_baseline(results, directory, name)}")
 
@@ -190,7 +186,7 @@ def models_gguf(
     gguf_type: Annotated[str, typer.Option("--type", help="f32, f16, bf16, q8_0, or a llama.cpp quantizer type (q4_k_m, ...)")] = "f32",
 ) -> None:
     """Convert HF_DIR to a GGUF file for llama.cpp."""
-    from harness.gguf import GGUF_TYPES, GGUFError, convert
+    from backends.gguf import GGUF_TYPES, GGUFError, convert
 
     if gguf_type not in GGUF_TYPES:
         raise ScenarioError(f"--type: expected one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
@@ -210,7 +206,7 @@ def report(
     format: Annotated[str, typer.Option("--format", help="comma-separated: md, html")] = "md,html",
 ) -> None:
     """Write report.md (plots in plots/) and a self-contained report.html from one or several runs."""
-    from harness.report import parse_formats, write_report
+    from harness.analyze.report import parse_formats, write_report
 
     try:
         formats = parse_formats(format)
@@ -230,7 +226,7 @@ def guide(
                                                                      "an id already known replaces it")] = None,
 ) -> None:
     """Write a framework-selection guide: per use case, backends ranked from measured cells, and where it flips."""
-    from harness.guide import write_guide
+    from harness.analyze.guide import write_guide
 
     typer.echo(f"wrote {write_guide(results, out, rules)}")
 
@@ -251,7 +247,7 @@ def engine_plan(
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16; default the model's")] = None,
 ) -> None:
     """Explain where the engine would put weights and KV for MODEL at CONTEXT under a VRAM budget. Loads no weights."""
-    from harness.models import PRESETS, hf_config
+    from harness.inputs.models import PRESETS, hf_config
     from own_engine.config import DTYPES, EngineError, ModelConfig
     from own_engine.planner import make_plan
 

@@ -18,8 +18,9 @@ import harness
 
 REPO_ROOT = Path(harness.__file__).resolve().parent.parent
 VLLM_VENV_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
-# What harness.worker imports: an engine venv named by a backend's `python:` needs them too.
-WORKER_MODULES = ("pydantic", "numpy", "httpx", "psutil", "yaml", "rich", "typer", "prometheus_client")
+# The worker runs `python -m harness.run.worker` in an engine venv named by a backend's `python:`: llmbench itself
+# (`pip install --no-deps -e .`) and what the worker imports must be there.
+WORKER_MODULES = ("harness", "pydantic", "numpy", "httpx", "psutil", "yaml", "rich", "typer", "prometheus_client")
 
 Status = Literal["ok", "limited", "missing"]
 
@@ -117,7 +118,7 @@ def vllm_check(python: Path, timeout_s: float = 120) -> Check:
                         f"torchaudio torchcodec")
     if info["missing_worker_modules"]:
         problems.append(f"the harness's worker needs {', '.join(info['missing_worker_modules'])} here "
-                        f"(pip install them into this venv)")
+                        f"(pip install them into this venv; llmbench itself with pip install --no-deps -e {REPO_ROOT})")
     if problems:
         return Check(name, "limited", f"{detail}; " + "; ".join(problems))
     usage = "this venv" if python == Path(sys.executable) else f"python: {python}"
@@ -148,7 +149,7 @@ def _docker_engine() -> bool:
 
 
 def gpu_check() -> Check:
-    from harness.environment import gpus
+    from harness.measure.environment import gpus
 
     info = gpus()
     if not info["available"]:

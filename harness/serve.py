@@ -303,7 +303,7 @@ def usage_dict(n_in: int, n_out: int) -> dict[str, int]:
 def build_server(kind: str, model_path: Path, options: dict[str, Any], workdir: Path, protocol: str) -> EngineServer:
     from transformers import AutoTokenizer
 
-    from harness.scenario import BackendSpec
+    from harness.core.spec import BackendSpec
 
     spec = BackendSpec(name="served", kind=kind, options=options)
     backend = get_backend_class(kind)(spec, ModelInfo(model_path.name, model_path), CellContext(dir=workdir))

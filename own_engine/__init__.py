@@ -8,10 +8,16 @@
 
 Planning without loading: make_plan(ModelConfig.load(path), device=..., vram_budget=..., context=...).explain()
 """
-from .config import EngineError, ModelConfig
-from .engine import Engine
-from .planner import Plan, make_plan, parse_size
-from .stats import DIRECTIONS, PHASES, EngineStats, probe_bandwidth
+import importlib
 
-__all__ = ["DIRECTIONS", "PHASES", "Engine", "EngineError", "EngineStats", "ModelConfig", "Plan", "make_plan",
-           "parse_size", "probe_bandwidth"]
+# Exports load on first use, so `own_engine.units` (and the harness, which parses sizes with it) need no torch.
+_EXPORTS = {"EngineError": "config", "ModelConfig": "config", "Engine": "engine", "Plan": "planner",
+            "make_plan": "planner", "parse_size": "units", "DIRECTIONS": "stats", "PHASES": "stats",
+            "EngineStats": "stats", "probe_bandwidth": "bandwidth"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'own_engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

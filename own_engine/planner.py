@@ -4,7 +4,6 @@ On CUDA the budget is device memory. On the CPU device it is the memory for resi
 and working buffers; "host" there is the same RAM, so auto placement streams from disk instead.
 """
 import math
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -14,28 +13,11 @@ import psutil
 import torch
 
 from .config import EngineError, ModelConfig
+from .units import fmt_bytes, parse_size
 from .weights import LayerLayout
 
 MODES = ("auto", "gpu", "cpu", "disk")
 TIER_OF_MODE = {"gpu": "device", "cpu": "host", "disk": "disk"}
-
-
-def parse_size(size) -> int | None:
-    """Bytes from an int or a string such as '8GiB', '512MB', '1.5G'."""
-    if size is None or isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise EngineError(f"cannot parse size '{size}' (examples: 8GiB, 512MB, 1073741824)")
-    base = 1024 if m[3] or not m[2] else 1000
-    return int(float(m[1]) * base ** " KMGT".index((m[2] or " ").upper()))
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
 
 
 @dataclass
@@ -69,7 +51,7 @@ class Plan:
                 + self.kv_blocks.get("device", 0) * self.block_bytes + self.working_bytes)
 
     def explain(self) -> str:
-        budget = human(self.budget) if self.budget else "unlimited"
+        budget = fmt_bytes(self.budget) if self.budget else "unlimited"
         streamed = len(self.layer_tiers) - self.count("device")
         kv = ", ".join(f"{n} on {t}" for t, n in self.kv_blocks.items() if n)
         kv_offloaded = sum(n for t, n in self.kv_blocks.items() if t != "device") * self.block_bytes
@@ -78,18 +60,18 @@ class Plan:
             f"context {self.context} tokens x batch {self.batch}",
             f"weights: {self.count('device')} of {len(self.layer_tiers)} layers resident, "
             f"{self.count('host')} streamed from host memory, {self.count('disk')} from disk "
-            f"({human(self.layer_bytes)} per layer, {self.n_slots} ring slot(s))",
+            f"({fmt_bytes(self.layer_bytes)} per layer, {self.n_slots} ring slot(s))",
             f"lm_head and final norm on the device, embed_tokens on {self.embed_tier}",
-            f"KV cache: {kv} blocks of {self.block_size} tokens ({human(self.block_bytes)} per block, all layers)",
+            f"KV cache: {kv} blocks of {self.block_size} tokens ({fmt_bytes(self.block_bytes)} per block, all layers)",
             f"chunks: prefill {self.prefill_chunk} tokens, attention KV {self.kv_chunk_blocks * self.block_size} "
-            f"tokens, MLP {self.mlp_rows} rows; working buffers {human(self.working_bytes)}",
-            f"device memory planned: {human(self.device_bytes)} of {budget}",
-            f"streamed per decoded token at full context: weights {human(streamed * self.layer_bytes)}, "
-            f"KV {human(kv_offloaded)}",
+            f"tokens, MLP {self.mlp_rows} rows; working buffers {fmt_bytes(self.working_bytes)}",
+            f"device memory planned: {fmt_bytes(self.device_bytes)} of {budget}",
+            f"streamed per decoded token at full context: weights {fmt_bytes(streamed * self.layer_bytes)}, "
+            f"KV {fmt_bytes(kv_offloaded)}",
         ]
         if self.disk_bytes:
             where = self.offload_dir or "a new temporary folder"
-            lines.append(f"offload dir {where}: {human(self.disk_bytes)} written")
+            lines.append(f"offload dir {where}: {fmt_bytes(self.disk_bytes)} written")
         return "\n".join(lines)
 
 
@@ -111,7 +93,7 @@ def make_plan(cfg: ModelConfig, *, device="cpu", dtype: torch.dtype | None = Non
     """Place weights and KV within the budget. Priority for device memory under "auto": decoder layers (each
     resident layer is one less to stream per token), then KV blocks, then the embedding table (a lookup reads
     only a few rows from disk). Raises EngineError when even the minimum does not fit."""
-    device, dtype, budget = torch.device(device), dtype or cfg.dtype, parse_size(vram_budget)
+    device, dtype, budget = torch.device(device), dtype or cfg.dtype, _budget(vram_budget)
     for name, mode in (("weights", weights), ("kv", kv)):
         if mode not in MODES:
             raise EngineError(f"{name}='{mode}': expected one of {', '.join(MODES)}")
@@ -139,9 +121,9 @@ def make_plan(cfg: ModelConfig, *, device="cpu", dtype: torch.dtype | None = Non
             break
         if kv_chunk == 1 and (prefill_chunk or chunk <= 16):
             raise EngineError(
-                f"vram_budget {human(budget)} is too small: needs at least {human(minimum)} (lm_head and norm "
-                f"{human(lm_head)}, {'all layers' if weights == 'gpu' else 'one layer'} {human(weights_min)}, "
-                f"working buffers {human(work)} with prefill chunk {chunk}, forced KV {human(kv_forced)})")
+                f"vram_budget {fmt_bytes(budget)} is too small: needs at least {fmt_bytes(minimum)} (lm_head and norm "
+                f"{fmt_bytes(lm_head)}, {'all layers' if weights == 'gpu' else 'one layer'} {fmt_bytes(weights_min)}, "
+                f"working buffers {fmt_bytes(work)} with prefill chunk {chunk}, forced KV {fmt_bytes(kv_forced)})")
         chunk, kv_chunk = chunk if prefill_chunk else max(16, chunk // 2), max(1, kv_chunk // 2)
 
     free = limit - lm_head - work - kv_forced
@@ -179,11 +161,18 @@ def make_plan(cfg: ModelConfig, *, device="cpu", dtype: torch.dtype | None = Non
             probe = probe.parent
         available = shutil.disk_usage(probe).free
         if available < disk_bytes * 1.05:
-            raise EngineError(f"offload dir {where}: needs {human(disk_bytes)} on disk, "
-                              f"only {human(available)} free on its filesystem")
+            raise EngineError(f"offload dir {where}: needs {fmt_bytes(disk_bytes)} on disk, "
+                              f"only {fmt_bytes(available)} free on its filesystem")
     return Plan(device=device, dtype=dtype, budget=budget, context=context, batch=batch, block_size=block_size,
                 prefill_chunk=chunk, kv_chunk_blocks=kv_chunk, mlp_rows=mlp_rows, n_slots=slots,
                 layer_tiers=tiers, embed_tier=embed_tier, kv_blocks=kv_blocks, layer_bytes=layer,
                 globals_bytes=lm_head + (embed if embed_tier == "device" else 0),
                 working_bytes=work, block_bytes=block_bytes, disk_bytes=disk_bytes,
                 offload_dir=Path(offload_dir) if offload_dir else None)
+
+
+def _budget(size) -> int | None:
+    try:
+        return parse_size(size)
+    except ValueError as e:
+        raise EngineError(f"vram_budget: {e}") from None

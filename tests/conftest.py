@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from backends.servers import free_port
+from harness.core.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Workers are separate processes: the scripted test backend reaches them through the plugin variable.
 os.environ["LLMBENCH_PLUGINS"] = "tests.scripted_backend"
-sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from harness.models import cached_synthetic
+    from harness.inputs.models import cached_synthetic
 
     return cached_synthetic("tiny-llama", 0)
 
@@ -28,7 +27,7 @@ def quickstart_results(tmp_path_factory) -> Path:
     the install), shared by the end-to-end, report and guide tests: every cell must be ok."""
     out = tmp_path_factory.mktemp("quickstart") / "results"
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "scenarios/quickstart.yaml", "--out", str(out)],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          cwd=ROOT, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, f"quickstart run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return out
@@ -66,7 +65,7 @@ def bench_serve(model: Path, kind: str, protocol: str, *options: str):
     port = free_port()
     argv = [sys.executable, "-m", "harness.cli", "serve", "--backend", kind, "--model", str(model),
             "--protocol", protocol, "--port", str(port), *[a for o in options for a in ("--option", o)]]
-    proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+    proc = subprocess.Popen(argv, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,6 +1,6 @@
 """Results for report and guide tests: one real quickstart run, and results folders built from synthetic requests.
 
-Synthetic cells go through the real reducer (harness.metrics), so their metrics are what a run with those
+Synthetic cells go through the real reducer (harness.results.metrics), so their metrics are what a run with those
 request timings would have stored; only the timings and the resource numbers are made up.
 Loaded by the report/guide test modules with `pytest_plugins`, so the quickstart runs once per session; those
 modules also import its helpers first, hence PYTEST_DONT_REWRITE (its one assert carries its own message).
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 
-from harness.metrics import PERCENTILE_METHOD, RequestRecord, median_over_repetitions, reduce_repetition, token_sources
-from harness.scenario import SLO
+from harness.records import RequestRecord
+from harness.results.metrics import PERCENTILE_METHOD, median_over_repetitions, reduce_repetition, token_sources
+from harness.config.scenario import SLO
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -65,7 +66,7 @@ class ResultsBuilder:
         records = self.records(workload, ttft_s, tpot_s, request_errors or {})
         d = self.out / "cells" / cid
         d.mkdir(parents=True, exist_ok=True)
-        (d / "requests.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+        (d / "requests.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
         if timeline:
             (d / "timeline.json").write_text(json.dumps(timeline))
         reps = [reduce_repetition([r for r in records if r.repetition == i], self.slo) for i in range(self.repetitions)]
@@ -138,7 +139,7 @@ def timeline(seconds: int = 10, vram: bool = True) -> dict[str, Any]:
             "disk_read_bps": [5e8 if x < 3 else 1e6 for x in t], "disk_write_bps": [0.0 for _ in t],
             "global_vram_bytes": [GiB * min(x, 5) for x in t] if vram else None,
             "process_vram_bytes": [GiB * min(x, 4.5) for x in t] if vram else None,
-            "phases": [["load", 0.0], ["idle", 3.0], ["prefill", 3.5], ["decode", 4.0], ["idle", 9.5]]}
+            "phases": [["load", 0.0, 3.0], ["idle", 3.0, 3.5], ["prefill", 3.5, 4.0], ["decode", 4.0, 9.5], ["idle", 9.5, 10.0]]}
 
 
 def swept_gpu_results(out: Path) -> Path:

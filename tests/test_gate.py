@@ -16,10 +16,11 @@ import pytest
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.gate import Run, judge, load_policy
-from harness.metrics import PERCENTILE_METHOD, RequestRecord, median_over_repetitions, reduce_repetition, token_sources
-from harness.results import ResultsStore
-from harness.scenario import SLO
+from harness.analyze.gate import Run, judge, load_policy
+from harness.records import CellResult, RequestRecord
+from harness.results.metrics import PERCENTILE_METHOD, median_over_repetitions, reduce_repetition, token_sources
+from harness.results.store import ResultsStore
+from harness.config.scenario import SLO
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +43,7 @@ def synth_run(out: Path, seed: int, factors: dict[str, float] | None = None, bac
     """
     rng = np.random.default_rng(seed)
     store = ResultsStore(out, {"name": "synthetic", "repetitions": repetitions}, "synthetic.yaml", resume=False)
-    store.data["environment"] = copy.deepcopy(env or ENV)
+    store.run.environment = copy.deepcopy(env or ENV)
     ids = [f"tiny__{b}__short" for b in backends]
     for backend, cell_id in zip(backends, ids):
         ttft0, gap0 = SPEED[backend]
@@ -61,14 +62,14 @@ def synth_run(out: Path, seed: int, factors: dict[str, float] | None = None, bac
                     input_source="engine", output_source="engine", exact_length=True, finish_reason="length"))
                 t = times[-1] + 0.001
         cell_dir = store.fresh_cell_dir(cell_id)
-        (cell_dir / "requests.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+        (cell_dir / "requests.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
         reps = [reduce_repetition([r for r in records if r.repetition == i], SLO()) for i in range(repetitions)]
-        store.put({
+        store.put(CellResult(**{
             "id": cell_id, "model": "tiny", "backend": backend, "workload": "short", "backend_kind": "synthetic",
             "status": "ok", "error": None, "metrics": median_over_repetitions(reps), "repetitions": reps,
             "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records), "load_time_s": 1.0,
             "engine": {"engine": backend, "version": "1.0"}, "requests_file": f"cells/{cell_id}/requests.jsonl",
-        }, ids)
+        }), ids)
     return out
 
 

@@ -11,9 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.guide import RulesError, build_guide, load_rules, normalized, write_guide
-from harness.runs import METRICS, fmt_value, load_runs
-from harness.scenario import SLO
+from harness.analyze.guide import RulesError, build_guide, load_rules, normalized, write_guide
+from harness.results.runs import METRICS, fmt_value, load_runs
+from harness.config.scenario import SLO
 from tests.report_fixtures import ResultsBuilder, environment, hacked, resources, swept_gpu_results, workload
 
 pytest_plugins = ["tests.report_fixtures"]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from backends.servers import GROUPS_FILE
-from harness.gguf import GGUFLayout
-from harness.runner import Runner
-from harness.scenario import load_scenario
+from harness.core.processes import GROUPS_FILE
+from backends.gguf import GGUFLayout
+from harness.run.runner import Runner
+from harness.config.load import load_scenario
 from tests.conftest import ROOT, scenario_dict
 
 try:
@@ -25,13 +25,12 @@ except ImportError:
 # Everything but the pure placement function needs the engine: pip install -e '.[llamacpp]'.
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python and gguf are not installed")
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 MiB = 2**20
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
-    from harness.gguf import convert
+    from backends.gguf import convert
 
     return convert(tiny_model, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32")
 
@@ -77,7 +76,7 @@ def test_f32_gguf_gives_hf_fp32_greedy_tokens(tiny_model, tiny_gguf):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.gguf import read_layout
+    from backends.gguf import read_layout
 
     ids = AutoTokenizer.from_pretrained(tiny_model).encode("the city of music and the world", add_special_tokens=True)
     hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -103,14 +102,14 @@ def test_f32_gguf_gives_hf_fp32_greedy_tokens(tiny_model, tiny_gguf):
 def test_cli_converts_and_rejects_bad_input(tiny_model, tmp_path):
     out = tmp_path / "m.gguf"
     cli = [sys.executable, "-m", "harness.cli", "models", "gguf"]
-    ok = subprocess.run([*cli, str(tiny_model), str(out), "--type", "q8_0"], capture_output=True, text=True, env=ENV)
+    ok = subprocess.run([*cli, str(tiny_model), str(out), "--type", "q8_0"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    from harness.gguf import read_layout
+    from backends.gguf import read_layout
 
     assert read_layout(out).file_type == "q8_0"
-    bad_type = subprocess.run([*cli, str(tiny_model), str(out), "--type", "q9"], capture_output=True, text=True, env=ENV)
+    bad_type = subprocess.run([*cli, str(tiny_model), str(out), "--type", "q9"], capture_output=True, text=True)
     assert bad_type.returncode == 2 and "--type" in bad_type.stderr and "Traceback" not in bad_type.stderr
-    no_model = subprocess.run([*cli, str(tmp_path), str(out)], capture_output=True, text=True, env=ENV)
+    no_model = subprocess.run([*cli, str(tmp_path), str(out)], capture_output=True, text=True)
     assert no_model.returncode == 2 and "config.json" in no_model.stderr and "Traceback" not in no_model.stderr
 
 
@@ -118,7 +117,7 @@ def test_cli_converts_and_rejects_bad_input(tiny_model, tmp_path):
 def test_converted_files_are_cached_by_source(tiny_model, tmp_path, monkeypatch):
     import shutil
 
-    from harness import gguf
+    from backends import gguf
 
     monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "model"
@@ -178,7 +177,7 @@ async def test_greedy_is_greedy_in_both_modes(tiny_model, tiny_gguf, tmp_path):
 
     from backends.base import CellContext, ModelInfo, Request, TokenEvent
     from backends.llamacpp_backend import LlamaCppBackend
-    from harness.scenario import BackendSpec
+    from harness.core.spec import BackendSpec
 
     text = "the city of music and the world"
     request = Request(0, text, AutoTokenizer.from_pretrained(tiny_model).encode(text), max_tokens=48)
@@ -214,7 +213,7 @@ def test_bad_model_files_fail_their_cells_with_the_log(tiny_model, write_scenari
     fails with the server's own words; a file that is not GGUF at all fails before anything starts."""
     import shutil
 
-    from harness.gguf import convert
+    from backends.gguf import convert
 
     broken_src = tmp_path / "five-layers"
     shutil.copytree(tiny_model, broken_src)
@@ -246,7 +245,7 @@ def test_a_server_killed_mid_stream_fails_the_cell_and_leaves_nothing(tiny_model
     out = tmp_path / "out"
     cell_dir = out / "cells" / "tiny__victim__long"
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(path), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
         log = cell_dir / "llama_server.log"
@@ -268,7 +267,7 @@ def test_a_server_killed_mid_stream_fails_the_cell_and_leaves_nothing(tiny_model
 
 
 def test_url_needs_server_mode(tiny_model, write_scenario):
-    from harness.scenario import ScenarioError
+    from harness.config.load import ScenarioError
 
     b = {"name": "x", "kind": "llama_cpp", "url": "http://127.0.0.1:9/v1"}
     with pytest.raises(ScenarioError, match="options.mode: server"):

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from harness.loadgen import poisson_offsets, run_load
-from harness.scenario import ConcurrencyLoad, PoissonLoad, SequentialLoad
+from harness.run.loadgen import poisson_offsets, run_load
+from harness.config.scenario import ConcurrencyLoad, PoissonLoad, SequentialLoad
 
 
 async def test_poisson_rate_is_achieved():

@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from harness.metrics import RequestRecord, median_over_repetitions, reduce_repetition, stats
-from harness.scenario import SLO
+from harness.records import RequestRecord
+from harness.results.metrics import median_over_repetitions, reduce_repetition, stats
+from harness.config.scenario import SLO
 from tests.conftest import scenario_dict
 
 
@@ -59,8 +60,8 @@ def test_median_over_repetitions():
 
 def test_known_timings_through_a_whole_run(write_scenario, tiny_model, tmp_path):
     """A backend that stamps tokens at exactly ttft + k·itl: every metric comes out as scripted."""
-    from harness.runner import Runner
-    from harness.scenario import load_scenario
+    from harness.run.runner import Runner
+    from harness.config.load import load_scenario
 
     ttft, itl, n_out = 0.030, 0.004, 12
     b = {"name": "s", "kind": "scripted", "options": {"ttft_s": ttft, "itl_s": itl}}

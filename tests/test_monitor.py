@@ -20,12 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import disk
-from harness.gpu import NVML_MEASURES, torch_peak_reader
-from harness.monitor import ResourceMonitor, over_budget
+from harness.measure import disk
+from harness.core.gpu import NVML_MEASURES, torch_peak_reader
+from harness.measure.monitor import ResourceMonitor, over_budget
 from tests.diskio import MiB, read_cold, write_file
 
-TESTS = str(Path(__file__).parent)
+ROOT = Path(__file__).resolve().parent.parent  # children import tests.diskio from here
 
 
 def close(value, expected, rel=0.03):
@@ -55,7 +55,7 @@ def io_dir(tmp_path_factory):
 
 def child(code: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, **kw)
 
 
 def wait_tracked(mon: ResourceMonitor, pid: int) -> None:
@@ -71,9 +71,9 @@ def test_child_disk_io_counts_in_the_tree(io_dir):
     # its bytes must count once, not be lost when it exits nor counted again when they fold into its parent.
     with ResourceMonitor(os.getpid()) as mon:
         proc = child(f"""
-            import sys; sys.path.insert(0, {TESTS!r})
+            import sys
             from pathlib import Path
-            from diskio import write_file, read_cold, MiB
+            from tests.diskio import write_file, read_cold, MiB
             print("ready", flush=True); sys.stdin.readline()
             d = Path({str(io_dir)!r})
             write_file(d / "a", 48 * MiB); write_file(d / "b", 16 * MiB)
@@ -103,9 +103,9 @@ def test_orphan_io_is_kept_when_it_is_reaped_outside_the_tree(io_dir):
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_CHILD_SUBREAPER = 36
     grandchild = textwrap.dedent(f"""
-        import sys, time; sys.path.insert(0, {TESTS!r})
+        import sys, time
         from pathlib import Path
-        from diskio import write_file, MiB
+        from tests.diskio import write_file, MiB
         time.sleep(0.6); write_file(Path({str(io_dir)!r}) / "orphan", 16 * MiB); time.sleep(0.3)
     """)
     flag = io_dir / "g-tracked"
@@ -114,9 +114,9 @@ def test_orphan_io_is_kept_when_it_is_reaped_outside_the_tree(io_dir):
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     try:
         root = child(f"""
-            import subprocess, sys, time; sys.path.insert(0, {TESTS!r})
+            import subprocess, sys, time
             from pathlib import Path
-            from diskio import write_file, MiB
+            from tests.diskio import write_file, MiB
             subprocess.run([sys.executable, '-c', {middle!r}]); sys.stdin.readline()
             write_file(Path({str(io_dir)!r}) / "after", 8 * MiB); time.sleep(0.2)
         """)

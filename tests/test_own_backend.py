@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from harness.runner import Runner
-from harness.scenario import load_scenario
+from harness.run.runner import Runner
+from harness.config.load import load_scenario
 from tests.conftest import scenario_dict
 
 

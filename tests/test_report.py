@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.report import SUMMARY_COLUMNS, build_report, md_escape, write_report
-from harness.runs import fmt_value, load_runs
+from harness.analyze.report import SUMMARY_COLUMNS, build_report, md_escape, write_report
+from harness.results.runs import fmt_value, load_runs
 from tests.report_fixtures import ResultsBuilder, hacked, resources, swept_gpu_results, workload
 
 pytest_plugins = ["tests.report_fixtures"]

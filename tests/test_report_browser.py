@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from harness.report import write_report
+from harness.analyze.report import write_report
 from tests.report_fixtures import swept_gpu_results
 
 pytest_plugins = ["tests.report_fixtures"]

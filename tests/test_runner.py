@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.runner import Runner
-from harness.scenario import load_scenario
+from harness.run.runner import Runner
+from harness.config.load import load_scenario
 from tests.conftest import ROOT, scenario_dict
 
 SCRIPTED = {"name": "ok", "kind": "scripted", "options": {"ttft_s": 0.005, "itl_s": 0.001}}
 
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def run(path, out, **kw) -> int:
@@ -113,7 +112,7 @@ def test_results_survive_a_killed_runner(write_scenario, tiny_model, tmp_path):
     path = write_scenario(scenario_dict(tiny_model, [SCRIPTED, slow]))
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(path), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import time
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "cells" / "tiny__slow__w" / "cell.json").exists():
@@ -134,7 +133,7 @@ def test_ctrl_c_stops_the_worker_and_keeps_results(write_scenario, tiny_model, t
     path = write_scenario(scenario_dict(tiny_model, backends))
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(path), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "cells" / "tiny__hang__w" / "cell.json").exists():
         time.sleep(0.1)

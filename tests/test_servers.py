@@ -8,7 +8,7 @@ import time
 import pytest
 
 from backends.base import BackendError
-from backends.servers import GROUPS_FILE, kill_leftover_groups, launch
+from harness.core.processes import GROUPS_FILE, kill_leftover_groups, launch
 
 
 def http_server(port: int) -> list[str]:

@@ -2,8 +2,9 @@
 
 import json
 
-from harness.runner import Runner
-from harness.scenario import Scenario, load_scenario
+from harness.run.runner import Runner
+from harness.config.load import load_scenario
+from harness.config.scenario import Scenario
 from tests.conftest import scenario_dict
 
 

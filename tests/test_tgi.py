@@ -11,8 +11,8 @@ import pytest
 
 from backends.base import vram_share
 from backends.tgi_backend import TGILaunch, launch_command
-from harness.runner import Runner
-from harness.scenario import load_scenario
+from harness.run.runner import Runner
+from harness.config.load import load_scenario
 from tests.conftest import bench_serve, scenario_dict
 
 SERVED = "own"

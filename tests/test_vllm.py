@@ -15,10 +15,10 @@ import pytest
 
 from backends.base import BackendError
 from backends.prometheus import MetricsWatch, Watched, parse, summarize
-from backends.servers import GROUPS_FILE
+from harness.core.processes import GROUPS_FILE
 from backends.vllm_backend import VLLM_METRICS, checkpoint_dtype, cli_args, memory_utilization
-from harness.runner import Runner
-from harness.scenario import ScenarioError, load_scenario
+from harness.run.runner import Runner
+from harness.config.load import ScenarioError, load_scenario
 from tests.conftest import ROOT, scenario_dict
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"

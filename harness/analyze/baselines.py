@@ -14,8 +14,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import environment
-from harness.results import ResultsError, load_results
+from harness.measure import environment
+from harness.records import ResultsError, load_run
 
 META_FILE = "baseline.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -23,20 +23,20 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 def store_baseline(results: Path, directory: Path, name: str | None = None) -> Path:
     """Copy RESULTS (a results.json or its folder) to DIRECTORY/NAME, replacing an older baseline of that name."""
-    data = load_results(results)
+    run = load_run(results)
     source = results if results.is_dir() else results.parent
-    name = name or data["scenario"]["name"]
+    name = name or run.scenario.get("name", "")
     if not NAME.fullmatch(name):
         raise ResultsError(f"--name: expected letters, digits, '_', '.' or '-' (a folder name), got {name!r}")
-    ok = [c for c in data["cells"] if c["status"] == "ok"]
+    ok = [c for c in run.cells if c.ok]
     if not ok:
         raise ResultsError(f"{source}: no cell finished ok, nothing worth a baseline")
     requests = []
     for c in ok:
-        rel = c.get("requests_file") or f"cells/{c['id']}/requests.jsonl"
-        if not (source / rel).is_file():
-            raise ResultsError(f"{source / rel}: missing; a baseline needs every ok cell's requests file")
-        requests.append(rel)
+        path = c.requests_path(source)
+        if not path.is_file():
+            raise ResultsError(f"{path}: missing; a baseline needs every ok cell's requests file")
+        requests.append(path.relative_to(source))
 
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / name
@@ -52,9 +52,9 @@ def store_baseline(results: Path, directory: Path, name: str | None = None) -> P
             "stored": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git_sha": environment.git_sha(),
             "source": str(source.resolve()),
-            "source_created": data.get("created"),
-            "source_updated": data.get("updated"),
-            "cells": [c["id"] for c in ok],
+            "source_created": run.created,
+            "source_updated": run.updated,
+            "cells": [c.id for c in ok],
         }, indent=1))
         old = None
         if target.exists():

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
+
+from harness.core.files import cache_root
 
 BUILDER_VERSION = 2
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
@@ -67,10 +68,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 MAX_SHARD_BYTES = 2 * 2**30
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LLMBENCH_CACHE", Path.home() / ".cache" / "llmbench"))
 
 
 def hf_config(preset: str | dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +163,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int, bpe_vocab: int, seed: int) -
     import numpy as np
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from harness.prompts import WORDS
+    from harness.inputs.prompts import WORDS
 
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))

@@ -1,15 +1,16 @@
-"""GPU measures for the resource monitor: NVML (nvidia-ml-py) for the devices, torch's allocator for in-process
-engines. Whatever cannot be measured is named with its reason in `unavailable`, never reported as 0."""
+"""GPUs through NVML (nvidia-ml-py): the inventory, the VRAM a budget is a share of, and the samples the resource
+monitor takes; torch's allocator for in-process engines. What cannot be measured is named with its reason in
+`unavailable`, never reported as 0."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psutil
 
-# Result keys (harness/monitor.py) that NVML feeds.
+# Result keys (harness/measure/monitor.py) that NVML feeds.
 NVML_MEASURES = ("max_global_vram_bytes", "max_process_vram_bytes", "gpu_util_mean", "power_w_mean", "energy_j")
 
 
@@ -143,3 +144,32 @@ def torch_peak_reader(device: int | None = None) -> Callable[[], tuple[int, int]
         return a, r
 
     return read
+
+
+def gpus() -> dict[str, Any]:
+    """NVIDIA GPUs through NVML; without one, say why rather than report nothing."""
+    try:
+        import pynvml
+    except ImportError:
+        return {"available": False, "reason": "nvidia-ml-py is not installed"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return {"available": False, "reason": f"NVML: {e}"}
+    try:
+        devices = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            devices.append({"index": i, "name": pynvml.nvmlDeviceGetName(h),
+                            "memory_bytes": pynvml.nvmlDeviceGetMemoryInfo(h).total})
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+        return {"available": True, "driver": pynvml.nvmlSystemGetDriverVersion(),
+                "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}", "devices": devices}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def gpu_memory_bytes() -> int | None:
+    """Memory of the first GPU the process sees (what a VRAM budget is a share of); None without one."""
+    info = gpus()
+    return info["devices"][0]["memory_bytes"] if info["available"] and info["devices"] else None

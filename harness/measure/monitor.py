@@ -1,11 +1,12 @@
 """Resource monitor for one cell: a background thread in the worker samples the worker's process tree (so an
 engine server launched as a child counts), the disks, the declared offload folders and the GPUs every
-`interval_ms`; phase marks (load, prefill, decode, idle) split the samples. docs/resources.md defines every number.
+`interval_ms`; phases (load, prefill, decode, idle) split the samples. docs/resources.md defines every number.
 
     with ResourceMonitor(os.getpid(), offload_dirs=[...], cache_paths=[model_dir]) as mon:
-        ...                       # the cell; mon.mark("prefill") wherever a phase starts
-    resources = mon.result(ctx.phase_marks)   # JSON-ready: whole run and per phase
-    timeline = mon.timeline(ctx.phase_marks)  # compact arrays for plots
+        ...                          # the cell
+    phases = request_phases(records, load)   # harness/measure/phases.py: from the requests' own timestamps
+    resources = mon.result(phases)   # JSON-ready: whole run and per phase
+    timeline = mon.timeline(phases)  # compact arrays for plots
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 import numpy as np
 import psutil
 
-from harness import disk
-from harness.gpu import Nvml
+from harness.measure import disk
+from harness.measure.phases import subtract, union
+from harness.core.gpu import Nvml
 
-clock = time.perf_counter  # the worker's clock (backends.base.now): marks and samples share it
+clock = time.perf_counter  # the worker's clock (harness.core.events.now): requests and samples share it
 
 # Finding descendants scans /proc/<pid>/stat of every process on the machine (~1 ms for 80 processes): every
 # 0.2 s, and up to 2 s where it is slower, to keep it under ~1 % of a core. A child that lives less
@@ -145,7 +147,7 @@ class ResourceMonitor:
 
     pid: root of the tree (the worker). offload_dirs: folders whose size is tracked. gpu_indices: NVML indices
     (default: CUDA_VISIBLE_DEVICES, else all GPUs). torch_allocator: for in-process torch engines, a callable
-    returning (max allocated, max reserved) bytes since its previous call (harness.gpu.torch_peak_reader()).
+    returning (max allocated, max reserved) bytes since its previous call (harness.core.gpu.torch_peak_reader()).
     cache_paths: the model files whose page-cache state before the run is reported.
     """
 
@@ -290,27 +292,32 @@ class ResourceMonitor:
             raise RuntimeError("ResourceMonitor.result()/timeline() are read after the `with` block")
         return {name: np.array(col, dtype=float) for name, col in zip(COLUMNS, self._cols)}
 
-    def _marks(self, phase_marks: Iterable[tuple[str, float]] | None) -> list[tuple[str, float]]:
-        """Marks given to mark() and marks recorded elsewhere, in time order; exact duplicates count once."""
-        return sorted(set(self.marks) | {(str(p), float(t)) for p, t in (phase_marks or ())}, key=lambda m: m[1])
-
-    def _segments(self, phase_marks: Iterable[tuple[str, float]] | None) -> dict[str, list[tuple[float, float]]]:
-        """A mark starts its phase, which lasts until the next mark or the end; repeated names add up."""
-        marks = self._marks(phase_marks)
+    def _segments(self, phases: dict[str, list[tuple[float, float]]] | None) -> dict[str, list[tuple[float, float]]]:
+        """Phases as intervals, clipped to the measured time. Given `phases` (derived from the requests, see
+        harness/measure/phases.py), the time they leave uncovered is `idle`; otherwise a mark() starts its phase,
+        which lasts until the next mark or the end. Repeated names add up."""
         t0, t1 = self._cols[0][0], self._cols[0][-1]
+        if phases is None:
+            marks = sorted(self.marks, key=lambda m: m[1])
+            ends = [m[1] for m in marks[1:]] + [t1]
+            phases = {}
+            for (name, s), e in zip(marks, ends):
+                phases.setdefault(name, []).append((s, e))
+        else:
+            covered = union(i for segs in phases.values() for i in segs)
+            phases = {**phases, "idle": [*phases.get("idle", []), *subtract([(t0, t1)], covered)]}
         out: dict[str, list[tuple[float, float]]] = {}
-        for i, (name, s) in enumerate(marks):
-            e = marks[i + 1][1] if i + 1 < len(marks) else t1
-            s, e = max(s, t0), min(e, t1)
-            if e > s:
-                out.setdefault(name, []).append((s, e))
+        for name, segs in phases.items():
+            for s, e in segs:
+                s, e = max(s, t0), min(e, t1)
+                if e > s:
+                    out.setdefault(name, []).append((s, e))
         return out
 
-    def result(self, phase_marks: Iterable[tuple[str, float]] | None = None) -> dict[str, Any]:
+    def result(self, phases: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, Any]:
         """JSON-ready resources of the run: `whole` and per-phase blocks (docs/resources.md).
 
-        phase_marks: [(phase, perf_counter time), ...] recorded elsewhere (CellContext.phase_marks), merged
-        with those given to mark()."""
+        phases: {phase: [(start, end), ...]} on the perf_counter clock; without them, the marks given to mark()."""
         a = self._arrays()
         t0, t1 = a["t"][0], a["t"][-1]
         return {
@@ -323,7 +330,7 @@ class ResourceMonitor:
             "page_cache_resident": (None if self.page_cache_resident is None
                                     else round(self.page_cache_resident, 4)),
             "whole": self._block(a, [(t0, t1)]),
-            "phases": {name: self._block(a, segs) for name, segs in self._segments(phase_marks).items()},
+            "phases": {name: self._block(a, segs) for name, segs in self._segments(phases).items()},
         }
 
     def _block(self, a: dict[str, np.ndarray], segs: list[tuple[float, float]]) -> dict[str, Any]:
@@ -374,7 +381,7 @@ class ResourceMonitor:
         }
         return {k: None if k in self.unavailable else f() for k, f in values.items()}
 
-    def timeline(self, phase_marks: Iterable[tuple[str, float]] | None = None) -> dict[str, Any]:
+    def timeline(self, phases: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, Any]:
         """Compact arrays for plots: at most TIMELINE_POINTS bins over the run, times in seconds from its start.
         Rates are bytes/s over each bin; memory is the bin's peak, absolute (not above the baseline)."""
         a = self._arrays()
@@ -411,7 +418,8 @@ class ResourceMonitor:
             "global_vram_bytes": None if "max_global_vram_bytes" in self.unavailable else gauge("global_vram"),
             "process_vram_bytes": None if "max_process_vram_bytes" in self.unavailable else gauge("process_vram"),
         }
-        out["phases"] = [[name, round(max(float(s - t0), 0.0), 3)] for name, s in self._marks(phase_marks) if s <= t1]
+        segments = sorted((s, e, name) for name, segs in self._segments(phases).items() for s, e in segs)
+        out["phases"] = [[name, round(float(s - t0), 3), round(float(e - t0), 3)] for s, e, name in segments]
         return out
 
 

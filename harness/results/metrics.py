@@ -1,61 +1,21 @@
 """The reducer: every metric, for every backend, computed here and nowhere else.
 
-Definitions follow vLLM's serving benchmark (docs/metrics.md). Inputs are per-request records of raw
-timestamps; outputs are plain dicts that go into results.json.
+Definitions follow vLLM's serving benchmark (docs/metrics.md); each metric is declared in catalogue.py. Inputs are
+per-request records of raw timestamps; outputs are the dicts that go into results.json.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from statistics import median
 from typing import Any
 
 import numpy as np
 
+from harness.config.scenario import SLO
+from harness.records import RequestRecord
+
 PERCENTILE_METHOD = "linear"  # numpy.percentile's method; stored in results so numbers can be reproduced
 PERCENTILES = (50, 90, 95, 99)
-DISTRIBUTIONS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "prefill_tps", "decode_tps")
-
-
-@dataclass
-class RequestRecord:
-    """One measured request. Times are seconds on the cell's monotonic clock."""
-    id: int
-    repetition: int
-    t_send: float
-    chunk_times: list[float] = field(default_factory=list)
-    chunk_tokens: list[int] = field(default_factory=list)
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    input_source: str | None = None
-    output_source: str | None = None
-    exact_length: bool | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    output_token_ids: list[int] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and bool(self.chunk_times)
-
-    @property
-    def ttft(self) -> float:
-        return self.chunk_times[0] - self.t_send
-
-    @property
-    def e2el(self) -> float:
-        return self.chunk_times[-1] - self.t_send
-
-    @property
-    def n_out(self) -> int:
-        return self.output_tokens if self.output_tokens is not None else sum(self.chunk_tokens)
-
-    @property
-    def tpot(self) -> float | None:
-        return (self.e2el - self.ttft) / (self.n_out - 1) if self.n_out > 1 else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def stats(values: list[float]) -> dict[str, float | int | None]:
@@ -134,3 +94,10 @@ def token_sources(records: list[RequestRecord]) -> dict[str, Any]:
         "output": sorted({r.output_source for r in records if r.output_source}),
         "exact_output_length": all(r.exact_length for r in records if r.ok) if records else None,
     }
+
+
+def reduce_cell(records: list[RequestRecord], repetitions: int, slo: SLO) -> dict[str, Any]:
+    """A finished cell's numbers: each repetition's metrics, their medians, and where the token counts came from."""
+    reps = [reduce_repetition([r for r in records if r.repetition == i], slo) for i in range(repetitions)]
+    return {"metrics": {**median_over_repetitions(reps), "ttft_p99_cv": spread_over_repetitions(reps, "ttft_ms", "p99")},
+            "repetitions": reps, "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records)}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.models import cache_root
+from harness.core.files import cache_root
 
 CONVERTER_VERSION = 1
 WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0")

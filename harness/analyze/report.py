@@ -18,9 +18,11 @@ from typing import Any, Callable, Iterable
 import jinja2
 from markupsafe import Markup
 
-from harness import plots
-from harness.plots import Plot
-from harness.runs import METRICS, CellView, Run, fmt_bytes, fmt_value, load_runs
+from harness.analyze import plots
+from harness.analyze.plots import Plot
+from harness.results.markdown import md_escape
+from harness.results.runs import METRICS, CellView, Run, fmt_value, load_runs
+from own_engine.units import fmt_bytes
 
 FORMATS = ("md", "html")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -136,7 +138,7 @@ def describe_workload(w: dict[str, Any]) -> str:
 
 def scenario_rows(run: Run) -> list[tuple[str, str]]:
     s = dict(run.scenario)
-    rows = [("name", str(s.pop("name", "?"))), ("scenario file", str(run.data.get("scenario_file") or "?"))]
+    rows = [("name", str(s.pop("name", "?"))), ("scenario file", str(run.result.scenario_file or "?"))]
     for name, m in (s.pop("models", None) or {}).items():
         syn = (m or {}).get("synthetic")
         rows.append((f"model {name}", f"synthetic {syn.get('preset')} (seed {syn.get('seed')})" if syn
@@ -314,15 +316,15 @@ def cells_table(cells: list[CellView]) -> Table:
     """Where every number comes from: each cell's results file, engine, token count sources, raw requests."""
     rows = []
     for c in cells:
-        tc = c.raw.get("token_counts") or {}
+        tc = c.cell.token_counts or {}
         tokens = "–"
         if tc:
             tokens = f"input: {', '.join(tc.get('input') or ['?'])}; output: {', '.join(tc.get('output') or ['?'])}"
             exact = tc.get("exact_output_length")
             tokens += "; exact output length" if exact else "; output length not forced" if exact is False else ""
-        engine = ", ".join(f"{k}={v}" for k, v in (c.raw.get("engine") or {}).items()) or "–"
-        rows.append([c.id, c.run.label, str(c.run.path), f"{c.backend} ({c.raw.get('backend_kind', '?')})", c.status,
-                     fmt_value(c.number("load_time_s"), "s"), tokens, engine, str(c.raw.get("requests_file") or "–")])
+        engine = ", ".join(f"{k}={v}" for k, v in c.cell.engine.items()) or "–"
+        rows.append([c.id, c.run.label, str(c.run.path), f"{c.backend} ({c.cell.backend_kind or '?'})", c.status,
+                     fmt_value(c.number("load_time_s"), "s"), tokens, engine, str(c.cell.requests_file or "–")])
     return Table.of(["cell", "run", "results file", "backend (kind)", "status", "load time", "token counts from",
                      "engine", "per-request samples"], rows)
 
@@ -345,8 +347,8 @@ def build_report(runs: list[Run]) -> ReportData:
     if not cells:
         notes.append("These results have no cells.")
     runs_table = Table.of(["run", "results file", "scenario", "created", "updated", "host", "cells"],
-                          [[r.label, str(r.path), str(r.scenario.get("name", "?")), str(r.data.get("created") or "?"),
-                            str(r.data.get("updated") or "?"), str(r.environment.get("hostname") or "?"),
+                          [[r.label, str(r.path), str(r.scenario.get("name", "?")), str(r.result.created or "?"),
+                            str(r.result.updated or "?"), str(r.environment.get("hostname") or "?"),
                             str(len(r.cells))] for r in runs])
     return ReportData(
         title="llmbench report: " + ", ".join(names),
@@ -357,16 +359,6 @@ def build_report(runs: list[Run]) -> ReportData:
 
 
 # ---- rendering -----------------------------------------------------------------------------------------------
-
-MD_SPECIAL = re.compile(r"([\\`|<>&\[\]])")
-MD_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
-
-
-def md_escape(text: str) -> str:
-    """Make a string inert in Markdown: no HTML, no links or images, no table breaks, one line."""
-    text = " ".join(str(text).split())
-    return MD_SPECIAL.sub(lambda m: MD_ENTITIES.get(m.group(1), "\\" + m.group(1)), text)
-
 
 def _md_finalize(v: Any) -> str:
     if v is None:

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from harness.report import Row, Table, render
-from harness.results import ResultsError
-from harness.runs import METRICS, CellView, Run, fmt_value, load_runs
-from harness.scenario import parse_bytes
+from harness.analyze.report import Row, Table, render
+from harness.core.spec import Strict
+from harness.records import ResultsError
+from harness.results.runs import METRICS, CellView, Run, fmt_value, load_runs
+from own_engine.units import parse_size
 
 RULES_FILE = Path(__file__).parent / "guide_rules.yaml"
 SCORING = (  # shown in every guide, one line each
@@ -38,10 +39,6 @@ class RulesError(ResultsError):
 
 
 # ---- the rules ---------------------------------------------------------------------------------------------
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
 
 def _known_metric(name: str) -> str:
     if name not in METRICS:
@@ -70,7 +67,7 @@ class Constraint(Strict):
     @field_validator("max", "min")
     @classmethod
     def _number(cls, v: float | str | None) -> float | None:
-        return float(parse_bytes(v)) if isinstance(v, str) else v
+        return float(parse_size(v)) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _bound(self) -> Constraint:

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
-from harness.runs import METRICS, CellView  # noqa: E402
+from harness.results.runs import METRICS, CellView  # noqa: E402
 
 STYLE = {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False}
@@ -189,11 +189,10 @@ def timeline_plot(slug: str, title: str, cell: CellView) -> Plot:
         return Plot(slug, title, note="timeline.json has no series matching its time axis")
     fig = _figure(9, 1.0 + 1.6 * len(series))
     axes = fig.subplots(len(series), 1, sharex=True, squeeze=False).ravel()
-    phases = [(str(p[0]), float(p[1])) for p in tl.get("phases") or [] if len(p) == 2]
-    ends = [p[1] for p in phases[1:]] + [t[-1]]
+    phases = [(str(p[0]), float(p[1]), float(p[2])) for p in tl.get("phases") or [] if len(p) == 3]
     for ax, (name, lines) in zip(axes, series):
         named: set[str] = set()
-        for (phase, start), end in zip(phases, ends):
+        for phase, start, end in phases:
             ax.axvspan(start, end, color=PHASE_COLORS.get(phase, "#dddddd"), alpha=0.25, lw=0,
                        label=text(phase) if ax is axes[0] and phase not in named else None)
             named.add(phase)

@@ -1,34 +1,34 @@
-"""Reading results for reports and guides: runs, a view of each cell, and the catalog of metrics they rank by.
+"""Reading results for reports, guides and plots: runs, a view of each cell, and the metrics they rank by.
 
-Reports and guides are pure functions of results files; everything they know about a cell goes through
-`CellView`, so old results (no resources, no sweeps) degrade to "not measured" in one place.
+Reports and guides are pure functions of results files, read through `harness.records.load_run`; what they derive
+from a cell (peak VRAM, device, why a measure is missing) is in `CellView`, in one place.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from harness.metrics import RequestRecord
-from harness.results import ResultsError, load_results
+from harness.records import CellResult, RequestRecord, ResultsError, RunResult, load_run, read_requests
+from harness.results.catalogue import CATALOGUE, RANKED_STATISTICS
+from own_engine.units import fmt_bytes
 
 # VRAM measures in order of preference: the backend's own processes, then the whole GPU, then torch's allocator.
 # NVML peaks are stored above the idle baseline; adding the baseline back gives what the card had to hold,
 # which is what `over_budget` compares with the budget (docs/resources.md).
 VRAM_MEASURES = (("max_process_vram_bytes", "process_vram_bytes"), ("max_global_vram_bytes", "global_vram_bytes"),
                  ("max_reserved_bytes", None), ("max_allocated_bytes", None))
-RECORD_FIELDS = {f.name for f in fields(RequestRecord)}
 
 
 @dataclass
 class Run:
     label: str
     path: Path  # the results.json
-    data: dict[str, Any]
+    result: RunResult
 
     @property
     def dir(self) -> Path:
@@ -36,15 +36,15 @@ class Run:
 
     @property
     def scenario(self) -> dict[str, Any]:
-        return self.data.get("scenario") or {}
+        return self.result.scenario
 
     @property
     def environment(self) -> dict[str, Any]:
-        return self.data.get("environment") or {}
+        return self.result.environment
 
     @cached_property
     def cells(self) -> list[CellView]:
-        return [CellView(self, c) for c in self.data.get("cells", [])]
+        return [CellView(self, c) for c in self.result.cells]
 
 
 def load_runs(paths: list[Path | str]) -> list[Run]:
@@ -54,8 +54,7 @@ def load_runs(paths: list[Path | str]) -> list[Run]:
     runs = []
     for p in paths:
         p = Path(p)
-        data = load_results(p)
-        runs.append(Run("", p / "results.json" if p.is_dir() else p, data))
+        runs.append(Run("", p / "results.json" if p.is_dir() else p, load_run(p)))
     names = [r.dir.resolve().name or str(r.dir) for r in runs]
     counts = Counter(names)
     seen: Counter = Counter()
@@ -68,51 +67,50 @@ def load_runs(paths: list[Path | str]) -> list[Run]:
 @dataclass
 class CellView:
     run: Run
-    raw: dict[str, Any]
+    cell: CellResult
 
     # ---- identity -------------------------------------------------------------------------------------------
     @property
     def id(self) -> str:
-        return str(self.raw.get("id", "?"))
+        return self.cell.id
 
     @property
     def model(self) -> str:
-        return str(self.raw.get("model", "?"))
+        return self.cell.model
 
     @property
     def backend(self) -> str:
-        return str(self.raw.get("backend", "?"))
+        return self.cell.backend
 
     @property
     def workload(self) -> str:
-        return str(self.raw.get("workload", "?"))
+        return self.cell.workload
 
     @property
     def status(self) -> str:
-        return str(self.raw.get("status", "?"))
+        return self.cell.status
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.cell.ok
 
     @property
     def error_line(self) -> str | None:
-        e = self.raw.get("error")
-        return str(e).strip().splitlines()[0] if e and str(e).strip() else None
+        return self.cell.error_line
 
     @property
     def base_workload(self) -> str:
-        return str(self.raw.get("base_workload") or self.workload)
+        return self.cell.base_workload or self.workload
 
     @property
     def sweep(self) -> dict[str, Any]:
-        return dict(self.raw.get("sweep") or {})
+        return dict(self.cell.sweep)
 
     @property
     def workload_spec(self) -> dict[str, Any]:
         """The concrete workload: stored with the cell by sweeps, else the scenario's workload of that name."""
-        if isinstance(self.raw.get("workload_spec"), dict):
-            return self.raw["workload_spec"]
+        if self.cell.workload_spec is not None:
+            return self.cell.workload_spec
         for w in self.run.scenario.get("workloads", []):
             if w.get("name") in (self.workload, self.base_workload):
                 return w
@@ -128,12 +126,7 @@ class CellView:
     # ---- metrics --------------------------------------------------------------------------------------------
     @property
     def metrics(self) -> dict[str, Any]:
-        return self.raw.get("metrics") or {}
-
-    def number(self, key: str) -> float | None:
-        """A numeric top-level field of the cell (e.g. load_time_s), None when absent."""
-        v = self.raw.get(key)
-        return v if isinstance(v, (int, float)) else None
+        return self.cell.metrics or {}
 
     def metric(self, key: str, stat: str | None = None) -> float | None:
         v = self.metrics.get(key)
@@ -143,8 +136,7 @@ class CellView:
 
     @property
     def resources(self) -> dict[str, Any] | None:
-        r = self.raw.get("resources")
-        return r if isinstance(r, dict) else None
+        return self.cell.resources
 
     def whole(self, key: str) -> float | None:
         v = ((self.resources or {}).get("whole") or {}).get(key)
@@ -176,16 +168,15 @@ class CellView:
 
     @property
     def over_budget(self) -> bool:
-        return bool((self.resources or {}).get("over_budget", self.raw.get("over_budget")))
+        return bool((self.resources or {}).get("over_budget", self.cell.over_budget))
 
     @property
     def device(self) -> Literal["gpu", "cpu"] | None:
         """Where the engine ran: its own report first, then whether it used VRAM, then whether the host had a GPU."""
-        d = (self.raw.get("engine") or {}).get("device")
+        d = self.cell.engine.get("device")
         if isinstance(d, str) and d:
             return "cpu" if d.lower().startswith("cpu") else "gpu"
-        vram = self.whole("max_process_vram_bytes")
-        if vram:
+        if self.whole("max_process_vram_bytes"):
             return "gpu"
         if (self.run.environment.get("gpu") or {}).get("available") is False:
             return "cpu"
@@ -194,25 +185,15 @@ class CellView:
     # ---- raw samples ----------------------------------------------------------------------------------------
     @cached_property
     def records(self) -> list[RequestRecord]:
-        """The measured requests of this cell from its requests.jsonl (empty when the files are gone)."""
-        candidates = [self.run.dir / self.raw["requests_file"]] if self.raw.get("requests_file") else []
-        candidates += [self.run.dir / "cells" / self.id / "requests.jsonl", self.run.dir / "requests.jsonl"]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
+        """The measured requests of this cell (empty when the file is gone)."""
+        try:
+            return read_requests(self.cell.requests_path(self.run.dir))
+        except OSError:
             return []
-        out = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash; the reducer skipped it too
-            if isinstance(d, dict) and d.get("cell", self.id) == self.id and "t_send" in d:
-                out.append(RequestRecord(**{k: v for k, v in d.items() if k in RECORD_FIELDS}))
-        return out
 
     @cached_property
     def timeline(self) -> dict[str, Any] | None:
-        path = self.run.dir / (self.raw.get("timeline_file") or f"cells/{self.id}/timeline.json")
+        path = self.run.dir / (self.cell.timeline_file or f"cells/{self.id}/timeline.json")
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -223,7 +204,7 @@ class CellView:
         return Counter(r.error.strip().splitlines()[0] for r in self.records if r.error and r.error.strip())
 
 
-# ---- the metric catalog: names users write in guide rules --------------------------------------------------
+# ---- the metrics guides and reports rank by, named as users write them in guide rules ------------------------------
 
 @dataclass(frozen=True)
 class Metric:
@@ -238,42 +219,38 @@ class Metric:
         return c.unavailable(*self.resource) if self.resource else "not recorded"
 
 
-def _catalog() -> dict[str, Metric]:
+# Cell-scope metrics of the catalogue: how each is read from a cell, and the words naming it in `unavailable`.
+CELL_READERS: dict[str, tuple[Callable[[CellView], float | None], tuple[str, ...]]] = {
+    "ttft_p99_cv": (lambda c: c.metric("ttft_p99_cv"), ()),
+    "load_time_s": (lambda c: c.cell.load_time_s, ()),
+    "peak_vram_bytes": (lambda c: c.peak_vram[0], ("vram", "gpu")),
+    "max_rss_bytes": (lambda c: c.whole("max_rss_bytes"), ("rss", "ram", "memory")),
+    "disk_read_bytes": (lambda c: c.whole("disk_read_bytes"), ("disk",)),
+}
+
+
+def _ranked() -> dict[str, Metric]:
+    """From the catalogue: DIST_STAT_UNIT for distributions (ttft_p99_ms, decode_tps_p50), scalars and cell metrics
+    by their key. Context-only metrics (no better direction) are not ranked."""
     out: dict[str, Metric] = {}
-    for dist, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")):
-        for stat in ("mean", "p50", "p90", "p95", "p99"):
-            out[f"{dist}_{stat}_ms"] = Metric(f"{label} {stat}", "ms", "lower",
-                                              lambda c, k=f"{dist}_ms", s=stat: c.metric(k, s))
-    for dist, label in (("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s")):
-        out[f"{dist}_p50"] = Metric(f"{label} p50", "tok/s", "higher", lambda c, k=dist: c.metric(k, "p50"))
-    for key, label, unit in (("output_throughput_tok_s", "output tok/s", "tok/s"),
-                             ("total_token_throughput_tok_s", "total tok/s", "tok/s"),
-                             ("request_throughput_rps", "req/s", "req/s"),
-                             ("goodput_rps", "goodput req/s", "req/s")):
-        out[key] = Metric(label, unit, "higher", lambda c, k=key: c.metric(k))
-    out["error_rate"] = Metric("error rate", "ratio", "lower", lambda c: c.metric("error_rate"), floor=1e-3)
-    out["load_time_s"] = Metric("load time", "s", "lower", lambda c: c.number("load_time_s"))
-    out["peak_vram_bytes"] = Metric("peak VRAM", "bytes", "lower", lambda c: c.peak_vram[0], ("vram", "gpu"))
-    out["max_rss_bytes"] = Metric("peak host RAM", "bytes", "lower", lambda c: c.whole("max_rss_bytes"),
-                                  ("rss", "ram", "memory"))
-    out["disk_read_bytes"] = Metric("disk read", "bytes", "lower", lambda c: c.whole("disk_read_bytes"), ("disk",))
-    out["ttft_p99_cv"] = Metric("TTFT p99 spread (CV over repetitions)", "ratio", "lower",
-                                lambda c: c.metric("ttft_p99_cv"), floor=0.01)
+    for key, m in CATALOGUE.items():
+        if m.better is None:
+            continue
+        if m.scope == "distribution":
+            stats = RANKED_STATISTICS if m.unit == "ms" else ("p50",)
+            for stat in stats:
+                name = f"{key.removesuffix('_ms')}_{stat}_ms" if m.unit == "ms" else f"{key}_{stat}"
+                out[name] = Metric(f"{m.label} {stat}", m.unit, m.better, lambda c, k=key, s=stat: c.metric(k, s),
+                                   floor=m.floor)
+        elif m.scope == "scalar":
+            out[key] = Metric(m.label, m.unit, m.better, lambda c, k=key: c.metric(k), floor=m.floor)
+        else:
+            get, words = CELL_READERS[key]
+            out[key] = Metric(m.label, m.unit, m.better, get, words, m.floor)
     return out
 
 
-METRICS: dict[str, Metric] = _catalog()
-
-
-# ---- formatting shared by reports and guides ----------------------------------------------------------------
-
-def fmt_bytes(v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(v) >= scale:
-            return f"{v / scale:.2f} {unit}"
-    return f"{v:.0f} B"
+METRICS: dict[str, Metric] = _ranked()
 
 
 def fmt_value(v: float | None, unit: str) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.base import BackendError
+from harness.core.errors import BackendError
 
 GROUPS_FILE = "process_groups.jsonl"
 

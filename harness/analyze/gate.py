@@ -22,27 +22,18 @@ from rich.table import Table
 from rich.text import Text
 from scipy.stats import mannwhitneyu
 
-from harness.baselines import META_FILE
-from harness.metrics import RequestRecord, reduce_repetition
-from harness.results import ResultsError, load_results
-from harness.scenario import SLO, Strict, format_validation_error
+from harness.analyze.baselines import META_FILE
+from harness.config.load import format_validation_error
+from harness.core.spec import Strict
+from harness.records import CellResult, RequestRecord, ResultsError, load_run, read_requests
+from harness.results.catalogue import CATALOGUE, gate_metric_names
+from harness.results.markdown import md_table
 
 DEFAULT_POLICY = Path(__file__).with_name("gate_policy.yaml")
 
-# Per-request samples are RequestRecord properties (seconds), so every formula stays in harness/metrics.py.
-# itl_ms is absent on purpose: its samples are the gaps inside a request, strongly correlated, and a rank test that
-# took them as independent would call noise significant; gate it per repetition (itl_ms.p50) instead.
-PER_REQUEST = {"ttft_ms": "ttft", "tpot_ms": "tpot", "e2el_ms": "e2el"}
-
-
-def _per_repetition_metrics() -> list[str]:
-    """Every number a repetition has, named as in results.json: scalars, and DISTRIBUTION.STAT for distributions."""
-    empty = reduce_repetition([], SLO())
-    return [f"{k}.{s}" for k, v in empty.items() if isinstance(v, dict) for s in v] + \
-           [k for k, v in empty.items() if not isinstance(v, dict)]
-
-
-PER_REPETITION = _per_repetition_metrics()
+# Per-request samples are RequestRecord properties (seconds): the catalogue names which metrics have them.
+PER_REQUEST = {k: m.per_request for k, m in CATALOGUE.items() if m.per_request}
+PER_REPETITION = gate_metric_names()
 
 
 class GateError(ResultsError):
@@ -130,10 +121,9 @@ class Run:
     """One results file, and the folder its per-cell requests files are relative to."""
 
     def __init__(self, path: Path):
-        self.data = load_results(path)
+        self.result = load_run(path)
         self.folder = path if path.is_dir() else path.parent
-        self.cells: dict[CellKey, dict[str, Any]] = {(c["model"], c["backend"], c["workload"]): c
-                                                     for c in self.data["cells"]}
+        self.cells: dict[CellKey, CellResult] = {(c.model, c.backend, c.workload): c for c in self.result.cells}
         meta = self.folder / META_FILE
         try:
             self.baseline_meta = json.loads(meta.read_text()) if meta.is_file() else None
@@ -141,26 +131,23 @@ class Run:
             raise GateError(f"{meta}: not valid JSON: {e}") from None
         self._records: dict[str, list[RequestRecord]] = {}
 
-    def records(self, cell: dict[str, Any]) -> list[RequestRecord]:
-        if cell["id"] not in self._records:
-            path = self.folder / (cell.get("requests_file") or f"cells/{cell['id']}/requests.jsonl")
+    def records(self, cell: CellResult) -> list[RequestRecord]:
+        if cell.id not in self._records:
+            path = cell.requests_path(self.folder)
             try:
-                lines = path.read_text().splitlines()
-                self._records[cell["id"]] = [RequestRecord(**json.loads(line)) for line in lines if line.strip()]
+                self._records[cell.id] = read_requests(path)
             except FileNotFoundError:
                 raise GateError(f"{path}: missing; per-request metrics need every cell's requests file next to "
                                 f"results.json (`bench baseline update` stores them with a baseline)") from None
-            except (json.JSONDecodeError, TypeError) as e:
-                raise GateError(f"{path}: not a requests file of RequestRecord lines: {e}") from None
-        return self._records[cell["id"]]
+        return self._records[cell.id]
 
-    def samples(self, cell: dict[str, Any], metric: str, rule: MetricRule) -> np.ndarray:
+    def samples(self, cell: CellResult, metric: str, rule: MetricRule) -> np.ndarray:
         if rule.samples == "per_request":
             prop = PER_REQUEST[metric]
             values = [getattr(r, prop) for r in self.records(cell) if r.ok]
             return np.array([v * 1e3 for v in values if v is not None], dtype=float)
         name, _, stat = metric.partition(".")
-        values = [rep.get(name) for rep in cell.get("repetitions") or []]
+        values = [rep.get(name) for rep in cell.repetitions]
         values = [v.get(stat) if stat and isinstance(v, dict) else v for v in values]
         return np.array([v for v in values if v is not None], dtype=float)
 
@@ -185,7 +172,7 @@ def _dict_differences(kind, prefix: str, a: dict, b: dict) -> list[EnvDifference
 
 def environment_differences(base: Run, cur: Run, keys: list[CellKey]) -> list[EnvDifference]:
     """What makes two runs' numbers incomparable: GPU models, CPU model and cores, engine versions and settings."""
-    eb, ec = base.data.get("environment") or {}, cur.data.get("environment") or {}
+    eb, ec = base.result.environment, cur.result.environment
 
     def gpu_names(env):
         return [d.get("name") for d in (env.get("gpu") or {}).get("devices") or []]
@@ -200,8 +187,8 @@ def environment_differences(base: Run, cur: Run, keys: list[CellKey]) -> list[En
     seen = set()
     for key in keys:
         backend = key[1]
-        for d in _dict_differences("engine", f"backend {backend}: engine.", base.cells[key].get("engine") or {},
-                                   cur.cells[key].get("engine") or {}):
+        for d in _dict_differences("engine", f"backend {backend}: engine.", base.cells[key].engine,
+                                   cur.cells[key].engine):
             if (backend, d.what) not in seen:  # every cell of a backend reports the same engine
                 seen.add((backend, d.what))
                 diffs.append(d)
@@ -310,8 +297,8 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
     keys = [k for k in cur.cells if k in base.cells]
     if not keys:
         raise GateError(f"no matching cells (same model, backend and workload): the baseline has "
-                        f"{', '.join(c['id'] for c in base.cells.values()) or 'none'}; the current run has "
-                        f"{', '.join(c['id'] for c in cur.cells.values()) or 'none'}")
+                        f"{', '.join(c.id for c in base.cells.values()) or 'none'}; the current run has "
+                        f"{', '.join(c.id for c in cur.cells.values()) or 'none'}")
     ref = policy.reference
     for run, name in ((base, "baseline"), (cur, "current")):
         if ref is not None and all(k[1] != ref for k in run.cells):
@@ -331,32 +318,31 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
 
     for key in keys:
         b_cell, c_cell = base.cells[key], cur.cells[key]
-        if b_cell["status"] != "ok":
-            report.notes.append(f"{c_cell['id']}: not compared, the baseline cell {b_cell['status']}")
+        if not b_cell.ok:
+            report.notes.append(f"{c_cell.id}: not compared, the baseline cell {b_cell.status}")
             continue
-        if c_cell["status"] != "ok":
-            why = (c_cell.get("error") or "").splitlines()[0] if c_cell.get("error") else c_cell["status"]
-            report.rows.append(Row(c_cell["id"], "status", verdict="regression", fails_build=True,
-                                   note=f"ok in the baseline, {c_cell['status']} now: {why}"))
+        if not c_cell.ok:
+            report.rows.append(Row(c_cell.id, "status", verdict="regression", fails_build=True,
+                                   note=f"ok in the baseline, {c_cell.status} now: {c_cell.error_line or ''}"))
             continue
         if ref is not None and key[1] == ref:
-            report.notes.append(f"{c_cell['id']}: the reference backend, not gated against itself (only a failure counts)")
+            report.notes.append(f"{c_cell.id}: the reference backend, not gated against itself (only a failure counts)")
             continue
         ref_cells = [run.cells.get((key[0], ref, key[2])) for run in (base, cur)] if ref is not None else [None, None]
-        missing = ref is not None and any(rc is None or rc["status"] != "ok" for rc in ref_cells)
+        missing = ref is not None and any(rc is None or not rc.ok for rc in ref_cells)
         for metric, rule in policy.metrics.items():
             if missing:
-                row = Row(c_cell["id"], metric, threshold=rule.threshold, test=rule.test, verdict="inconclusive",
+                row = Row(c_cell.id, metric, threshold=rule.threshold, test=rule.test, verdict="inconclusive",
                           note=f"no ok reference cell {key[0]}/{ref}/{key[2]} in both runs")
             else:
                 refs = [run.samples(rc, metric, rule) if rc else None for run, rc in zip((base, cur), ref_cells)]
-                row = Row(c_cell["id"], metric, **judge(rule, base.samples(b_cell, metric, rule),
+                row = Row(c_cell.id, metric, **judge(rule, base.samples(b_cell, metric, rule),
                                                         cur.samples(c_cell, metric, rule), *refs, policy.bootstrap))
             row.fails_build = row.verdict == "regression" or (
                 row.verdict == "inconclusive" and policy.on_inconclusive(metric) == "fail")
             report.rows.append(row)
-    report.notes += [f"{c['id']}: in the baseline only, not compared" for k, c in base.cells.items() if k not in cur.cells]
-    report.notes += [f"{c['id']}: new, no baseline to compare with" for k, c in cur.cells.items() if k not in base.cells]
+    report.notes += [f"{c.id}: in the baseline only, not compared" for k, c in base.cells.items() if k not in cur.cells]
+    report.notes += [f"{c.id}: new, no baseline to compare with" for k, c in cur.cells.items() if k not in base.cells]
     if not report.rows:
         raise GateError("nothing to compare: " + "; ".join(report.notes))
     if any(r.fails_build for r in report.rows):
@@ -422,11 +408,8 @@ def print_report(report: GateReport, console: Console) -> None:
 
 
 def to_markdown(report: GateReport) -> str:
-    def md(cells: list[str]) -> str:
-        return "| " + " | ".join(s.replace("|", "\\|") for s in cells) + " |"
-
     lines = [f"# {_headline(report)}", "", *(f"- {line}" for line in _preamble(report)), "",
-             md(HEADERS), md(["---"] * len(HEADERS)), *(md(_cells(r)) for r in report.rows)]
+             *md_table(HEADERS, [_cells(r) for r in report.rows])]
     if report.environment_differences:
         lines += ["", "## Environment changes (compared anyway)", "", *(f"- {d}" for d in report.environment_differences)]
     if report.notes:

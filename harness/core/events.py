@@ -1,0 +1,62 @@
+"""What crosses the worker-backend boundary: a `Request` in, a stream of timestamped `TokenEvent`s ended by one
+`Usage` out. Backends know nothing of metrics; the reducer computes every metric from these events."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+now = time.perf_counter  # the one clock for every timestamp in a cell: monotonic, sub-microsecond
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TokenEvent:
+    """A chunk of generated tokens, stamped on arrival as close to the engine as the backend can."""
+    t: float
+    n_tokens: int = 1
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class Usage:
+    """The last item of every stream: token counts and where each came from."""
+    prompt_tokens: int | None
+    output_tokens: int | None
+    prompt_source: str  # "engine" | "server_usage" | "client_tokenizer" | "stream_chunks"
+    output_source: str
+    finish_reason: str | None = None
+    exact_length: bool = True  # False when the engine could not be told to ignore EOS
+
+
+@dataclass
+class Capabilities:
+    streaming: bool = True
+    exact_output_length: bool = True
+    max_concurrency: int | None = None  # None: the engine batches or queues requests itself; else the harness queues
+    token_ids: bool = True
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+
+
+@dataclass
+class CellContext:
+    """What a backend may use beside its spec: the cell's folder (logs, offload files), the seed and the budget."""
+    dir: Path
+    seed: int = 0
+    vram_budget: int | None = None

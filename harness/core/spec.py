@@ -1,0 +1,52 @@
+"""A backend's entry in a scenario: what the worker hands the backend class, beside its model and cell context.
+
+It lives in the core because backends read it and must not import the scenario schema around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from own_engine.units import parse_size
+
+
+class Strict(BaseModel):
+    """Every user-written record: an unknown key is an error, never ignored."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(Strict):
+    vram_budget: str | None = Field(None, description="e.g. 8GiB; each backend maps it to its engine's setting")
+    sample_interval_ms: float = Field(20.0, gt=0)
+    drop_page_cache: bool = False
+
+    @field_validator("vram_budget")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
+
+class BackendSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: str = Field(description="the backend kind; `bench validate` lists the known ones on a typo")
+    options: dict[str, Any] = Field(default_factory=dict, description="the kind's own options, validated by it")
+    url: str | None = Field(None, description="attach to a running server instead of launching one")
+    served_model: str | None = Field(None, description="the model name the server knows (OpenAI `model`)")
+    api: Literal["completions", "chat"] = "completions"
+    python: Path | None = Field(None, description="run this backend's worker with another interpreter (its own venv)")
+    models: list[str] | None = Field(None, description="restrict this backend to these models")
+    resources: Resources | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None:
+            u = urlparse(v)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ValueError(f"expected an http(s) URL, got {v!r}")
+        return v

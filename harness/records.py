@@ -1,0 +1,219 @@
+"""The records that cross every boundary of `bench run`, and the one way results are read back.
+
+    runner ──CellPlan (cell.json)──▶ worker ──RequestRecord (requests.jsonl), WorkerReport (worker.json)──▶ runner
+    runner: reducer ──CellResult──▶ ResultsStore ──RunResult (results.json)──▶ report, guide, gate, baselines, summary
+
+Each is written and read through these types only: `load_run` and `read_requests` are the loaders everybody uses,
+so an old results file (fewer fields) degrades to defaults in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from harness.config.scenario import Cell, Workload
+from harness.core.errors import UserError
+from harness.core.spec import BackendSpec, Resources
+
+SCHEMA_VERSION = 1
+
+
+class ResultsError(UserError):
+    """A results file that cannot be read: printed without a traceback, exit code 2."""
+
+
+# ---- runner -> worker ---------------------------------------------------------------------------------------------
+
+class CellPlan(BaseModel):
+    """Everything a worker needs to run one cell, written by the runner as CELL_DIR/cell.json."""
+    model_config = ConfigDict(extra="forbid")
+    cell: Cell
+    backend: BackendSpec
+    model_name: str
+    model_path: Path
+    workload: Workload
+    prompts_file: Path
+    repetitions: int
+    seed: int
+    record_outputs: bool
+    resources: Resources
+    vram_budget: int | None = None
+
+
+# ---- worker -> runner ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RequestRecord:
+    """One measured request. Times are seconds on the cell's monotonic clock."""
+    id: int
+    repetition: int
+    t_send: float
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    input_source: str | None = None
+    output_source: str | None = None
+    exact_length: bool | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    output_token_ids: list[int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.chunk_times)
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.t_send
+
+    @property
+    def e2el(self) -> float:
+        return self.chunk_times[-1] - self.t_send
+
+    @property
+    def n_out(self) -> int:
+        return self.output_tokens if self.output_tokens is not None else sum(self.chunk_tokens)
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2el - self.ttft) / (self.n_out - 1) if self.n_out > 1 else None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RequestRecord:
+        return cls(**{k: v for k, v in d.items() if k in _RECORD_FIELDS})
+
+
+_RECORD_FIELDS = {f.name for f in fields(RequestRecord)}
+
+
+class Span(BaseModel):
+    start: float
+    end: float
+
+
+class ConcurrencyCap(BaseModel):
+    """The load asked for more requests in flight than the backend serves at once; the harness queued the rest."""
+    requested: int
+    max_concurrency: int
+
+
+class WorkerReport(BaseModel):
+    """What a worker says about its cell beside the request records: CELL_DIR/worker.json."""
+    status: Literal["ok", "failed"] = "failed"
+    error: str | None = None
+    t_start: float
+    load: Span | None = None
+    load_time_s: float | None = None
+    environment: dict[str, Any] = Field(default_factory=dict)
+    repetitions: list[Span] = Field(default_factory=list)
+    resources: dict[str, Any] | None = None
+    logical_io: dict[str, Any] | None = None
+    server_metrics: dict[str, Any] | None = None
+    concurrency_cap: ConcurrencyCap | None = None
+    stop_error: str | None = None
+
+
+# ---- runner -> results.json -> every reader -----------------------------------------------------------------------
+
+class CellResult(BaseModel):
+    """One cell in results.json (docs/results.md). Fields an older file lacks read as their defaults."""
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    model: str
+    backend: str
+    workload: str
+    backend_kind: str | None = None
+    base_workload: str | None = None
+    sweep: dict[str, Any] = Field(default_factory=dict)
+    workload_spec: dict[str, Any] | None = None
+    status: Literal["ok", "failed"]
+    error: str | None = None
+    metrics: dict[str, Any] | None = None
+    repetitions: list[dict[str, Any]] = Field(default_factory=list)
+    percentile_method: str | None = None
+    token_counts: dict[str, Any] | None = None
+    load_time_s: float | None = None
+    engine: dict[str, Any] = Field(default_factory=dict)
+    concurrency_cap: ConcurrencyCap | None = None
+    requests_file: str | None = None
+    timeline_file: str | None = None
+    logical_io: dict[str, Any] | None = None
+    server_metrics: dict[str, Any] | None = None
+    resources: dict[str, Any] | None = None
+    over_budget: bool | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def requests_path(self, run_dir: Path) -> Path:
+        return run_dir / (self.requests_file or f"cells/{self.id}/requests.jsonl")
+
+    @property
+    def error_line(self) -> str | None:
+        """The first line of the error, for tables and summaries."""
+        return self.error.strip().splitlines()[0] if self.error and self.error.strip() else None
+
+
+class RunResult(BaseModel):
+    """A whole results.json."""
+    model_config = ConfigDict(extra="ignore")
+    schema_version: int
+    created: str | None = None
+    updated: str | None = None
+    scenario_file: str | None = None
+    scenario: dict[str, Any] = Field(default_factory=dict)
+    environment: dict[str, Any] = Field(default_factory=dict)
+    cells: list[CellResult]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+
+def load_run(path: Path | str) -> RunResult:
+    """A results.json, or the one inside a results folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no such results file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path}: cannot read it: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or "schema_version" not in data or "cells" not in data:
+        raise ResultsError(f"{path}: not an llmbench results file (expected schema_version and cells)")
+    if not isinstance(data["schema_version"], int) or data["schema_version"] > SCHEMA_VERSION:
+        raise ResultsError(f"{path}: schema_version {data['schema_version']!r} is newer than this llmbench reads "
+                           f"({SCHEMA_VERSION}); upgrade llmbench")
+    try:
+        return RunResult.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ResultsError(f"{path}: {where}: {first['msg']}") from None
+
+
+def read_requests(path: Path) -> list[RequestRecord]:
+    """The records of a requests.jsonl; a line cut by a crash is skipped, as the reducer skipped it.
+    Raises FileNotFoundError when the file is gone."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(d, dict) and "t_send" in d:
+            out.append(RequestRecord.from_dict(d))
+    return out

@@ -1,0 +1,78 @@
+"""Every metric, declared once: its key in results.json, label, unit, which way is better, how it prints, where its
+samples come from and whether the gate may judge it. The summary, report, plots, guide and gate iterate this.
+
+Scopes: `distribution` metrics have statistics per repetition (mean, p50, ...); `scalar` ones one number per
+repetition; `cell` ones one number per cell, read from the cell's resources or load (not from the reducer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+STATISTICS = ("mean", "std", "min", "p50", "p90", "p95", "p99", "max")
+RANKED_STATISTICS = ("mean", "p50", "p90", "p95", "p99")  # the ones guides and reports name, e.g. ttft_p99_ms
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: Literal["ms", "tok/s", "req/s", "bytes", "s", "ratio", "count", "tokens"]
+    better: Literal["lower", "higher"] | None  # None: context, not a figure of merit
+    scope: Literal["distribution", "scalar", "cell"]
+    fmt: str = "{:.2f}"
+    per_request: str | None = None  # the RequestRecord property (seconds) giving one sample per request
+    gates: bool = True  # the gate may judge it (a policy names which it does)
+    floor: float = 0.0  # its resolution: smaller values count as equal when ranking
+
+    def format(self, v: float | None) -> str:
+        return "–" if v is None else self.fmt.format(v)
+
+
+CATALOGUE: dict[str, Metric] = {m.key: m for m in [
+    Metric("ttft_ms", "TTFT", "ms", "lower", "distribution", "{:.1f}", per_request="ttft"),
+    Metric("tpot_ms", "TPOT", "ms", "lower", "distribution", "{:.2f}", per_request="tpot"),
+    # No per-request samples for ITL: its samples are the gaps inside a request, strongly correlated, and a rank test
+    # that took them as independent would call noise significant; it is gated per repetition (itl_ms.p50) instead.
+    Metric("itl_ms", "ITL", "ms", "lower", "distribution", "{:.2f}"),
+    Metric("e2el_ms", "E2E latency", "ms", "lower", "distribution", "{:.1f}", per_request="e2el"),
+    Metric("prefill_tps", "prefill tok/s", "tok/s", "higher", "distribution", "{:.1f}"),
+    Metric("decode_tps", "decode tok/s", "tok/s", "higher", "distribution", "{:.1f}"),
+    Metric("duration_s", "duration", "s", None, "scalar", "{:.2f}", gates=False),
+    Metric("completed", "completed", "count", None, "scalar", "{:.0f}", gates=False),
+    Metric("errors", "errors", "count", "lower", "scalar", "{:.0f}"),
+    Metric("error_rate", "error rate", "ratio", "lower", "scalar", "{:.3g}", floor=1e-3),
+    Metric("total_input_tokens", "input tokens", "tokens", None, "scalar", "{:.0f}", gates=False),
+    Metric("total_output_tokens", "output tokens", "tokens", None, "scalar", "{:.0f}", gates=False),
+    Metric("request_throughput_rps", "req/s", "req/s", "higher", "scalar", "{:.2f}"),
+    Metric("output_throughput_tok_s", "output tok/s", "tok/s", "higher", "scalar", "{:.1f}"),
+    Metric("total_token_throughput_tok_s", "total tok/s", "tok/s", "higher", "scalar", "{:.1f}"),
+    Metric("goodput_rps", "goodput req/s", "req/s", "higher", "scalar", "{:.2f}"),
+    Metric("ttft_p99_cv", "TTFT p99 spread (CV over repetitions)", "ratio", "lower", "cell", "{:.3g}", floor=0.01,
+           gates=False),
+    Metric("load_time_s", "load time", "s", "lower", "cell", "{:.2f}", gates=False),
+    Metric("peak_vram_bytes", "peak VRAM", "bytes", "lower", "cell", gates=False),
+    Metric("max_rss_bytes", "peak host RAM", "bytes", "lower", "cell", gates=False),
+    Metric("disk_read_bytes", "disk read", "bytes", "lower", "cell", gates=False),
+]}
+
+DISTRIBUTIONS = tuple(k for k, m in CATALOGUE.items() if m.scope == "distribution")
+PER_REPETITION_SCALARS = tuple(k for k, m in CATALOGUE.items() if m.scope == "scalar")
+
+# The terminal table and summary.md: (metric, statistic or None for a scalar).
+SUMMARY_COLUMNS = (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), ("itl_ms", "p50"), ("e2el_ms", "p50"),
+                   ("output_throughput_tok_s", None), ("request_throughput_rps", None), ("goodput_rps", None),
+                   ("errors", None))
+
+
+def column_header(key: str, stat: str | None) -> str:
+    m = CATALOGUE[key]
+    unit = f" {m.unit}" if m.unit in ("ms",) else ""
+    return f"{m.label} {stat}{unit}" if stat else m.label
+
+
+def gate_metric_names() -> list[str]:
+    """The names a gate policy may use per repetition: DISTRIBUTION.STAT and scalars."""
+    return [f"{k}.{s}" for k in DISTRIBUTIONS if CATALOGUE[k].gates for s in ("count", *STATISTICS)] + \
+           [k for k in PER_REPETITION_SCALARS if CATALOGUE[k].gates]
