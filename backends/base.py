@@ -21,7 +21,7 @@ from harness.core.events import Capabilities, CellContext, ModelInfo, Request, T
 from harness.core.spec import BackendSpec
 
 __all__ = ["Backend", "BackendError", "BackendSpec", "Capabilities", "CellContext", "EngineThread", "ModelInfo",
-           "NoOptions", "Request", "TokenEvent", "Usage", "now", "vram_share"]
+           "NoOptions", "Request", "TokenEvent", "TorchBackend", "Usage", "now", "vram_share"]
 
 
 class NoOptions(BaseModel):
@@ -118,3 +118,12 @@ class Backend(ABC):
     def torch_allocator(self) -> Callable[[], tuple[int, int]] | None:
         """For in-process torch engines on CUDA: harness.core.gpu.torch_peak_reader(), so allocator peaks are recorded."""
         return None
+
+
+class TorchBackend(Backend):
+    """An engine that runs torch inside the worker on `options.device`: on CUDA its allocator peaks are recorded."""
+
+    def torch_allocator(self) -> Callable[[], tuple[int, int]] | None:
+        from harness.core.gpu import torch_peak_reader
+
+        return torch_peak_reader() if self.options.device.startswith("cuda") else None

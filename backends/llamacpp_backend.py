@@ -1,21 +1,22 @@
-"""llama.cpp through llama-cpp-python: in-process (`llama_cpp.Llama`) or as its OpenAI-compatible server.
+"""llama.cpp through llama-cpp-python, as two backends of the kind `llama_cpp` (`options.mode` picks one):
 
-The model folder is converted to GGUF on first use (harness/gguf.py, cached), unless `gguf:` names a file.
+- `LlamaCppInProcessBackend` (mode in_process, the default): `Llama.generate` runs in a thread on the request's own
+  token ids (so the input length is exact) and each token is stamped in that thread the moment the sampler returns
+  it. `generate` never stops by itself, so exact lengths cost nothing: EOS is produced and decoding goes on (vLLM's
+  `ignore_eos`). One request at a time, each from an empty KV cache (no prefix reuse between requests, like the
+  transformers backend).
+- `LlamaCppServerBackend` (mode server): `python -m llama_cpp.server` started by the shared launcher, or a running one
+  attached with `url:`, spoken to through the shared OpenAI client. Its sampling defaults are not greedy, so every
+  body sets temperature, repeat_penalty, top_k/top_p/min_p. It takes no `ignore_eos`, and `min_tokens` together with
+  `logit_bias` silently drops both (llama-cpp-python 0.3.36 assigns the result of `list.extend`), so exact lengths
+  come from a -1e9 logit bias on every end-of-generation token, which is HF's `min_new_tokens` semantics. It streams
+  text, not token ids, and merges tokens into one chunk when they end inside a UTF-8 character, so chunk counts
+  undercount: when the EOS bias was sent and the server finished with `length`, the output length is max_tokens by
+  the server's own stop rule (source `server_finish_reason`), otherwise the chunk count (`stream_chunks`).
 
-- in_process: `Llama.generate` runs in a thread on the request's own token ids (so the input length is exact) and
-  each token is stamped in that thread the moment the sampler returns it. `generate` never stops by itself, so
-  exact lengths cost nothing: EOS is produced and decoding goes on (vLLM's `ignore_eos`). One request at a time,
-  each from an empty KV cache (no prefix reuse between requests, like the transformers backend).
-- server: `python -m llama_cpp.server` launched with the shared launcher and spoken to with the shared OpenAI client
-  (this class extends it). Its sampling defaults are not greedy, so every body sets temperature, repeat_penalty,
-  top_k/top_p/min_p. It takes no `ignore_eos`, and `min_tokens` together with `logit_bias` silently drops both
-  (llama-cpp-python 0.3.36 assigns the result of `list.extend`), so exact lengths come from a -1e9 logit bias on every
-  end-of-generation token, which is HF's `min_new_tokens` semantics. It streams text, not token ids, and merges
-  tokens into one chunk when they end inside a UTF-8 character, so chunk counts undercount: when the EOS bias was
-  sent and the server finished with `length`, the output length is max_tokens by the server's own stop rule
-  (source `server_finish_reason`), otherwise the chunk count (`stream_chunks`).
-
-VRAM budget (cell `resources.vram_budget`) → `n_gpu_layers` and `offload_kqv` by `plan_offload`, a pure function.
+Both take the model as GGUF: the model folder is converted on first use (backends/gguf.py, cached), unless `gguf:`
+names a file. A VRAM budget (cell `resources.vram_budget`) becomes `n_gpu_layers` and `offload_kqv` by
+`plan_offload`, a pure function.
 """
 
 from __future__ import annotations
@@ -28,21 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import BackendError, Capabilities, EngineThread, Request, TokenEvent, Usage, now
-from backends.openai_backend import OpenAIBackend, OpenAIOptions
+from backends.base import Backend, BackendError, Capabilities, EngineThread, Request, TokenEvent, Usage, now
 from backends.gguf import GGUF_TYPES, GGUFLayout
+from backends.openai_backend import OpenAIClient, OpenAIClientOptions
 
 EOS_BIAS = -1e9
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default KV cache type is f16
 GPU_RESERVE_BYTES = 512 * 2**20  # CUDA context and llama.cpp's fixed buffers (an estimate)
 
 
-class LlamaCppOptions(OpenAIOptions):
-    """OpenAIOptions (exact_length, api_key_env, extra_body, timeout_s) apply to the server mode's requests;
-    exact_length applies to both modes."""
-    mode: Literal["in_process", "server"] = "in_process"
+class LlamaCppOptions(BaseModel):
+    """What both variants take."""
+    model_config = ConfigDict(extra="forbid")
+    exact_length: bool = Field(True, description="outputs of exactly max_tokens: decoding goes on past EOS in "
+                                                 "process; the server gets EOS biased away")
     gguf_type: Literal[GGUF_TYPES] = Field("f32", description="f32/f16/bf16/q8_0 written by the converter; k-quants "
                                                              "and others by llama.cpp's quantizer")
     gguf: Path | None = Field(None, description="use this GGUF file instead of converting the model folder")
@@ -52,6 +54,14 @@ class LlamaCppOptions(OpenAIOptions):
     flash_attn: bool = False
     n_gpu_layers: int | None = Field(None, ge=-1, description="override; default: from the VRAM budget, else all (-1)")
     offload_kqv: bool | None = Field(None, description="override; default: from the VRAM budget, else true")
+
+
+class LlamaCppInProcessOptions(LlamaCppOptions):
+    mode: Literal["in_process"] = "in_process"
+
+
+class LlamaCppServerOptions(LlamaCppOptions, OpenAIClientOptions):
+    mode: Literal["server"] = "server"
     server_args: list[str] = Field(default_factory=list, description="extra argv for llama_cpp.server")
     startup_timeout_s: float = Field(120, gt=0)
 
@@ -102,54 +112,33 @@ def plan_offload(budget: int, layout: GGUFLayout, n_ctx: int, n_batch: int) -> O
     return OffloadPlan(n_kv, True, used_kv + reserve)
 
 
-# ---- the backend ----------------------------------------------------------------------------------------------------
+# ---- what both variants share -----------------------------------------------------------------------------------------
 
-class LlamaCppBackend(OpenAIBackend):
+class LlamaCppBase(Backend):
+    """The GGUF file, its layout and the layer placement, the context check and the engine's part of environment()."""
     kind = "llama_cpp"
     Options = LlamaCppOptions
-    capabilities = Capabilities(max_concurrency=1)  # in-process: one Llama context; the server serializes too
+    capabilities = Capabilities(max_concurrency=1)  # in process: one Llama context; the server serializes too
 
-    llm: Any = None
-    server: Any = None
     gguf_path: Path | None = None
     layout: GGUFLayout | None = None
-    eog_ids: list[int] | None = None
     placement: dict[str, Any] | None = None
 
     def __init__(self, spec, model, ctx):
         super().__init__(spec, model, ctx)
-        if self.options.mode == "server":
-            self.capabilities = Capabilities(max_concurrency=1, token_ids=False)
         self.n_threads = self.options.n_threads or _physical_cores()
 
     @classmethod
     def check_spec(cls, spec) -> str | None:
-        mode = spec.options.get("mode", "in_process")
-        if spec.url is not None and mode != "server":
-            return "url: attaching to a running llama.cpp server needs options.mode: server"
         gguf = spec.options.get("gguf")
         if gguf is not None and not Path(gguf).expanduser().is_file():
             return f"options.gguf: expected a GGUF file, {gguf} does not exist"
         return None
 
-    # ---- start / stop ------------------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        if self.spec.url is not None:
-            self.base_url = self.spec.url.rstrip("/")
-            if self.options.gguf is not None:
-                self.eog_ids = await asyncio.to_thread(_eog_ids, self.options.gguf.expanduser())
-            await self.connect()
-        else:
-            self.gguf_path = await asyncio.to_thread(self._gguf)
-            self.layout = await asyncio.to_thread(_read_layout, self.gguf_path)
-            self.placement = self._placement()
-            if self.options.mode == "in_process":
-                await asyncio.to_thread(self._load)
-            else:
-                self.eog_ids = await asyncio.to_thread(_eog_ids, self.gguf_path)
-                await self._launch()
-        self._lock = asyncio.Lock()
+    async def _prepare_gguf(self) -> None:
+        self.gguf_path = await asyncio.to_thread(self._gguf)
+        self.layout = await asyncio.to_thread(_read_layout, self.gguf_path)
+        self.placement = self._placement()
 
     def _gguf(self) -> Path:
         from backends.gguf import GGUFError, cached_gguf
@@ -171,6 +160,45 @@ class LlamaCppBackend(OpenAIBackend):
             "planned_gpu_bytes": plan.gpu_bytes if plan else None,
         }
 
+    def _check_fits(self, request: Request) -> None:
+        if self.spec.url is None and len(request.prompt_token_ids) + request.max_tokens > self.options.n_ctx:
+            raise BackendError(f"prompt ({len(request.prompt_token_ids)}) + output ({request.max_tokens}) tokens "
+                               f"exceed options.n_ctx = {self.options.n_ctx}")
+
+    def environment(self) -> dict[str, Any]:
+        import llama_cpp
+
+        o = self.options
+        env: dict[str, Any] = {
+            "engine": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "mode": o.mode,
+            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+            "sampling": "the request's temperature (greedy at 0), repeat_penalty 1.0, no top-k/top-p/min-p",
+        }
+        if self.spec.url is None:
+            env |= {"gguf": str(self.gguf_path), "gguf_type": "given file" if o.gguf else o.gguf_type,
+                    "gguf_file_type": self.layout.file_type, "n_ctx": o.n_ctx, "n_batch": o.n_batch,
+                    "n_threads": self.n_threads, "flash_attn": o.flash_attn, **self.placement}
+        return env
+
+
+# ---- in process ---------------------------------------------------------------------------------------------------
+
+class LlamaCppInProcessBackend(LlamaCppBase):
+    Options = LlamaCppInProcessOptions
+
+    llm: Any = None
+
+    @classmethod
+    def check_spec(cls, spec) -> str | None:
+        if spec.url is not None:
+            return "url: attaching to a running llama.cpp server needs options.mode: server"
+        return super().check_spec(spec)
+
+    async def start(self) -> None:
+        await self._prepare_gguf()
+        await asyncio.to_thread(self._load)
+        self._lock = asyncio.Lock()
+
     def _load(self) -> None:
         import llama_cpp
 
@@ -186,84 +214,13 @@ class LlamaCppBackend(OpenAIBackend):
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._is_eog = lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)
 
-    async def _launch(self) -> None:
-        from harness.core.processes import launch
-
-        o, p = self.options, self.placement
-
-        def argv(port: int) -> list[str]:
-            return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf_path),
-                    "--model_alias", self.model.name, "--host", "127.0.0.1", "--port", str(port),
-                    "--n_ctx", str(o.n_ctx), "--n_batch", str(o.n_batch), "--n_ubatch", str(o.n_batch),
-                    "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
-                    "--n_gpu_layers", str(p["n_gpu_layers"]), "--offload_kqv", _flag(p["offload_kqv"]),
-                    "--flash_attn", _flag(o.flash_attn), "--seed", str(self.ctx.seed),
-                    # logits for every prompt token would slow prefill; no request here asks for logprobs.
-                    "--logits_all", "false",
-                    # by default a waiting request cuts off the one streaming: a concurrent load would truncate outputs
-                    "--interrupt_requests", "false",
-                    *o.server_args]
-
-        self.server = await launch("llama_server", argv, self.ctx.dir, "/v1/models", o.startup_timeout_s,
-                                   env={"PYTHONUNBUFFERED": "1"})
-        self.base_url = self.server.url + "/v1"
-        await self.connect()
-
     async def stop(self) -> None:
-        await super().stop()
-        if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
-            self.server = None
         if self.llm is not None:
             self.llm.close()
             self.llm = None
 
-    # ---- requests ----------------------------------------------------------------------------------------------
-
-    def _check_fits(self, request: Request) -> None:
-        if self.spec.url is None and len(request.prompt_token_ids) + request.max_tokens > self.options.n_ctx:
-            raise BackendError(f"prompt ({len(request.prompt_token_ids)}) + output ({request.max_tokens}) tokens "
-                               f"exceed options.n_ctx = {self.options.n_ctx}")
-
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         self._check_fits(request)
-        if self.llm is not None:
-            async for item in self._generate_in_process(request):
-                yield item
-            return
-        import httpx
-
-        try:
-            async for item in super().generate(request):
-                yield self._server_usage(item, request) if isinstance(item, Usage) else item
-        except httpx.TransportError:
-            # The connection drops a moment before the dead server can be reaped: give it that moment.
-            if self.server is not None and await asyncio.to_thread(self.server.wait_exit, 2.0) is not None:
-                raise BackendError(self.server.died_message()) from None
-            raise
-
-    def body(self, request: Request) -> dict[str, Any]:
-        body = super().body(request)
-        body.pop("ignore_eos", None)  # not a llama_cpp.server field
-        # Plain greedy (temperature 0) or plain temperature sampling: the server's defaults are neither.
-        body |= {"repeat_penalty": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
-        if self._forced_length(request):
-            body.pop("min_tokens", None)  # beside logit_bias it would disable both (see the module docstring)
-            body["logit_bias"] = {str(i): EOS_BIAS for i in self.eog_ids}
-        return body | self.options.extra_body
-
-    def _forced_length(self, request: Request) -> bool:
-        return self.options.exact_length and request.ignore_eos and bool(self.eog_ids)
-
-    def _server_usage(self, usage: Usage, request: Request) -> Usage:
-        # n_ctx was checked for launched servers only: an attached one may shorten max_tokens without saying so.
-        if self._forced_length(request) and usage.finish_reason == "length" and self.server is not None:
-            return Usage(usage.prompt_tokens, request.max_tokens, usage.prompt_source, "server_finish_reason",
-                         usage.finish_reason, exact_length=True)
-        usage.exact_length = self.options.exact_length and request.ignore_eos and usage.output_tokens == request.max_tokens
-        return usage
-
-    async def _generate_in_process(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         async with self._lock:
             stream = EngineThread(lambda emit: self._decode(request, emit))
             async for event in stream:
@@ -292,31 +249,106 @@ class LlamaCppBackend(OpenAIBackend):
         return n
 
     def environment(self) -> dict[str, Any]:
-        import llama_cpp
+        return super().environment() | {
+            "token_counts": {"input": "engine (the request's token ids are fed directly)",
+                             "output": "engine (tokens returned by Llama.generate)"},
+            "exact_length": "Llama.generate does not stop at EOS; decoding continues (ignore_eos semantics)"}
 
-        o = self.options
-        env: dict[str, Any] = {
-            "engine": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "mode": o.mode,
-            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
-            "sampling": "the request's temperature (greedy at 0), repeat_penalty 1.0, no top-k/top-p/min-p",
-        }
-        if self.spec.url is None:
-            env |= {"gguf": str(self.gguf_path), "gguf_type": "given file" if o.gguf else o.gguf_type,
-                    "gguf_file_type": self.layout.file_type, "n_ctx": o.n_ctx, "n_batch": o.n_batch,
-                    "n_threads": self.n_threads, "flash_attn": o.flash_attn, **self.placement}
-        if o.mode == "in_process":
-            env["token_counts"] = {"input": "engine (the request's token ids are fed directly)",
-                                   "output": "engine (tokens returned by Llama.generate)"}
-            env["exact_length"] = "Llama.generate does not stop at EOS; decoding continues (ignore_eos semantics)"
+
+# ---- as a server ----------------------------------------------------------------------------------------------------
+
+class LlamaCppServerBackend(LlamaCppBase):
+    Options = LlamaCppServerOptions
+    capabilities = Capabilities(max_concurrency=1, token_ids=False)
+
+    server: Any = None
+    eog_ids: list[int] | None = None
+
+    def __init__(self, spec, model, ctx):
+        super().__init__(spec, model, ctx)
+        self.client = OpenAIClient(self.options, spec.api, spec.served_model, self.options.exact_length,
+                                   adapt=self._body)
+
+    async def start(self) -> None:
+        if self.spec.url is not None:
+            if self.options.gguf is not None:
+                self.eog_ids = await asyncio.to_thread(_eog_ids, self.options.gguf.expanduser())
+            await self.client.connect(self.spec.url)
         else:
-            env |= super().environment() | {"engine": "llama.cpp"}
-            env["token_counts"] = {
-                "input": "client_tokenizer (the server re-tokenizes the prompt text; the harness's count is used)",
-                "output": ("server_finish_reason when finish_reason is length under the EOS bias, else stream_chunks"
-                           if self.server is not None else "stream_chunks (an attached server's n_ctx is unknown)")}
-            env["exact_length"] = (f"logit_bias {EOS_BIAS:g} on end-of-generation tokens {self.eog_ids}" if self.eog_ids
-                                   else "min_tokens: masks the EOS id only (no GGUF to read the other end-of-generation "
-                                        "tokens from); exact per request only when the counted chunks reach max_tokens")
+            await self._prepare_gguf()
+            self.eog_ids = await asyncio.to_thread(_eog_ids, self.gguf_path)
+            await self._launch()
+
+    async def _launch(self) -> None:
+        from harness.core.processes import launch
+
+        o, p = self.options, self.placement
+
+        def argv(port: int) -> list[str]:
+            return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf_path),
+                    "--model_alias", self.model.name, "--host", "127.0.0.1", "--port", str(port),
+                    "--n_ctx", str(o.n_ctx), "--n_batch", str(o.n_batch), "--n_ubatch", str(o.n_batch),
+                    "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
+                    "--n_gpu_layers", str(p["n_gpu_layers"]), "--offload_kqv", _flag(p["offload_kqv"]),
+                    "--flash_attn", _flag(o.flash_attn), "--seed", str(self.ctx.seed),
+                    # logits for every prompt token would slow prefill; no request here asks for logprobs.
+                    "--logits_all", "false",
+                    # by default a waiting request cuts off the one streaming: a concurrent load would truncate outputs
+                    "--interrupt_requests", "false",
+                    *o.server_args]
+
+        self.server = await launch("llama_server", argv, self.ctx.dir, "/v1/models", o.startup_timeout_s,
+                                   env={"PYTHONUNBUFFERED": "1"})
+        await self.client.connect(self.server.url + "/v1")
+
+    async def stop(self) -> None:
+        await self.client.close()
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+            self.server = None
+
+    async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        import httpx
+
+        self._check_fits(request)
+        try:
+            async for item in self.client.stream(request):
+                yield self._usage(item, request) if isinstance(item, Usage) else item
+        except httpx.TransportError:
+            # The connection drops a moment before the dead server can be reaped: give it that moment.
+            if self.server is not None and await asyncio.to_thread(self.server.wait_exit, 2.0) is not None:
+                raise BackendError(self.server.died_message()) from None
+            raise
+
+    def _body(self, body: dict[str, Any], request: Request) -> dict[str, Any]:
+        body.pop("ignore_eos", None)  # not a llama_cpp.server field
+        # Plain greedy (temperature 0) or plain temperature sampling: the server's defaults are neither.
+        body |= {"repeat_penalty": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        if self._forced_length(request):
+            body.pop("min_tokens", None)  # beside logit_bias it would disable both (see the module docstring)
+            body["logit_bias"] = {str(i): EOS_BIAS for i in self.eog_ids}
+        return body
+
+    def _forced_length(self, request: Request) -> bool:
+        return self.options.exact_length and request.ignore_eos and bool(self.eog_ids)
+
+    def _usage(self, usage: Usage, request: Request) -> Usage:
+        # n_ctx was checked for launched servers only: an attached one may shorten max_tokens without saying so.
+        if self._forced_length(request) and usage.finish_reason == "length" and self.server is not None:
+            return Usage(usage.prompt_tokens, request.max_tokens, usage.prompt_source, "server_finish_reason",
+                         usage.finish_reason, exact_length=True)
+        usage.exact_length = self.options.exact_length and request.ignore_eos and usage.output_tokens == request.max_tokens
+        return usage
+
+    def environment(self) -> dict[str, Any]:
+        env = super().environment() | self.client.environment()
+        env["token_counts"] = {
+            "input": "client_tokenizer (the server re-tokenizes the prompt text; the harness's count is used)",
+            "output": ("server_finish_reason when finish_reason is length under the EOS bias, else stream_chunks"
+                       if self.server is not None else "stream_chunks (an attached server's n_ctx is unknown)")}
+        env["exact_length"] = (f"logit_bias {EOS_BIAS:g} on end-of-generation tokens {self.eog_ids}" if self.eog_ids
+                               else "min_tokens: masks the EOS id only (no GGUF to read the other end-of-generation "
+                                    "tokens from); exact per request only when the counted chunks reach max_tokens")
         return env
 
 

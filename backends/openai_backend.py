@@ -1,7 +1,8 @@
-"""Any OpenAI-compatible endpoint, and the one streaming client every served engine (vLLM, llama.cpp, our own) reuses.
+"""Any OpenAI-compatible endpoint (`kind: openai`), and `OpenAIClient`, the streaming client it shares with every
+engine the harness serves (the server variants of llama.cpp and vLLM).
 
-Streams `/v1/completions` or `/v1/chat/completions` over SSE and stamps each chunk that carries generated text
-on arrival. Token counts come from the server's usage (`stream_options.include_usage`) when it sends one,
+The client streams `/v1/completions` or `/v1/chat/completions` over SSE and stamps each chunk that carries generated
+text on arrival. Token counts come from the server's usage (`stream_options.include_usage`) when it sends one,
 otherwise from counting chunks; the source of each count is recorded.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,32 +18,34 @@ from pydantic import BaseModel, ConfigDict, Field
 from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now
 
 
-class OpenAIOptions(BaseModel):
+class OpenAIClientOptions(BaseModel):
+    """The client's own options: every backend that speaks to a server through OpenAIClient accepts them."""
     model_config = ConfigDict(extra="forbid")
-    exact_length: bool = Field(True, description="send ignore_eos and min_tokens (vLLM, llama.cpp, TGI accept them)")
     api_key_env: str | None = Field(None, description="name of the environment variable holding the API key")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="merged into every request body")
     timeout_s: float = Field(600, gt=0)
 
 
-class OpenAIBackend(Backend):
-    kind = "openai"
-    Options = OpenAIOptions
-    capabilities = Capabilities(token_ids=False)
-    base_url: str  # …/v1
+class OpenAIOptions(OpenAIClientOptions):
+    exact_length: bool = Field(True, description="send ignore_eos and min_tokens (vLLM, llama.cpp, TGI accept them)")
 
-    @classmethod
-    def check_spec(cls, spec) -> str | None:
-        if spec.url is None:
-            return "url: the openai kind attaches to a running server; expected e.g. url: http://127.0.0.1:8000/v1"
-        return None
 
-    async def start(self) -> None:
-        self.base_url = self.spec.url.rstrip("/")
-        await self.connect()
+class OpenAIClient:
+    """One OpenAI-compatible server: `connect` once it answers, then `stream` each request.
 
-    async def connect(self) -> None:
-        """Open the client and learn the served model; servers launched by subclasses call this once healthy."""
+    `adapt(body, request)` turns the standard body into an engine's (its own fields, ones it refuses removed);
+    `extra_body` is merged after it, so the user has the last word.
+    """
+
+    def __init__(self, options: OpenAIClientOptions, api: str, served_model: str | None, exact_length: bool,
+                 adapt: Callable[[dict[str, Any], Request], dict[str, Any]] | None = None):
+        self.options, self.api, self.served_model = options, api, served_model
+        self.exact_length, self.adapt = exact_length, adapt
+        self.base_url: str | None = None  # …/v1
+        self.http = None  # the httpx.AsyncClient, also for an engine's other routes (/metrics, /version)
+
+    async def connect(self, base_url: str) -> None:
+        """Open the connection pool and learn the served model (unless the spec names it)."""
         import httpx
 
         headers = {}
@@ -51,12 +54,13 @@ class OpenAIBackend(Backend):
             if not key:
                 raise BackendError(f"options.api_key_env: environment variable {self.options.api_key_env} is not set")
             headers["Authorization"] = f"Bearer {key}"
-        self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.options.timeout_s, connect=10),
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
-        self.served_model = self.spec.served_model or await self._first_model()
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.options.timeout_s, connect=10),
+                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+        self.served_model = self.served_model or await self._first_model()
 
     async def _first_model(self) -> str:
-        r = await self.client.get(f"{self.base_url}/models")
+        r = await self.http.get(f"{self.base_url}/models")
         if r.status_code != 200:
             raise BackendError(f"GET {self.base_url}/models answered HTTP {r.status_code}: {r.text[:300]}")
         models = r.json().get("data") or []
@@ -64,29 +68,33 @@ class OpenAIBackend(Backend):
             raise BackendError(f"GET {self.base_url}/models lists no model; set served_model")
         return models[0]["id"]
 
-    async def stop(self) -> None:
-        if getattr(self, "client", None) is not None:
-            await self.client.aclose()
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
 
     def body(self, request: Request) -> dict[str, Any]:
+        """Exactly what is POSTed for `request`."""
         body: dict[str, Any] = {
             "model": self.served_model, "max_tokens": request.max_tokens, "temperature": request.temperature,
             "stream": True, "stream_options": {"include_usage": True},
         }
         if request.temperature > 0:
             body["seed"] = request.seed
-        if self.spec.api == "chat":
+        if self.api == "chat":
             body["messages"] = [{"role": "user", "content": request.prompt}]
         else:
             body["prompt"] = request.prompt
-        if self.options.exact_length and request.ignore_eos:
+        if self.exact_length and request.ignore_eos:
             body |= {"ignore_eos": True, "min_tokens": request.max_tokens}
+        if self.adapt is not None:
+            body = self.adapt(body, request)
         return body | self.options.extra_body
 
-    async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
-        path = "/chat/completions" if self.spec.api == "chat" else "/completions"
+    async def stream(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        path = "/chat/completions" if self.api == "chat" else "/completions"
         n_chunks_tokens, usage, finish = 0, None, None
-        async with self.client.stream("POST", self.base_url + path, json=self.body(request)) as r:
+        async with self.http.stream("POST", self.base_url + path, json=self.body(request)) as r:
             if r.status_code != 200:
                 raise BackendError(f"HTTP {r.status_code} from {path}: {(await r.aread()).decode(errors='replace')[:500]}")
             async for line in r.aiter_lines():
@@ -108,15 +116,42 @@ class OpenAIBackend(Backend):
                         n = len(ids) if ids else 1
                         n_chunks_tokens += n
                         yield TokenEvent(t=t, n_tokens=n, token_ids=ids)
-        exact = self.options.exact_length and request.ignore_eos
+        exact = self.exact_length and request.ignore_eos
         if usage and usage.get("completion_tokens") is not None:
             yield Usage(usage.get("prompt_tokens"), usage["completion_tokens"], "server_usage", "server_usage",
                         finish, exact)
         else:
             # A chat template adds tokens the client cannot see, so only a completions prompt has a known length.
-            n_in = len(request.prompt_token_ids) if self.spec.api == "completions" else None
+            n_in = len(request.prompt_token_ids) if self.api == "completions" else None
             yield Usage(n_in, n_chunks_tokens, "client_tokenizer", "stream_chunks", finish, exact)
 
     def environment(self) -> dict[str, Any]:
-        return {"engine": "openai-compatible", "url": self.base_url, "served_model": getattr(self, "served_model", None),
-                "api": self.spec.api}
+        return {"url": self.base_url, "served_model": self.served_model, "api": self.api}
+
+
+class OpenAIBackend(Backend):
+    kind = "openai"
+    Options = OpenAIOptions
+    capabilities = Capabilities(token_ids=False)
+
+    def __init__(self, spec, model, ctx):
+        super().__init__(spec, model, ctx)
+        self.client = OpenAIClient(self.options, spec.api, spec.served_model, self.options.exact_length)
+
+    @classmethod
+    def check_spec(cls, spec) -> str | None:
+        if spec.url is None:
+            return "url: the openai kind attaches to a running server; expected e.g. url: http://127.0.0.1:8000/v1"
+        return None
+
+    async def start(self) -> None:
+        await self.client.connect(self.spec.url)
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+    def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        return self.client.stream(request)
+
+    def environment(self) -> dict[str, Any]:
+        return {"engine": "openai-compatible", **self.client.environment()}

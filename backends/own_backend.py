@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, BackendError, Request, TokenEvent, Usage, now
+from backends.base import BackendError, Request, TokenEvent, TorchBackend, Usage, now
 
 Tier = Literal["auto", "gpu", "cpu", "disk"]
 
@@ -38,7 +38,7 @@ class OwnOptions(BaseModel):
                                                     "report decode time against its bound")
 
 
-class OwnBackend(Backend):
+class OwnBackend(TorchBackend):
     kind = "own"
     Options = OwnOptions
 
@@ -136,11 +136,6 @@ class OwnBackend(Backend):
     @staticmethod
     def _batch_key(r: Request) -> tuple:
         return r.max_tokens, r.temperature, r.ignore_eos
-
-    def torch_allocator(self):
-        from harness.core.gpu import torch_peak_reader
-
-        return torch_peak_reader() if self.options.device.startswith("cuda") else None
 
     def logical_io(self) -> dict[str, Any]:
         """The engine's own byte counts per tier and phase, and decode time against the bound of its slowest link."""

@@ -1,5 +1,6 @@
 """Backend kinds by name. Modules are imported on first use, so validating a scenario never loads an engine.
 
+A kind is one class, or `Variants`: several classes, one chosen by an option (llama_cpp and vllm by `mode`).
 Plugins: a module named in LLMBENCH_PLUGINS (comma-separated) is imported and may call `register`.
 """
 
@@ -7,23 +8,47 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from backends.base import Backend
 from harness.core.errors import UserError
 
-_BUILTIN = {
+
+@dataclass(frozen=True)
+class Variants:
+    """A kind whose option `option` (else `default`) names the class: value → "module:Class"."""
+    option: str
+    default: str
+    classes: dict[str, str]
+
+
+_BUILTIN: dict[str, str | Variants] = {
     "transformers": "backends.transformers_backend:TransformersBackend",
     "openai": "backends.openai_backend:OpenAIBackend",
     "tgi": "backends.tgi_backend:TGIBackend",
     "own": "backends.own_backend:OwnBackend",
-    "llama_cpp": "backends.llamacpp_backend:LlamaCppBackend",
-    "vllm": "backends.vllm_backend:VLLMBackend",
+    "llama_cpp": Variants("mode", "in_process", {
+        "in_process": "backends.llamacpp_backend:LlamaCppInProcessBackend",
+        "server": "backends.llamacpp_backend:LlamaCppServerBackend"}),
+    "vllm": Variants("mode", "server", {
+        "server": "backends.vllm_backend:VLLMServerBackend",
+        "in_process": "backends.vllm_backend:VLLMInProcessBackend"}),
 }
 _registered: dict[str, type[Backend]] = {}
 
 
 class PluginError(UserError):
     """A module named in LLMBENCH_PLUGINS cannot be imported."""
+
+
+class UnknownVariant(UserError):
+    """The option that selects a kind's variant names none of them."""
+
+    def __init__(self, kind: str, option: str, value: Any, accepted: list[str]):
+        self.kind, self.option, self.value, self.accepted = kind, option, value, accepted
+        super().__init__(f"options.{option}: expected {' or '.join(accepted)} for kind {kind}, got {value!r}")
 
 
 _plugins_loaded = False
@@ -50,11 +75,19 @@ def known_kinds() -> list[str]:
     return sorted({*_BUILTIN, *_registered})
 
 
-def get_backend_class(kind: str) -> type[Backend]:
+def get_backend_class(kind: str, options: Mapping[str, Any] | None = None) -> type[Backend]:
+    """The class of `kind`; for a kind with variants, the one `options` selects (without options, the default one).
+    KeyError for an unknown kind, UnknownVariant for an option naming no variant."""
     _load_plugins()
     if kind in _registered:
         return _registered[kind]
     if kind not in _BUILTIN:
         raise KeyError(kind)
-    module, name = _BUILTIN[kind].split(":")
+    target = _BUILTIN[kind]
+    if isinstance(target, Variants):
+        value = (options or {}).get(target.option, target.default)
+        if not isinstance(value, str) or value not in target.classes:
+            raise UnknownVariant(kind, target.option, value, list(target.classes))
+        target = target.classes[value]
+    module, name = target.split(":")
     return getattr(importlib.import_module(module), name)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, Capabilities, EngineThread, Request, TokenEvent, Usage, now, vram_share
+from backends.base import Capabilities, EngineThread, Request, TokenEvent, TorchBackend, Usage, now, vram_share
 
 
 # Share of a VRAM budget kept free of weights for activations and the KV cache when device_map places layers.
@@ -47,7 +47,7 @@ class _Streamer:
         pass
 
 
-class TransformersBackend(Backend):
+class TransformersBackend(TorchBackend):
     kind = "transformers"
     Options = TransformersOptions
     capabilities = Capabilities(max_concurrency=1)
@@ -110,11 +110,6 @@ class TransformersBackend(Backend):
         with torch.inference_mode():
             out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
         return out.shape[1] - ids.shape[1]
-
-    def torch_allocator(self):
-        from harness.core.gpu import torch_peak_reader
-
-        return torch_peak_reader() if self.options.device.startswith("cuda") else None
 
     def environment(self) -> dict[str, Any]:
         import torch

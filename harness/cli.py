@@ -136,7 +136,7 @@ def serve(
             raise ScenarioError(f"--option: expected KEY=VALUE, got {item!r}")
         options[key] = yaml.safe_load(value)
     try:
-        get_backend_class(backend).Options.model_validate(options)
+        get_backend_class(backend, options).Options.model_validate(options)
     except KeyError:
         raise ScenarioError(f"--backend: unknown backend kind {backend!r}; known: {', '.join(known_kinds())}") from None
     except ValidationError as e:

@@ -114,6 +114,7 @@ class WorkerReport(BaseModel):
     load: Span | None = None
     load_time_s: float | None = None
     environment: dict[str, Any] = Field(default_factory=dict)
+    capabilities: dict[str, Any] | None = None  # the backend's Capabilities, as the harness applied them
     repetitions: list[Span] = Field(default_factory=list)
     resources: dict[str, Any] | None = None
     logical_io: dict[str, Any] | None = None
@@ -143,6 +144,7 @@ class CellResult(BaseModel):
     token_counts: dict[str, Any] | None = None
     load_time_s: float | None = None
     engine: dict[str, Any] = Field(default_factory=dict)
+    capabilities: dict[str, Any] | None = None
     concurrency_cap: ConcurrencyCap | None = None
     requests_file: str | None = None
     timeline_file: str | None = None

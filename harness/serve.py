@@ -306,5 +306,5 @@ def build_server(kind: str, model_path: Path, options: dict[str, Any], workdir: 
     from harness.core.spec import BackendSpec
 
     spec = BackendSpec(name="served", kind=kind, options=options)
-    backend = get_backend_class(kind)(spec, ModelInfo(model_path.name, model_path), CellContext(dir=workdir))
+    backend = get_backend_class(kind, options)(spec, ModelInfo(model_path.name, model_path), CellContext(dir=workdir))
     return EngineServer(backend, AutoTokenizer.from_pretrained(model_path), model_path.name, protocol)

@@ -7,13 +7,15 @@ each token is stamped at start + ttft_s + k * itl_s, after really waiting until 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from backends.base import Backend, BackendError, Request, TokenEvent, Usage, now
+from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now
 from backends.registry import register
 
 
@@ -26,12 +28,20 @@ class ScriptedOptions(BaseModel):
     hang: bool = False
     fail_request_ids: list[int] = []
     disk_need_bytes: int | None = None  # declared disk need, in the cell's folder
+    max_concurrency: int | None = None  # declared in its capabilities: the harness must queue beyond it
+    busy_prefill: bool = False  # spin a CPU during each request's prefill (a thread), sleep during its decode
+    record_requests: bool = False  # append what each request asked for to CELL_DIR/seen.jsonl
 
 
 @register
 class ScriptedBackend(Backend):
     kind = "scripted"
     Options = ScriptedOptions
+
+    def __init__(self, spec, model, ctx):
+        super().__init__(spec, model, ctx)
+        if self.options.max_concurrency is not None:
+            self.capabilities = Capabilities(max_concurrency=self.options.max_concurrency)
 
     async def start(self) -> None:
         if self.options.fail_if_exists and Path(self.options.fail_if_exists).exists():
@@ -52,8 +62,19 @@ class ScriptedBackend(Backend):
         if request.id in o.fail_request_ids:
             raise BackendError(f"scripted failure of request {request.id}")
         start = now()
+        if o.record_requests:
+            with (self.ctx.dir / "seen.jsonl").open("a") as f:
+                f.write(json.dumps({"id": request.id, "temperature": request.temperature, "seed": request.seed,
+                                    "start": start}) + "\n")
+        if o.busy_prefill:
+            await asyncio.to_thread(_spin_until, start + o.ttft_s)
         for k in range(request.max_tokens):
             t = start + o.ttft_s + k * o.itl_s
             await asyncio.sleep(max(0.0, t - now()))
             yield TokenEvent(t=t, n_tokens=1, token_ids=[k])
         yield Usage(len(request.prompt_token_ids), request.max_tokens, "engine", "engine")
+
+
+def _spin_until(t: float) -> None:
+    while time.perf_counter() < t:
+        pass

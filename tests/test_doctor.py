@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from harness.doctor import VLLM_VENV_PYTHON, run_checks, vllm_check, vllm_pythons
-from tests.conftest import ROOT
 
 
 def test_vllm_probe_says_why_it_cannot_run(tmp_path):

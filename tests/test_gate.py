@@ -196,7 +196,7 @@ def test_reference_absorbs_uniform_machine_slowdown(tmp_path):
     assert gate("--baseline", base, "--current", cur, "--out", tmp_path / "raw").exit_code == 1
     # ...normalized by hf measured on the same machine, it is not.
     policy = tmp_path / "ref.yaml"
-    policy.write_text((ROOT / "harness/gate_policy.yaml").read_text().replace("reference: null", "reference: hf"))
+    policy.write_text((ROOT / "harness/analyze/gate_policy.yaml").read_text().replace("reference: null", "reference: hf"))
     result = gate("--baseline", base, "--current", cur, "--policy", policy)
     assert result.exit_code == 0, result.output
     assert "regression" not in verdicts(cur).values()
@@ -273,7 +273,8 @@ def test_failed_current_cell_is_a_regression(tmp_path):
     assert result.exit_code == 1
     assert verdicts(cur) == {("tiny__hf__short", "status"): "regression"}
     assert "KeyError: [red]boom[/red]" in result.output  # printed as text, not as rich markup
-    assert "ok in the baseline, failed now: KeyError: [red]boom[/red] |" in (cur / "gate.md").read_text()
+    # and inert in the markdown: brackets escaped
+    assert "ok in the baseline, failed now: KeyError: \\[red\\]boom\\[/red\\] |" in (cur / "gate.md").read_text()
 
 
 def test_missing_requests_file_exit_2(tmp_path):
@@ -297,7 +298,7 @@ def test_too_few_samples_is_inconclusive(tmp_path):
     assert {r["note"] for r in rows} == {"6 sample(s) < min_samples 10", "2 sample(s) < min_samples 4"}
 
     strict = tmp_path / "strict.yaml"
-    strict.write_text((ROOT / "harness/gate_policy.yaml").read_text().replace("inconclusive: pass", "inconclusive: fail"))
+    strict.write_text((ROOT / "harness/analyze/gate_policy.yaml").read_text().replace("inconclusive: pass", "inconclusive: fail"))
     assert gate("--baseline", base, "--current", cur, "--policy", strict).exit_code == 1
 
 
@@ -341,14 +342,14 @@ def test_packaged_policy_is_valid_and_gates_the_documented_metrics():
 def test_per_request_samples_come_from_request_records(tmp_path):
     run_dir = synth_run(tmp_path / "run", 0, n_requests=4, repetitions=2)
     run = Run(run_dir)
-    cell = run.data["cells"][0]
+    cell = run.result.cells[0]
     policy = load_policy(None)
     ttft = run.samples(cell, "ttft_ms", policy.metrics["ttft_ms"])
-    lines = (run_dir / cell["requests_file"]).read_text().splitlines()
+    lines = (run_dir / cell.requests_file).read_text().splitlines()
     expected = [(r["chunk_times"][0] - r["t_send"]) * 1e3 for r in map(json.loads, lines)]
     assert ttft.tolist() == pytest.approx(expected)
     thr = run.samples(cell, "output_throughput_tok_s", policy.metrics["output_throughput_tok_s"])
-    assert thr.tolist() == [rep["output_throughput_tok_s"] for rep in cell["repetitions"]]
+    assert thr.tolist() == [rep["output_throughput_tok_s"] for rep in cell.repetitions]
 
 
 # ---- baselines ----------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""llama.cpp: GGUF conversion against HF, both modes through `bench run`, server failures, and layer placement under
-a VRAM budget (the launcher itself: test_servers.py)."""
+"""llama.cpp: GGUF conversion against HF, both modes through `bench run`, server failures, each mode's options and
+request body, and layer placement under a VRAM budget (the launcher itself: test_servers.py)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from harness.core.processes import GROUPS_FILE
 from backends.gguf import GGUFLayout
 from harness.run.runner import Runner
 from harness.config.load import load_scenario
-from tests.conftest import ROOT, scenario_dict
+from tests.conftest import scenario_dict
 
 try:
     import gguf  # noqa: F401
@@ -176,27 +177,28 @@ async def test_greedy_is_greedy_in_both_modes(tiny_model, tiny_gguf, tmp_path):
     from transformers import AutoTokenizer
 
     from backends.base import CellContext, ModelInfo, Request, TokenEvent
-    from backends.llamacpp_backend import LlamaCppBackend
+    from backends.llamacpp_backend import LlamaCppInProcessBackend, LlamaCppServerBackend
     from harness.core.spec import BackendSpec
 
     text = "the city of music and the world"
     request = Request(0, text, AutoTokenizer.from_pretrained(tiny_model).encode(text), max_tokens=48)
     model, ctx = ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path)
-    local = LlamaCppBackend(BackendSpec(name="l", kind="llama_cpp", options={"gguf": str(tiny_gguf)}), model, ctx)
+    local = LlamaCppInProcessBackend(BackendSpec(name="l", kind="llama_cpp", options={"gguf": str(tiny_gguf)}), model,
+                                     ctx)
     await local.start()
     try:
         ids = [i for ev in [e async for e in local.generate(request)] if isinstance(ev, TokenEvent) for i in ev.token_ids]
         expected = local.llm.detokenize(ids).decode("utf-8", errors="ignore")
     finally:
         await local.stop()
-    served = LlamaCppBackend(BackendSpec(name="s", kind="llama_cpp", options={"mode": "server", "gguf": str(tiny_gguf)}),
-                             model, ctx)
+    served = LlamaCppServerBackend(BackendSpec(name="s", kind="llama_cpp", options={"gguf": str(tiny_gguf)}), model,
+                                   ctx)
     await served.start()
     try:
-        body = served.body(request)
+        body = served.client.body(request)
         assert body["temperature"] == 0 and body["repeat_penalty"] == 1.0 and "min_tokens" not in body
         assert set(body["logit_bias"]) == {"1", "4"}  # <|end_of_text|> and <|eot_id|>, found by llama.cpp
-        r = await served.client.post(served.base_url + "/completions", json=body | {"stream": False})
+        r = await served.client.http.post(served.client.base_url + "/completions", json=body | {"stream": False})
         reply = r.json()
     finally:
         await served.stop()
@@ -275,6 +277,53 @@ def test_url_needs_server_mode(tiny_model, write_scenario):
     b = {"name": "x", "kind": "llama_cpp", "options": {"gguf_type": "q9"}}
     with pytest.raises(ScenarioError, match="gguf_type"):
         load_scenario(write_scenario(scenario_dict(tiny_model, [b])))
+
+
+def test_mode_selects_the_variant_and_its_options(tiny_model, write_scenario):
+    from backends.llamacpp_backend import LlamaCppInProcessBackend, LlamaCppServerBackend
+    from backends.registry import get_backend_class
+    from harness.config.load import ScenarioError
+
+    assert get_backend_class("llama_cpp") is LlamaCppInProcessBackend
+    assert get_backend_class("llama_cpp", {"mode": "in_process"}) is LlamaCppInProcessBackend
+    assert get_backend_class("llama_cpp", {"mode": "server"}) is LlamaCppServerBackend
+    server = {"name": "x", "kind": "llama_cpp", "options": {"mode": "server", "timeout_s": 5, "n_ctx": 256}}
+    assert load_scenario(write_scenario(scenario_dict(tiny_model, [server]))).backends[0].options["timeout_s"] == 5
+    for options, expected in (({"timeout_s": 5}, "backends[0].options.timeout_s: unknown key"),
+                              ({"server_args": ["-v"]}, "backends[0].options.server_args: unknown key"),
+                              ({"mode": "served"}, "backends[0].options.mode: expected in_process or server")):
+        b = {"name": "x", "kind": "llama_cpp", "options": options}
+        with pytest.raises(ScenarioError, match=re.escape(expected)):
+            load_scenario(write_scenario(scenario_dict(tiny_model, [b])))
+
+
+def test_an_unknown_mode_is_a_clean_error(tiny_model, write_scenario):
+    b = {"name": "x", "kind": "llama_cpp", "options": {"mode": ["server"]}}
+    path = write_scenario(scenario_dict(tiny_model, [b]))
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "validate", str(path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "backends[0].options.mode: expected in_process or server" in " ".join(r.stderr.split())
+
+
+def test_server_body_biases_eos_away_and_leaves_the_user_the_last_word(tiny_model, tmp_path):
+    """What the server variant sends (no server needed): llama_cpp.server's fields, the EOS bias instead of
+    ignore_eos/min_tokens when the end-of-generation ids are known, min_tokens when they are not; extra_body last."""
+    from backends.base import CellContext, ModelInfo, Request
+    from backends.llamacpp_backend import EOS_BIAS, LlamaCppServerBackend
+    from harness.core.spec import BackendSpec
+
+    spec = BackendSpec(name="s", kind="llama_cpp", url="http://127.0.0.1:9/v1", served_model="tiny",
+                       options={"mode": "server", "extra_body": {"top_k": 40}})
+    backend = LlamaCppServerBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
+    assert backend.capabilities.max_concurrency == 1 and not backend.capabilities.token_ids
+    request = Request(0, "hi", [1, 2], max_tokens=8)
+    body = backend.client.body(request)
+    assert body["min_tokens"] == 8 and "ignore_eos" not in body and "logit_bias" not in body
+    assert body["top_k"] == 40 and body["repeat_penalty"] == 1.0 and body["prompt"] == "hi"
+    backend.eog_ids = [1, 4]
+    body = backend.client.body(request)
+    assert body["logit_bias"] == {"1": EOS_BIAS, "4": EOS_BIAS} and "min_tokens" not in body
+    assert "logit_bias" not in backend.client.body(Request(0, "hi", [1, 2], max_tokens=8, ignore_eos=False))
 
 
 # ---- VRAM budget → layers on the GPU ------------------------------------------------------------------------------

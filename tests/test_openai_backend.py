@@ -1,4 +1,5 @@
-"""The `openai` backend against a real OpenAI-protocol server: `bench serve` with the transformers engine."""
+"""The `openai` backend against a real OpenAI-protocol server (`bench serve` with the transformers engine), and the
+request body of the client it shares with the served engines."""
 
 import json
 
@@ -62,3 +63,20 @@ def test_missing_api_key_variable_fails_the_cell(server, tiny_model, write_scena
     b = {"name": "keyed", "kind": "openai", "url": server, "options": {"api_key_env": "LLMBENCH_TEST_KEY"}}
     code, cells = cells_of(write_scenario(scenario_dict(tiny_model, [b])), tmp_path / "out")
     assert code == 1 and "LLMBENCH_TEST_KEY is not set" in cells["keyed"]["error"]
+
+
+def test_client_body_adapted_by_the_engine_then_extra_body():
+    from backends.base import Request
+    from backends.openai_backend import OpenAIClient, OpenAIClientOptions
+
+    def adapt(body, request):
+        return body | {"top_k": 0, "prompt": request.prompt_token_ids}
+
+    options = OpenAIClientOptions(extra_body={"top_k": 40})
+    request = Request(0, "hi", [1, 2], max_tokens=8, temperature=0.5, seed=7)
+    body = OpenAIClient(options, "completions", "m", exact_length=True, adapt=adapt).body(request)
+    assert body == {"model": "m", "max_tokens": 8, "temperature": 0.5, "stream": True,
+                    "stream_options": {"include_usage": True}, "seed": 7, "prompt": [1, 2], "ignore_eos": True,
+                    "min_tokens": 8, "top_k": 40}
+    chat = OpenAIClient(OpenAIClientOptions(), "chat", "m", exact_length=False).body(request)
+    assert chat["messages"] == [{"role": "user", "content": "hi"}] and "ignore_eos" not in chat and "prompt" not in chat

@@ -10,7 +10,7 @@ import pytest
 
 from harness.run.runner import Runner
 from harness.config.load import load_scenario
-from tests.conftest import ROOT, scenario_dict
+from tests.conftest import scenario_dict
 
 SCRIPTED = {"name": "ok", "kind": "scripted", "options": {"ttft_s": 0.005, "itl_s": 0.001}}
 

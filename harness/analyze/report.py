@@ -324,7 +324,7 @@ def cells_table(cells: list[CellView]) -> Table:
             tokens += "; exact output length" if exact else "; output length not forced" if exact is False else ""
         engine = ", ".join(f"{k}={v}" for k, v in c.cell.engine.items()) or "–"
         rows.append([c.id, c.run.label, str(c.run.path), f"{c.backend} ({c.cell.backend_kind or '?'})", c.status,
-                     fmt_value(c.number("load_time_s"), "s"), tokens, engine, str(c.cell.requests_file or "–")])
+                     fmt_value(c.cell.load_time_s, "s"), tokens, engine, str(c.cell.requests_file or "–")])
     return Table.of(["cell", "run", "results file", "backend (kind)", "status", "load time", "token counts from",
                      "engine", "per-request samples"], rows)
 

@@ -84,7 +84,7 @@ def _resolve_paths(scenario: Scenario, base: Path) -> None:
 
 
 def _check_backends(scenario: Scenario, source: str) -> None:
-    from backends.registry import get_backend_class, known_kinds
+    from backends.registry import UnknownVariant, get_backend_class, known_kinds
 
     for name, m in scenario.models.items():
         if m.path is not None and not (m.path / "config.json").is_file():
@@ -93,9 +93,11 @@ def _check_backends(scenario: Scenario, source: str) -> None:
     for i, b in enumerate(scenario.backends):
         where = f"{source}: backends[{i}]"
         try:
-            cls = get_backend_class(b.kind)
+            cls = get_backend_class(b.kind, b.options)
         except KeyError:
             raise ScenarioError(f"{where}.kind: unknown backend kind {b.kind!r}; known: {', '.join(known_kinds())}") from None
+        except UnknownVariant as e:  # its message starts with the option's path under the backend
+            raise ScenarioError(f"{where}.{e}") from None
         try:
             cls.Options.model_validate(b.options)
         except ValidationError as e:

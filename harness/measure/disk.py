@@ -1,6 +1,6 @@
 """The storage side of a cell: device counters, offload-folder sizes, the page cache, and free space.
 
-Per-process disk bytes live in harness/monitor.py (they need the process tree); this file holds what is
+Per-process disk bytes live in harness/measure/monitor.py (they need the process tree); this file holds what is
 per device, per folder or per file.
 """
 
@@ -12,6 +12,8 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from own_engine.units import fmt_bytes
 
 SECTOR = 512  # /proc/diskstats counts 512-byte sectors whatever the device's real sector size
 
@@ -139,10 +141,6 @@ def page_cache_state(paths: Iterable[str | os.PathLike]) -> str:
     return cache_label(resident_fraction(paths))
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def check_disk_space(path: str | os.PathLike, need_bytes: int) -> str | None:
     """A message when the filesystem that holds (or will hold) `path` has less than `need_bytes` free."""
     p = Path(path).absolute()
@@ -150,5 +148,5 @@ def check_disk_space(path: str | os.PathLike, need_bytes: int) -> str | None:
         p = p.parent
     free = shutil.disk_usage(p).free
     if free < need_bytes:
-        return f"{path}: needs {_gib(need_bytes)} of free disk space, but its filesystem has {_gib(free)} free"
+        return f"{path}: needs {fmt_bytes(need_bytes)} of free disk space, but its filesystem has {fmt_bytes(free)} free"
     return None

@@ -25,6 +25,7 @@ class Metric:
     per_request: str | None = None  # the RequestRecord property (seconds) giving one sample per request
     gates: bool = True  # the gate may judge it (a policy names which it does)
     floor: float = 0.0  # its resolution: smaller values count as equal when ranking
+    short: str | None = None  # the label in narrow tables, when shorter than `label`
 
     def format(self, v: float | None) -> str:
         return "–" if v is None else self.fmt.format(v)
@@ -36,7 +37,7 @@ CATALOGUE: dict[str, Metric] = {m.key: m for m in [
     # No per-request samples for ITL: its samples are the gaps inside a request, strongly correlated, and a rank test
     # that took them as independent would call noise significant; it is gated per repetition (itl_ms.p50) instead.
     Metric("itl_ms", "ITL", "ms", "lower", "distribution", "{:.2f}"),
-    Metric("e2el_ms", "E2E latency", "ms", "lower", "distribution", "{:.1f}", per_request="e2el"),
+    Metric("e2el_ms", "E2E latency", "ms", "lower", "distribution", "{:.1f}", per_request="e2el", short="E2E"),
     Metric("prefill_tps", "prefill tok/s", "tok/s", "higher", "distribution", "{:.1f}"),
     Metric("decode_tps", "decode tok/s", "tok/s", "higher", "distribution", "{:.1f}"),
     Metric("duration_s", "duration", "s", None, "scalar", "{:.2f}", gates=False),
@@ -46,7 +47,7 @@ CATALOGUE: dict[str, Metric] = {m.key: m for m in [
     Metric("total_input_tokens", "input tokens", "tokens", None, "scalar", "{:.0f}", gates=False),
     Metric("total_output_tokens", "output tokens", "tokens", None, "scalar", "{:.0f}", gates=False),
     Metric("request_throughput_rps", "req/s", "req/s", "higher", "scalar", "{:.2f}"),
-    Metric("output_throughput_tok_s", "output tok/s", "tok/s", "higher", "scalar", "{:.1f}"),
+    Metric("output_throughput_tok_s", "output tok/s", "tok/s", "higher", "scalar", "{:.1f}", short="out tok/s"),
     Metric("total_token_throughput_tok_s", "total tok/s", "tok/s", "higher", "scalar", "{:.1f}"),
     Metric("goodput_rps", "goodput req/s", "req/s", "higher", "scalar", "{:.2f}"),
     Metric("ttft_p99_cv", "TTFT p99 spread (CV over repetitions)", "ratio", "lower", "cell", "{:.3g}", floor=0.01,
@@ -68,8 +69,8 @@ SUMMARY_COLUMNS = (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), (
 
 def column_header(key: str, stat: str | None) -> str:
     m = CATALOGUE[key]
-    unit = f" {m.unit}" if m.unit in ("ms",) else ""
-    return f"{m.label} {stat}{unit}" if stat else m.label
+    label = m.short or m.label
+    return f"{label} {stat}{' ms' if m.unit == 'ms' else ''}" if stat else label
 
 
 def gate_metric_names() -> list[str]:

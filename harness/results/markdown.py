@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-MD_SPECIAL = re.compile(r"([\\`|<>&\[\]*_])")
+MD_SPECIAL = re.compile(r"([\\`|<>&\[\]*])")
 MD_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
 
 

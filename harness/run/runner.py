@@ -91,8 +91,9 @@ class Runner:
         return CellResult(**self.header(cell), status="ok", **self.measured(cell, report),
                           **reduce_cell(records, self.scenario.repetitions, self.scenario.slo),
                           load_time_s=report.load_time_s, engine=report.environment,
-                          concurrency_cap=report.concurrency_cap, requests_file=f"cells/{cell.id}/requests.jsonl",
-                          logical_io=report.logical_io or None, server_metrics=report.server_metrics or None)
+                          capabilities=report.capabilities, concurrency_cap=report.concurrency_cap,
+                          requests_file=f"cells/{cell.id}/requests.jsonl", logical_io=report.logical_io or None,
+                          server_metrics=report.server_metrics or None)
 
     def header(self, cell: Cell) -> dict:
         """What identifies a cell in results: names, the concrete workload, and the swept values that made it."""

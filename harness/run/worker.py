@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 from backends.base import Backend
@@ -63,8 +64,8 @@ class Cell:
         plan, report = self.plan, self.report
         try:
             ctx = CellContext(dir=self.dir, seed=plan.seed, vram_budget=plan.vram_budget)
-            backend = get_backend_class(plan.backend.kind)(plan.backend, ModelInfo(plan.model_name, plan.model_path),
-                                                           ctx)
+            backend = get_backend_class(plan.backend.kind, plan.backend.options)(
+                plan.backend, ModelInfo(plan.model_name, plan.model_path), ctx)
             need = backend.disk_need()
             if need and (problem := check_disk_space(*need)):
                 raise BackendError(f"disk preflight: {problem}")
@@ -117,6 +118,7 @@ class Cell:
         report.load = Span(start=t0, end=now())
         report.load_time_s = report.load.end - t0
         report.environment = backend.environment()
+        report.capabilities = asdict(backend.capabilities)
         limit = backend.capabilities.max_concurrency
         width = load_width(workload.load)
         if limit is not None and (width is None or width > limit):
