@@ -7,6 +7,7 @@ each token is stamped at start + ttft_s + k * itl_s, after really waiting until 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ class ScriptedOptions(BaseModel):
     fail_request_ids: list[int] = []
     disk_need_bytes: int | None = None  # declared disk need, in the cell's folder
     max_concurrency: int | None = None  # declared in its capabilities: the harness must queue beyond it
-    busy_prefill: bool = False  # spin a CPU during each request's prefill (a thread), sleep during its decode
+    busy_prefill: bool = False  # keep a CPU busy during each request's prefill (a thread), sleep during its decode
     record_requests: bool = False  # append what each request asked for to CELL_DIR/seen.jsonl
 
 
@@ -76,5 +77,7 @@ class ScriptedBackend(Backend):
 
 
 def _spin_until(t: float) -> None:
+    # hashlib releases the GIL on large buffers: the CPU is busy, the event loop is not held up.
+    block = bytes(1 << 20)
     while time.perf_counter() < t:
-        pass
+        hashlib.sha256(block)

@@ -46,8 +46,8 @@ def test_phases_under_concurrency_come_from_the_requests(write_scenario, tiny_mo
                         {"output_tokens": 6, "num_requests": 8, "load": {"type": "concurrency", "concurrency": 4}})
     phases = cell.resources["phases"]
     assert set(phases) >= {"load", "prefill", "decode"}
-    assert phases["prefill"]["duration_s"] == pytest.approx(0.6, rel=0.15)
-    assert phases["decode"]["duration_s"] == pytest.approx(0.5, rel=0.15)
+    assert phases["prefill"]["duration_s"] == pytest.approx(0.6, rel=0.25)
+    assert phases["decode"]["duration_s"] == pytest.approx(0.5, rel=0.25)
     # The CPU burnt in prefill lands in prefill: a mark per request would have mixed the two.
     assert phases["prefill"]["cpu_percent_mean"] > 50, phases
     assert phases["decode"]["cpu_percent_mean"] < phases["prefill"]["cpu_percent_mean"] / 3, phases

@@ -156,5 +156,5 @@ def test_disk_preflight_refuses_a_cell_and_cold_cache_is_recorded(write_scenario
     assert run(path, tmp_path / "out") == 1
     cells = {c["backend"]: c for c in results(tmp_path / "out")["cells"]}
     assert "disk preflight" in cells["greedy"]["error"] and "free" in cells["greedy"]["error"]
-    assert "resources" not in cells["greedy"]  # refused before anything ran
+    assert cells["greedy"]["resources"] is None  # refused before anything ran
     assert cells["ok"]["resources"]["page_cache"] == "cold"

@@ -55,7 +55,7 @@ async def test_launch_times_out_and_leaves_nothing(tmp_path):
 
 async def test_launch_does_not_mistake_another_server_for_its_own(tmp_path, monkeypatch):
     """Another process takes the port between free_port and the bind: its 200 must not count as ours being ready."""
-    from backends import servers
+    from harness.core import processes as servers
 
     foreign = await launch("foreign", http_server, tmp_path, "/", timeout_s=30)
     try:
