@@ -17,11 +17,12 @@ from pydantic import BaseModel, ConfigDict
 
 # The protocol's types live in the core, which the harness shares; backends and plugins import them from here.
 from harness.core.errors import BackendError
-from harness.core.events import Capabilities, CellContext, ModelInfo, Request, TokenEvent, Usage, now
+from harness.core.events import Capabilities, CellContext, ModelInfo, Request, RequestSent, TokenEvent, Usage, now
+from harness.core.processes import Server
 from harness.core.spec import BackendSpec
 
 __all__ = ["Backend", "BackendError", "BackendSpec", "Capabilities", "CellContext", "EngineThread", "ModelInfo",
-           "NoOptions", "Request", "TokenEvent", "TorchBackend", "Usage", "now", "vram_share"]
+           "NoOptions", "Request", "RequestSent", "TokenEvent", "TorchBackend", "Usage", "now", "vram_share"]
 
 
 class NoOptions(BaseModel):
@@ -71,6 +72,7 @@ class Backend(ABC):
     kind: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
     capabilities: ClassVar[Capabilities] = Capabilities()
+    server: Server | None = None  # the server process this backend launched (harness.core.processes.launch), if any
 
     def __init__(self, spec: BackendSpec, model: ModelInfo, ctx: CellContext):
         self.spec = spec
@@ -83,9 +85,22 @@ class Backend(ABC):
         """A problem with the spec beyond its options (e.g. a required url), as 'field: what was expected'."""
         return None
 
+    async def prepare(self) -> None:
+        """One-off work before start() whose result later runs reuse (a format conversion, cached): timed apart
+        from the load time, so a first run's load time is not inflated by it. start() must still work without it."""
+
     @abstractmethod
     async def start(self) -> None:
         """Load the engine or launch/attach the server; returns when it can serve."""
+
+    async def exit_reason(self, wait_s: float = 0.0) -> str | None:
+        """After a failed request: why the engine can serve nothing more (its launched server exited), waiting up
+        to wait_s for a dying server to be gone; None while it can serve. First line short, details after it."""
+        if self.server is None:
+            return None
+        if wait_s > 0 and self.server.exited() is None:
+            await asyncio.to_thread(self.server.wait_exit, wait_s)
+        return self.server.exit_reason()
 
     @abstractmethod
     async def stop(self) -> None:
@@ -117,6 +132,15 @@ class Backend(ABC):
 
     def torch_allocator(self) -> Callable[[], tuple[int, int]] | None:
         """For in-process torch engines on CUDA: harness.core.gpu.torch_peak_reader(), so allocator peaks are recorded."""
+        return None
+
+    async def open_connections(self, n: int) -> None:
+        """Have n connections to the server open before the load starts, so no measured request pays for a connect
+        (engines served over HTTP; an in-process engine has none)."""
+
+    def attach_spec(self) -> dict[str, Any] | None:
+        """The BackendSpec fields (`url`, ...) with which a backend of the same kind in another client process
+        (load.clients) reaches the engine this one started; None when no other process can (an in-process engine)."""
         return None
 
 

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import Backend, BackendError, Capabilities, EngineThread, Request, TokenEvent, Usage, now
 from backends.gguf import GGUF_TYPES, GGUFLayout
-from backends.openai_backend import OpenAIClient, OpenAIClientOptions
+from backends.openai_backend import OpenAIClient, OpenAIClientOptions, ServedOverHTTP
+from harness.core.processes import refuse_listen_flags
 
 EOS_BIAS = -1e9
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default KV cache type is f16
@@ -62,8 +63,11 @@ class LlamaCppInProcessOptions(LlamaCppOptions):
 
 class LlamaCppServerOptions(LlamaCppOptions, OpenAIClientOptions):
     mode: Literal["server"] = "server"
-    server_args: list[str] = Field(default_factory=list, description="extra argv for llama_cpp.server")
+    server_args: list[str] = Field(default_factory=list, description="extra argv for llama_cpp.server (not --host "
+                                                                    "or --port: the harness picks them)")
     startup_timeout_s: float = Field(120, gt=0)
+
+    _listen = field_validator("server_args")(lambda v: refuse_listen_flags(v, ("--host", "--port")))
 
 
 # ---- placing layers on a GPU under a budget ------------------------------------------------------------------------
@@ -135,7 +139,13 @@ class LlamaCppBase(Backend):
             return f"options.gguf: expected a GGUF file, {gguf} does not exist"
         return None
 
+    async def prepare(self) -> None:
+        if self.spec.url is None:
+            await self._prepare_gguf()
+
     async def _prepare_gguf(self) -> None:
+        if self.placement is not None:
+            return  # prepare() did it
         self.gguf_path = await asyncio.to_thread(self._gguf)
         self.layout = await asyncio.to_thread(_read_layout, self.gguf_path)
         self.placement = self._placement()
@@ -257,7 +267,7 @@ class LlamaCppInProcessBackend(LlamaCppBase):
 
 # ---- as a server ----------------------------------------------------------------------------------------------------
 
-class LlamaCppServerBackend(LlamaCppBase):
+class LlamaCppServerBackend(ServedOverHTTP, LlamaCppBase):
     Options = LlamaCppServerOptions
     capabilities = Capabilities(max_concurrency=1, token_ids=False)
 

@@ -1,14 +1,17 @@
 """Our offloading paged-attention engine (own_engine), in process.
 
-Requests that wait while the engine is busy are gathered into one static batch that shares each pass over the
-weights (up to `max_batch`), which is what makes streamed weights pay off. Tokens are stamped in the engine's
-thread as they are chosen; the engine's own logical bytes per tier and phase go into the results.
+Requests go to the engine's continuous-batching scheduler (own_engine.scheduler), stepped on one engine thread:
+they join and leave between passes over the weights, up to `max_batch` decoding together, prompts chunked in
+between. Tokens are stamped on that thread as they are chosen; the engine's logical bytes per tier and phase, its
+prefix-cache counts and its preemptions go into the results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +26,10 @@ Tier = Literal["auto", "gpu", "cpu", "disk"]
 class OwnOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="default: the checkpoint's")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="weights as stored and "
+                                                                               "streamed; default: the checkpoint's")
+    kv_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="default: the compute "
+                                                                                  "dtype (read in place)")
     vram_budget: str | None = Field(None, description="e.g. 8GiB; default: the scenario's resources.vram_budget")
     weights: Tier = Field("auto", description="where layer weights live: gpu (resident), cpu (pinned host), disk")
     kv: Tier = Field("auto", description="where KV blocks live")
@@ -32,7 +38,9 @@ class OwnOptions(BaseModel):
     block_size: int | None = Field(None, gt=0)
     prefill_chunk: int | None = Field(None, gt=0)
     max_context: int = Field(8192, gt=0, description="the longest prompt + output a sequence may reach")
-    max_batch: int = Field(8, gt=0, description="requests gathered into one static batch")
+    max_batch: int = Field(8, gt=0, description="sequences the scheduler runs together (KV is planned for them)")
+    prefix_cache: bool = Field(True, description="reuse the KV of full blocks a prompt shares with earlier ones")
+    prefix_cache_dir: Path | None = Field(None, description="also keep those blocks on disk, for later runs")
     num_threads: int | None = Field(None, gt=0, description="default: one core fewer when streaming from disk on CPU")
     probe_bandwidth: bool = Field(True, description="after the cell, measure the streaming link's bandwidth to "
                                                     "report decode time against its bound")
@@ -49,9 +57,13 @@ class OwnBackend(TorchBackend):
         return [self.offload_dir()]
 
     async def start(self) -> None:
+        from own_engine.scheduler import Scheduler
+
         self.engine = await asyncio.to_thread(self._load)
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.batcher = asyncio.create_task(self._run_batches())
+        self.scheduler = Scheduler(self.engine)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="own_engine_scheduler", daemon=True)
+        self.thread.start()
 
     def _load(self):
         import torch
@@ -63,10 +75,11 @@ class OwnBackend(TorchBackend):
         if o.num_threads:
             torch.set_num_threads(o.num_threads)
         try:
-            engine = Engine(self.model.path, device=o.device, dtype=o.dtype,
+            engine = Engine(self.model.path, device=o.device, dtype=o.dtype, kv_dtype=o.kv_dtype,
                             vram_budget=o.vram_budget or self.ctx.vram_budget, weights=o.weights, kv=o.kv,
                             offload_dir=self.offload_dir(), keep_offload=o.keep_offload, max_context=o.max_context,
-                            max_batch=o.max_batch, block_size=o.block_size, prefill_chunk=o.prefill_chunk)
+                            max_batch=o.max_batch, block_size=o.block_size, prefill_chunk=o.prefill_chunk,
+                            prefix_cache=o.prefix_cache, prefix_cache_dir=o.prefix_cache_dir)
         except EngineError as e:
             raise BackendError(f"own engine: {e}") from None
         if o.num_threads is None and engine.device.type == "cpu" and "disk" in engine.plan.layer_tiers:
@@ -75,70 +88,56 @@ class OwnBackend(TorchBackend):
             torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         return engine
 
+    def _serve(self) -> None:
+        """The engine thread: take new requests between steps, wait for one when there is nothing to run."""
+        while True:
+            while not self.inbox.empty() or not self.scheduler.busy:
+                job = self.inbox.get()
+                if job is None:
+                    return
+                self.scheduler.add(job)
+            try:
+                self.scheduler.step()
+            except Exception as e:  # a bug, not a failed pass (the scheduler fails those requests itself)
+                self.scheduler.fail_all(e)
+
     async def stop(self) -> None:
-        if getattr(self, "batcher", None) is not None:
-            self.batcher.cancel()
+        if getattr(self, "thread", None) is not None:
+            self.inbox.put(None)
+            await asyncio.to_thread(self.thread.join)
         if getattr(self, "engine", None) is not None:
             self.engine.close()
 
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
-        tokens: asyncio.Queue = asyncio.Queue()
-        await self.queue.put((request, tokens))
+        from own_engine.scheduler import GenerationRequest
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_token(token: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, TokenEvent(t=now(), n_tokens=1, token_ids=[token]))
+
+        job = GenerationRequest(request.prompt_token_ids, request.max_tokens, request.temperature,
+                                seed=request.seed if request.temperature > 0 else None,
+                                ignore_eos=request.ignore_eos, on_token=on_token,
+                                on_finish=lambda job: loop.call_soon_threadsafe(events.put_nowait, job.error))
+        self.inbox.put(job)
         n = 0
-        while (item := await tokens.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            n += 1
-            yield item
+        try:
+            while (item := await events.get()) is not None:
+                if isinstance(item, Exception):
+                    raise BackendError(f"own engine: {item}")
+                n += 1
+                yield item
+        finally:
+            job.cancelled = True  # a client that went away frees its sequence at the next step
         yield Usage(len(request.prompt_token_ids), n, "engine", "engine")
 
-    async def _run_batches(self) -> None:
-        """Take the next request, and every waiting one that samples the same way, as one static batch."""
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            key, others = self._batch_key(batch[0][0]), []
-            while not self.queue.empty():
-                item = self.queue.get_nowait()
-                same = self._batch_key(item[0]) == key and len(batch) < self.options.max_batch
-                (batch if same else others).append(item)
-            for item in others:
-                self.queue.put_nowait(item)
-            outs = [q for _, q in batch]
-            first = batch[0][0]
-
-            def on_token(i: int, token: int) -> None:
-                loop.call_soon_threadsafe(outs[i].put_nowait, TokenEvent(t=now(), n_tokens=1, token_ids=[token]))
-
-            try:
-                await asyncio.to_thread(self._generate, [r.prompt_token_ids for r, _ in batch], first, on_token)
-                ends = [None] * len(outs)
-            except Exception as e:
-                ends = [BackendError(f"own engine: {e}")] * len(outs)
-            for q, end in zip(outs, ends):
-                if end is not None:
-                    q.put_nowait(end)
-                q.put_nowait(None)
-
-    def _generate(self, prompts: list[list[int]], like: Request, on_token) -> None:
-        marked = False
-
-        def stamp(i: int, token: int) -> None:
-            nonlocal marked
-            if not marked:
-                marked = True
-            on_token(i, token)
-
-        self.engine.generate(prompts, max_new_tokens=like.max_tokens, temperature=like.temperature,
-                             seed=like.seed if like.temperature > 0 else None, ignore_eos=like.ignore_eos,
-                             on_token=stamp)
-
-    @staticmethod
-    def _batch_key(r: Request) -> tuple:
-        return r.max_tokens, r.temperature, r.ignore_eos
-
     def logical_io(self) -> dict[str, Any]:
-        """The engine's own byte counts per tier and phase, and decode time against the bound of its slowest link."""
+        """The engine's own byte counts per tier and phase, and decode time against the bound of its slowest link.
+
+        The bound's probe runs after the measurement: when it cannot run (a full disk, say) decode_bound says why
+        and the cell keeps its results."""
         from own_engine.bandwidth import probe_bandwidth
 
         if getattr(self, "engine", None) is None:
@@ -148,11 +147,15 @@ class OwnBackend(TorchBackend):
         link = "host->device" if self.engine.device.type == "cuda" else "disk->host"
         streamed = stats["transfers"].get(f"decode/{link}", {}).get("bytes", 0)
         if tokens and streamed and self.options.probe_bandwidth:
-            bandwidth = probe_bandwidth(self.engine.device, directory=self.offload_dir())
-            bound = streamed / tokens / bandwidth
-            stats["decode_bound"] = {"link": link, "bytes_per_token": streamed / tokens, "probe_bytes_per_s": bandwidth,
-                                     "bound_s_per_token": bound, "measured_s_per_token": seconds / tokens,
-                                     "ratio_to_bound": seconds / tokens / bound}
+            probe = probe_bandwidth(self.engine.device, directory=self.offload_dir())
+            bound = {"link": link, "bytes_per_token": streamed / tokens, "measured_s_per_token": seconds / tokens}
+            if probe.bytes_per_s:
+                s_per_token = streamed / tokens / probe.bytes_per_s
+                bound.update(probe_bytes=probe.nbytes, probe_bytes_per_s=probe.bytes_per_s,
+                             bound_s_per_token=s_per_token, ratio_to_bound=seconds / tokens / s_per_token)
+            else:
+                bound["probe_error"] = probe.error
+            stats["decode_bound"] = bound
         return stats
 
     def environment(self) -> dict[str, Any]:
@@ -160,6 +163,10 @@ class OwnBackend(TorchBackend):
 
         plan = self.engine.plan
         return {"engine": "own_engine", "torch": torch.__version__, "device": str(plan.device),
-                "dtype": str(plan.dtype).removeprefix("torch."), "plan": plan.explain(),
+                "dtype": str(plan.dtype).removeprefix("torch."),
+                "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+                "kv_dtype": str(plan.kv_dtype).removeprefix("torch."), "plan": plan.explain(),
                 "layer_tiers": plan.layer_tiers, "kv_blocks": plan.kv_blocks, "block_size": plan.block_size,
-                "prefill_chunk": plan.prefill_chunk, "max_batch": self.options.max_batch}
+                "prefill_chunk": plan.prefill_chunk, "step_tokens": plan.step_tokens,
+                "max_batch": self.options.max_batch, "prefix_cache": self.options.prefix_cache,
+                "prefix_cache_dir": str(self.options.prefix_cache_dir) if self.options.prefix_cache_dir else None}

@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now, vram_share
 from backends.prometheus import MetricsWatch, Watched
-from harness.core.processes import Server, launch
+from harness.core.processes import Server, launch, refuse_listen_flags
 
 TGI_METRICS = {
     "queue_size": Watched("tgi_queue_size", "gauge"),
@@ -43,8 +43,11 @@ class TGILaunch(BaseModel):
     num_shard: int | None = Field(None, gt=0)
     gpus: str = Field("all", description="docker --gpus")
     shm_size: str = "1g"
-    extra_args: list[str] = Field(default_factory=list, description="more launcher flags, passed as they are")
+    extra_args: list[str] = Field(default_factory=list, description="more launcher flags, passed as they are (not "
+                                                                    "--hostname or --port: the harness picks them)")
     startup_timeout_s: float = Field(900, gt=0)
+
+    _listen = field_validator("extra_args")(lambda v: refuse_listen_flags(v, ("--hostname", "--port", "-p")))
 
 
 class TGIOptions(BaseModel):

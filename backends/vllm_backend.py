@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now, vram_share
-from backends.openai_backend import OpenAIClient, OpenAIClientOptions
+from backends.openai_backend import OpenAIClient, OpenAIClientOptions, ServedOverHTTP
 from backends.prometheus import MetricsWatch, Watched
 
 # vLLM on CPU sizes its KV cache from this (GiB); unset, it takes gpu_memory_utilization (0.9) of the machine's RAM.
@@ -221,7 +221,7 @@ class VLLMBase(Backend):
 
 # ---- as a server ----------------------------------------------------------------------------------------------------
 
-class VLLMServerBackend(VLLMBase):
+class VLLMServerBackend(ServedOverHTTP, VLLMBase):
     Options = VLLMServerOptions
 
     server: Any = None

@@ -1,14 +1,22 @@
-"""CPU decode benchmark of own_engine: all resident vs weights+KV on disk under a small budget vs transformers.
+"""CPU benchmark of own_engine on the shapes users run: long prompts on a bf16 Llama of ~200M parameters.
 
-    python benchmarks/engine_cpu.py --small            # a few-MB model, seconds
-    python benchmarks/engine_cpu.py                    # ~0.5B-parameter synthetic Llama (2 GB fp32 on disk)
-    python benchmarks/engine_cpu.py --model PATH       # an existing HF Llama-family folder
+    python benchmarks/engine_cpu.py                        # prompts of 2,048 and 8,192 tokens, 16 new tokens
+    python benchmarks/engine_cpu.py --small                # a tiny model and short prompts: checks it all runs
+    python benchmarks/engine_cpu.py --prompts 512 --skip hf,llamacpp
 
-Each configuration runs in its own process, one after another, so peak RSS (getrusage ru_maxrss) belongs to it
-alone. The page cache is not dropped: after the first read the "disk" tier reads come from memory, so (b)
-measures the engine's streaming path, not the storage. Not part of the test suite.
+Per prompt length, each configuration in its own process, one after another (peak RSS is its own):
+  own           own_engine, all resident (weights stored bf16, compute as the plan decides)
+  own-disk      weights and KV on disk (memory-mapped; the page cache is warmed first, so this measures the
+                streaming path, not the storage)
+  hf            transformers, same dtype, SDPA
+  llamacpp      llama.cpp in-process on an f16 GGUF of the same weights (the CPU peer users would pick)
+and for the longest prompt a second question on the same document: TTFT of the second request in the process that
+answered the first (prefix cache in memory), and in a new process that finds the document's blocks in
+prefix_cache_dir. Ratios are printed against the issue's targets; all figures come from this one run.
+Greedy, ignore EOS; each process answers a 16-token warm-up prompt first. Not part of the test suite.
 """
 import argparse
+import hashlib
 import json
 import resource
 import subprocess
@@ -17,118 +25,222 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
-from harness.inputs.models import synth_model
-
-_LLAMA = dict(model_type="llama", max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
-              tie_word_embeddings=False, torch_dtype="float32")
+_LLAMA = dict(model_type="llama", max_position_embeddings=16384, rope_theta=500000.0, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, torch_dtype="bfloat16")
 SIZES = {  # shaped like harness.inputs.models.PRESETS entries
-    "default": dict(_LLAMA, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+    # 12 layers of 11.3M + embed and lm_head of 32.8M each: 201M parameters, 402 MB in bf16
+    "default": dict(_LLAMA, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
                     num_key_value_heads=4, vocab_size=32000, bpe_vocab=4096),
-    "small": dict(_LLAMA, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1024, bpe_vocab=1024),
+    "small": dict(_LLAMA, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=2048, bpe_vocab=1024),
 }
+CONFIGS = ("own", "own-disk", "hf", "llamacpp")
+QUESTION = 32  # tokens of each question asked after the document
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 1) -> list[int]:
+    return torch.randint(10, vocab - 10, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def run_child(args) -> dict:
-    """One configuration, in this process: load, generate, report timings and peak memory."""
-    prompt = torch.randint(0, 1000, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    """One configuration in this process: load, answer, report timings and peak memory."""
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    doc = prompt_ids(args.prompt_len - QUESTION, vocab)
+    questions = [prompt_ids(QUESTION, vocab, seed) for seed in (2, 3)]
+    start = time.perf_counter()
     if args.child == "hf":
-        from transformers import AutoModelForCausalLM
-
-        baseline, start = psutil.Process().memory_info().rss, time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        loaded = time.perf_counter()
-        times, tokens = [], []
-        with torch.inference_mode():  # transformers' own forward and cache, greedy, as generate() does
-            out = model(torch.tensor([prompt]), use_cache=True)
-            while True:
-                tokens.append(int(out.logits[0, -1].argmax()))
-                times.append(time.perf_counter())
-                if len(tokens) == args.new_tokens:
-                    break
-                out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-        extra = {}
+        generate = hf_generator(args.model)
+    elif args.child == "llamacpp":
+        generate = llamacpp_generator(args.model, args.prompt_len + args.new_tokens)
     else:
         from own_engine import Engine
 
-        baseline, start = psutil.Process().memory_info().rss, time.perf_counter()
-        options = dict(weights="gpu", kv="gpu") if args.child == "resident" else dict(
-            weights="disk", kv="disk", vram_budget=args.budget, offload_dir=args.offload_dir)
-        engine = Engine.from_pretrained(args.model, dtype="float32", max_context=args.prompt_len + args.new_tokens,
-                                        **options)
-        loaded = time.perf_counter()
-        times = []
-        tokens = engine.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True,
-                                 on_token=lambda i, t: times.append(time.perf_counter()))
-        stats = engine.stats
-        extra = {"plan": engine.plan.explain(),
-                 "decode_disk_read_bytes": stats.bytes[("decode", "disk->host")],
-                 "decode_disk_read_GBps": stats.bandwidth("disk->host", "decode") / 1e9}
+        options = dict(weights="gpu", kv="gpu") if args.child == "own" else dict(
+            weights="disk", kv="disk", offload_dir=args.offload_dir)
+        engine = Engine.from_pretrained(args.model, max_context=args.prompt_len + args.new_tokens,
+                                        prefix_cache_dir=args.prefix_dir, **options)
+
+        def generate(prompt):
+            times = []
+            tokens = engine.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True,
+                                     on_token=lambda i, t: times.append(time.perf_counter()))
+            return tokens, times
+    loaded = time.perf_counter()
+    out = {"load_s": loaded - start}
+    generate(prompt_ids(16, vocab, seed=9))  # warm-up: first-call allocations, on a prompt sharing no block
+    for name, question in zip(("first", "second"), questions[:1 + args.second]):
+        if args.child == "own" and args.second_only and name == "first":
+            continue
+        begin = time.perf_counter()
+        tokens, times = generate(doc + question)
+        out[name] = {"tokens": tokens, "ttft_s": times[0] - begin,
+                     "decode_s_per_token": (times[-1] - times[0]) / max(1, len(times) - 1)}
+    if args.child.startswith("own"):
+        out["plan"] = engine.plan.explain()
+        out["prefix_cache"] = engine.stats.prefix
         engine.close()
-    return {"tokens": tokens, "load_s": loaded - start, "ttft_s": times[0] - loaded,
-            "decode_tps": (len(times) - 1) / (times[-1] - times[0]), "baseline_rss": baseline,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def hf_generator(model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+
+    def generate(prompt):
+        tokens, times = [], []
+        with torch.inference_mode():  # transformers' own forward and cache, greedy, as generate() does
+            out = hf(torch.tensor([prompt]), use_cache=True)
+            while True:
+                tokens.append(int(out.logits[0, -1].argmax()))
+                times.append(time.perf_counter())
+                if len(tokens) == ARGS.new_tokens:
+                    return tokens, times
+                out = hf(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return generate
+
+
+def llamacpp_generator(model, n_ctx):
+    import llama_cpp
+    import numpy as np
+
+    from backends.gguf import cached_gguf
+
+    llm = llama_cpp.Llama(str(cached_gguf(model, "f16")), n_ctx=n_ctx, n_threads=torch.get_num_threads(),
+                          n_batch=512, verbose=False)
+
+    def generate(prompt):
+        llm.reset()
+        tokens, times = [], []
+        llm.eval(prompt)
+        while True:  # greedy on the last token's raw logits
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
+            tokens.append(int(logits.argmax()))
+            times.append(time.perf_counter())
+            if len(tokens) == ARGS.new_tokens:
+                return tokens, times
+            llm.eval([tokens[-1]])
+    return generate
+
+
+def child(args, name: str, prompt_len: int, tmp: Path, **extra) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--model", str(args.model), "--prompt-len", str(prompt_len),
+           "--new-tokens", str(args.new_tokens), "--offload-dir", str(tmp / "offload"),
+           "--threads", str(torch.get_num_threads())]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{name} (prompt {prompt_len}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def warm(path: Path):
+    """Read every file of the model once, so the disk configuration streams from the page cache."""
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+def build_model(size: str) -> Path:
+    from harness.core.files import cache_root
+    from harness.inputs.models import synth_model
+
+    key = json.dumps([SIZES[size], torch.__version__], sort_keys=True)
+    path = cache_root() / "benchmarks" / f"engine_cpu-{size}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not (path / "config.json").is_file():
+        start = time.perf_counter()
+        synth_model(SIZES[size], path)
+        print(f"built {path} in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def ratio(a: float, b: float, target: str) -> str:
+    return f"{a / b:6.2f}x   (target {target})"
 
 
 def main():
+    global ARGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="HF Llama-family folder (default: build a synthetic one)")
-    parser.add_argument("--small", action="store_true", help="tiny synthetic model for a smoke run")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--budget-fraction", type=float,
-                        help="budget for (b) as a fraction of the model's size (default 0.25, 0.4 with --small)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); "
-                        "1 gives steadier numbers on a shared machine")
-    parser.add_argument("--child", choices=["resident", "disk", "hf"], help=argparse.SUPPRESS)
-    parser.add_argument("--budget", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help="HF Llama-family folder (default: build the synthetic bf16 one, cached)")
+    parser.add_argument("--small", action="store_true", help="tiny model, prompts of 128 and 512: a smoke run")
+    parser.add_argument("--prompts", help="comma-separated prompt lengths (default 2048,8192; 128,512 with --small)")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--skip", default="", help=f"comma-separated configurations to leave out ({', '.join(CONFIGS)})")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--offload-dir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--prefix-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--second", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--second-only", action="store_true", help=argparse.SUPPRESS)
+    ARGS = args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(run_child(args)))
         return
 
+    args.model = Path(args.model) if args.model else build_model("small" if args.small else "default")
+    lengths = [int(n) for n in (args.prompts or ("128,512" if args.small else "2048,8192")).split(",")]
+    configs = [c for c in CONFIGS if c not in args.skip.split(",")]
+    size = sum(f.stat().st_size for f in args.model.glob("*.safetensors"))
+    print(f"model {args.model}: {size / 2**20:.0f} MiB of safetensors; prompts {lengths}, {args.new_tokens} new "
+          f"tokens, greedy; {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="engine_bench_") as tmp:
-        if args.model is None:
-            args.model = Path(tmp) / "model"
-            start = time.perf_counter()
-            synth_model(SIZES["small" if args.small else "default"], args.model)
-            print(f"built synthetic model in {time.perf_counter() - start:.1f}s")
-        size = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
-        budget = int(size * (args.budget_fraction or (0.4 if args.small else 0.25)))
-        print(f"model {args.model}: {size / 2**30:.2f} GiB of safetensors; budget for (b) {budget / 2**30:.2f} GiB; "
-              f"prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy, fp32, "
-              f"{torch.get_num_threads()} threads")
-        results = {}
-        for name in ("resident", "disk", "hf"):
-            cmd = [sys.executable, __file__, "--child", name, "--model", str(args.model), "--prompt-len",
-                   str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--budget", str(budget),
-                   "--offload-dir", str(Path(tmp) / "offload"), "--threads", str(torch.get_num_threads())]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{name} failed:\n{done.stderr}")
-            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        tmp = Path(tmp)
+        for n in lengths:
+            last = n == lengths[-1]
+            results = {}
+            for name in configs:
+                warm(args.model)
+                extra = {"second": True, "prefix_dir": tmp / f"prefix{n}"} if name == "own" and last else {}
+                results[name] = child(args, name, n, tmp, **extra)
+            if "own" in results and last:  # the document's blocks, found on disk by a new process
+                results["own-new-process"] = child(args, "own", n, tmp, second=True, second_only=True,
+                                                   prefix_dir=tmp / f"prefix{n}")
+            report(n, results)
 
-    labels = {"resident": "(a) own, all resident", "disk": "(b) own, weights+KV on disk", "hf": "(c) transformers"}
-    print(f"\n{'configuration':32} {'load s':>7} {'ttft s':>7} {'decode tok/s':>13} {'peak RSS':>10} "
-          f"{'above import':>13}")
+
+def report(n: int, results: dict):
+    print(f"\nprompt {n} tokens\n{'configuration':18} {'load s':>7} {'TTFT s':>8} {'decode s/token':>15} "
+          f"{'peak RSS':>10}")
     for name, r in results.items():
-        print(f"{labels[name]:32} {r['load_s']:7.2f} {r['ttft_s']:7.2f} {r['decode_tps']:13.2f} "
-              f"{r['peak_rss'] / 2**30:8.2f} G {(r['peak_rss'] - r['baseline_rss']) / 2**30:11.2f} G")
-    a, b, c = results["resident"], results["disk"], results["hf"]
-    print(f"\nown_resident / HF decode: {a['decode_tps'] / c['decode_tps']:.2f}x")
-    print(f"own_disk / own_resident decode: {b['decode_tps'] / a['decode_tps']:.2f}x")
-    print(f"(b) peak RSS above the RSS after imports {(b['peak_rss'] - b['baseline_rss']) / 2**30:.2f} GiB vs budget "
-          f"{budget / 2**30:.2f} GiB; disk reads in decode {b['decode_disk_read_GBps']:.2f} GB/s "
-          f"({b['decode_disk_read_bytes'] / (args.new_tokens - 1) / 2**30:.2f} GiB per token, page cache warm)")
-    print(f"tokens identical: resident == disk: {a['tokens'] == b['tokens']}, "
-          f"resident == HF: {a['tokens'] == c['tokens']}")
-    print(f"\nplan for (b):\n{b['plan']}")
+        first = r.get("first") or r["second"]
+        print(f"{name:18} {r['load_s']:7.2f} {first['ttft_s']:8.2f} {first['decode_s_per_token']:15.4f} "
+              f"{r['peak_rss'] / 2**30:8.2f} G")
+    get = results.get
+    if get("own") and get("hf"):
+        a, h = results["own"]["first"], results["hf"]["first"]
+        print(f"own / hf       decode {ratio(a['decode_s_per_token'], h['decode_s_per_token'], '<= 1.0')}   "
+              f"TTFT {ratio(a['ttft_s'], h['ttft_s'], '<= 1.0')}")
+        same = next((i for i, (x, y) in enumerate(zip(a["tokens"], h["tokens"])) if x != y), len(a["tokens"]))
+        print(f"own and hf share the first {same} of {len(a['tokens'])} greedy tokens")
+    if get("own") and get("own-disk"):
+        a, d = results["own"]["first"], results["own-disk"]["first"]
+        print(f"own-disk / own decode {ratio(d['decode_s_per_token'], a['decode_s_per_token'], '<= 1.3')}   "
+              f"TTFT {ratio(d['ttft_s'], a['ttft_s'], '<= 1.3')};  tokens identical: {d['tokens'] == a['tokens']}")
+    if get("own") and get("llamacpp"):
+        a, c = results["own"]["first"], results["llamacpp"]["first"]
+        print(f"own / llama.cpp f16 decode {ratio(a['decode_s_per_token'], c['decode_s_per_token'], 'none')}   "
+              f"TTFT {ratio(a['ttft_s'], c['ttft_s'], 'none')};  first greedy token shared: "
+              f"{a['tokens'][0] == c['tokens'][0]}")
+    if get("own") and "second" in results["own"]:
+        first, second = results["own"]["first"], results["own"]["second"]
+        print(f"second question, same process: TTFT {ratio(second['ttft_s'], first['ttft_s'], '<= 0.1')}  "
+              f"prefix cache {results['own']['prefix_cache']}")
+    if get("own-new-process"):
+        fresh = results["own-new-process"]
+        print(f"second question, new process (prefix_cache_dir): TTFT "
+              f"{ratio(fresh['second']['ttft_s'], results['own']['first']['ttft_s'], '<= 0.1')}  "
+              f"prefix cache {fresh['prefix_cache']};  tokens as in the first process: "
+              f"{fresh['second']['tokens'] == results['own']['second']['tokens']}")
+    if get("own-disk"):
+        print(f"plan of own-disk:\n{results['own-disk']['plan']}")
 
 
 if __name__ == "__main__":

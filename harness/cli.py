@@ -40,14 +40,21 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", help="results folder (overrides the scenario's `output`)")] = None,
     backend: Annotated[list[str] | None, typer.Option("--backend", help="run only this backend (repeatable)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="re-run only the cells missing or failed in --out")] = False,
+    force: Annotated[bool, typer.Option("--force", help="with --resume: resume although the scenario changed since "
+                                                        "--out was measured (recorded in results.json)")] = False,
 ) -> None:
-    """Run every model × backend × workload cell of SCENARIO; write results.json, requests.jsonl, summary.md, the report."""
+    """Run every model × backend × workload cell of SCENARIO; write results.json, requests.jsonl, summary.md, the report.
+
+    Exit codes: 0 every cell ok, 1 some cells failed, 2 a mistake in the input or an --out that cannot be written,
+    130 interrupted (SIGINT or SIGTERM)."""
     from harness.run.runner import Runner
     from harness.config.load import load_scenario
 
+    if force and not resume:
+        raise ScenarioError("--force: only goes with --resume")
     s = load_scenario(scenario)
     out = out or s.output or Path("results") / s.name
-    raise typer.Exit(Runner(s, str(scenario), out, backend, resume).run())
+    raise typer.Exit(Runner(s, str(scenario), out, backend, resume, force=force).run())
 
 
 @app.command()
@@ -58,6 +65,8 @@ def validate(scenario: Annotated[Path, typer.Argument(help="the scenario YAML fi
 
     s = load_scenario(scenario)
     check_reachable(s, str(scenario))
+    for warning in s.warnings():
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     typer.echo(f"{scenario}: ok: {len(s.cells())} cell(s) = {len(s.models)} model(s) × {len(s.backends)} backend(s) "
                f"× {len(s.workloads)} workload(s), {s.repetitions} repetition(s)")
 
@@ -122,7 +131,7 @@ def serve(
     from pydantic import ValidationError
 
     from backends.registry import get_backend_class, known_kinds
-    from harness.config.load import format_validation_error
+    from harness.config.load import format_validation_error, load_yaml
     from harness.serve import PROTOCOLS, build_server
 
     if protocol not in PROTOCOLS:
@@ -134,7 +143,10 @@ def serve(
         key, sep, value = item.partition("=")
         if not sep:
             raise ScenarioError(f"--option: expected KEY=VALUE, got {item!r}")
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = load_yaml(value)
+        except yaml.YAMLError as e:
+            raise ScenarioError(f"--option {key}: not valid YAML: {e}") from None
     try:
         get_backend_class(backend, options).Options.model_validate(options)
     except KeyError:
@@ -143,6 +155,48 @@ def serve(
         raise ScenarioError(format_validation_error("--option", e, prefix="options")) from None
     server = build_server(backend, model, options, Path(tempfile.mkdtemp(prefix="bench-serve-")), protocol)
     uvicorn.run(server.app(), host=host, port=port, log_level="warning")
+
+
+@app.command()
+@user_errors
+def calibrate(
+    rate: Annotated[list[float] | None, typer.Option("--rate", help="Poisson rate to try, req/s (repeatable; "
+                                                                     "default 10 20 40 80 160)")] = None,
+    concurrency: Annotated[list[int] | None, typer.Option("--concurrency", help="closed-loop concurrency to try "
+                                                                                "(repeatable)")] = None,
+    clients: Annotated[int, typer.Option("--clients", help="client processes (load.clients)")] = 1,
+    seconds: Annotated[float, typer.Option("--seconds", help="how long each point sends (at least 50 requests)")] = 5.0,
+    ttft_ms: Annotated[float, typer.Option("--ttft-ms", help="the scripted server's time to first token")] = 5.0,
+    itl_ms: Annotated[float, typer.Option("--itl-ms", help="the scripted server's time between tokens")] = 2.0,
+    output_tokens: Annotated[int, typer.Option("--output-tokens", help="tokens per request")] = 32,
+    out: Annotated[Path, typer.Option("--out", help="results folder")] = Path("results/calibrate"),
+) -> None:
+    """Measure this machine's client against a scripted server of known timing (127.0.0.1): its TTFT, TPOT and ITL
+    error and achieved rate at each load, and the highest rate within 1 ms TTFT and 1% TPOT. Run it before trusting a
+    high-rate result."""
+    from rich.console import Console
+
+    from harness.calibrate import (DEFAULT_RATES, TPOT_TOLERANCE, TTFT_TOLERANCE_MS, calibrate as run_calibration,
+                                   highest_rate_within, print_points)
+
+    for name, values in (("--rate", rate or []), ("--concurrency", concurrency or []),
+                         ("--seconds", [seconds]), ("--ttft-ms", [ttft_ms]), ("--itl-ms", [itl_ms]),
+                         ("--clients", [clients]), ("--output-tokens", [output_tokens])):
+        if any(v <= 0 for v in values):
+            raise ScenarioError(f"{name}: expected a positive number, got {min(values):g}")
+    if concurrency and clients > min(concurrency):
+        raise ScenarioError(f"--clients: {clients} clients need a concurrency of at least {clients}")
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    rates = list(rate or ([] if concurrency else DEFAULT_RATES))
+    points = run_calibration(out, rates, list(concurrency or []), clients, seconds, ttft_ms, itl_ms,
+                             output_tokens=output_tokens, console=console)
+    print_points(points, console)
+    if rates:
+        best = highest_rate_within(points)
+        within = f"within {TTFT_TOLERANCE_MS:g} ms TTFT and {TPOT_TOLERANCE:.0%} TPOT"
+        console.print(f"highest rate {within}: {best:g} req/s" if best is not None
+                      else f"no rate tried kept the client {within}")
+    console.print(f"results: {out / 'results.json'}, {out / 'calibration.json'}")
 
 
 @app.command()
@@ -229,6 +283,22 @@ def guide(
     from harness.analyze.guide import write_guide
 
     typer.echo(f"wrote {write_guide(results, out, rules)}")
+
+
+@app.command()
+@user_errors
+def export(
+    results: Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")],
+    format: Annotated[str, typer.Option("--format", help="csv, parquet or jsonl")] = "csv",
+    out: Annotated[Path, typer.Option("--out", help="folder for statistics.FORMAT and requests.FORMAT")] = Path("export"),
+) -> None:
+    """Write the results as tables: one row per cell, metric and statistic (with CIs), and one row per request."""
+    from harness.results.frame import FORMATS, export as write
+
+    if format not in FORMATS:
+        raise ScenarioError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
+    for path in write(results, out, format):
+        typer.echo(f"wrote {path}")
 
 
 engine_app = typer.Typer(help="Our offloading engine (own_engine).", no_args_is_help=True)

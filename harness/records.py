@@ -43,16 +43,22 @@ class CellPlan(BaseModel):
     record_outputs: bool
     resources: Resources
     vram_budget: int | None = None
+    # A fresh token per run of the cell: a worker whose cell.json names another (a resumed run reuses the folder)
+    # is orphaned, and writes nothing there.
+    attempt: str = ""
 
 
 # ---- worker -> runner ---------------------------------------------------------------------------------------------
 
 @dataclass
 class RequestRecord:
-    """One measured request. Times are seconds on the cell's monotonic clock."""
+    """One measured request. Times are seconds on the cell's monotonic clock (a request sent by another client
+    process is brought onto it with that client's measured clock offset)."""
     id: int
     repetition: int
     t_send: float
+    t_scheduled: float | None = None  # when the load pattern meant it to leave: t_send - t_scheduled is dispatch lag
+    client: int = 0  # which client process sent it (load.clients)
     chunk_times: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
     input_tokens: int | None = None
@@ -106,11 +112,21 @@ class ConcurrencyCap(BaseModel):
     max_concurrency: int
 
 
+class ClientClock(BaseModel):
+    """A client process of the cell (load.clients) and its clock: its stamps minus offset_s are on the cell's clock,
+    within offset_error_s (half the round trip of the best of the start-up pings)."""
+    index: int
+    pid: int
+    offset_s: float
+    offset_error_s: float
+
+
 class WorkerReport(BaseModel):
     """What a worker says about its cell beside the request records: CELL_DIR/worker.json."""
     status: Literal["ok", "failed"] = "failed"
     error: str | None = None
     t_start: float
+    prepare_time_s: float | None = None  # Backend.prepare(): one-off work (a GGUF conversion), not load time
     load: Span | None = None
     load_time_s: float | None = None
     environment: dict[str, Any] = Field(default_factory=dict)
@@ -121,6 +137,9 @@ class WorkerReport(BaseModel):
     server_metrics: dict[str, Any] | None = None
     concurrency_cap: ConcurrencyCap | None = None
     stop_error: str | None = None
+    # Per repetition, the event loops' scheduling delays (ms) sampled while it ran, every client's pooled.
+    loop_lag_ms: list[list[float]] = Field(default_factory=list)
+    clients: list[ClientClock] = Field(default_factory=list)  # the client processes beyond the worker itself
 
 
 # ---- runner -> results.json -> every reader -----------------------------------------------------------------------
@@ -140,9 +159,15 @@ class CellResult(BaseModel):
     error: str | None = None
     metrics: dict[str, Any] | None = None
     repetitions: list[dict[str, Any]] = Field(default_factory=list)
+    # 95% confidence intervals [low, high] of the headline statistics (catalogue.HEADLINE: "ttft_ms.p50", ...)
+    ci: dict[str, list[float]] = Field(default_factory=dict)
+    ci_method: str | None = None  # "bootstrap over repetitions" (>= 3) or "bootstrap over requests"
+    cv: dict[str, float] = Field(default_factory=dict)  # coefficient of variation across repetitions
+    unstable: str | None = None  # why the repetitions disagree beyond the scenario's max_repetition_cv
     percentile_method: str | None = None
     token_counts: dict[str, Any] | None = None
     load_time_s: float | None = None
+    prepare_time_s: float | None = None
     engine: dict[str, Any] = Field(default_factory=dict)
     capabilities: dict[str, Any] | None = None
     concurrency_cap: ConcurrencyCap | None = None
@@ -152,6 +177,10 @@ class CellResult(BaseModel):
     server_metrics: dict[str, Any] | None = None
     resources: dict[str, Any] | None = None
     over_budget: bool | None = None
+    # The load generator could not keep the schedule (achieved rate, dispatch lag, loop lag): why, in words.
+    client_limited: bool | None = None
+    client_limited_reasons: list[str] = Field(default_factory=list)
+    clients: list[ClientClock] = Field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -159,6 +188,11 @@ class CellResult(BaseModel):
 
     def requests_path(self, run_dir: Path) -> Path:
         return run_dir / (self.requests_file or f"cells/{self.id}/requests.jsonl")
+
+    def interval(self, name: str) -> tuple[float, float] | None:
+        """The 95% CI of a headline statistic ("ttft_ms.p50", "output_throughput_tok_s"), when there is one."""
+        v = self.ci.get(name)
+        return (v[0], v[1]) if v and len(v) == 2 else None
 
     @property
     def error_line(self) -> str | None:
@@ -174,6 +208,10 @@ class RunResult(BaseModel):
     updated: str | None = None
     scenario_file: str | None = None
     scenario: dict[str, Any] = Field(default_factory=dict)
+    # What --resume compares (results/store.py scenario_fingerprint); each resume under a changed scenario that
+    # --force allowed is listed in forced_resumes: when, and the top-level keys that changed.
+    scenario_fingerprint: str | None = None
+    forced_resumes: list[dict[str, Any]] = Field(default_factory=list)
     environment: dict[str, Any] = Field(default_factory=dict)
     cells: list[CellResult]
 

@@ -6,7 +6,8 @@ Protocols:
 - `tgi`: what `text-generation-launcher` serves and the `text-generation` client parses: POST `/` (a list-shaped
   body when not streaming), `/generate`, `/generate_stream` (SSE, `details` on the last event), `/info`; plus the
   OpenAI routes, as the real TGI has them.
-Both have `/health` and Prometheus `/metrics`. Binds 127.0.0.1 unless told otherwise.
+Both have `/health` and Prometheus `/metrics`. Binds 127.0.0.1 unless told otherwise. A parameter out of its range
+(`max_tokens` of 0, -1 or 1e300, say: RANGES) is answered 400 (TGI's 422) with a message, before the engine sees it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -283,12 +285,23 @@ def tgi_finish(tokens: list[Token], eos_ids: set[int]) -> str:
     return "eos_token" if tokens and tokens[-1].id in eos_ids else "length"
 
 
+MAX_TOKENS = 1 << 20
+# What a request may ask for; anything else is answered 400 with a message before it reaches the engine.
+RANGES: dict[str, tuple[float, float]] = {
+    "max_tokens": (1, MAX_TOKENS), "max_completion_tokens": (1, MAX_TOKENS), "max_new_tokens": (1, MAX_TOKENS),
+    "min_tokens": (0, MAX_TOKENS), "temperature": (0, 100), "seed": (0, 2**63 - 1)}
+
+
 def number(body: dict[str, Any], key: str, kind: type, default):
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise BadRequest(f"`{key}` must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (kind is int and value != int(value))):
+        raise BadRequest(f"`{key}` must be {'an integer' if kind is int else 'a number'}, got {value!r:.40}")
+    low, high = RANGES.get(key, (-math.inf, math.inf))
+    if not low <= value <= high:
+        raise BadRequest(f"`{key}` must be from {low:g} to {high:g}, got {value!r:.40}")
     return kind(value)
 
 

@@ -3,17 +3,20 @@
     from own_engine import Engine
     with Engine.from_pretrained(path, device="cuda", vram_budget="8GiB", max_context=100_000) as engine:
         print(engine.plan.explain())
-        tokens = engine.generate(prompt_ids, max_new_tokens=64, on_token=lambda seq, token: ...)
+        tokens = engine.generate(prompt_ids, max_new_tokens=64, on_token=lambda i, token: ...)
         print(engine.stats.as_dict())
 
-Planning without loading: make_plan(ModelConfig.load(path), device=..., vram_budget=..., context=...).explain()
+Serving: Scheduler(engine).add(GenerationRequest(prompt_ids, on_token=...)), then step() while busy: requests join
+and leave between steps (continuous batching). Planning without loading:
+make_plan(ModelConfig.load(path), device=..., vram_budget=..., context=...).explain()
 """
 import importlib
 
 # Exports load on first use, so `own_engine.units` (and the harness, which parses sizes with it) need no torch.
 _EXPORTS = {"EngineError": "config", "ModelConfig": "config", "Engine": "engine", "Plan": "planner",
             "make_plan": "planner", "parse_size": "units", "DIRECTIONS": "stats", "PHASES": "stats",
-            "EngineStats": "stats", "probe_bandwidth": "bandwidth"}
+            "EngineStats": "stats", "probe_bandwidth": "bandwidth", "Probe": "bandwidth", "Scheduler": "scheduler",
+            "GenerationRequest": "scheduler"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -1,8 +1,14 @@
 """Attention over KV that arrives in chunks, merged with log-sum-exp (online softmax), so a layer's whole KV
-never has to be on the device at once. Handles GQA, causal masking and an optional sliding window."""
+never has to be on the device at once. Handles GQA, causal masking and an optional sliding window.
+
+Each chunk goes through a fused kernel (kernels.py); `attend` is the plain-PyTorch definition the tests
+compare the kernels against.
+"""
 from collections.abc import Iterable
 
 import torch
+
+from .kernels import fused_attention
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -14,7 +20,7 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
 
 
 def attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q [Tq, H, D] over one chunk k, v [Tk, Hkv, D].
+    """Reference: softmax attention of q [Tq, H, D] over one chunk k, v [Tk, Hkv, D], with the whole score matrix.
 
     Returns the output normalised within the chunk (float32, [Tq, H, D]) and its log-sum-exp ([Tq, H]);
     rows with no visible key get output 0 and lse -inf.
@@ -22,12 +28,12 @@ def attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
     tq, h, d = q.shape
     tk, hkv, _ = k.shape
     g = h // hkv  # query heads j*g .. j*g+g-1 share KV head j, as in HF's repeat_kv
-    qg = q.view(tq, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * tq, d)
-    scores = torch.bmm(qg, k.permute(1, 2, 0)).float().mul_(scale).view(hkv, g, tq, tk)
+    qg = q.float().view(tq, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * tq, d)
+    scores = torch.bmm(qg, k.float().permute(1, 2, 0)).mul_(scale).view(hkv, g, tq, tk)
     scores.masked_fill_(~mask, float("-inf"))
     lse = scores.logsumexp(-1)  # [hkv, g, tq]
     probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0).unsqueeze(-1))
-    out = torch.bmm(probs.to(v.dtype).view(hkv, g * tq, tk), v.transpose(0, 1)).float()
+    out = torch.bmm(probs.view(hkv, g * tq, tk), v.float().transpose(0, 1))
     return out.view(hkv, g, tq, d).permute(2, 0, 1, 3).reshape(tq, h, d), lse.permute(2, 0, 1).reshape(tq, h)
 
 
@@ -38,13 +44,33 @@ def merge(out, lse, out2, lse2) -> tuple[torch.Tensor, torch.Tensor]:
     return out, new
 
 
+def part(q, k, v, q_pos, k_pos, scale, window, causal) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention of q over one chunk through the fused kernel: (out float32, lse), or None when the sliding window
+    hides the whole chunk. Positions are CPU tensors; a mask is built only for a chunk the window cuts through."""
+    bias, empty = None, None
+    if window is not None and int(k_pos.min()) <= int(q_pos.max()) - window:
+        if int(k_pos.max()) <= int(q_pos.min()) - window:
+            return None
+        keep = visible(q_pos, k_pos, window)  # causality included, so the kernel need not add it
+        bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, float("-inf")).to(q.device)
+        empty, causal = ~keep.any(1).to(q.device), False
+    out, lse = fused_attention(q, k, v, causal, bias, scale)
+    out = out.float()
+    if empty is not None:
+        out, lse = out.masked_fill(empty[:, None, None], 0), lse.masked_fill(empty[:, None], float("-inf"))
+    return out, lse
+
+
 def chunked_attention(q, k, v, pos, cached: Iterable, scale: float, window: int | None = None) -> torch.Tensor:
     """Attention of new tokens over themselves (causal) and over cached KV chunks.
 
-    q [T, H, D], k/v [T, Hkv, D] at positions pos [T]; `cached` yields (k, v, positions) of earlier tokens.
-    Starting from the new tokens' own part keeps the running lse finite (each query sees itself).
+    q [T, H, D], k/v [T, Hkv, D] at positions pos [T] (a CPU tensor); `cached` yields (k, v, positions) of earlier
+    tokens, positions on the CPU. Starting from the new tokens' own part keeps the running lse finite (each
+    query sees itself).
     """
-    out, lse = attend(q, k, v, visible(pos, pos, window), scale)
+    out, lse = part(q, k, v, pos, pos, scale, window, causal=True)
     for ck, cv, cpos in cached:
-        out, lse = merge(out, lse, *attend(q, ck, cv, visible(pos, cpos, window), scale))
+        other = part(q, ck, cv, pos, cpos, scale, window, causal=False)
+        if other is not None:
+            out, lse = merge(out, lse, *other)
     return out.to(q.dtype)

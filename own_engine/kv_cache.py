@@ -1,25 +1,45 @@
-"""Paged KV storage: blocks of [2 (K, V), block_size, kv_heads, head_dim] per layer, spread over tiers.
+"""Paged KV storage: per layer a K pool and a V pool of [blocks, block_size, kv_heads, head_dim], spread over tiers.
 
-Block ids are global and numbered tier by tier: device blocks in one device tensor, host blocks in one
-(pinned on CUDA) host tensor, disk blocks in one memory-mapped file per layer under the offload dir.
-Writes touch only the new tokens' rows; reads stream a sequence's blocks in chunks for the attention.
+Block ids are global and numbered tier by tier: device blocks in device tensors, host blocks in (pinned on CUDA)
+host tensors, disk blocks in one memory-mapped file per layer under the offload dir. Writes touch only the new
+tokens' rows. Reads hand attention a sequence's blocks in chunks in the compute dtype: a view of the pool where
+compute can read the chunk in place (consecutive blocks it can address, already in that dtype), else a copy into
+one of two reused buffers. Copies are prefetched like weights: while attention runs on one chunk, the KV thread
+fills the other buffer with the next (a gather or upcast on the CPU; on CUDA a gather into a pinned relay buffer
+and a copy on a side stream). A chunk read in place from disk is read ahead by the kernel (madvise).
 """
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import ModelConfig
+from .mapped import Mapped
 from .stats import EngineStats
+
+
+@dataclass
+class Chunk:
+    tier: str
+    first: int  # the tier's first global block id
+    ids: list[int]  # block ids within the tier
+    valid: int  # tokens in these blocks that belong to the sequence
+    positions: torch.Tensor  # [valid], on the CPU
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, counts: dict[str, int], block_size: int, chunk_blocks: int,
-                 dtype: torch.dtype, device: torch.device, directory: Path | None, stats: EngineStats):
+                 dtype: torch.dtype, compute_dtype: torch.dtype, device: torch.device, directory: Path | None,
+                 stats: EngineStats):
         self.block_size, self.chunk_blocks, self.device, self.stats = block_size, chunk_blocks, device, stats
-        shape = (2, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.tiers = []  # (tier, first block id, block count, one pool tensor per layer)
+        self.dtype, self.compute_dtype = dtype, compute_dtype
+        block = (block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.block_bytes = torch.Size(block).numel() * dtype.itemsize  # K or V of one block in one layer
+        self.tiers = {}  # tier -> (first block id, block count, per layer (K pool, V pool))
+        self.maps: list[Mapped] = []  # the disk tier's file per layer
         first = 0
         for tier in ("device", "host", "disk"):
             n = counts.get(tier, 0)
@@ -27,73 +47,146 @@ class KVCache:
                 continue
             if tier == "disk":
                 directory.mkdir(parents=True, exist_ok=True)
-                nbytes = n * torch.Size(shape).numel() * dtype.itemsize
-                pools = [torch.from_numpy(np.memmap(directory / f"layer_{i:03d}.kv", dtype=np.uint8, mode="w+",
-                                                    shape=(nbytes,))).view(dtype).view(n, *shape)
-                         for i in range(cfg.num_layers)]
+                for i in range(cfg.num_layers):
+                    fd = os.open(directory / f"layer_{i:03d}.kv", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                    os.ftruncate(fd, 2 * n * self.block_bytes)
+                    self.maps.append(Mapped(fd, writable=True))
+                    os.close(fd)  # the map keeps its own reference to the file
+                pools = [m.view(0, 2 * n * self.block_bytes, dtype).view(2, n, *block).unbind(0) for m in self.maps]
             else:
                 where = device if tier == "device" else torch.device("cpu")
                 pin = tier == "host" and device.type == "cuda"
-                pools = torch.empty((cfg.num_layers, n, *shape), dtype=dtype, device=where,
-                                    pin_memory=pin).unbind(0)
-            self.tiers.append((tier, first, n, pools))
+                pools = [kv.unbind(0) for kv in torch.empty((cfg.num_layers, 2, n, *block), dtype=dtype,
+                                                            device=where, pin_memory=pin).unbind(0)]
+            self.tiers[tier] = (first, n, pools)
             first += n
         self.num_blocks = first
-        # Offloaded blocks reach a CUDA device through a pinned relay buffer (about twice pageable bandwidth).
+        self.buffers = torch.empty((2, 2, chunk_blocks, *block), dtype=compute_dtype, device=device)
         offloaded = counts.get("host", 0) + counts.get("disk", 0)
-        self.staging = (torch.empty((chunk_blocks, *shape), dtype=dtype, pin_memory=True)
+        # Offloaded blocks reach a CUDA device through a pinned relay buffer (about twice pageable bandwidth).
+        self.staging = (torch.empty((2, chunk_blocks, *block), dtype=dtype, pin_memory=True)
                         if device.type == "cuda" and offloaded else None)
-
-    def _gather(self, tier: str, pool: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        if tier == "device":
-            return pool[local.to(self.device)]
-        start = time.perf_counter()
-        if self.staging is None:
-            blocks = pool[local]
-        else:
-            blocks = torch.index_select(pool, 0, local, out=self.staging[:len(local)])
-        self.stats.record("host->device" if tier == "host" else "disk->host", blocks.nbytes,
-                          time.perf_counter() - start)
-        if self.device.type == "cuda":
-            with self.stats.transfer("host->device", blocks.nbytes):
-                blocks = blocks.to(self.device)  # synchronous, so the relay buffer is free again afterwards
-        return blocks
+        self.copy_stream = torch.cuda.Stream(device) if self.staging is not None else None
+        self.free: list[torch.cuda.Event | None] = [None, None]  # CUDA: compute done with a buffer
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="own_engine_kv")
 
     def write(self, layer: int, blocks: list[int], offsets: list[int], k: torch.Tensor, v: torch.Tensor):
         """Store the K, V rows [T, kv_heads, head_dim] of T new tokens at (block, offset) each."""
         blocks_t, offsets_t = torch.tensor(blocks), torch.tensor(offsets)
-        kv = torch.stack((k, v), 1)  # [T, 2, kv_heads, head_dim]
-        for tier, first, n, pools in self.tiers:
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        for tier, (first, n, pools) in self.tiers.items():
             rows = ((blocks_t >= first) & (blocks_t < first + n)).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
             local, offset = blocks_t[rows] - first, offsets_t[rows]
+            kpool, vpool = pools[layer]
             if tier == "device":
                 rows, local, offset = rows.to(self.device), local.to(self.device), offset.to(self.device)
-                pools[layer][local, :, offset] = kv[rows]
+                kpool[local, offset], vpool[local, offset] = k[rows], v[rows]
                 continue
-            new = kv[rows.to(self.device)]
+            new_k, new_v = k[rows.to(self.device)], v[rows.to(self.device)]
             if self.device.type == "cuda":
-                with self.stats.transfer("device->host", new.nbytes):
-                    new = new.cpu()
-            start = time.perf_counter()
-            pools[layer][local, :, offset] = new
-            self.stats.record("device->host" if tier == "host" else "host->disk", new.nbytes,
-                              time.perf_counter() - start)
+                with self.stats.transfer("device->host", 2 * new_k.nbytes):
+                    new_k, new_v = new_k.cpu(), new_v.cpu()
+            with self.stats.transfer("device->host" if tier == "host" else "host->disk", 2 * new_k.nbytes):
+                kpool[local, offset], vpool[local, offset] = new_k, new_v
 
-    def read(self, layer: int, table: list[int], n_tokens: int):
-        """Yield (k, v, positions) on the device covering positions 0 .. n_tokens-1 of a sequence, at most
-        chunk_blocks blocks at a time, grouped by tier (attention does not care about the order of keys)."""
+    def block_data(self, block: int) -> torch.Tensor:
+        """A block's K and V in every layer, [layers, 2, block_size, kv_heads, head_dim], on the CPU."""
+        tier, local = self._locate(block)
+        return torch.stack([torch.stack((k[local], v[local])) for k, v in self.tiers[tier][2]]).cpu()
+
+    def load_block(self, block: int, data: torch.Tensor):
+        tier, local = self._locate(block)
+        for (k, v), layer in zip(self.tiers[tier][2], data.to(self.device if tier == "device" else "cpu")):
+            k[local], v[local] = layer[0], layer[1]
+
+    def _locate(self, block: int) -> tuple[str, int]:
+        return next((tier, block - first) for tier, (first, n, _) in self.tiers.items() if block < first + n)
+
+    def chunks(self, table: list[int], n_tokens: int) -> list[Chunk]:
+        """Positions 0 .. n_tokens-1 of a sequence as chunks of at most chunk_blocks blocks, grouped by tier
+        (attention does not care about the order of keys)."""
         bs = self.block_size
         used = table[:-(-n_tokens // bs)]
-        for tier, first, n, pools in self.tiers:
+        out = []
+        for tier, (first, n, _) in self.tiers.items():
             mine = [j for j, b in enumerate(used) if first <= b < first + n]
             for c in range(0, len(mine), self.chunk_blocks):
                 part = mine[c:c + self.chunk_blocks]
-                blocks = self._gather(tier, pools[layer], torch.tensor([used[j] - first for j in part]))
                 # Only the sequence's last block is partial, and it is the last block of its chunk.
                 valid = sum(min(bs, n_tokens - j * bs) for j in part)
-                k = blocks[:, 0].flatten(0, 1)[:valid]
-                v = blocks[:, 1].flatten(0, 1)[:valid]
                 pos = (torch.tensor(part)[:, None] * bs + torch.arange(bs)).flatten()[:valid]
-                yield k, v, pos.to(self.device)
+                out.append(Chunk(tier, first, [used[j] - first for j in part], valid, pos))
+        return out
+
+    def read(self, layer: int, table: list[int], n_tokens: int):
+        """Yield (k, v, positions) covering positions 0 .. n_tokens-1 of a sequence: k, v [t, kv_heads, head_dim] on
+        the device in the compute dtype, valid until the next chunk is asked for; positions on the CPU."""
+        chunks = self.chunks(table, n_tokens)
+        pending = self._start(layer, chunks[0], 0) if chunks else None
+        try:
+            for c, chunk in enumerate(chunks):
+                k, v = pending.result() if isinstance(pending, Future) else pending
+                pending = self._start(layer, chunks[c + 1], (c + 1) % 2) if c + 1 < len(chunks) else None
+                yield k.flatten(0, 1)[:chunk.valid], v.flatten(0, 1)[:chunk.valid], chunk.positions
+                if self.device.type == "cuda":
+                    self.free[c % 2] = torch.cuda.current_stream(self.device).record_event()
+        finally:  # a reader stopped early: its prefetch must not land in a buffer the next reader uses
+            if isinstance(pending, Future):
+                wait([pending])
+
+    def _start(self, layer: int, chunk: Chunk, buf: int):
+        """The chunk's (K, V) blocks [n, block_size, kv_heads, head_dim]: views when compute can read them in place,
+        else a Future of their copy into buffer `buf`."""
+        ids, (_, _, pools) = chunk.ids, self.tiers[chunk.tier]
+        kpool, vpool = pools[layer]
+        in_place = ((chunk.tier == "device" or self.device.type == "cpu") and self.dtype == self.compute_dtype
+                    and ids == list(range(ids[0], ids[0] + len(ids))))
+        if not in_place:
+            return self.thread.submit(self._copy, chunk.tier, kpool, vpool, ids, buf, self.free[buf],
+                                      self.stats.phase)
+        if chunk.tier != "device":  # read by the attention kernel itself, so no time of its own
+            self.stats.record("host->device" if chunk.tier == "host" else "disk->host", 2 * len(ids) * self.block_bytes)
+        if chunk.tier == "disk":
+            n = len(kpool)
+            for start in (ids[0], n + ids[0]):  # the K run, then the V run
+                self.maps[layer].will_need(start * self.block_bytes, (start + len(ids)) * self.block_bytes)
+        return kpool[ids[0]:ids[0] + len(ids)], vpool[ids[0]:ids[0] + len(ids)]
+
+    def _copy(self, tier: str, kpool, vpool, ids: list[int], buf: int, free, phase: str):
+        """On the KV thread: gather (and upcast) the blocks into buffer `buf`; on CUDA, through the relay buffer."""
+        n, out = len(ids), self.buffers[buf, :, :len(ids)]
+        direction = "host->device" if tier == "host" else "disk->host"
+        start = time.perf_counter()
+        if tier == "device" or self.device.type == "cpu":
+            for dst, (src, r) in _runs(ids).items():
+                out[0, dst:dst + r].copy_(kpool[src:src + r])
+                out[1, dst:dst + r].copy_(vpool[src:src + r])
+            if tier != "device":
+                self.stats.record(direction, 2 * n * self.block_bytes, time.perf_counter() - start, phase)
+            return out[0], out[1]
+        staged, index = self.staging[:, :n], torch.tensor(ids)
+        torch.index_select(kpool, 0, index, out=staged[0])
+        torch.index_select(vpool, 0, index, out=staged[1])
+        self.stats.record(direction, staged.nbytes, time.perf_counter() - start, phase)
+        if free is not None:
+            free.synchronize()  # compute is done with the buffer this copy overwrites
+        with self.stats.transfer("host->device", staged.nbytes, phase):
+            with torch.cuda.stream(self.copy_stream):
+                out.copy_(staged, non_blocking=True)
+            self.copy_stream.synchronize()  # the relay buffer is free again, and compute may use `out`
+        return out[0], out[1]
+
+    def close(self):
+        self.thread.shutdown(wait=True)
+
+
+def _runs(ids: list[int]) -> dict[int, tuple[int, int]]:
+    """Runs of consecutive block ids: {position in ids: (first id, length)}."""
+    runs, start = {}, 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            runs[start] = (ids[start], i - start)
+            start = i
+    return runs

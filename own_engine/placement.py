@@ -1,48 +1,60 @@
-"""Weight tiers: each decoder layer resident on the device, in (pinned) host memory, or on disk.
+"""Weight tiers: each decoder layer stored resident on the device, in (pinned) host memory, or on disk, in the
+storage dtype; and the copy compute reads.
 
-Streamed layers pass through a ring of preallocated device slots, one flat buffer per slot, filled with one
-contiguous copy per layer. A single prefetch thread loads the next streamed layers while the current one
-computes: file reads release the GIL, and on CUDA the host->device copy runs on its own stream.
+Compute reads the stored copy itself wherever the device can address it in the compute dtype: resident layers,
+and on the CPU also host memory and disk files, which are memory-mapped (a warm page cache then costs no copy;
+the next mapped layer is read ahead with madvise). Every other layer passes through a ring of preallocated slots,
+filled ahead of use by a single prefetch thread: on CUDA a disk read into a pinned relay buffer and one contiguous
+copy on a side stream; on a CPU without native bf16, an upcast into a float32 slot. File reads and copies release
+the GIL, so the thread works while the current layer computes.
 """
 import time
-import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .stats import EngineStats
 from .weights import Checkpoint, Extent, LayerLayout, read_extents
 
+LOGIT_ROWS = 4096  # rows of lm_head upcast at a time when compute runs in a wider dtype than storage
+
 
 class LayerWeights:
-    def __init__(self, ckpt: Checkpoint, layout: LayerLayout, tiers: list[str], n_slots: int,
-                 device: torch.device, stats: EngineStats, packed: dict[int, list[Extent]]):
+    def __init__(self, ckpt: Checkpoint, layout: LayerLayout, compute: LayerLayout, tiers: list[str], n_slots: int,
+                 device: torch.device, stats: EngineStats, packed: dict[int, Path]):
         self.layout, self.tiers, self.device, self.stats = layout, tiers, device, stats
         cuda = device.type == "cuda"
-        self.resident: dict[int, dict[str, torch.Tensor]] = {}
-        self.host: dict[int, torch.Tensor] = {}
-        self.extents: dict[int, list[Extent]] = {}
+        self.stored: dict[int, dict[str, torch.Tensor]] = {}  # views compute can address, in the storage dtype
+        self.spans: dict[int, list] = {}  # memory-mapped layers: (map, first byte, end byte) per file
+        self.host: dict[int, torch.Tensor] = {}  # pinned flat buffers of the CUDA host tier
+        self.extents: dict[int, list[Extent]] = {}  # file reads of the CUDA disk tier
         for i, tier in enumerate(tiers):
-            if tier == "disk":
-                self.extents[i] = packed.get(i) or ckpt.layer_extents(i, layout)
-                continue
-            buf = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=cuda and tier == "host")
-            ckpt.read_layer(i, layout, buf)
-            if tier == "host":
-                self.host[i] = buf
+            if tier == "disk" and cuda:
+                self.extents[i] = ckpt.packed_extents(packed[i], layout) if i in packed else ckpt.layer_extents(i, layout)
+            elif tier == "disk":
+                self.stored[i], self.spans[i] = ckpt.mapped_layer(i, layout, packed.get(i))
             else:
-                with stats.transfer("host->device", layout.nbytes):
-                    self.resident[i] = layout.views(buf.to(device))
+                buf = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=cuda and tier == "host")
+                ckpt.read_layer(i, layout, buf)
+                if tier == "host" and cuda:
+                    self.host[i] = buf
+                elif tier == "host":
+                    self.stored[i] = layout.views(buf)
+                else:
+                    with stats.transfer("host->device", layout.nbytes):
+                        self.stored[i] = layout.views(buf.to(device))
 
-        self.streamed = [i for i, t in enumerate(tiers) if t != "device"]
+        upcast = compute.dtype != layout.dtype
+        self.streamed = [i for i in range(len(tiers)) if upcast or i not in self.stored]
         n_slots = min(n_slots, len(self.streamed))
-        self.slots = [torch.empty(layout.nbytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
-        self.slot_views = [layout.views(s) for s in self.slots]
-        # Disk reads on CUDA land in a pinned relay buffer first; on CPU they go straight into the slot.
-        self.staging = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True) if cuda and self.extents else None
-        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.slots = [torch.empty(compute.nbytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
+        self.slot_views = [compute.views(s) for s in self.slots]
+        # Disk reads on CUDA land in a pinned relay buffer first.
+        self.staging = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True) if self.extents else None
+        self.copy_stream = torch.cuda.Stream(device) if cuda and self.streamed else None
         self.released: list[torch.cuda.Event | None] = [None] * n_slots  # compute done with the slot
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="own_engine_prefetch") if self.streamed else None
         self.queue: deque[tuple[int, int, Future]] = deque()  # (layer, slot, load) in flight or ready
@@ -50,10 +62,16 @@ class LayerWeights:
         self.next = 0  # index into self.streamed of the next layer to submit
         self.current: int | None = None  # slot being computed on
 
-    def layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Views of layer i's weights on the device; layers must be asked for in order, cyclically."""
-        if i in self.resident:
-            return self.resident[i]
+    def layer(self, i: int, narrow: bool = False) -> dict[str, torch.Tensor]:
+        """Views of layer i's weights on the device in the compute dtype, or with `narrow` as stored wherever compute
+        can address them (a decode step's few rows read the narrower weights directly). Layers that pass through
+        the ring must be asked for in order, cyclically."""
+        if i not in self.streamed or (narrow and i in self.stored):
+            if self.tiers[i] != "device":  # read in place by compute, so no time of its own
+                self.stats.record("disk->host" if self.tiers[i] == "disk" else "host->device", self.layout.nbytes)
+            for m, start, end in self.spans.get((i + 1) % len(self.tiers), []):
+                m.will_need(start, end)
+            return self.stored[i]
         if self.current is not None and self.device.type == "cuda":
             self.released[self.current] = torch.cuda.current_stream(self.device).record_event()
         if self.queue and self.queue[0][0] != i:  # an interrupted pass left other layers queued
@@ -81,21 +99,24 @@ class LayerWeights:
     def _load(self, layer: int, slot: int, released, phase: str):
         if released is not None:
             released.synchronize()
-        dst, nbytes = self.slots[slot], self.layout.nbytes
+        nbytes, tier = self.layout.nbytes, self.tiers[layer]
+        if layer in self.stored:  # an upcast from memory compute can address (from the page cache when mapped)
+            start = time.perf_counter()
+            for name, view in self.stored[layer].items():
+                self.slot_views[slot][name].copy_(view)
+            if tier != "device":
+                self.stats.record("disk->host" if tier == "disk" else "host->device", nbytes,
+                                  time.perf_counter() - start, phase)
+            return
         src = self.host.get(layer)
         if src is None:
-            src = self.staging if self.staging is not None else dst
+            src = self.staging
             with self.stats.transfer("disk->host", nbytes, phase):
                 read_extents(self.extents[layer], src)
-            if src is dst:
-                return
         with self.stats.transfer("host->device", nbytes, phase):
-            if self.copy_stream is None:
-                dst.copy_(src)
-            else:
-                with torch.cuda.stream(self.copy_stream):
-                    dst.copy_(src, non_blocking=True)
-                self.copy_stream.synchronize()
+            with torch.cuda.stream(self.copy_stream):
+                self.slots[slot].copy_(src, non_blocking=True)
+            self.copy_stream.synchronize()
 
     def close(self):
         if self.pool is not None:
@@ -107,33 +128,41 @@ class LayerWeights:
 
 class Globals:
     """Embedding table, final norm and lm_head. lm_head and the norm stay on the device; the embedding table
-    either too, or (when the budget is short) memory-mapped from the checkpoint so a lookup reads only its rows."""
+    either too, or (when the budget is short) memory-mapped from the checkpoint so a lookup reads only its rows.
+    Stored in the storage dtype; rows reach compute in the compute dtype."""
 
-    def __init__(self, ckpt: Checkpoint, embed_tier: str, tied: bool, dtype: torch.dtype,
+    def __init__(self, ckpt: Checkpoint, embed_tier: str, tied: bool, dtype: torch.dtype, compute: torch.dtype,
                  device: torch.device, stats: EngineStats):
-        self.device, self.dtype, self.stats = device, dtype, stats
+        self.device, self.compute, self.stats = device, compute, stats
 
-        def to_device(name):
-            t = ckpt.read(name, dtype)
+        def to_device(name, as_dtype=dtype):
+            t = ckpt.read(name, as_dtype)
             with stats.transfer("host->device", t.nbytes):
                 return t.to(device)
 
-        self.norm = to_device("model.norm.weight")
+        self.norm = to_device("model.norm.weight", compute)
         self.lm_head = to_device("model.embed_tokens.weight" if tied else "lm_head.weight")
         self.embed_on_disk = embed_tier == "disk" and not tied
-        if not self.embed_on_disk:
-            self.embed = self.lm_head if tied else to_device("model.embed_tokens.weight")
-        else:
-            e = ckpt.entries["model.embed_tokens.weight"]
-            raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.offset, shape=(e.nbytes,))
-            with warnings.catch_warnings():  # read-only on purpose: torch warns about non-writable arrays
-                warnings.simplefilter("ignore", UserWarning)
-                self.embed = torch.from_numpy(raw).view(e.dtype).view(e.shape)
+        self.embed = ckpt.mapped_tensor("model.embed_tokens.weight") if self.embed_on_disk else (
+            self.lm_head if tied else to_device("model.embed_tokens.weight"))
+        self.buffer = (torch.empty((min(LOGIT_ROWS, self.lm_head.shape[0]), self.lm_head.shape[1]), dtype=compute,
+                                   device=device) if compute != dtype else None)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.embed_on_disk:
-            return self.embed[tokens]
+            return self.embed[tokens].to(self.compute)
         start = time.perf_counter()
         rows = self.embed[tokens.cpu()]
         self.stats.record("disk->host", rows.nbytes, time.perf_counter() - start)
-        return rows.to(self.device, self.dtype)
+        return rows.to(self.device, self.compute)
+
+    def logits(self, x: torch.Tensor, narrow: bool) -> torch.Tensor:
+        """float32 logits of hidden states x [B, hidden] (already normalised); `narrow`: multiply by lm_head as
+        stored rather than upcast slice by slice."""
+        if self.buffer is None or narrow:
+            return F.linear(x.to(self.lm_head.dtype), self.lm_head).float()
+        out = torch.empty((x.shape[0], self.lm_head.shape[0]), dtype=torch.float32, device=self.device)
+        for r in range(0, self.lm_head.shape[0], len(self.buffer)):
+            rows = self.lm_head[r:r + len(self.buffer)]
+            out[:, r:r + len(rows)] = F.linear(x, self.buffer[:len(rows)].copy_(rows))
+        return out

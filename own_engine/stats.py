@@ -15,22 +15,31 @@ class EngineStats:
     """Bytes and seconds per (phase, direction); wall seconds and token counts per phase.
 
     Transfers run partly on a prefetch thread that overlaps compute, so the seconds of a direction measure the
-    transfer itself (its achieved bandwidth), not its share of the phase's wall time.
+    transfer itself (its achieved bandwidth), not its share of the phase's wall time. Data that compute reads in
+    place (a memory-mapped file on the CPU) counts in bytes but has no time of its own: bandwidths cover the
+    timed bytes only.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self.phase = "load"
         self.bytes = defaultdict(int)
+        self.timed_bytes = defaultdict(int)
         self.seconds = defaultdict(float)
         self.phase_seconds = defaultdict(float)
         self.tokens = defaultdict(int)
+        # full KV blocks a new sequence found cached (in memory or in prefix_cache_dir) or had to compute
+        self.prefix = {"hit_blocks": 0, "disk_hit_blocks": 0, "miss_blocks": 0, "bytes_reused": 0, "stored_blocks": 0}
+        self.preemptions = 0  # sequences the scheduler sent back to wait for lack of KV blocks
 
-    def record(self, direction: str, nbytes: int, seconds: float, phase: str | None = None):
+    def record(self, direction: str, nbytes: int, seconds: float | None = None, phase: str | None = None):
+        """seconds None: read in place by compute, no transfer of its own."""
         key = (phase or self.phase, direction)
         with self._lock:
             self.bytes[key] += nbytes
-            self.seconds[key] += seconds
+            if seconds is not None:
+                self.timed_bytes[key] += nbytes
+                self.seconds[key] += seconds
 
     @contextmanager
     def transfer(self, direction: str, nbytes: int, phase: str | None = None):
@@ -48,15 +57,23 @@ class EngineStats:
             self.phase_seconds[phase] += time.perf_counter() - start
             self.tokens[phase] += tokens
 
+    def count_prefix(self, hits: int, from_disk: int, misses: int, block_bytes: int):
+        with self._lock:
+            self.prefix["hit_blocks"] += hits + from_disk
+            self.prefix["disk_hit_blocks"] += from_disk
+            self.prefix["miss_blocks"] += misses
+            self.prefix["bytes_reused"] += (hits + from_disk) * block_bytes
+
     def bandwidth(self, direction: str, phase: str | None = None) -> float:
-        """Achieved bytes/s of one direction, over one phase or all of them."""
+        """Achieved bytes/s of one direction's timed transfers, over one phase or all of them."""
         keys = [k for k in self.bytes if k[1] == direction and phase in (None, k[0])]
         seconds = sum(self.seconds[k] for k in keys)
-        return sum(self.bytes[k] for k in keys) / seconds if seconds > 0 else 0.0
+        return sum(self.timed_bytes[k] for k in keys) / seconds if seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
         with self._lock:
-            transfers = {f"{p}/{d}": {"bytes": b, "seconds": self.seconds[(p, d)],
-                                      "bytes_per_s": b / self.seconds[(p, d)] if self.seconds[(p, d)] else 0.0}
-                         for (p, d), b in sorted(self.bytes.items())}
-        return {"transfers": transfers, "phase_seconds": dict(self.phase_seconds), "tokens": dict(self.tokens)}
+            transfers = {f"{p}/{d}": {"bytes": b, "seconds": self.seconds[k], "in_place_bytes": b - self.timed_bytes[k],
+                                      "bytes_per_s": self.timed_bytes[k] / self.seconds[k] if self.seconds[k] else 0.0}
+                         for k, b in sorted(self.bytes.items()) for p, d in [k]}
+        return {"transfers": transfers, "phase_seconds": dict(self.phase_seconds), "tokens": dict(self.tokens),
+                "prefix_cache": dict(self.prefix), "preemptions": self.preemptions}

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import EngineError, ModelConfig
+from .mapped import Mapped
 from .stats import EngineStats
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -126,11 +127,36 @@ class Checkpoint:
         if wrong:
             raise EngineError(f"{self.path}: tensor shapes do not match config.json: {'; '.join(wrong[:5])}")
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, Mapped] = {}
 
     def fd(self, file: Path) -> int:
         if file not in self._fds:
             self._fds[file] = os.open(file, os.O_RDONLY)
         return self._fds[file]
+
+    def mapped(self, file: Path) -> Mapped:
+        if file not in self._maps:
+            self._maps[file] = Mapped(self.fd(file))
+        return self._maps[file]
+
+    def mapped_tensor(self, name: str) -> torch.Tensor:
+        """A tensor of the checkpoint as a view of its file's memory map (read from disk, or the page cache, on use)."""
+        e = self.entries[name]
+        return self.mapped(e.file).view(e.offset, e.nbytes, e.dtype).view(e.shape)
+
+    def mapped_layer(self, i: int, layout: LayerLayout, packed: Path | None) -> tuple[dict, list]:
+        """Layer i's tensors as views of memory maps (its packed file, or the safetensors when the dtype matches):
+        ({name: view}, [(map, first byte, end byte) of each file the layer spans])."""
+        if packed is not None:
+            m = self.mapped(packed)
+            return layout.views(m.view(0, layout.nbytes, torch.uint8)), [(m, 0, layout.nbytes)]
+        entries = {n: self.entries[f"model.layers.{i}.{n}"] for n in layout.tensors}
+        assert all(e.dtype == layout.dtype for e in entries.values())
+        spans = []
+        for file in {e.file for e in entries.values()}:
+            mine = [e for e in entries.values() if e.file == file]
+            spans.append((self.mapped(file), min(e.offset for e in mine), max(e.offset + e.nbytes for e in mine)))
+        return {n: self.mapped(e.file).view(e.offset, e.nbytes, e.dtype).view(e.shape) for n, e in entries.items()}, spans
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         e = self.entries[name]
@@ -150,7 +176,7 @@ class Checkpoint:
         assert all(e.dtype == layout.dtype for e, _ in entries)
         return [(self.fd(e.file), e.offset, e.nbytes, off) for e, off in entries]
 
-    def pack_layers(self, layers: list[int], layout: LayerLayout, directory: Path) -> dict[int, list[Extent]]:
+    def pack_layers(self, layers: list[int], layout: LayerLayout, directory: Path) -> dict[int, Path]:
         """Write each layer as one contiguous file in the engine dtype, so streaming it is one read.
 
         Files from an earlier run (keep_offload) are reused when the manifest matches this checkpoint and layout.
@@ -163,7 +189,7 @@ class Checkpoint:
         old = json.loads(manifest.read_text()) if manifest.is_file() else {}
         done = set(old.get("layers", [])) if old.get("key") == key else set()
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
-        extents = {}
+        files = {}
         for i in layers:
             file = directory / f"layer_{i:03d}.bin"
             if i not in done or not file.is_file() or file.stat().st_size != layout.nbytes:
@@ -171,13 +197,18 @@ class Checkpoint:
                 with self.stats.transfer("host->disk", layout.nbytes):
                     buf.numpy().tofile(file)
                 done.add(i)
-            extents[i] = [(self.fd(file), 0, layout.nbytes, 0)]
+            files[i] = file
         tmp = manifest.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "layers": sorted(done)}))
         tmp.replace(manifest)
-        return extents
+        return files
+
+    def packed_extents(self, file: Path, layout: LayerLayout) -> list[Extent]:
+        return [(self.fd(file), 0, layout.nbytes, 0)]
 
     def close(self):
+        self._maps.clear()  # each map closes when the last tensor viewing it goes
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+

@@ -15,7 +15,7 @@ from typing import Any
 
 
 from harness.records import RequestRecord
-from harness.results.metrics import PERCENTILE_METHOD, median_over_repetitions, reduce_repetition, token_sources
+from harness.results.metrics import reduce_cell
 from harness.config.scenario import SLO
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,8 +51,10 @@ class ResultsBuilder:
             sweep: dict[str, Any] | None = None, base: str | None = None, kind: str = "transformers",
             device: str = "cpu", resources: dict[str, Any] | None = None, timeline: dict[str, Any] | None = None,
             request_errors: dict[int, str] | None = None, failed: str | None = None,
-            load_time_s: float = 2.0) -> dict[str, Any]:
-        """One cell whose requests take `ttft_s` to the first token and `tpot_s` per token after it."""
+            load_time_s: float = 2.0, rep_scale: list[float] | None = None,
+            logical_io: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One cell whose requests take `ttft_s` to the first token and `tpot_s` per token after it; `rep_scale`
+        slows each repetition by its factor."""
         name = workload["name"]
         cid = cell_id(model, backend, name)
         self.backends[backend] = kind
@@ -63,28 +65,29 @@ class ResultsBuilder:
         if failed:
             self.cells.append(cell | {"status": "failed", "error": failed, "metrics": None, "repetitions": []})
             return self.cells[-1]
-        records = self.records(workload, ttft_s, tpot_s, request_errors or {})
+        records = self.records(workload, ttft_s, tpot_s, request_errors or {}, rep_scale)
         d = self.out / "cells" / cid
         d.mkdir(parents=True, exist_ok=True)
         (d / "requests.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
         if timeline:
             (d / "timeline.json").write_text(json.dumps(timeline))
-        reps = [reduce_repetition([r for r in records if r.repetition == i], self.slo) for i in range(self.repetitions)]
-        cell |= {"status": "ok", "error": None, "metrics": median_over_repetitions(reps), "repetitions": reps,
-                 "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records),
+        cell |= {"status": "ok", "error": None, **reduce_cell(records, self.repetitions, self.slo, 0.25),
                  "load_time_s": load_time_s, "engine": {"engine": kind, "device": device},
-                 "requests_file": f"cells/{cid}/requests.jsonl"}
+                 "requests_file": f"cells/{cid}/requests.jsonl", "logical_io": logical_io}
         if resources is not None:
             cell["resources"] = resources
         self.cells.append(cell)
         return cell
 
-    def records(self, w: dict[str, Any], ttft_s: float, tpot_s: float, errors: dict[int, str]) -> list[RequestRecord]:
+    def records(self, w: dict[str, Any], ttft0: float, tpot0: float, errors: dict[int, str],
+                rep_scale: list[float] | None) -> list[RequestRecord]:
         conc = (w.get("load") or {}).get("concurrency", 1)
         n_out = w["output_tokens"]
-        e2e = ttft_s + tpot_s * (n_out - 1)
         out = []
         for rep in range(self.repetitions):
+            scale = rep_scale[rep] if rep_scale else 1.0
+            ttft_s, tpot_s = ttft0 * scale, tpot0 * scale
+            e2e = ttft_s + tpot_s * (n_out - 1)
             for i in range(w["num_requests"]):
                 # `conc` requests start together, the next wave when they end; a small jitter per request.
                 t_send = rep * 1000.0 + (i // conc) * e2e

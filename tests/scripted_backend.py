@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,16 @@ class ScriptedOptions(BaseModel):
     max_concurrency: int | None = None  # declared in its capabilities: the harness must queue beyond it
     busy_prefill: bool = False  # keep a CPU busy during each request's prefill (a thread), sleep during its decode
     record_requests: bool = False  # append what each request asked for to CELL_DIR/seen.jsonl
+    block_loop_s: float = 0.0  # block the event loop this long as each request starts (a misbehaving callback)
+    slow_from_id: int | None = None  # requests from this id on take slow_factor times as long (a later repetition)
+    slow_factor: float = 1.0
+    server: bool = False  # launch a real server process (python -m http.server) the way engine servers are launched
+    prepare_s: float = 0.0  # one-off preparation (like a GGUF conversion) before start()
+    kill_server_at: int | None = None  # at this request id the server is SIGKILLed and the request fails
+    kill_server_while_exists: str | None = None  # ...only while this file exists
+    hang_while_exists: str | None = None  # hang once the request is recorded (record_requests), while this file exists
+    fill_disk_while_exists: str | None = None  # start() fills the cell folder's file system while this file exists
+    env: dict[str, str] = {}  # an engine's environment: start() records sha256 of each value in CELL_DIR/env_seen.json
 
 
 @register
@@ -44,12 +55,31 @@ class ScriptedBackend(Backend):
         if self.options.max_concurrency is not None:
             self.capabilities = Capabilities(max_concurrency=self.options.max_concurrency)
 
+    async def prepare(self) -> None:
+        await asyncio.sleep(self.options.prepare_s)
+
     async def start(self) -> None:
         if self.options.fail_if_exists and Path(self.options.fail_if_exists).exists():
             raise BackendError(f"scripted start failure ({self.options.fail_if_exists} exists)")
+        if self.options.env:
+            (self.ctx.dir / "env_seen.json").write_text(json.dumps(
+                {k: hashlib.sha256(v.encode()).hexdigest() for k, v in self.options.env.items()}))
+        if self.options.fill_disk_while_exists and Path(self.options.fill_disk_while_exists).exists():
+            _fill(self.ctx.dir / "filler")
+        if self.options.server:
+            from harness.core.processes import launch
+
+            self.server = await launch("scripted_server", lambda port: [sys.executable, "-m", "http.server", str(port),
+                                                                        "--bind", "127.0.0.1"], self.ctx.dir, "/", 60)
 
     async def stop(self) -> None:
-        pass
+        if self.server is not None:
+            self.server.stop()
+
+    def environment(self):
+        # What a launched engine server reports: settings that change from run to run beside ones that do not.
+        return {"engine": "scripted", "version": "1.0.3", "threads": 1,
+                **({"url": self.server.url + "/v1", "log_file": str(self.server.log_path)} if self.server else {})}
 
     def disk_need(self):
         return (self.ctx.dir, self.options.disk_need_bytes) if self.options.disk_need_bytes else None
@@ -62,15 +92,25 @@ class ScriptedBackend(Backend):
             await asyncio.sleep(3600)
         if request.id in o.fail_request_ids:
             raise BackendError(f"scripted failure of request {request.id}")
+        if o.block_loop_s:
+            time.sleep(o.block_loop_s)
+        if o.kill_server_at is not None and request.id >= o.kill_server_at and (
+                o.kill_server_while_exists is None or Path(o.kill_server_while_exists).exists()):
+            if self.server.exited() is None:
+                os.killpg(self.server.pgid, signal.SIGKILL)
+            raise ConnectionRefusedError(111, "Connection refused")  # what a client sees of a dead server
         start = now()
+        slow = o.slow_factor if o.slow_from_id is not None and request.id >= o.slow_from_id else 1.0
         if o.record_requests:
             with (self.ctx.dir / "seen.jsonl").open("a") as f:
                 f.write(json.dumps({"id": request.id, "temperature": request.temperature, "seed": request.seed,
                                     "start": start}) + "\n")
+        if o.hang_while_exists is not None and Path(o.hang_while_exists).exists():
+            await asyncio.sleep(3600)
         if o.busy_prefill:
             await asyncio.to_thread(_spin_until, start + o.ttft_s)
         for k in range(request.max_tokens):
-            t = start + o.ttft_s + k * o.itl_s
+            t = start + (o.ttft_s + k * o.itl_s) * slow
             await asyncio.sleep(max(0.0, t - now()))
             yield TokenEvent(t=t, n_tokens=1, token_ids=[k])
         yield Usage(len(request.prompt_token_ids), request.max_tokens, "engine", "engine")
@@ -81,3 +121,13 @@ def _spin_until(t: float) -> None:
     block = bytes(1 << 20)
     while time.perf_counter() < t:
         hashlib.sha256(block)
+
+
+def _fill(path: Path) -> None:
+    with path.open("wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1):  # to the last byte that fits
+            try:
+                while True:
+                    f.write(bytes(size))
+            except OSError:  # ENOSPC
+                pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -218,23 +219,104 @@ def test_different_gpu_and_engine_exit_2_listing_differences(tmp_path):
     base = synth_run(tmp_path / "base", 0)
     env = copy.deepcopy(ENV)
     env["gpu"]["devices"][0]["name"] = "NVIDIA A100-SXM4-40GB"
-    env["packages"]["transformers"] = "5.24.0"
+    env["gpu"]["cuda_driver"] = "12.6"
+    env["packages"]["transformers"] = "5.23.4"  # a patch release: not a difference at major.minor
     cur = synth_run(tmp_path / "cur", 1, env=env)
     edit_results(cur, lambda d: d["cells"][0]["engine"].update(version="2.0"))
     result = gate("--baseline", base, "--current", cur)
     assert result.exit_code == 2
     out = " ".join(result.output.split())
     assert "different environments" in out
-    assert "environment.gpu.devices: ['NVIDIA H100 80GB HBM3'] (baseline) vs ['NVIDIA A100-SXM4-40GB'] (current)" in out
-    assert "environment.packages.transformers: '5.23.0' (baseline) vs '5.24.0' (current)" in out
-    assert "backend hf: engine.version: '1.0' (baseline) vs '2.0' (current)" in out
+    assert "gpu.devices: ['NVIDIA H100 80GB HBM3'] (baseline) vs ['NVIDIA A100-SXM4-40GB'] (current)" in out
+    assert "gpu.cuda_driver: '12.4' (baseline) vs '12.6' (current)" in out
+    assert "engine.hf.version: '1.0' (baseline) vs '2.0' (current)" in out
+    assert "transformers" not in out
     assert "--allow-env-change" in out
     assert not (cur / "gate.json").exists()
 
     result = gate("--baseline", base, "--current", cur, "--allow-env-change")
     assert result.exit_code == 0, result.output
-    assert "warning: environment changed: environment.gpu.devices" in " ".join(result.output.split())
+    assert "warning: environment changed: gpu.devices" in " ".join(result.output.split())
     assert len(json.loads((cur / "gate.json").read_text())["environment_differences"]) == 3
+
+
+def test_a_policy_says_which_differences_refuse_warn_or_pass(tmp_path):
+    base = synth_run(tmp_path / "base", 0)
+    env = copy.deepcopy(ENV)
+    env["gpu"]["driver"] = "555"
+    env["packages"]["torch"] = "2.14.1"
+    cur = synth_run(tmp_path / "cur", 1, env=env)
+    assert gate("--baseline", base, "--current", cur).exit_code == 2
+    policy = tmp_path / "p.yaml"
+    policy.write_text((ROOT / "harness/analyze/gate_policy.yaml").read_text().replace(
+        "on_difference: {}", "on_difference: {gpu.driver: pass, 'packages.*': warn}"))
+    result = gate("--baseline", base, "--current", cur, "--policy", policy)
+    assert result.exit_code == 0, result.output
+    diffs = json.loads((cur / "gate.json").read_text())["environment_differences"]
+    assert diffs == ["packages.torch: '2.13.0' (baseline) vs '2.14.1' (current)"]  # the driver passes silently
+    # Versions compared exactly: a patch release refuses too.
+    env["gpu"]["driver"], env["packages"]["torch"] = "550", "2.13.1"
+    exact = synth_run(tmp_path / "exact", 2, env=env)
+    assert gate("--baseline", base, "--current", exact).exit_code == 0
+    policy.write_text((ROOT / "harness/analyze/gate_policy.yaml").read_text().replace(
+        "versions: major.minor", "versions: exact"))
+    result = gate("--baseline", base, "--current", exact, "--policy", policy)
+    assert result.exit_code == 2 and "packages.torch: '2.13.0' (baseline) vs '2.13.1' (current)" in result.output
+
+
+def test_launched_server_settings_that_say_where_or_when_are_not_differences():
+    """A launched server's port, files under --out, PIDs, times and patch versions change from run to run; a
+    setting that changes speed does not get lost among them."""
+    from harness.analyze.gate import Policy, environment_differences
+
+    def engine(port: int, out: str, **change):
+        return {"engine": "llama.cpp", "llama_cpp_python": "0.3.36", "mode": "server", "n_ctx": 2048,
+                "url": f"http://127.0.0.1:{port}/v1", "served_model": "tiny", "gguf": f"/home/u/.cache/{out}/t.gguf",
+                "server_pid": 4242 + port, "started_at": "2026-01-01T00:00:00+00:00",
+                "plan": f"weights on disk\noffload dir {out}/cells/x/offload: 32.00 MiB written\nbatch 4",
+                "engine_args": {"model": f"/{out}/m", "max_num_seqs": 4, "log_file": f"{out}/x.log"},
+                "env": {"VLLM_CACHE_ROOT": f"/tmp/{out}", "VLLM_CPU_KVCACHE_SPACE": "1"}, **change}
+
+    class FakeRun:
+        def __init__(self, cell_engine):
+            self.result = type("R", (), {"environment": ENV})()
+            self.cells = {("tiny", "srv", "w"): CellResult(id="c", model="tiny", backend="srv", workload="w",
+                                                           status="ok", engine=cell_engine)}
+
+    key = [("tiny", "srv", "w")]
+    a = FakeRun(engine(40001, "results/run-a"))
+    assert environment_differences(a, FakeRun(engine(51234, "results/run-b", llama_cpp_python="0.3.39")), key,
+                                   Policy(metrics={"ttft_ms": {"direction": "lower", "threshold": 1.1}})) == []
+    policy = Policy(metrics={"ttft_ms": {"direction": "lower", "threshold": 1.1}})
+    changed = FakeRun(engine(51234, "results/run-b", n_ctx=4096, plan="weights on device\nbatch 4",
+                             env={"VLLM_CACHE_ROOT": "/x", "VLLM_CPU_KVCACHE_SPACE": "4"}))
+    diffs = {d.name: d.action for d in environment_differences(a, changed, key, policy)}
+    assert diffs == {"engine.srv.n_ctx": "refuse", "engine.srv.plan": "refuse",
+                     "engine.srv.env.VLLM_CPU_KVCACHE_SPACE": "refuse"}
+    minor = FakeRun(engine(1, "r", llama_cpp_python="0.4.0"))
+    assert [d.name for d in environment_differences(a, minor, key, policy)] == ["engine.srv.llama_cpp_python"]
+
+
+def test_committed_ci_baseline_is_comparable_with_a_fresh_install(tmp_path):
+    """results/baselines/ci-gate against a run on this machine's install (other patch releases, another --out):
+    the guard finds nothing that refuses, without --allow-env-change."""
+    from harness.analyze.gate import environment_differences, load_policy
+    from harness.measure import environment
+
+    base = ROOT / "results/baselines/ci-gate"
+    cur = tmp_path / "cur"
+    shutil.copytree(base, cur)
+
+    def fresh(d):
+        d["environment"] = environment.collect() | {"cpu": d["environment"]["cpu"], "gpu": d["environment"]["gpu"]}
+        for c in d["cells"]:
+            if "plan" in c["engine"]:
+                c["engine"]["plan"] = c["engine"]["plan"].replace("results/ci-gate", str(tmp_path / "elsewhere"))
+    edit_results(cur, fresh)
+    policy = load_policy(ROOT / "scenarios/ci-gate-policy.yaml")
+    b, c = Run(base), Run(cur)
+    refused = [str(d) for d in environment_differences(b, c, list(c.cells), policy) if d.action == "refuse"]
+    assert refused == []
 
 
 def test_cpu_change_blocks_raw_mode_but_is_a_warning_with_reference(tmp_path):
@@ -243,10 +325,10 @@ def test_cpu_change_blocks_raw_mode_but_is_a_warning_with_reference(tmp_path):
     env["cpu"]["model"] = "Other CPU 1000"
     cur = synth_run(tmp_path / "cur", 1, backends=("hf", "own"), env=env, factors={"hf": 1.4, "own": 1.4})
     result = gate("--baseline", base, "--current", cur)
-    assert result.exit_code == 2 and "environment.cpu.model" in result.output
+    assert result.exit_code == 2 and "cpu.model" in result.output
     result = gate("--baseline", base, "--current", cur, "--reference", "hf")
     assert result.exit_code == 0, result.output
-    assert "warning: environment changed: environment.cpu.model" in " ".join(result.output.split())
+    assert "warning: environment changed: cpu.model" in " ".join(result.output.split())
 
 
 def test_no_matching_cells_exit_2(tmp_path):
@@ -406,3 +488,62 @@ def test_real_ci_gate_run_passes_against_itself(tmp_path, tiny_model):
     assert {r["metric"] for r in rows} == {"ttft_ms", "tpot_ms", "e2el_ms", "output_throughput_tok_s",
                                            "request_throughput_rps"}
     assert all(r["ratio"] == 1 and r["verdict"] == "pass" and r["n_current"] >= 5 for r in rows)
+
+
+# ---- launched servers, measured ---------------------------------------------------------------------------------
+
+def test_gate_passes_the_same_launched_server_scenario_and_fails_a_30pct_slowdown(write_scenario, tiny_model,
+                                                                                    tmp_path):
+    """Two runs of one scenario whose backend launches a server (a random port, logs under --out) into different
+    folders compare without --allow-env-change and pass; the same engine 30% slower fails."""
+    from harness.config.load import load_scenario
+    from harness.run.runner import Runner
+    from tests.conftest import scenario_dict
+
+    def run_with(out: Path, slower: float = 1.0) -> Path:
+        b = {"name": "srv", "kind": "scripted",
+             "options": {"server": True, "ttft_s": 0.05 * slower, "itl_s": 0.01 * slower}}
+        workloads = [{"name": "w", "input_tokens": 16, "output_tokens": 8, "num_requests": 12, "warmup_requests": 1}]
+        path = write_scenario(scenario_dict(tiny_model, [b], workloads, repetitions=3), name=f"{out.name}.yaml")
+        assert Runner(load_scenario(path), str(path), out).run() == 0
+        return out
+
+    first, second = run_with(tmp_path / "first"), run_with(tmp_path / "second")
+    urls = [Run(r).result.cells[0].engine["url"] for r in (first, second)]
+    assert urls[0] != urls[1]  # a port of its own each time: not an environment difference
+    result = gate("--baseline", first, "--current", second)
+    assert result.exit_code == 0, result.output
+    assert "regression" not in verdicts(second).values()
+    assert json.loads((second / "gate.json").read_text())["environment_differences"] == []
+
+    slow = run_with(tmp_path / "slow", slower=1.3)
+    result = gate("--baseline", first, "--current", slow)
+    assert result.exit_code == 1, result.output
+    v = verdicts(slow)
+    assert all(v[("tiny__srv__w", m)] == "regression" for m in LATENCIES), v
+    md = (slow / "gate.md").read_text()
+    assert "| cell | metric | baseline (CI) | current (CI) | change | threshold | p | verdict | note |" in md
+    row = next(line for line in md.splitlines() if "| ttft_ms |" in line)
+    assert "+30" in row or "+29" in row or "+31" in row, row  # the change, in percent
+    assert re.search(r"\| \d+(\.\d+)? \\\[\d", row), row  # a median with its CI
+
+
+def test_an_unstable_cell_is_flagged_in_the_gate(tmp_path):
+    base = synth_run(tmp_path / "base", 0)
+    cur = synth_run(tmp_path / "cur", 1)
+    reason = "repetitions disagree beyond max_repetition_cv 0.25: TTFT p50 12.0 / 120.0 ms (CV 0.82)"
+    edit_results(cur, lambda d: d["cells"][0].update(unstable=reason))
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((cur / "gate.json").read_text())["rows"]
+    assert all(r["note"].endswith("unstable in the current") for r in rows)
+    assert f"tiny__hf__short is unstable in the current run: {reason}" in " ".join(result.output.split())
+    assert "unstable in the current run" in (cur / "gate.md").read_text()
+
+
+def test_ci_gates_without_allow_env_change():
+    for path in (ROOT / ".ci/run", ROOT / ".github/workflows/perf-gate.yml"):
+        commands = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+        text = "\n".join(commands)
+        assert "bench gate" in text and "--allow-env-change" not in text, path
+        assert "ci-gate-policy.yaml" in text or "$POLICY" in text, path

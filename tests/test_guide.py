@@ -92,9 +92,11 @@ def test_flips_from_sweeps(guide):
 
 
 def test_not_measured_is_listed(guide):
-    cpu = guide["cpu-edge"]
-    assert cpu.recommendation.startswith("No recommendation") and not cpu.ranking.rows
-    assert any("no cell ran on a CPU" in n for n in cpu.not_measured)
+    for case in ("cpu-chat", "cpu-long-document"):
+        cpu = guide[case]
+        assert cpu.recommendation.startswith("No recommendation") and not cpu.ranking.rows
+        assert not cpu.recommended
+        assert any("no cell ran on a CPU" in n for n in cpu.not_measured)
     assert any("no sweep over load.rate" in n for n in guide["chat-serving"].not_measured)
 
 
@@ -188,7 +190,7 @@ def test_guide_from_quickstart(quickstart_results, tmp_path):
     assert long_doc.recommendation.startswith("No recommendation") and not long_doc.ranking.rows
     assert any("no cell ran on a GPU" in n for n in long_doc.not_measured)
     assert any("no workload has input_tokens ≥ 8192" in n for n in long_doc.not_measured)
-    assert {r.values[1] for r in guide["cpu-edge"].ranking.rows} == {c["backend"] for c in data["cells"]}
+    assert {r.values[1] for r in guide["cpu-chat"].ranking.rows} == {c["backend"] for c in data["cells"]}
 
 
 @pytest.mark.slow
@@ -198,3 +200,61 @@ def test_guide_escapes_injected_strings(quickstart_results, tmp_path):
     md = write_guide([results], tmp_path / "g.md").read_text()
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<script" not in md.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+
+
+# ---- the user's question, ties, and what a recommendation looks like ---------------------------------------------
+
+def test_use_cases_name_their_question_and_long_prompts_rank_on_prefill():
+    cases = {u.id: u for u in load_rules()}
+    assert {"cpu-chat", "cpu-long-document"} <= set(cases) and "cpu-edge" not in cases
+    for case in ("long-document-8gb", "cpu-long-document"):
+        weights = cases[case].weights
+        assert set(weights) >= {"ttft_p50_ms", "prefill_tps_p50"}
+        assert max(weights, key=weights.get) == "ttft_p50_ms"  # the wait for the answer to start comes first
+        assert "decode_tps_p50" not in weights and "output_throughput_tok_s" not in weights
+    assert cases["cpu-chat"].select.max_input_tokens < cases["cpu-long-document"].select.min_input_tokens
+    assert all(u.question.endswith("?") for u in cases.values())
+
+
+def test_ties_within_noise_are_ties(tmp_path):
+    """a and b differ by 1% with overlapping CIs: a tie, whatever the medians say; c is clearly slower."""
+    b = ResultsBuilder(tmp_path / "r", repetitions=3)
+    w = workload("w", input_tokens=256)
+    b.add("a", w, 0.050, 0.010, rep_scale=[1.0, 1.06, 0.95])
+    b.add("b", w, 0.0505, 0.0101, rep_scale=[0.96, 1.05, 1.0])
+    b.add("c", w, 0.100, 0.020, rep_scale=[1.0, 1.02, 0.99])
+    assert normalized({"a": 10.0, "b": 10.1}, "lower", intervals={"a": (9.5, 10.6), "b": (9.6, 10.7)}) == \
+        {"a": 1.0, "b": 1.0}
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("use_cases: [{id: fast, title: Fast, question: 'Which is fastest?', "
+                     "weights: {ttft_p50_ms: 1, tpot_p50_ms: 1}}]")
+    fast = next(u for u in build_guide(load_runs([b.write()]), load_rules([rules])).use_cases if u.id == "fast")
+    scores = {r.values[1]: float(r.values[2]) for r in fast.ranking.rows}
+    assert scores["a"] == scores["b"] == 1.0 and scores["c"] < 0.6
+    assert "a tie within noise with" in fast.recommendation and fast.recommended
+    # The intervals are shown, so the reader sees why.
+    assert any("[" in str(v) for r in fast.details.rows for v in r.values)
+
+
+def test_no_recommendation_looks_different(swept, tmp_path):
+    for name in ("guide.md", "guide.html"):
+        text = write_guide([swept], tmp_path / name).read_text()
+        if name.endswith(".html"):
+            assert text.count('class="norec"') == 2 and 'class="rec"' in text  # both CPU cases: nothing ran there
+            assert "<strong>No recommendation</strong>" in text and '<p class="question">' in text
+        else:
+            assert text.count("> ⚠ **No recommendation**:") == 2 and "**Recommendation**:" in text
+
+
+def test_load_time_excludes_one_off_preparation(tmp_path):
+    b = ResultsBuilder(tmp_path / "r")
+    hf = b.add("hf", workload("w"), 0.05, 0.01, load_time_s=3.0)
+    gguf = b.add("llamacpp", workload("w"), 0.05, 0.01, load_time_s=1.0)
+    gguf["prepare_time_s"], hf["prepare_time_s"] = 40.0, 0.0  # llamacpp converted to GGUF first
+    ops = {u.id: u for u in build_guide(load_runs([b.write()]), load_rules()).use_cases}["production-operations"]
+    header = ops.details.headers
+    assert "one-off preparation (not in load time)" in header
+    row = next(r for r in ops.details.rows if r.values[1] == "llamacpp")
+    assert row.values[header.index("load time")] == "1.00 s"
+    assert row.values[header.index("one-off preparation (not in load time)")] == "40.00 s"
+    assert any("Load time excludes one-off preparation" in c for c in ops.cautions)

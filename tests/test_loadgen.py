@@ -4,38 +4,42 @@ import asyncio
 
 import pytest
 
-from harness.run.loadgen import poisson_offsets, run_load
+from harness.core.events import now
+from harness.run.loadgen import ClientShare, connections_needed, poisson_offsets, run_load
 from harness.config.scenario import ConcurrencyLoad, PoissonLoad, SequentialLoad
 
 
 async def test_poisson_rate_is_achieved():
     rate, n = 100.0, 400
-    loop = asyncio.get_running_loop()
-    sent = []
+    sent, scheduled = [], []
 
-    async def send(i):
-        sent.append(loop.time())
+    async def send(i, t_scheduled):
+        sent.append(now())
+        scheduled.append(t_scheduled)
         await asyncio.sleep(0.05)  # open loop: slow responses must not slow arrivals
         return i
 
-    out = await run_load(PoissonLoad(type="poisson", rate=rate), list(range(n)), send, seed=3)
+    t0 = now()
+    out = await run_load(PoissonLoad(type="poisson", rate=rate), list(range(n)), send, seed=3, t0=t0)
     assert out == list(range(n))
     offsets = poisson_offsets(n, rate, 3)
-    # the achieved rate is the schedule's, and the schedule's is the target up to sampling noise (~5% at n=400)
+    assert scheduled == pytest.approx([t0 + o for o in offsets], abs=1e-9)  # each is told when it was due
+    # the achieved rate is the schedule's, and the schedule's is exactly the target (rescaled, as vLLM's client does)
     achieved = (n - 1) / (sent[-1] - sent[0])
-    assert achieved == pytest.approx((n - 1) / offsets[-1], rel=0.01)
-    assert achieved == pytest.approx(rate, rel=0.12)
+    assert (n - 1) / offsets[-1] == pytest.approx(rate, rel=1e-9)
+    assert achieved == pytest.approx(rate, rel=0.02)
     # each request left when scheduled, not when the one before it finished
     # (a closed loop would fall seconds behind; bounds leave room for a busy machine)
-    lateness = sorted(s - sent[0] - o for s, o in zip(sent, offsets))
-    assert lateness[len(lateness) // 2] < 0.01 and lateness[-1] < 0.25
+    lateness = sorted(s - t for s, t in zip(sent, scheduled))
+    assert lateness[0] >= 0 and lateness[len(lateness) // 2] < 0.01 and lateness[-1] < 0.25
 
 
-def test_poisson_schedules_are_seeded_and_average_to_the_rate():
+def test_poisson_schedules_are_seeded_and_offer_exactly_the_rate():
     a, b = poisson_offsets(400, 4.0, 7), poisson_offsets(400, 4.0, 7)
     assert a == b and a != poisson_offsets(400, 4.0, 8)
-    rates = [399 / poisson_offsets(400, 4.0, seed)[-1] for seed in range(10)]
-    assert sum(rates) / len(rates) == pytest.approx(4.0, rel=0.04)
+    # whatever the seed, 100 requests "at 40 req/s" offer 40 req/s (unscaled they offered 37-44)
+    assert all(99 / poisson_offsets(100, 40.0, seed)[-1] == pytest.approx(40.0, rel=1e-9) for seed in range(20))
+    assert poisson_offsets(1, 5.0, 0) == [0.0]
     gaps = [y - x for x, y in zip(a, a[1:])]
     # exponential gaps: the standard deviation equals the mean
     mean = sum(gaps) / len(gaps)
@@ -47,7 +51,7 @@ def test_poisson_schedules_are_seeded_and_average_to_the_rate():
 async def test_closed_loop_keeps_exactly_width_in_flight(load, width):
     in_flight, peak = 0, 0
 
-    async def send(i):
+    async def send(i, t_scheduled):
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
@@ -57,3 +61,46 @@ async def test_closed_loop_keeps_exactly_width_in_flight(load, width):
 
     out = await run_load(load, list(range(10)), send)
     assert out == [i * 2 for i in range(10)] and peak == width
+
+
+@pytest.mark.parametrize("load", [PoissonLoad(type="poisson", rate=400.0),
+                                  ConcurrencyLoad(type="concurrency", concurrency=5)])
+async def test_client_shares_send_every_item_once_on_the_one_schedule(load):
+    items, count = list(range(23)), 3
+    sent: dict[int, float] = {}
+    widths = []
+
+    async def run(share):
+        in_flight, peak = 0, 0
+
+        async def send(i, t_scheduled):
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            sent[i] = t_scheduled
+            await asyncio.sleep(0.005)
+            in_flight -= 1
+            return i
+
+        out = await run_load(load, items, send, seed=1, share=share, t0=t0)
+        widths.append(peak)
+        return out
+
+    t0 = now() + 0.02
+    outs = await asyncio.gather(*(run(ClientShare(k, count)) for k in range(count)))
+    assert outs == [items[k::count] for k in range(count)] and sorted(sent) == items
+    if isinstance(load, PoissonLoad):
+        # together they keep the single-process schedule, request by request
+        assert [sent[i] for i in items] == pytest.approx([t0 + o for o in poisson_offsets(len(items), 400.0, 1)])
+    else:
+        assert sorted(widths) == [1, 2, 2]  # the concurrency of 5 split 2 + 2 + 1
+        assert min(sent.values()) >= t0  # nobody starts before the common start
+
+
+def test_connections_opened_before_the_load():
+    assert connections_needed(ConcurrencyLoad(type="concurrency", concurrency=8), None, None) == 8
+    assert connections_needed(ConcurrencyLoad(type="concurrency", concurrency=8), 2, None) == 2
+    assert connections_needed(ConcurrencyLoad(type="concurrency", concurrency=8), None, None, ClientShare(2, 3)) == 2
+    # open loop: twice the requests in flight on average (rate × latency), for the bursts
+    assert connections_needed(PoissonLoad(type="poisson", rate=40), None, 0.1) == 9
+    assert connections_needed(SequentialLoad(), None, 5.0) == 1

@@ -81,3 +81,96 @@ def test_known_timings_through_a_whole_run(write_scenario, tiny_model, tmp_path)
     assert len(cell["repetitions"]) == 2 and cell["token_counts"]["output"] == ["engine"]
     lines = (tmp_path / "out" / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 12 and json.loads(lines[0])["cell"] == cell["id"]
+
+
+# ---- uncertainty, stability, honest failures ----------------------------------------------------------------------
+
+def lognormal_records(reps: int, n: int, seed: int = 0, scale=None, n_out: int = 16) -> list[RequestRecord]:
+    """Sequential requests with 10% lognormal noise on TTFT and on every gap; `scale[rep]` slows a repetition."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out, t = [], 0.0
+    for rep in range(reps):
+        s = (scale or [1.0] * reps)[rep]
+        for i in range(n):
+            first = t + 0.05 * s * rng.lognormal(0, 0.1)
+            times = [first, *(first + np.cumsum(0.01 * s * rng.lognormal(0, 0.1, n_out - 1)))]
+            out.append(RequestRecord(id=rep * n + i, repetition=rep, t_send=t, chunk_times=[float(x) for x in times],
+                                     chunk_tokens=[1] * n_out, input_tokens=32, output_tokens=n_out))
+            t = times[-1] + 0.001
+    return out
+
+
+def test_confidence_intervals_hold_the_estimate_and_say_how_they_were_made():
+    from harness.results.catalogue import HEADLINE
+    from harness.results.metrics import reduce_cell
+
+    for reps, method in ((1, "bootstrap over requests"), (2, "bootstrap over requests"),
+                         (3, "bootstrap over repetitions"), (5, "bootstrap over repetitions")):
+        d = reduce_cell(lognormal_records(reps, 20), reps, SLO(ttft_ms=55), max_cv=0.25)
+        assert d["ci_method"] == method and d["unstable"] is None
+        assert set(d["ci"]) == set(HEADLINE), set(HEADLINE) - set(d["ci"])
+        for name, (lo, hi) in d["ci"].items():
+            key, _, stat = name.partition(".")
+            v = d["metrics"][key][stat] if stat else d["metrics"][key]
+            assert lo <= v <= hi, (reps, name, lo, v, hi)
+        assert all(set(rep["ci"]) == set(HEADLINE) for rep in d["repetitions"])
+    # Over requests the TTFT p50 interval of 20 requests with 10% noise is a few percent wide, not zero or 50%.
+    d = reduce_cell(lognormal_records(1, 20), 1, SLO(), max_cv=0.25)
+    lo, hi = d["ci"]["ttft_ms.p50"]
+    assert 0.01 < (hi - lo) / d["metrics"]["ttft_ms"]["p50"] < 0.3
+    # With many more requests it narrows, as a CI should.
+    d400 = reduce_cell(lognormal_records(1, 400), 1, SLO(), max_cv=0.25)
+    lo4, hi4 = d400["ci"]["ttft_ms.p50"]
+    assert (hi4 - lo4) < (hi - lo) / 2.5
+
+
+def test_itl_interval_resamples_whole_requests():
+    """ITL gaps are pooled per request: a cell whose requests differ (not its gaps) has a wide ITL interval."""
+    from harness.results.metrics import reduce_cell
+
+    steady = [rec(i, i * 1.0, [i + 0.1 + 0.01 * k for k in range(20)]) for i in range(10)]
+    mixed = [rec(i, i * 1.0, [i + 0.1 + (0.005 if i % 2 else 0.02) * k for k in range(20)]) for i in range(10)]
+    w_steady = reduce_cell(steady, 1, SLO(), 0.25)["ci"]["itl_ms.p50"]
+    w_mixed = reduce_cell(mixed, 1, SLO(), 0.25)["ci"]["itl_ms.p50"]
+    assert w_steady[1] - w_steady[0] < 1e-6 and w_mixed[1] - w_mixed[0] > 5
+
+
+def test_repetitions_that_disagree_are_unstable_with_the_reason():
+    from harness.results.metrics import reduce_cell
+
+    d = reduce_cell(lognormal_records(2, 10, scale=[1.0, 10.0]), 2, SLO(), max_cv=0.25)
+    assert d["unstable"].startswith("repetitions disagree beyond max_repetition_cv 0.25: TTFT p50 ")
+    assert "out tok/s" in d["unstable"] and d["cv"]["ttft_ms.p50"] == pytest.approx(9 / 11, abs=0.05)
+    assert d["metrics"]["ttft_p99_cv"] == d["cv"]["ttft_ms.p99"]
+    # 20% apart is within a 0.25 CV (two values: CV = 0.1), not within 0.05.
+    assert reduce_cell(lognormal_records(2, 10, scale=[1.0, 1.2]), 2, SLO(), max_cv=0.25)["unstable"] is None
+    assert reduce_cell(lognormal_records(2, 10, scale=[1.0, 1.2]), 2, SLO(), max_cv=0.05)["unstable"]
+
+
+def test_background_note_names_other_processes():
+    from harness.results.metrics import background_note
+
+    res = {"whole": {"other_cpu_percent": 140.0, "steal_percent": 3.0, "load_avg_max": 3.2},
+           "repetitions": [{"other_cpu_percent": 5.0}, {"other_cpu_percent": 180.0}]}
+    assert background_note(res) == ("other processes on the machine used 140% of a core on average (per repetition: "
+                                    "5%, 180%), load average up to 3.2, 3% of a core stolen by the hypervisor")
+    assert background_note({"whole": {}}) is None and background_note(None) is None
+
+
+def test_error_reasons_are_never_empty():
+    import httpx
+
+    from harness.core.errors import describe
+
+    assert describe(httpx.ReadTimeout("")) == "ReadTimeout: Timed out while receiving data from the host."
+    try:
+        try:
+            raise TimeoutError("timed out")
+        except TimeoutError as inner:
+            raise httpx.ReadTimeout("") from inner
+    except httpx.ReadTimeout as e:
+        assert describe(e) == "ReadTimeout: timed out"
+    assert describe(ValueError("bad")) == "ValueError: bad"
+    assert describe(type("Quiet", (Exception,), {})()) == "Quiet: (the exception carries no message)"

@@ -343,3 +343,43 @@ def test_check_disk_space_refuses_more_than_free(tmp_path):
     msg = disk.check_disk_space(target, free + (1 << 40))
     assert msg is not None and str(target) in msg and "free" in msg
     assert disk.check_disk_space(target, 1 * MiB) is None
+
+
+def test_cpu_used_outside_the_cell_is_recorded_per_repetition():
+    """A busy process outside the monitored tree counts as other processes' CPU, in the repetition it ran in; the
+    tree's own work does not. (Other jobs may load this machine too: the neighbour's CPU time is a lower bound.)"""
+    import resource
+
+    quiet = child("import sys; sys.stdin.readline()")  # the monitored tree: idle
+    spin = "import time\nend = time.perf_counter() + 0.8\nwhile time.perf_counter() < end: pass\n"
+    try:
+        with ResourceMonitor(quiet.pid, interval_ms=20) as mon:
+            t0 = time.perf_counter()
+            time.sleep(0.3)
+            t1 = time.perf_counter()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([sys.executable, "-c", spin], check=True)  # the neighbour, outside the tree
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t2 = time.perf_counter()
+        res = mon.result(repetitions=[(t0, t1), (t1, t2)])
+    finally:
+        quiet.stdin.write("\n")
+        quiet.stdin.flush()
+        quiet.wait()
+    neighbour = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / (t2 - t1) * 100
+    assert neighbour > 30, neighbour
+    _, second = res["repetitions"]
+    assert second["other_cpu_percent"] >= neighbour - 10, (second, neighbour)
+    assert res["whole"]["cpu_percent_mean"] < 5  # none of it is the tree's
+    assert second["load_avg_max"] is not None and second["steal_percent"] >= 0
+    assert "other_cpu_percent" in mon.timeline()
+
+
+def test_the_trees_own_cpu_is_not_counted_as_others():
+    busy = child("import sys, time\nend = time.perf_counter() + 1.0\nwhile time.perf_counter() < end: pass\n")
+    with ResourceMonitor(busy.pid, interval_ms=20) as mon:
+        busy.wait()
+    whole = mon.result()["whole"]
+    assert whole["cpu_percent_mean"] > 30
+    # Tree plus others is the machine's busy time: at most every core, so the tree's share is not in both.
+    assert whole["cpu_percent_mean"] + whole["other_cpu_percent"] <= 100 * psutil.cpu_count() + 15, whole

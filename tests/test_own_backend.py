@@ -57,3 +57,73 @@ def test_bad_placement_is_a_scenario_error(write_scenario, tiny_model):
     b = [{"name": "o", "kind": "own", "options": {"weights": "tape"}}]
     r = CliRunner().invoke(app, ["validate", str(write_scenario(scenario_dict(tiny_model, b)))])
     assert r.exit_code == 2 and "backends[0].options.weights" in r.output and "disk" in r.output
+
+
+def test_the_bandwidth_probe_never_costs_the_cell_its_results(tiny_model, tmp_path, monkeypatch):
+    """Weights streamed from disk with KV resident write nothing under offload_dir, so it did not exist when the
+    probe ran after the measurement (FileNotFoundError); and a probe on a full disk must report, not raise."""
+    import asyncio
+    import errno
+
+    from backends.base import BackendSpec, CellContext, ModelInfo, Request
+    from backends.own_backend import OwnBackend
+
+    offload = tmp_path / "offload" / "not-yet"
+    spec = BackendSpec(name="o", kind="own", options={"weights": "disk", "kv": "gpu", "offload_dir": str(offload)})
+    backend = OwnBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
+
+    async def run():
+        await backend.start()
+        try:
+            return [e async for e in backend.generate(Request(0, "", list(range(5, 25)), max_tokens=6))]
+        finally:
+            await backend.stop()
+
+    events = asyncio.run(run())
+    assert sum(getattr(e, "n_tokens", 0) for e in events) == 6
+    bound = backend.logical_io()["decode_bound"]
+    assert bound["ratio_to_bound"] > 0 and bound["probe_bytes"] > 0 and not offload.exists()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("own_engine.bandwidth.os.fsync", no_space)
+    io = backend.logical_io()
+    assert "No space left on device" in io["decode_bound"]["probe_error"] and "ratio_to_bound" not in io["decode_bound"]
+    assert io["tokens"]["decode"] == 5
+
+
+def test_requests_join_the_running_batch_and_get_their_tokens_alone(tiny_model, tmp_path):
+    """Requests arriving while others decode join them between steps (the scheduler, not a static batch); each
+    gets the greedy tokens it gets alone, and the second one on the same prompt reuses its cached blocks."""
+    import asyncio
+
+    from backends.base import BackendSpec, CellContext, ModelInfo, Request, TokenEvent
+    from backends.own_backend import OwnBackend
+    from own_engine import Engine
+
+    prompts = [list(range(5, 45)), list(range(50, 60)), list(range(5, 45))]
+    spec = BackendSpec(name="o", kind="own", options={"max_batch": 3, "block_size": 16, "prefill_chunk": 8,
+                                                      "max_context": 128})
+    backend = OwnBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
+
+    async def one(i: int, delay: float):
+        await asyncio.sleep(delay)
+        events = [e async for e in backend.generate(Request(i, "", prompts[i], max_tokens=30))]
+        return [t for e in events if isinstance(e, TokenEvent) for t in e.token_ids], events[-1]
+
+    async def run():
+        await backend.start()
+        try:
+            return await asyncio.gather(one(0, 0), one(1, 0.3), one(2, 0.6))
+        finally:
+            await backend.stop()
+
+    results = asyncio.run(run())
+    with Engine.from_pretrained(tiny_model, block_size=16, max_context=128, prefix_cache=False) as engine:
+        expected = [engine.generate(p, max_new_tokens=30, ignore_eos=True) for p in prompts]
+    assert [tokens for tokens, _ in results] == expected
+    assert all(usage.output_tokens == 30 for _, usage in results)
+    io = backend.logical_io()
+    assert io["prefix_cache"]["hit_blocks"] >= 2 and io["preemptions"] == 0
+    assert backend.environment()["step_tokens"] == 8

@@ -85,9 +85,10 @@ def test_quickstart_report_has_every_backend_and_metric(quickstart_results, qs_r
     data = json.loads((quickstart_results / "results.json").read_text())
     md, html = (qs_report / "report.md").read_text(), (qs_report / "report.html").read_text()
     assert data["cells"], "the quickstart wrote no cells"
+    gpu = data["environment"]["gpu"]["available"]
     for text in (md, html):
         for header, _ in SUMMARY_COLUMNS:
-            assert header in text
+            assert header in text or (header == "peak VRAM / budget" and not gpu)
         for cell in data["cells"]:
             assert cell["backend"] in text and cell["id"] in text
             if cell["status"] == "ok":
@@ -96,8 +97,11 @@ def test_quickstart_report_has_every_backend_and_metric(quickstart_results, qs_r
                                     (m["tpot_ms"]["p50"], "ms"), (m["output_throughput_tok_s"], "tok/s"),
                                     (m["goodput_rps"], "req/s")):
                     assert fmt_value(value, unit) in text
-        # No resources block yet in these results: said, with the reason, not left blank.
-        assert "Peak VRAM per cell" in text and "not drawn" in text
+        # VRAM not measured on a machine without a GPU: said once, with the reason, not a column of n/a.
+        if not gpu:
+            assert text.count("GPU measures (peak VRAM, utilisation, power, energy): not measured here: no NVIDIA") \
+                == len({c["workload"] for c in data["cells"]})
+        assert "Verdict" in text
     # Per-request box plots drawn from requests.jsonl: files for Markdown, inlined for HTML.
     drawn = sorted(p.name for p in (qs_report / "plots").glob("*.png"))
     assert any(n.startswith("ttft-") for n in drawn) and any(n.startswith("tpot-") for n in drawn)
@@ -206,17 +210,23 @@ def test_swept_report_plots_and_marks(swept, tmp_path):
     long = next(s for s in report.sections if s.name == "long")
     assert "swept over input_tokens" in long.description
     assert "input_tokens" in long.table.headers
-    marks = {r.values[-1]: r.mark for s in report.sections for r in s.table.rows}
+    marks = {r.cell: r.mark for s in report.sections for r in s.table.rows}
     assert marks["m__fastgpu__long_input_tokens_32768_"] == "over budget"
     assert marks["m__broken__short"] == "failed" and marks["m__hf__short"] == "request errors"
-    row = next(r for s in report.sections for r in s.table.rows if r.values[-1] == "m__broken__short")
-    assert "CUDA out of memory" in row.values and "long traceback here" not in " ".join(row.values)
+    row = next(r for s in report.sections for r in s.table.rows if r.cell == "m__broken__short")
+    assert "CUDA out of memory" in row.values and "long traceback here" not in " ".join(map(str, row.values))
     vram_col = long.table.headers.index("peak VRAM / budget")
     assert next(r for r in long.table.rows if r.mark).values[vram_col] == "9.50 GiB / 8.00 GiB OVER BUDGET"
     short = next(s for s in report.sections if s.name == "short")
-    hf_row = next(r for r in short.table.rows if r.values[-1] == "m__hf__short")
-    assert "n/a (NVML: NVML Shared Library Not Found)" in hf_row.values
-    assert any(v.startswith("1 of 8 requests") for v in hf_row.values)
+    hf_row = next(r for r in short.table.rows if r.cell == "m__hf__short")
+    # Measured for no cell of the workload: no column, the reason said once beside the table.
+    assert "peak VRAM / budget" not in short.table.headers
+    assert "GPU measures (peak VRAM, utilisation, power, energy): not measured here: no NVIDIA GPU (NVML: NVML " \
+           "Shared Library Not Found)." in short.notes
+    assert any(str(v).startswith("1 of 8 requests") for v in hf_row.values)
+    # Medians carry their 95% CI, from the same frame `bench export` writes.
+    ttft = hf_row.values[short.table.headers.index("TTFT p50 (ms)")]
+    assert ttft.ci and ttft.ci.startswith("[") and ttft.text.endswith(" ms")
 
 
 def test_cli_report(swept, tmp_path):
@@ -228,3 +238,69 @@ def test_cli_report(swept, tmp_path):
     assert r.exit_code == 2 and "no such results file" in r.output
     r = runner.invoke(app, ["report", str(swept), "--format", "pdf"])
     assert r.exit_code == 2
+
+
+def verdict_cpu_results(out: Path) -> Path:
+    """fast beats slow clearly on TTFT; twin ties fast on TPOT within noise; shaky is unstable; dead failed; own-disk
+    streamed its offloaded weights from the page cache."""
+    b = ResultsBuilder(out, repetitions=3)
+    w = workload("short", num_requests=8)
+    b.add("fast", w, 0.05, 0.010, resources=resources(None), rep_scale=[1.0, 1.04, 0.97])
+    b.add("twin", w, 0.08, 0.0101, resources=resources(None), rep_scale=[1.02, 0.96, 1.0])
+    b.add("slow", w, 0.20, 0.030, resources=resources(None), rep_scale=[1.0, 1.03, 0.98])
+    b.add("shaky", w, 0.01, 0.005, resources=resources(None), rep_scale=[1.0, 10.0, 1.0])
+    b.add("own-disk", w, 0.3, 0.05, kind="own", resources=resources(None),
+          logical_io={"transfers": {"decode/disk->host": {"bytes": 24 * 2**30},
+                                    "decode/host->disk": {"bytes": 8 * 2**20}}})
+    b.add("dead", w, 0.05, 0.01, failed="llama_server exited (SIGKILL) after 10 requests\nlog tail")
+    return b.write()
+
+
+def test_the_report_opens_with_who_wins(tmp_path):
+    report = build_report(load_runs([verdict_cpu_results(tmp_path / "r")]))
+    v = report.verdict
+    assert v.headers[:3] == ["workload", "TTFT p50 (ms)", "TPOT p50 (ms)"]
+    (names, verdicts), = v.rows
+    by_metric = dict(zip(v.headers[1:], verdicts))
+    ttft = by_metric["TTFT p50 (ms)"]
+    # shaky is fastest but unstable: it decides nothing, and says so.
+    assert ttft.winner == "shaky" and ttft.kind == "undecided" and "not decided: shaky is unstable" in ttft.detail
+    tpot = by_metric["TPOT p50 (ms)"]
+    assert tpot.kind == "undecided" or tpot.winner == "shaky"
+    e2e = by_metric["E2E p50 (ms)"]
+    assert e2e.winner == "shaky"
+    assert any("dead failed: llama_server exited (SIGKILL) after 10 requests" in n for n in v.notes)
+    assert any("shaky is unstable" in n for n in v.notes)
+
+    # Without the unstable cell, fast wins TTFT beyond noise and ties twin on TPOT.
+    stable = build_report(load_runs([verdict_cpu_results(tmp_path / "s")]))
+    cells = [c for c in load_runs([tmp_path / "s"])[0].cells if c.backend != "shaky"]
+    from harness.analyze.report import Labels, Numbers, verdict
+    numbers, labels = Numbers(load_runs([tmp_path / "s"])), Labels(cells)
+    ttft = verdict(cells, "ttft_ms.p50", numbers, labels.backend)
+    assert (ttft.winner, ttft.kind) == ("fast", "beyond") and ttft.detail.startswith("38% lower than twin")
+    tpot = verdict(cells, "tpot_ms.p50", numbers, labels.backend)
+    assert tpot.winner == "fast" and tpot.kind == "tie" and "tie within noise with twin" in tpot.detail
+    thr = verdict(cells, "output_throughput_tok_s", numbers, labels.backend)
+    assert thr.winner == "fast"
+    assert stable.sections[0].name == "short"
+
+
+def test_verdict_comes_first_and_setup_last(tmp_path):
+    out = tmp_path / "out"
+    write_report([verdict_cpu_results(tmp_path / "r")], out)
+    for text, heading in (((out / "report.md").read_text(), "\n## {}\n"), ((out / "report.html").read_text(), ">{}</h2>")):
+        order = [text.index(heading.format(h)) for h in ("Verdict", "Workload short", "Resources", "Failures",
+                                                         "Setup: runs", "Environment", "Cells")]
+        assert order == sorted(order)
+    md = (out / "report.md").read_text()
+    assert "| short | **shaky** 10.3 ms: 80% lower than fast; not decided: shaky is unstable |" in md
+    # No cell measured VRAM: one line says why, no column of n/a.
+    assert md.count("GPU measures (peak VRAM, utilisation, power, energy): not measured here: no NVIDIA GPU") == 1
+    assert "peak VRAM / budget" not in md
+    # The page cache served own-disk's "disk": its numbers are RAM speed, and the bytes say so.
+    assert ("own-disk: the engine streamed 24.00 GiB from its disk tier, but its processes read 2.00 GiB from "
+            "storage") in md and "RAM speed" in md
+    html = (out / "report.html").read_text()
+    assert 'class="mark unstable"' in html and "shaky is unstable: repetitions disagree" in html
+    assert 'class="v-undecided"' in html and '<span class="ci">[' in html

@@ -101,3 +101,60 @@ def test_swept_report_renders(tmp_path):
         "Latency and throughput vs context length (input_tokens): long",
         "Throughput and latency vs load.concurrency: chat", "Throughput vs latency: chat", "Peak VRAM per cell",
         "Resources over time: m__fastgpu__long_input_tokens_8192_ (sweeps)"])
+
+
+# ---- the first screen decides -------------------------------------------------------------------------------------
+
+FIRST_SCREEN = """<script>
+window.addEventListener('load', () => {
+  const box = e => { const r = e.getBoundingClientRect(); return {x: r.left, y: r.top + scrollY, w: r.width, h: r.height}; };
+  const verdict = document.querySelector('table.verdict');
+  const pre = document.createElement('pre');
+  pre.id = 'probe';
+  pre.textContent = JSON.stringify({
+    table: verdict ? box(verdict) : null,
+    overflowing: [...document.querySelectorAll('.scroll')].filter(s => s.scrollWidth > s.clientWidth + 1)
+                   .map(s => s.previousElementSibling ? s.previousElementSibling.textContent.slice(0, 60) : '?'),
+    widest: Math.max(...[...document.querySelectorAll('table')].map(t => t.getBoundingClientRect().right))});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def check_first_screen(report: Path, tmp_path: Path) -> None:
+    """At 1,400 × 900 the verdict table is on the first screen, and no table is wider than the page."""
+    page = report.read_text()
+    probe_page = tmp_path / "first.html"
+    probe_page.write_text(page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';", 1)
+                          .replace("</body>", FIRST_SCREEN + "</body>", 1))
+    dom = chromium(probe_page.as_uri(), tmp_path / "profile", "--window-size=1400,900", "--dump-dom")
+    m = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
+    assert m, f"the probe did not run:\n{dom.stderr[-2000:]}"
+    probe = json.loads(htmllib.unescape(m.group(1)))
+    assert probe["table"], f"{report}: no verdict table (a report from before the verdict: regenerate it)"
+    assert probe["table"]["y"] + probe["table"]["h"] <= 900, probe
+    assert probe["overflowing"] == [] and probe["widest"] <= 1400, probe
+
+    shot = tmp_path / "first.png"
+    r = chromium(report.as_uri(), tmp_path / "profile", "--window-size=1400,900", f"--screenshot={shot}")
+    assert shot.is_file(), r.stderr[-2000:]
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (900, 1400)
+    t = probe["table"]
+    region = pixels[int(t["y"]) + 2:int(t["y"] + t["h"]) - 2, int(t["x"]) + 2:int(t["x"] + t["w"]) - 2]
+    ink = (region.mean(axis=2) < 0.6).mean()  # text
+    tinted = ((region.max(axis=2) - region.min(axis=2)) > 0.04).mean()  # the verdicts' coloured cells
+    assert 0.01 < ink < 0.5 and tinted > 0.05, (ink, tinted)
+
+
+def test_the_first_screen_shows_the_verdict(tmp_path):
+    from tests.test_report import verdict_cpu_results
+
+    write_report([verdict_cpu_results(tmp_path / "cpu"), swept_gpu_results(tmp_path / "sweeps")], tmp_path / "out",
+                 ["html"])
+    check_first_screen(tmp_path / "out" / "report.html", tmp_path)
+
+
+def test_the_example_report_opens_with_its_verdict(tmp_path):
+    """reports/example/ is regenerated from a quickstart run (see docs/reports.md): its first screen decides."""
+    check_first_screen(Path(__file__).resolve().parent.parent / "reports/example/report.html", tmp_path)

@@ -76,12 +76,90 @@ def test_a_hanging_cell_times_out(write_scenario, tiny_model, tmp_path):
     assert "timed out after 3 s" in cells["hang"]["error"] and cells["ok"]["status"] == "ok"
 
 
-def test_failed_requests_are_counted_not_fatal(write_scenario, tiny_model, tmp_path):
-    b = {"name": "flaky", "kind": "scripted", "options": {"fail_request_ids": [2, 3]}}  # ids 1..4 measured
-    path = write_scenario(scenario_dict(tiny_model, [b]))
-    assert run(path, tmp_path / "out") == 0
-    m = results(tmp_path / "out")["cells"][0]["metrics"]
+def test_failed_requests_fail_the_cell_beyond_max_error_rate(write_scenario, tiny_model, tmp_path):
+    """max_error_rate defaults to 0: one failed request fails the cell, with the errors' reasons; a tolerated rate
+    (scenario-wide, or per workload) keeps it ok with the errors counted."""
+    flaky = {"name": "flaky", "kind": "scripted", "options": {"fail_request_ids": [2, 3]}}  # ids 1..4 measured
+    path = write_scenario(scenario_dict(tiny_model, [flaky]))
+    assert run(path, tmp_path / "strict") == 1
+    cell = results(tmp_path / "strict")["cells"][0]
+    assert cell["status"] == "failed"
+    assert cell["error"] == ("2 of 4 requests failed (error rate 0.5 > max_error_rate 0); first errors: "
+                             "BackendError: scripted failure of request 2 (1×); BackendError: scripted failure of "
+                             "request 3 (1×)")
+    assert "failed" in (tmp_path / "strict" / "summary.md").read_text()
+
+    path = write_scenario(scenario_dict(tiny_model, [flaky], max_error_rate=0.5))
+    assert run(path, tmp_path / "tolerant") == 0
+    m = results(tmp_path / "tolerant")["cells"][0]["metrics"]
     assert m["errors"] == 2 and m["completed"] == 2 and m["error_rate"] == 0.5
+
+    workloads = [{"name": "w", "input_tokens": 16, "output_tokens": 8, "num_requests": 4, "warmup_requests": 1,
+                  "max_error_rate": 0.25}]
+    path = write_scenario(scenario_dict(tiny_model, [flaky], workloads, max_error_rate=0.5))
+    assert run(path, tmp_path / "per-workload") == 1  # the workload's own limit wins
+
+
+def test_a_server_killed_mid_run_fails_the_cell_named_and_resume_retries_it(write_scenario, tiny_model, tmp_path):
+    """The launched server dies after two requests: the cell fails saying so (not as its requests' connection
+    errors), the rest of the cell is not sent, and --resume runs it again."""
+    marker = tmp_path / "kill-now"
+    marker.touch()
+    victim = {"name": "victim", "kind": "scripted",
+              "options": {"server": True, "kill_server_at": 3, "kill_server_while_exists": str(marker)}}
+    path = write_scenario(scenario_dict(tiny_model, [victim, SCRIPTED], repetitions=2))
+    out = tmp_path / "out"
+    assert run(path, out) == 1
+    cells = {c["backend"]: c for c in results(out)["cells"]}
+    error = cells["victim"]["error"]
+    assert cells["victim"]["status"] == "failed"
+    assert error.startswith("scripted_server exited (SIGKILL) after 2 requests\nlast lines of "), error
+    assert "ConnectionRefused" not in error.splitlines()[0]
+    sent = (out / "cells" / cells["victim"]["id"] / "requests.jsonl").read_text().splitlines()
+    assert len(sent) == 3  # two ok, the one that found the server dead; nothing sent after
+    assert cells["ok"]["status"] == "ok"
+
+    marker.unlink()
+    assert run(path, out, resume=True) == 0
+    cells = {c["backend"]: c for c in results(out)["cells"]}
+    assert cells["victim"]["status"] == "ok" and cells["victim"]["metrics"]["completed"] == 4
+
+
+def test_repetitions_that_differ_tenfold_are_unstable(write_scenario, tiny_model, tmp_path):
+    """The second repetition is ten times slower: the cell stays ok, is marked unstable with the reason, and says
+    what else ran on the machine meanwhile; the summary and the report say so too."""
+    slow = {"name": "slow2", "kind": "scripted", "options": {"ttft_s": 0.01, "itl_s": 0.002, "slow_from_id": 5,
+                                                              "slow_factor": 10}}
+    path = write_scenario(scenario_dict(tiny_model, [slow, SCRIPTED], repetitions=2))
+    out = tmp_path / "out"
+    assert run(path, out) == 0
+    cells = {c["backend"]: c for c in results(out)["cells"]}
+    unstable = cells["slow2"]["unstable"]
+    assert cells["slow2"]["status"] == "ok" and unstable.startswith("repetitions disagree beyond max_repetition_cv")
+    assert "TTFT p50" in unstable and "other processes on the machine used" in unstable
+    for name in ("ttft_ms.p50", "ttft_ms.p99", "itl_ms.p50", "output_throughput_tok_s"):
+        lo, hi = cells["ok"]["ci"][name]
+        assert lo <= hi and cells["ok"]["ci_method"] == "bootstrap over requests"
+    assert cells["slow2"]["cv"]["ttft_ms.p50"] > 0.7  # two values, 1 : 10: CV 9/11
+    assert "## Unstable cells" in (out / "summary.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "slow2 is unstable" in html and 'class="mark unstable"' in html
+    whole = cells["slow2"]["resources"]["whole"]
+    assert whole["other_cpu_percent"] >= 0 and len(cells["slow2"]["resources"]["repetitions"]) == 2
+
+
+def test_three_repetitions_give_cis_across_repetitions(write_scenario, tiny_model, tmp_path):
+    converts = {**SCRIPTED, "options": {**SCRIPTED["options"], "prepare_s": 1.5}}
+    path = write_scenario(scenario_dict(tiny_model, [converts], repetitions=3))
+    assert run(path, tmp_path / "out") == 0
+    cell = results(tmp_path / "out")["cells"][0]
+    # One-off preparation (a GGUF conversion) is timed apart: not in the load time.
+    assert cell["prepare_time_s"] >= 1.5 and cell["load_time_s"] < 1.0
+    assert cell["ci_method"] == "bootstrap over repetitions" and len(cell["repetitions"]) == 3
+    values = [rep["output_throughput_tok_s"] for rep in cell["repetitions"]]
+    lo, hi = cell["ci"]["output_throughput_tok_s"]
+    assert min(values) <= lo <= cell["metrics"]["output_throughput_tok_s"] <= hi <= max(values)
+    assert all("ttft_ms.p50" in rep["ci"] for rep in cell["repetitions"])  # each repetition's own, over requests
 
 
 def test_resume_reruns_only_missing_or_failed_cells(write_scenario, tiny_model, tmp_path):
@@ -158,3 +236,21 @@ def test_disk_preflight_refuses_a_cell_and_cold_cache_is_recorded(write_scenario
     assert "disk preflight" in cells["greedy"]["error"] and "free" in cells["greedy"]["error"]
     assert cells["greedy"]["resources"] is None  # refused before anything ran
     assert cells["ok"]["resources"]["page_cache"] == "cold"
+
+
+def test_three_repetitions_by_default_fewer_warn(write_scenario, tiny_model):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    data = scenario_dict(tiny_model, [SCRIPTED])
+    del data["repetitions"]
+    assert load_scenario(write_scenario(data)).repetitions == 3
+    r = CliRunner().invoke(app, ["validate", str(write_scenario(data))])
+    assert r.exit_code == 0 and "warning" not in r.output
+    r = CliRunner().invoke(app, ["validate", str(write_scenario({**data, "repetitions": 2}))])
+    assert r.exit_code == 0, r.output
+    assert "warning: repetitions: 2: with fewer than 3 repetitions there is no confidence interval across " \
+           "repetitions" in " ".join(r.output.split())
+    bad = CliRunner().invoke(app, ["validate", str(write_scenario({**data, "max_error_rate": 2}))])
+    assert bad.exit_code == 2 and "max_error_rate" in bad.output and "Traceback" not in bad.output

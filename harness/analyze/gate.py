@@ -7,8 +7,11 @@ small real change the policy tolerates) never fails a build. Pure functions of r
 
 from __future__ import annotations
 
+import fnmatch
+import itertools
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +30,7 @@ from harness.config.load import format_validation_error
 from harness.core.spec import Strict
 from harness.records import CellResult, RequestRecord, ResultsError, load_run, read_requests
 from harness.results.catalogue import CATALOGUE, gate_metric_names
-from harness.results.markdown import md_table
+from harness.results.markdown import md_escape, md_table
 
 DEFAULT_POLICY = Path(__file__).with_name("gate_policy.yaml")
 
@@ -69,8 +72,18 @@ class Bootstrap(Strict):
     seed: int = 0
 
 
+class EnvironmentPolicy(Strict):
+    versions: Literal["exact", "major.minor", "major"] = Field(
+        "major.minor", description="how much of a version number must match (engines, packages, GPU driver, CUDA)")
+    on_difference: dict[str, Literal["refuse", "warn", "pass"]] = Field(
+        default_factory=dict, description="difference name pattern (fnmatch, e.g. 'engine.*.torch', 'cpu.*') → "
+                                          "what it does; the first match wins; unmatched ones refuse, except that "
+                                          "cpu.* only warns with a reference backend")
+
+
 class Policy(Strict):
     reference: str | None = Field(None, description="normalize every metric by this backend's, same run, model, workload")
+    environment: EnvironmentPolicy = Field(default_factory=EnvironmentPolicy)
     inconclusive: Literal["pass", "fail"] = "pass"
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     metrics: dict[str, MetricRule] = Field(min_length=1)
@@ -156,43 +169,105 @@ class Run:
 
 @dataclass
 class EnvDifference:
-    kind: Literal["gpu", "cpu", "engine", "packages"]
-    what: str
+    name: str  # e.g. gpu.devices, cpu.model, packages.torch, engine.hf.transformers: what a policy pattern matches
     baseline: Any
     current: Any
+    action: Literal["refuse", "warn", "pass"] = "refuse"
 
     def __str__(self) -> str:
-        return f"{self.what}: {self.baseline!r} (baseline) vs {self.current!r} (current)"
+        a, b = self.baseline, self.current
+        if isinstance(a, str) and isinstance(b, str) and "\n" in a + b:
+            # A block of text (an engine's plan): its first differing line says what changed.
+            pairs = list(itertools.zip_longest(a.splitlines(), b.splitlines(), fillvalue=""))
+            i, (a, b) = next((i, p) for i, p in enumerate(pairs) if p[0] != p[1])
+            return f"{self.name}, line {i + 1}: {a!r:.200} (baseline) vs {b!r:.200} (current)"
+        return f"{self.name}: {a!r:.200} (baseline) vs {b!r:.200} (current)"
 
 
-def _dict_differences(kind, prefix: str, a: dict, b: dict) -> list[EnvDifference]:
-    return [EnvDifference(kind, f"{prefix}{k}", a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k)]
+# Engine settings that say where or when, not how fast: a launched server's port, files inside --out, process ids,
+# times. Matched against every part of a key's path, lower-cased.
+INCIDENTAL_KEY = re.compile(r"^(url|host|port|pid|pgid|path|dir|log|hostname|created|started|updated|timestamp)$"
+                            r"|_(url|port|pid|path|dir|file|log|time|at)$|^(log|time)_")
+# Inside a value: URLs, file paths (a plan's text names its offload folder inside --out), ISO times.
+INCIDENTAL_TEXT = [(re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.I), "<url>"),
+                   (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?([+-]\d\d:?\d\d|Z)?"), "<time>"),
+                   (re.compile(r"(?:~|\.{1,2})?(?:/[\w.@+-]+)+/?|(?:[\w.@+-]+/)+[\w.@+-]*"), "<path>")]
+VERSION = re.compile(r"^v?(\d+)((?:\.\d+)*)([.+-][0-9A-Za-z.+-]*)?$")
 
 
-def environment_differences(base: Run, cur: Run, keys: list[CellKey]) -> list[EnvDifference]:
-    """What makes two runs' numbers incomparable: GPU models, CPU model and cores, engine versions and settings."""
+def comparable(v: Any, versions: str) -> Any:
+    """The part of a value that changes performance: versions cut to `versions`, paths, URLs and times blanked."""
+    if not isinstance(v, str):
+        return v
+    m = VERSION.match(v.strip())
+    if m and m.group(2):
+        parts = [m.group(1), *m.group(2).lstrip(".").split(".")]
+        keep = {"exact": len(parts), "major.minor": 2, "major": 1}[versions]
+        return ".".join(parts[:keep]) if versions != "exact" else v.strip()
+    for pattern, placeholder in INCIDENTAL_TEXT:
+        v = pattern.sub(placeholder, v)
+    return v
+
+
+def _settings(d: Any, prefix: str = "") -> dict[str, Any]:
+    """An engine block flattened to dotted keys, without incidental keys."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if INCIDENTAL_KEY.search(str(k).lower()):
+            continue
+        out.update(_settings(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def environment_differences(base: Run, cur: Run, keys: list[CellKey], policy: Policy) -> list[EnvDifference]:
+    """What could make two runs' numbers incomparable: the GPUs, their driver and CUDA, the CPU, package versions
+    both runs have, and each backend's engine block (versions and settings; not ports, paths, PIDs or times)."""
     eb, ec = base.result.environment, cur.result.environment
+    versions = policy.environment.versions
+    diffs: list[EnvDifference] = []
+
+    def compare(name: str, a: Any, b: Any) -> None:
+        if comparable(a, versions) != comparable(b, versions):
+            diffs.append(EnvDifference(name, a, b))
 
     def gpu_names(env):
         return [d.get("name") for d in (env.get("gpu") or {}).get("devices") or []]
 
-    diffs = []
-    if gpu_names(eb) != gpu_names(ec):
-        diffs.append(EnvDifference("gpu", "environment.gpu.devices", gpu_names(eb), gpu_names(ec)))
-    cpu_b, cpu_c = eb.get("cpu") or {}, ec.get("cpu") or {}
-    diffs += _dict_differences("cpu", "environment.cpu.", {k: cpu_b.get(k) for k in ("model", "logical_cores")},
-                               {k: cpu_c.get(k) for k in ("model", "logical_cores")})
-    diffs += _dict_differences("packages", "environment.packages.", eb.get("packages") or {}, ec.get("packages") or {})
+    compare("gpu.devices", gpu_names(eb), gpu_names(ec))
+    for k in ("driver", "cuda_driver"):
+        compare(f"gpu.{k}", (eb.get("gpu") or {}).get(k), (ec.get("gpu") or {}).get(k))
+    for k in ("model", "logical_cores"):
+        compare(f"cpu.{k}", (eb.get("cpu") or {}).get(k), (ec.get("cpu") or {}).get(k))
+    # A package one run lacks is one no backend of it used (a backend that needs it fails without it).
+    pb, pc = eb.get("packages") or {}, ec.get("packages") or {}
+    for k in sorted(pb.keys() & pc.keys()):
+        compare(f"packages.{k}", pb[k], pc[k])
     seen = set()
     for key in keys:
         backend = key[1]
-        for d in _dict_differences("engine", f"backend {backend}: engine.", base.cells[key].engine,
-                                   cur.cells[key].engine):
-            if (backend, d.what) not in seen:  # every cell of a backend reports the same engine
-                seen.add((backend, d.what))
-                diffs.append(d)
+        sb, sc = _settings(base.cells[key].engine), _settings(cur.cells[key].engine)
+        for k in sorted(sb.keys() | sc.keys()):
+            name = f"engine.{backend}.{k}"
+            if name not in seen:  # every cell of a backend reports the same engine
+                seen.add(name)
+                compare(name, sb.get(k), sc.get(k))
+    for d in diffs:
+        d.action = next((action for pattern, action in policy.environment.on_difference.items()
+                         if fnmatch.fnmatchcase(d.name, pattern)), None) or default_action(d, policy)
     return diffs
+
+
+def default_action(d: EnvDifference, policy: Policy) -> Literal["refuse", "warn"]:
+    # With a reference, both numbers of every ratio come from one machine, so a different CPU model or core count
+    # (a shared runner pool) cancels to first order; a different GPU or engine version does not (docs/gate.md).
+    if policy.reference is not None and d.name.startswith("cpu."):
+        return "warn"
+    # A setting one run's llmbench did not record says how the harness changed, not the engine.
+    if d.name.startswith("engine.") and (d.baseline is None or d.current is None):
+        return "warn"
+    return "refuse"
 
 
 # ---- the statistics -----------------------------------------------------------------------------------------------
@@ -247,6 +322,10 @@ def judge(rule: MetricRule, base: np.ndarray, cur: np.ndarray, base_ref: np.ndar
         return {**out, "verdict": "inconclusive", "note": "the baseline median is 0: no ratio"}
     ratio = out["current"] / out["baseline"]
     out["ratio"] = ratio
+    # The (1 - alpha) CIs of both medians: shown in the table, and what bootstrap_median_ci decides on.
+    cb = _bootstrap_ci(base, base_ref, rule.alpha, boot)
+    cc = _bootstrap_ci(cur, cur_ref, rule.alpha, boot)
+    out["ci_baseline"], out["ci_current"] = cb, cc
     lower = rule.direction == "lower"
     worse = ratio > 1 if lower else ratio < 1
     # Test against the tolerance bound, not the baseline: "significantly beyond threshold × baseline".
@@ -262,9 +341,6 @@ def judge(rule: MetricRule, base: np.ndarray, cur: np.ndarray, base_ref: np.ndar
         p = float(mannwhitneyu(c, b * bound, alternative="greater" if above else "less").pvalue)
         out["p_value"], significant = p, p < rule.alpha
     else:
-        cb = _bootstrap_ci(base, base_ref, rule.alpha, boot)
-        cc = _bootstrap_ci(cur, cur_ref, rule.alpha, boot)
-        out["ci_baseline"], out["ci_current"] = cb, cc
         significant = cc[0] > bound * cb[1] if above else cc[1] < bound * cb[0]
     if beyond and significant:
         return {**out, "verdict": "regression" if worse else "improvement"}
@@ -305,16 +381,15 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
             raise GateError(f"reference backend {ref!r} is not in the {name} run ({run.folder}); its backends: "
                             f"{', '.join(sorted({k[1] for k in run.cells}))}")
 
-    diffs = environment_differences(base, cur, keys)
-    # With a reference, both numbers of every ratio come from one machine, so a different CPU model or core count
-    # (a shared runner pool) cancels to first order; a different GPU or engine version does not (docs/gate.md).
-    blocking = [d for d in diffs if not (ref is not None and d.kind == "cpu")]
+    diffs = environment_differences(base, cur, keys, policy)
+    blocking = [d for d in diffs if d.action == "refuse"]
     if blocking and not allow_env_change:
         raise GateError("the runs were measured in different environments, so their numbers are not comparable:\n"
                         + "\n".join(f"  {d}" for d in blocking)
-                        + "\nstore a new baseline on this machine (`bench baseline update`), or pass "
-                          "--allow-env-change to compare anyway")
-    report.environment_differences = [str(d) for d in diffs]
+                        + "\nstore a new baseline on this machine (`bench baseline update`), let the policy's "
+                          "environment.on_difference warn on or pass such a difference, or pass --allow-env-change "
+                          "to compare anyway")
+    report.environment_differences = [str(d) for d in diffs if d.action != "pass"]
 
     for key in keys:
         b_cell, c_cell = base.cells[key], cur.cells[key]
@@ -329,6 +404,10 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
             report.notes.append(f"{c_cell.id}: the reference backend, not gated against itself (only a failure counts)")
             continue
         ref_cells = [run.cells.get((key[0], ref, key[2])) for run in (base, cur)] if ref is not None else [None, None]
+        unstable = ", ".join(f"unstable in the {name}" for name, c in (("baseline", b_cell), ("current", c_cell))
+                             if c.unstable)
+        report.notes += [f"{c.id} is unstable in the {name} run: {c.unstable}"
+                         for name, c in (("baseline", b_cell), ("current", c_cell)) if c.unstable]
         missing = ref is not None and any(rc is None or not rc.ok for rc in ref_cells)
         for metric, rule in policy.metrics.items():
             if missing:
@@ -340,6 +419,8 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
                                                         cur.samples(c_cell, metric, rule), *refs, policy.bootstrap))
             row.fails_build = row.verdict == "regression" or (
                 row.verdict == "inconclusive" and policy.on_inconclusive(metric) == "fail")
+            if unstable:
+                row.note = "; ".join(filter(None, [row.note, unstable]))
             report.rows.append(row)
     report.notes += [f"{c.id}: in the baseline only, not compared" for k, c in base.cells.items() if k not in cur.cells]
     report.notes += [f"{c.id}: new, no baseline to compare with" for k, c in cur.cells.items() if k not in base.cells]
@@ -352,23 +433,23 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
 
 # ---- output -------------------------------------------------------------------------------------------------------
 
-HEADERS = ["cell", "metric", "baseline", "current", "ratio", "threshold", "p-value or CI", "verdict", "note"]
+HEADERS = ["cell", "metric", "baseline (CI)", "current (CI)", "change", "threshold", "p", "verdict", "note"]
 
 
 def _num(v: float | None) -> str:
     return "–" if v is None else f"{v:.4g}"
 
 
+def _with_ci(v: float | None, ci: list[float] | None) -> str:
+    return _num(v) + (f" [{_num(ci[0])}–{_num(ci[1])}]" if v is not None and ci else "")
+
+
 def _cells(r: Row) -> list[str]:
-    if r.p_value is not None:
-        evidence = f"p={r.p_value:.3g}"
-    elif r.ci_baseline is not None:
-        evidence = f"[{_num(r.ci_baseline[0])}, {_num(r.ci_baseline[1])}] → [{_num(r.ci_current[0])}, {_num(r.ci_current[1])}]"
-    else:
-        evidence = "–"
-    ratio = "–" if r.ratio is None else f"{r.ratio:.3f}×"
-    threshold = "–" if r.threshold is None else f"{r.threshold:g}×"
-    return [r.cell, r.metric, _num(r.baseline), _num(r.current), ratio, threshold, evidence, r.verdict, r.note]
+    change = "–" if r.ratio is None else f"{(r.ratio - 1) * 100:+.1f}%"
+    threshold = "–" if r.threshold is None else f"{(r.threshold - 1) * 100:+.0f}%"
+    p = "–" if r.p_value is None else f"{r.p_value:.3g}"
+    return [r.cell, r.metric, _with_ci(r.baseline, r.ci_baseline), _with_ci(r.current, r.ci_current), change,
+            threshold, p, r.verdict, r.note]
 
 
 def _headline(report: GateReport) -> str:
@@ -385,6 +466,8 @@ def _preamble(report: GateReport) -> list[str]:
                      f"from {meta.get('source')}")
     if report.reference:
         lines.append(f"values are ratios to backend {report.reference!r} in the same run (same model and workload)")
+    lines.append("values are medians with their bootstrap CI at the metric's 1 - alpha (95% at alpha 0.05); change "
+                 "is current / baseline - 1; threshold is the change the policy tolerates")
     return lines
 
 
@@ -396,7 +479,7 @@ def print_report(report: GateReport, console: Console) -> None:
         console.print(line, highlight=False, markup=False)
     table = Table(title="bench gate")
     for h in HEADERS:
-        table.add_column(h, justify="right" if h in ("baseline", "current", "ratio", "threshold") else "left")
+        table.add_column(h, justify="right" if h in ("change", "threshold", "p") else "left")
     for r in report.rows:
         table.add_row(*map(Text, _cells(r)), style=VERDICT_STYLE[r.verdict] or None)
     console.print(table)
@@ -408,12 +491,13 @@ def print_report(report: GateReport, console: Console) -> None:
 
 
 def to_markdown(report: GateReport) -> str:
-    lines = [f"# {_headline(report)}", "", *(f"- {line}" for line in _preamble(report)), "",
+    lines = [f"# {_headline(report)}", "", *(f"- {md_escape(line)}" for line in _preamble(report)), "",
              *md_table(HEADERS, [_cells(r) for r in report.rows])]
     if report.environment_differences:
-        lines += ["", "## Environment changes (compared anyway)", "", *(f"- {d}" for d in report.environment_differences)]
+        lines += ["", "## Environment differences (compared anyway)", "",
+                  *(f"- {md_escape(d)}" for d in report.environment_differences)]
     if report.notes:
-        lines += ["", "## Notes", "", *(f"- {n}" for n in report.notes)]
+        lines += ["", "## Notes", "", *(f"- {md_escape(n)}" for n in report.notes)]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from harness.analyze.report import Row, Table, render
 from harness.core.spec import Strict
 from harness.records import ResultsError
-from harness.results.runs import METRICS, CellView, Run, fmt_value, load_runs
+from harness.results.runs import METRICS, CellView, Run, fmt_interval, fmt_value, load_runs
 from own_engine.units import parse_size
 
 RULES_FILE = Path(__file__).parent / "guide_rules.yaml"
@@ -28,6 +28,8 @@ SCORING = (  # shown in every guide, one line each
     "Each weighted metric is normalized among the backends that fit there: value / best when higher is better, "
     "best / value when lower is better, so the best gets 1.",
     "Values below a metric's resolution count as equal to it (error rate 0.1 %, TTFT p99 spread 0.01).",
+    "Ties within noise are ties: a value whose 95% confidence interval overlaps the best's counts as the best "
+    "(normalized 1), so noise never decides a ranking.",
     "score = Σ weight × normalized / Σ weight, over the metrics measured for every fitting backend there.",
     "A cell that failed or breaks a constraint (or whose constraint cannot be checked) scores 0 there.",
     "A backend's rank is its mean score over the workloads it was measured on.",
@@ -97,6 +99,7 @@ class Constraint(Strict):
 class UseCase(Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     title: str
+    question: str = Field("", description="the user's question this use case answers, shown first")
     description: str = ""
     select: Select = Field(default_factory=Select)
     constraints: list[Constraint] = Field(default_factory=list)
@@ -170,6 +173,9 @@ class UseCaseResult:
     not_measured: list[str]
     excluded: list[str]
     details: Table
+    question: str = ""
+    recommended: bool = False  # a backend (or a tie of several) is named; else "No recommendation"
+    cautions: list[str] = field(default_factory=list)  # unstable cells, load time without one-off preparation
 
 
 def selected(c: CellView, s: Select) -> str | None:
@@ -215,9 +221,16 @@ def why_nothing_selected(cells: list[CellView], s: Select) -> list[str]:
     return out or ["no cell matches the use case's selection"]
 
 
-def normalized(values: dict[str, float], better: str, floor: float = 0.0) -> dict[str, float]:
-    """1 for the best value, the ratio to it for the others; values under `floor` count as `floor`."""
+def normalized(values: dict[str, float], better: str, floor: float = 0.0,
+               intervals: dict[str, tuple[float, float] | None] | None = None) -> dict[str, float]:
+    """1 for the best value, the ratio to it for the others; values under `floor` count as `floor`, and a value
+    whose CI overlaps the best one's CI counts as the best (a tie within noise)."""
     values = {k: max(v, floor) for k, v in values.items()}
+    intervals = intervals or {}
+    best = (max if better == "higher" else min)(values, key=values.get)
+    if (top := intervals.get(best)) is not None:
+        values = {k: values[best] if (ci := intervals.get(k)) and ci[0] <= top[1] and top[0] <= ci[1] else v
+                  for k, v in values.items()}
     if better == "higher":
         top = max(values.values())
         return {k: (v / top if top > 0 else 1.0) for k, v in values.items()}
@@ -239,7 +252,8 @@ def score_condition(entries: list[Entry], weights: dict[str, float]) -> list[str
         return left_out
     total = {e.candidate: 0.0 for e in fitting}
     for m in used:
-        norm = normalized({e.candidate: METRICS[m].get(e.cell) for e in fitting}, METRICS[m].better, METRICS[m].floor)
+        norm = normalized({e.candidate: METRICS[m].get(e.cell) for e in fitting}, METRICS[m].better, METRICS[m].floor,
+                          {e.candidate: METRICS[m].interval(e.cell) for e in fitting})
         for k, v in norm.items():
             total[k] += weights[m] * v
     wsum = sum(weights[m] for m in used)
@@ -344,7 +358,8 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     if not relevant:
         return UseCaseResult(u.id, u.title, u.description, criteria, empty,
                              "No recommendation: no measured cell is relevant to this use case.", [], [],
-                             why_nothing_selected([c for c in cells if c.status != "skipped"], u.select), [], empty)
+                             why_nothing_selected([c for c in cells if c.status != "skipped"], u.select), [], empty,
+                             u.question)
 
     entries = []
     for c in relevant:
@@ -404,7 +419,8 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
             tied = [k for k in order[1:] if mean[best] - mean[k] < 0.005]
             recommendation = (f"{best}: mean score {mean[best]:.2f}, first on {wins[best]} of the "
                               f"{len(per_cand[best])} workload(s) it was measured on; "
-                              + (f"tied with {', '.join(tied)}." if tied else f"next: {runner} at {mean[runner]:.2f}."))
+                              + (f"a tie within noise with {', '.join(tied)}: choose among them on other grounds."
+                                 if tied else f"next: {runner} at {mean[runner]:.2f}."))
         misfits = sum(e.misfit is not None for e in per_cand[best])
         if misfits:
             recommendation += f" It does not fit on {misfits} of them: see when the answer changes."
@@ -420,14 +436,31 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
                 for e in entries if e.misfit is not None]
 
     metric_cols = list(dict.fromkeys([*u.weights, *(c.metric for c in u.constraints)]))
-    details = Table(["workload", "backend", "score", *(METRICS[m].label for m in metric_cols), "cell", "run"],
+    # Load time leaves out one-off work a later run reuses (a GGUF conversion): shown beside it, not in it.
+    prepared = "load_time_s" in metric_cols and any(e.cell.cell.prepare_time_s for e in entries)
+    details = Table(["workload", "backend", "score", *(METRICS[m].label for m in metric_cols),
+                     *(["one-off preparation (not in load time)"] if prepared else []), "cell", "run"],
                     [Row([names.condition(key), e.candidate,
                           f"{e.score:.3f}" if e.score is not None else "n/a",
-                          *(fmt_value(METRICS[m].get(e.cell), METRICS[m].unit) for m in metric_cols),
-                          e.cell.id, e.cell.run.label], "does not fit" if e.misfit else None)
+                          *(with_interval(METRICS[m], e.cell) for m in metric_cols),
+                          *([fmt_value(e.cell.cell.prepare_time_s, "s")] if prepared else []),
+                          e.cell.id, e.cell.run.label],
+                         "does not fit" if e.misfit else "unstable" if e.cell.unstable else None)
                      for key, es in by_cond.items() for e in sorted(es, key=lambda e: -(e.score or 0))])
+    cautions = [f"{e.candidate} at {names.condition(e.condition)} is unstable (its repetitions disagree), so its "
+                f"numbers are not typical: {e.cell.unstable} ({e.ref})" for e in entries if e.cell.unstable]
+    if prepared:
+        cautions.append("Load time excludes one-off preparation that later runs reuse (a GGUF conversion, cached): "
+                        "it is shown beside it in the table below.")
+    recommended = not recommendation.startswith("No recommendation")
     return UseCaseResult(u.id, u.title, u.description, criteria, ranking, recommendation, evidence, flips,
-                         not_measured, excluded, details)
+                         not_measured, excluded, details, u.question, recommended, cautions)
+
+
+def with_interval(m, c: CellView) -> str:
+    """The value, with its 95% CI where the results have one: the reader sees which differences are noise."""
+    v, ci = m.get(c), m.interval(c)
+    return fmt_value(v, m.unit) + (f" {fmt_interval(ci, m.unit, v)}" if v is not None and ci else "")
 
 
 @dataclass

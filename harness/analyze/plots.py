@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +19,7 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
-from harness.results.runs import METRICS, CellView  # noqa: E402
+from harness.results.runs import METRICS, CellView, Metric  # noqa: E402
 
 STYLE = {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False}
@@ -81,6 +82,45 @@ def box_plot(slug: str, title: str, cells: list[CellView], label: Callable[[Cell
     return Plot(slug, title, _render(fig))
 
 
+def _errors(values: list[float], intervals: list[tuple[float, float] | None]) -> list[list[float]]:
+    """matplotlib's [below, above] error lengths; 0 where a point has no CI."""
+    below = [v - ci[0] if ci else 0.0 for v, ci in zip(values, intervals)]
+    above = [ci[1] - v if ci else 0.0 for v, ci in zip(values, intervals)]
+    return [[max(b, 0.0) for b in below], [max(a, 0.0) for a in above]]
+
+
+def _named(c: CellView, name: str) -> str:
+    return text(name) + (" (unstable)" if c.unstable else "")
+
+
+@draw
+def interval_plot(slug: str, title: str, cells: list[CellView], label: Callable[[CellView], str],
+                  metrics: list[Metric]) -> Plot:
+    """One panel per metric: each cell's median as a bar, its 95% CI as the error bar; unstable cells hatched."""
+    metrics = [m for m in metrics if any(m.get(c) is not None for c in cells)]
+    shown = [c for c in cells if any(m.get(c) is not None for m in metrics)]
+    if not shown:
+        return Plot(slug, title, note="no completed cell has these metrics")
+    fig = _figure(3.2 * len(metrics) + 1.5, 1.0 + 0.38 * len(shown))
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False).ravel()
+    y = list(range(len(shown)))
+    for ax, m in zip(axes, metrics):
+        values = [m.get(c) for c in shown]
+        xerr = _errors([v or 0.0 for v in values], [m.interval(c) if v is not None else None
+                                                    for c, v in zip(shown, values)])
+        bars = ax.barh(y, [math.nan if v is None else v for v in values], xerr=xerr, capsize=3, color="tab:blue",
+                       alpha=0.8, error_kw={"elinewidth": 1.2})
+        for bar, c in zip(bars, shown):
+            if c.unstable:
+                bar.set_hatch("//")
+                bar.set_color("tab:orange")
+        ax.set_title(f"{m.label} ({m.unit}), {m.better} is better", fontsize=9)
+    axes[0].set_yticks(y, [_named(c, label(c)) for c in shown])
+    axes[0].invert_yaxis()
+    fig.suptitle(text(title))
+    return Plot(slug, title, _render(fig))
+
+
 @draw
 def sweep_plot(slug: str, title: str, axis: str, cells: list[CellView], series: Callable[[CellView], str]) -> Plot:
     """Throughput and latency against one swept setting, one line per series."""
@@ -95,9 +135,15 @@ def sweep_plot(slug: str, title: str, axis: str, cells: list[CellView], series: 
     for ax, key in zip(axes, panels):
         m = METRICS[key]
         for name in dict.fromkeys(s for s, _, _ in points):
-            line = sorted((x, m.get(c)) for s, x, c in points if s == name and m.get(c) is not None)
-            if line:
-                ax.plot([x for x, _ in line], [y for _, y in line], marker="o", label=text(name))
+            line = sorted(((x, m.get(c), m.interval(c)) for s, x, c in points if s == name and m.get(c) is not None),
+                          key=lambda p: p[0])
+            if not line:
+                continue
+            xs, ys, cis = [p[0] for p in line], [p[1] for p in line], [p[2] for p in line]
+            drawn = ax.errorbar(xs, ys, yerr=_errors(ys, cis), marker="o", capsize=3, label=text(name))
+            if all(cis):  # the 95% CI as a band along the line
+                ax.fill_between(xs, [ci[0] for ci in cis], [ci[1] for ci in cis], alpha=0.15,
+                                color=drawn[0].get_color(), lw=0)
         over = [(x, m.get(c)) for _, x, c in points if c.over_budget and m.get(c) is not None]
         if over:
             ax.scatter([x for x, _ in over], [y for _, y in over], marker="x", s=90, color="red", zorder=4,
@@ -135,8 +181,13 @@ def pareto_plot(slug: str, title: str, cells: list[CellView], label: Callable[[C
         return Plot(slug, title, note="a Pareto front needs at least two completed cells with latency and throughput")
     fig = _figure(8, 4.5)
     ax = fig.subplots()
+    by_cell = {text(label(c)): c for c in cells if c.ok}
     for g in dict.fromkeys(p[3] for p in pts):
-        ax.scatter([p[0] for p in pts if p[3] == g], [p[1] for p in pts if p[3] == g], zorder=3, label=g)
+        mine = [p for p in pts if p[3] == g]
+        xs, ys = [p[0] for p in mine], [p[1] for p in mine]
+        ax.errorbar(xs, ys, xerr=_errors(xs, [lat.interval(by_cell[p[2]]) for p in mine]),
+                    yerr=_errors(ys, [thr.interval(by_cell[p[2]]) for p in mine]), fmt="o", capsize=3, zorder=3,
+                    label=g)
     for x, y, name, _ in pts:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = pareto_front([(x, y) for x, y, _, _ in pts])
@@ -179,7 +230,9 @@ def timeline_plot(slug: str, title: str, cell: CellView) -> Plot:
     if not tl:
         return Plot(slug, title, note="no timeline.json for this cell")
     t = tl["t"]
-    series = [("host RAM (GiB)", [("RSS", tl.get("rss_bytes"), GiB)]),
+    series = [("CPU (% of a core)", [("this cell", tl.get("cpu_percent"), 1), ("other processes",
+                                                                             tl.get("other_cpu_percent"), 1)]),
+              ("host RAM (GiB)", [("RSS", tl.get("rss_bytes"), GiB)]),
               ("disk (MB/s)", [("read", tl.get("disk_read_bps"), 1e6), ("write", tl.get("disk_write_bps"), 1e6)]),
               ("VRAM (GiB)", [("process", tl.get("process_vram_bytes"), GiB),
                               ("GPU", tl.get("global_vram_bytes"), GiB)])]

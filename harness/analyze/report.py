@@ -1,5 +1,10 @@
 """`bench report`: one or several results files → a Markdown report and one self-contained HTML file.
 
+The report decides first and explains after: the verdict per workload (the best backend on each headline metric,
+its margin, and whether that margin is beyond noise), then the results with their 95% CIs and the plots, then
+resources and failures, and the setup and environment last. Its numbers come from the results' DataFrame
+(harness/results/frame.py), the one `bench export` writes.
+
 Both formats render the same `ReportData` through Jinja2 templates. Every string that comes from a results
 file (names, errors, model output) is escaped: by Jinja2's autoescape in HTML, by `md_escape` in Markdown.
 Every number shown carries the cell id and run it came from.
@@ -13,15 +18,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import jinja2
+import pandas as pd
 from markupsafe import Markup
 
 from harness.analyze import plots
 from harness.analyze.plots import Plot
+from harness.results.catalogue import CATALOGUE, headline_label, split_name
+from harness.results.frame import frame_of
 from harness.results.markdown import md_escape
-from harness.results.runs import METRICS, CellView, Run, fmt_value, load_runs
+from harness.results.runs import METRICS, CellView, Run, fmt_interval, fmt_value, load_runs
 from own_engine.units import fmt_bytes
 
 FORMATS = ("md", "html")
@@ -31,9 +39,24 @@ TEMPLATES = Path(__file__).parent / "templates"
 # ---- the data model both templates render --------------------------------------------------------------------
 
 @dataclass
+class Num:
+    """A number with its 95% CI, shown under it in HTML and beside it in Markdown; or the mark of an unstable cell."""
+    text: str
+    ci: str | None = None
+    flag: str | None = None
+
+    def __str__(self) -> str:
+        return " ".join(filter(None, [self.text, self.ci, f"({self.flag})" if self.flag else None]))
+
+    def __len__(self) -> int:
+        return len(str(self))
+
+
+@dataclass
 class Row:
-    values: list[str]
-    mark: str | None = None  # "failed", "over budget", "request errors": the row is highlighted
+    values: list[str | Num]
+    mark: str | None = None  # "failed", "over budget", "request errors", "unstable": the row is highlighted
+    cell: str | None = None  # the cell the row's numbers come from, when it has no column of its own
 
 
 @dataclass
@@ -52,6 +75,23 @@ class Section:
     description: str
     table: Table
     plots: list[Plot] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a reader must know to read the table right
+
+
+@dataclass
+class Verdict:
+    """The best backend on one metric in one workload, by how much, and whether that is beyond noise."""
+    winner: str
+    value: str
+    detail: str  # "41% lower than own; beyond noise", "tie within noise with own", ...
+    kind: Literal["beyond", "tie", "undecided", "alone"]
+
+
+@dataclass
+class VerdictTable:
+    headers: list[str]  # workload (and model, run), then one per headline metric
+    rows: list[tuple[list[str], list[Verdict | None]]]
+    notes: list[str]
 
 
 @dataclass
@@ -59,6 +99,7 @@ class ReportData:
     title: str
     generated: str
     notes: list[str]
+    verdict: VerdictTable
     runs: Table
     scenarios: list[tuple[str, Table]]  # (the runs that share it, settings)
     environment: Table  # keys equal in every run
@@ -178,6 +219,35 @@ class Labels:
         return " ".join([self.backend(c)] + [f"{k}={v}" for k, v in c.sweep.items() if k != without])
 
 
+class Numbers:
+    """The report's metric values and their CIs, read from the results' DataFrame (harness/results/frame.py): the
+    report, `bench export` and a notebook show the same numbers."""
+
+    def __init__(self, runs: list[Run]):
+        frame = frame_of(runs)
+        self._index: dict[tuple, tuple[float | None, tuple[float, float] | None]] = {}
+        for r in frame.itertuples(index=False):
+            stat = None if pd.isna(r.statistic) else r.statistic
+            value = None if pd.isna(r.value) else float(r.value)
+            ci = None if pd.isna(r.ci_low) or pd.isna(r.ci_high) else (float(r.ci_low), float(r.ci_high))
+            self._index[(r.run, r.cell, r.metric, stat)] = (value, ci)
+
+    def get(self, c: CellView, name: str) -> tuple[float | None, tuple[float, float] | None]:
+        """(value, 95% CI) of a headline statistic ("ttft_ms.p50") or a scalar of the cell."""
+        key, stat = split_name(name)
+        return self._index.get((c.run.label, c.id, key, stat), (None, None))
+
+    def num(self, c: CellView, name: str) -> Num | str:
+        if not c.ok:
+            return "–"
+        v, ci = self.get(c, name)
+        unit = CATALOGUE[split_name(name)[0]].unit
+        if v is None:
+            return fmt_value(None, unit)
+        return Num(fmt_value(v, unit), fmt_interval(ci, unit, v) if ci and not c.unstable else None,
+                   "unstable" if c.unstable else None)
+
+
 def failures_text(c: CellView) -> str:
     if not c.ok:
         return c.error_line or c.status
@@ -189,10 +259,31 @@ def failures_text(c: CellView) -> str:
     return f"{int(errors)} of {total} requests" + (f": {first}" if first else "")
 
 
+def streamed_from_disk(c: CellView) -> float:
+    """Bytes the engine itself counted as streamed from its disk tier while serving (own engine's logical I/O,
+    "PHASE/disk->host"), 0 when none; reading the model at load is not offloading."""
+    transfers = (c.cell.logical_io or {}).get("transfers") or {}
+    return float(sum(t.get("bytes") or 0 for k, t in transfers.items()
+                     if k.endswith("/disk->host") and not k.startswith("load/")))
+
+
+def page_cache_note(c: CellView, label: str) -> str | None:
+    """A disk-offload cell whose offloaded bytes came from the page cache measured RAM, not the disk."""
+    streamed, read = streamed_from_disk(c), c.whole("disk_read_bytes")
+    if not streamed or read is None or read >= 0.1 * streamed:
+        return None
+    device = c.whole("device_read_bytes")
+    return (f"{label}: the engine streamed {fmt_bytes(streamed)} from its disk tier, but its processes read "
+            f"{fmt_bytes(read)} from storage (all devices, every process: "
+            f"{'n/a' if device is None else fmt_bytes(device)}): the offloaded files were in the page cache, so its "
+            f"\"disk\" numbers are RAM speed. For disk speed, set resources.drop_page_cache and leave the engine too "
+            f"little RAM to cache them.")
+
+
 def vram_text(c: CellView) -> str:
     v, _ = c.peak_vram
     if v is None:
-        return f"n/a ({METRICS['peak_vram_bytes'].why_missing(c)})"
+        return "n/a"
     text = fmt_bytes(v)
     if c.vram_budget is not None:
         text += f" / {fmt_bytes(c.vram_budget)}" + (" OVER BUDGET" if c.over_budget else "")
@@ -202,32 +293,60 @@ def vram_text(c: CellView) -> str:
 def disk_text(c: CellView) -> str:
     r, w = c.whole("disk_read_bytes"), c.whole("disk_write_bytes")
     if r is None and w is None:
-        return f"n/a ({METRICS['disk_read_bytes'].why_missing(c)})"
-    return f"read {fmt_bytes(r)}, written {fmt_bytes(w)}"
+        return "n/a"
+    streamed = streamed_from_disk(c)
+    cached = f" ({fmt_bytes(streamed)} streamed, from the page cache)" if page_cache_note(c, "") else ""
+    return f"read {fmt_bytes(r)}{cached}, written {fmt_bytes(w)}"
 
 
 def ram_text(c: CellView) -> str:
-    m = METRICS["max_rss_bytes"]
-    v = m.get(c)
-    return fmt_bytes(v) if v is not None else f"n/a ({m.why_missing(c)})"
+    v = METRICS["max_rss_bytes"].get(c)
+    return fmt_bytes(v) if v is not None else "n/a"
 
 
-def metric_text(key: str) -> Callable[[CellView], str]:
-    m = METRICS[key]
-    return lambda c: fmt_value(m.get(c), m.unit) if c.ok else "–"
-
-
-SUMMARY_COLUMNS: list[tuple[str, Callable[[CellView], str]]] = [
-    ("TTFT p50", metric_text("ttft_p50_ms")),
-    ("TTFT p99", metric_text("ttft_p99_ms")),
-    ("TPOT p50", metric_text("tpot_p50_ms")),
-    ("output tok/s", metric_text("output_throughput_tok_s")),
-    ("goodput req/s", metric_text("goodput_rps")),
-    ("peak VRAM / budget", vram_text),
-    ("disk", disk_text),
-    ("host RAM peak", ram_text),
-    ("failures", failures_text),
+# The results table: headline statistics with their CIs, then resources (a column nobody measured becomes one note).
+METRIC_COLUMNS = ("ttft_ms.p50", "ttft_ms.p99", "tpot_ms.p50", "output_throughput_tok_s", "goodput_rps")
+RESOURCE_COLUMNS: list[tuple[str, str, Callable[[CellView], str], tuple[str, ...]]] = [
+    # (header, the measure's group name in notes, text, words naming it in resources.unavailable)
+    ("peak VRAM / budget", "GPU measures (peak VRAM, utilisation, power, energy)", vram_text, ("vram", "gpu")),
+    ("disk", "disk I/O", disk_text, ("disk",)),
+    ("host RAM peak", "host RAM", ram_text, ("rss", "ram", "memory")),
 ]
+
+
+def metric_header(name: str) -> str:
+    unit = CATALOGUE[split_name(name)[0]].unit
+    return f"{headline_label(name)}" + (f" ({unit})" if unit in ("ms",) else "")
+
+
+SUMMARY_COLUMNS: list[tuple[str, Callable[..., Any]]] = [
+    *((metric_header(n), lambda c, numbers, n=n: numbers.num(c, n)) for n in METRIC_COLUMNS),
+    *((h, lambda c, numbers, f=f: f(c)) for h, _, f, _ in RESOURCE_COLUMNS),
+    ("failures", lambda c, numbers: failures_text(c)),
+]
+
+
+def unmeasured(cells: list[CellView]) -> tuple[set[str], list[str]]:
+    """Resource columns no cell has (left out, said once) and, for columns some cells lack, why they do."""
+    dropped, notes = set(), []
+    for header, group, text, words in RESOURCE_COLUMNS:
+        missing = [c for c in cells if c.ok and text(c) == "n/a"]
+        if not missing:
+            continue
+        reasons = sorted({no_gpu_reason(c) if "gpu" in words else c.unavailable(*words) for c in missing})
+        if len(missing) == len([c for c in cells if c.ok]):
+            dropped.add(header)
+            notes.append(f"{group}: not measured here: {'; '.join(reasons)}.")
+        else:
+            notes.append(f"{header} n/a for {', '.join(c.id for c in missing)}: {'; '.join(reasons)}.")
+    return dropped, notes
+
+
+def no_gpu_reason(c: CellView) -> str:
+    gpu = c.run.environment.get("gpu") or {}
+    if gpu.get("available") is False:
+        return f"no NVIDIA GPU ({gpu.get('reason') or 'NVML found none'})"
+    return c.unavailable("vram", "gpu")
 
 
 def row_mark(c: CellView) -> str | None:
@@ -237,7 +356,24 @@ def row_mark(c: CellView) -> str | None:
         return "over budget"
     if c.metric("errors"):
         return "request errors"
+    if c.ok and c.cell.client_limited:
+        return "client limited"
+    if c.unstable:
+        return "unstable"
     return None
+
+
+def client_text(c: CellView) -> str:
+    """What the load generator says about itself: the rate it offered and achieved, how late it sent and ran."""
+    m = c.cell.metrics or {}
+    if not m:
+        return "–"
+    rates = fmt_value(m.get("achieved_rate_rps"), "req/s") + " sent"
+    if m.get("offered_rate_rps") is not None:
+        rates = f"{fmt_value(m['offered_rate_rps'], 'req/s')} offered, " + rates
+    lags = [f"{label} p99 {fmt_value((m.get(key) or {}).get('p99'), 'ms')}"
+            for key, label in (("dispatch_lag_ms", "dispatch lag"), ("loop_lag_ms", "loop lag"))]
+    return ", ".join([rates, *lags]) + (" — client limited" if c.cell.client_limited else "")
 
 
 def slugify(text: str, taken: set[str]) -> str:
@@ -249,15 +385,22 @@ def slugify(text: str, taken: set[str]) -> str:
     return slug
 
 
-def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: set[str]) -> Section:
+def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: set[str], numbers: Numbers) -> Section:
     sweep_keys = list(dict.fromkeys(k for c in cells for k in c.sweep))
+    dropped, notes = unmeasured(cells)
+    columns = [(h, f) for h, f in SUMMARY_COLUMNS if h not in dropped]
     headers = ["backend"] + (["model"] if labels.models else []) + sweep_keys + (["run"] if labels.runs else [])
-    headers += ["status"] + [h for h, _ in SUMMARY_COLUMNS] + ["cell"]
+    headers += ["status"] + [h for h, _ in columns]
     rows = []
     for c in cells:
         values = [c.backend] + ([c.model] if labels.models else []) + [show(k, c.sweep.get(k)) for k in sweep_keys]
-        values += ([c.run.label] if labels.runs else []) + [c.status] + [f(c) for _, f in SUMMARY_COLUMNS] + [c.id]
-        rows.append(Row(values, row_mark(c)))
+        values += ([c.run.label] if labels.runs else []) + [c.status] + [f(c, numbers) for _, f in columns]
+        rows.append(Row(values, row_mark(c), c.id))
+    notes += [f"{labels.series(c)} is unstable: {c.unstable}" for c in cells if c.unstable]
+    notes += [f"{labels.series(c)} is client limited (its numbers describe the load generator more than the "
+              f"engine; bench calibrate measures this machine's): {'; '.join(c.cell.client_limited_reasons)}"
+              for c in cells if c.ok and c.cell.client_limited]
+    notes += [n for c in cells if c.ok and (n := page_cache_note(c, labels.series(c)))]
     # The scenario's own definition of the workload, before any sweep expanded it.
     spec = next((w for c in cells for w in c.run.scenario.get("workloads", []) if w.get("name") == name),
                 next((c.workload_spec for c in cells if c.workload_spec), {}))
@@ -268,6 +411,8 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
         description = f"swept over {swept}; as defined in the scenario: {description}"
     ok = [c for c in cells if c.ok]
     section_plots = [
+        plots.interval_plot(slugify(f"medians-{name}", slugs), f"Medians with 95% CIs: {name}", ok, labels.series,
+                            [METRICS[k] for k in ("ttft_p50_ms", "tpot_p50_ms", "output_throughput_tok_s")]),
         plots.box_plot(slugify(f"ttft-{name}", slugs), f"TTFT per request: {name}", ok, labels.series,
                        lambda c: [r.ttft * 1e3 for r in c.records if r.ok], "TTFT (ms)"),
         plots.box_plot(slugify(f"tpot-{name}", slugs), f"TPOT per request: {name}", ok, labels.series,
@@ -280,13 +425,80 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
                                               axis, cells, lambda c, a=axis: labels.series(c, without=a)))
     section_plots.append(plots.pareto_plot(slugify(f"pareto-{name}", slugs), f"Throughput vs latency: {name}",
                                            cells, labels.series, labels.backend))
-    return Section(name, description, Table(headers, rows), section_plots)
+    return Section(name, description, Table(headers, rows), section_plots, notes)
+
+
+# ---- the verdict -----------------------------------------------------------------------------------------------
+
+VERDICT_METRICS = ("ttft_ms.p50", "tpot_ms.p50", "e2el_ms.p50", "output_throughput_tok_s", "goodput_rps")
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def verdict(cells: list[CellView], name: str, numbers: Numbers, label: Callable[[CellView], str]) -> Verdict | None:
+    """The best ok cell on one headline metric; beyond noise when its 95% CI and the runner-up's do not overlap.
+    Unstable cells (repetitions that disagree) are left out of the comparison; an unstable best decides nothing."""
+    m = CATALOGUE[split_name(name)[0]]
+    measured = [(c, *numbers.get(c, name)) for c in cells if c.ok]
+    measured = sorted([x for x in measured if x[1] is not None], key=lambda x: x[1] if m.better == "lower" else -x[1])
+    if not measured:
+        return None
+
+    def margin(v: float, other: tuple) -> str:
+        c, rv, _ = other
+        if rv == v:
+            return f"equal to {label(c)}"
+        if m.better == "lower":
+            return f"{(1 - v / rv) * 100:.0f}% lower than {label(c)}" if rv else f"lower than {label(c)}"
+        if not rv:
+            return f"higher than {label(c)}"
+        return f"{v / rv:.1f}× {label(c)}'s" if v / rv >= 2 else f"{(v / rv - 1) * 100:.0f}% higher than {label(c)}"
+
+    (best, v, ci) = measured[0]
+    value = fmt_value(v, m.unit)
+    if best.unstable:
+        ahead = f"{margin(v, measured[1])}; " if len(measured) > 1 else ""
+        return Verdict(label(best), value, f"{ahead}not decided: {label(best)} is unstable", "undecided")
+    rest = [x for x in measured[1:] if not x[0].unstable]
+    left_out = [label(c) for c, _, _ in measured[1:] if c.unstable]
+    aside = f"; {', '.join(left_out)} unstable, left out" if left_out else ""
+    if not rest:
+        return Verdict(label(best), value, f"the only backend measured{aside}", "alone")
+    runner = rest[0]
+    if ci is None or runner[2] is None:
+        return Verdict(label(best), value, f"{margin(v, runner)}; no CI in these results{aside}", "undecided")
+    tied = [label(c) for c, _, cci in rest if cci is not None and overlap(ci, cci)]
+    if tied:
+        return Verdict(label(best), value, f"tie within noise with {', '.join(tied)} ({margin(v, runner)}){aside}",
+                       "tie")
+    return Verdict(label(best), value, f"{margin(v, runner)}; beyond noise{aside}", "beyond")
+
+
+def verdict_table(cells: list[CellView], labels: Labels, numbers: Numbers) -> VerdictTable:
+    """One row per workload (each sweep point is one; per model and run too when there are several)."""
+    groups: dict[tuple, list[CellView]] = defaultdict(list)
+    for c in cells:
+        groups[(c.model if labels.models else None, c.workload)].append(c)
+    names = [n for n in VERDICT_METRICS if any(c.ok and numbers.get(c, n)[0] is not None for c in cells)]
+    rows = []
+    for (model, workload), cs in groups.items():
+        rows.append(([workload] + ([model] if labels.models else []),
+                     [verdict(cs, n, numbers, labels.backend) for n in names]))
+    notes = [f"{labels.series(c)} failed: {c.error_line or c.status}" for c in cells if not c.ok]
+    notes += [f"{labels.series(c)} is unstable (its repetitions disagree): its medians are not typical values"
+              for c in cells if c.unstable]
+    headers = ["workload"] + (["model"] if labels.models else []) + [metric_header(n) for n in names]
+    return VerdictTable(headers, rows, notes)
 
 
 def resource_plots(cells: list[CellView], labels: Labels, slugs: set[str]) -> tuple[list[Plot], list[str]]:
     several = len({c.base_workload for c in cells}) > 1
-    out = [plots.vram_plot(slugify("vram", slugs), "Peak VRAM per cell", cells,
-                           lambda c: labels.series(c) + (f" · {c.base_workload}" if several else ""))]
+    out = []
+    if any(c.peak_vram[0] is not None for c in cells):
+        out.append(plots.vram_plot(slugify("vram", slugs), "Peak VRAM per cell", cells,
+                                   lambda c: labels.series(c) + (f" · {c.base_workload}" if several else "")))
     with_tl = [c for c in cells if c.timeline]
     for c in with_tl:
         out.append(plots.timeline_plot(slugify(f"timeline-{c.run.label}-{c.id}", slugs),
@@ -323,27 +535,32 @@ def cells_table(cells: list[CellView]) -> Table:
             exact = tc.get("exact_output_length")
             tokens += "; exact output length" if exact else "; output length not forced" if exact is False else ""
         engine = ", ".join(f"{k}={v}" for k, v in c.cell.engine.items()) or "–"
-        rows.append([c.id, c.run.label, str(c.run.path), f"{c.backend} ({c.cell.backend_kind or '?'})", c.status,
-                     fmt_value(c.cell.load_time_s, "s"), tokens, engine, str(c.cell.requests_file or "–")])
-    return Table.of(["cell", "run", "results file", "backend (kind)", "status", "load time", "token counts from",
-                     "engine", "per-request samples"], rows)
+        rows.append([c.id, c.run.label, f"{c.backend} ({c.cell.backend_kind or '?'})", c.status,
+                     fmt_value(c.cell.load_time_s, "s"), fmt_value(c.cell.prepare_time_s, "s"),
+                     c.cell.ci_method or "–", tokens, client_text(c), engine,
+                     f"{c.run.path} → {c.cell.requests_file or '–'}"])
+    return Table.of(["cell", "run", "backend (kind)", "status", "load time", "one-off preparation", "CIs by",
+                     "token counts from", "client", "engine", "results file → per-request samples"], rows)
 
 
 def build_report(runs: list[Run]) -> ReportData:
     cells = [c for r in runs for c in r.cells]
     labels = Labels(cells)
+    numbers = Numbers(runs)
     slugs: set[str] = set()
     by_workload: dict[str, list[CellView]] = defaultdict(list)
     for c in cells:
         by_workload[c.base_workload].append(c)
-    sections = [workload_section(name, cs, labels, slugs) for name, cs in by_workload.items()]
+    sections = [workload_section(name, cs, labels, slugs, numbers) for name, cs in by_workload.items()]
     res_plots, notes = resource_plots(cells, labels, slugs)
     same, diff = environment_tables(runs)
     names = list(dict.fromkeys(str(r.scenario.get("name", "?")) for r in runs))
     reps = sorted({str(r.scenario.get("repetitions", "?")) for r in runs})
-    notes.insert(0, f"Numbers are medians over {' / '.join(reps)} repetition(s) of each cell; metric definitions "
-                    "follow vLLM's serving benchmark (docs/metrics.md). '–' means not applicable (failed cell), "
-                    "'n/a' means not measured, with the reason.")
+    methods = sorted({c.cell.ci_method for c in cells if c.cell.ci_method})
+    notes.insert(0, f"Numbers are medians over {' / '.join(reps)} repetition(s) of each cell"
+                    + (f", with their 95% confidence intervals in brackets ({', '.join(methods)})" if methods else "")
+                    + "; metric definitions follow vLLM's serving benchmark (docs/metrics.md). '–' means not "
+                      "applicable (failed cell), 'n/a' means not measured, with the reason beside the table.")
     if not cells:
         notes.append("These results have no cells.")
     runs_table = Table.of(["run", "results file", "scenario", "created", "updated", "host", "cells"],
@@ -353,7 +570,8 @@ def build_report(runs: list[Run]) -> ReportData:
     return ReportData(
         title="llmbench report: " + ", ".join(names),
         generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        notes=notes, runs=runs_table, scenarios=scenario_blocks(runs), environment=same, environment_diff=diff,
+        notes=notes, verdict=verdict_table(cells, labels, numbers), runs=runs_table,
+        scenarios=scenario_blocks(runs), environment=same, environment_diff=diff,
         sections=sections, resource_plots=res_plots, failures=failures_table(cells), cells=cells_table(cells),
     )
 

@@ -45,20 +45,119 @@ def format_validation_error(source: str, err: ValidationError, prefix: str = "")
         where = _loc(tuple(e["loc"]))
         where = f"{prefix}.{where}" if prefix and where != "(top level)" else (prefix or where)
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e['input']!r:.80})"
+        # A check of the whole scenario (no field) names what it refuses itself: its input is the whole file.
+        got = "" if e["type"] in ("missing", "extra_forbidden") or not e["loc"] else f" (got {e['input']!r:.80})"
         if msg + got not in problems.setdefault(where, []):
             problems[where].append(msg + got)
     return "\n".join([f"{source}: invalid scenario"] + [f"  {w}: {' or '.join(m)}" for w, m in problems.items()])
 
 
+# ---- YAML with limits ---------------------------------------------------------------------------------------------
+
+MAX_DEPTH = 64  # nested mappings and lists, aliases expanded; real scenarios use fewer than 10
+MAX_VALUES = 100_000  # values once every alias is expanded where it is used: an alias bomb is refused, not expanded
+MAX_INT_CHARS = 30  # an integer literal longer than this is no count, size or seed anyone means
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with limits: nesting depth, size with aliases expanded, no recursive aliases, no
+    duplicate keys, no giant integers. Each refusal is a MarkedYAMLError, so it names the line like a syntax error."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        # The composer recurses once per level: without a limit, deep nesting ends in a RecursionError.
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys a merge (<<) brings in may be overridden: that is what merges are for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the safe constructor refuses it with its own message
+            if first is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r:.60} (first given on "
+                                                        f"line {first + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        if len(node.value) > MAX_INT_CHARS:
+            raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value)} characters is too "
+                                                    f"large", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_LimitedLoader.add_constructor("tag:yaml.org,2002:int", _LimitedLoader.construct_yaml_int)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse an alias that contains itself, and a document whose aliases expand beyond MAX_VALUES values or
+    MAX_DEPTH levels. Sizes are counted per distinct node (memoized), so an alias bomb costs linear time here."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the path from the root: an alias back into it is recursive
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if finished:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_VALUES or depth[key] > MAX_DEPTH:
+                what = f"more than {MAX_VALUES:,} values" if size[key] > MAX_VALUES else f"more than {MAX_DEPTH} levels"
+                raise yaml.composer.ComposerError(None, None, f"with its aliases expanded this is {what}",
+                                                  node.start_mark)
+        elif key in open_nodes:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it (recursive)",
+                                              node.start_mark)
+        elif key not in size:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack += [(c, False) for c in children]
+
+
+def load_yaml(text: str):
+    """safe_load within the limits above; raises yaml.YAMLError."""
+    loader = _LimitedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_scenario(path: Path | str) -> Scenario:
     """Parse and fully validate a scenario; every user mistake raises ScenarioError naming file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(f"{path}: no such scenario file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        text = path.read_text()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{str(path)[:200]}: cannot read the scenario: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = load_yaml(text)
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tagged or timestamp-like value that is none (2001-02-30)
         raise ScenarioError(f"{path}: not valid YAML: {e}") from None
     if data is None:
         raise ScenarioError(f"{path}: the file is empty; expected a mapping with name, models, backends, workloads")
@@ -87,7 +186,7 @@ def _check_backends(scenario: Scenario, source: str) -> None:
     from backends.registry import UnknownVariant, get_backend_class, known_kinds
 
     for name, m in scenario.models.items():
-        if m.path is not None and not (m.path / "config.json").is_file():
+        if m.path is not None and not _is_file(m.path / "config.json", f"{source}: models.{name}.path"):
             raise ScenarioError(f"{source}: models.{name}.path: expected an HF model folder with config.json, "
                                 f"but {m.path} {'has none' if m.path.is_dir() else 'does not exist'}")
     for i, b in enumerate(scenario.backends):
@@ -102,11 +201,22 @@ def _check_backends(scenario: Scenario, source: str) -> None:
             cls.Options.model_validate(b.options)
         except ValidationError as e:
             raise ScenarioError(format_validation_error(source, e, prefix=f"backends[{i}].options")) from None
-        problem = cls.check_spec(b)
+        try:
+            problem = cls.check_spec(b)
+        except OSError as e:  # a path option the file system refuses outright (e.g. too long)
+            raise ScenarioError(f"{where}.options: {e.strerror or e}: {str(e.filename)[:80]!r}") from None
         if problem:
             raise ScenarioError(f"{where}: {problem}")
-        if b.python is not None and not b.python.is_file():
+        if b.python is not None and not _is_file(b.python, f"{where}.python"):
             raise ScenarioError(f"{where}.python: expected a Python interpreter, {b.python} does not exist")
+
+
+def _is_file(path: Path, where: str) -> bool:
+    """Path.is_file, with a path the file system refuses outright (too long, ...) reported as the user's mistake."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise ScenarioError(f"{where}: {e.strerror or e}: {str(path)[:80]!r}...") from None
 
 
 def check_reachable(scenario: Scenario, source: str, timeout: float = 3.0) -> None:

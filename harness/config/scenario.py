@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from harness.core.spec import BackendSpec, Resources, Strict
+from harness.core.spec import NAME_MAX, BackendSpec, Resources, Strict
 
 
 # ---- models -------------------------------------------------------------------------------------------------------
@@ -54,16 +56,50 @@ Positive = Annotated[int, Field(gt=0)]
 PositiveRate = Annotated[float, Field(gt=0)]
 
 
+def sweep_values(v):
+    """A swept list: at least one value, no value twice (two cells would measure the same thing under one name)."""
+    if isinstance(v, list):
+        if not v:
+            raise ValueError("a sweep needs at least one value")
+        repeated = sorted(x for x, n in Counter(v).items() if n > 1)
+        if repeated:
+            raise ValueError(f"a sweep's values must differ; repeated: {', '.join(map(_label, repeated))}")
+    return v
+
+
+def _label(value: float) -> str:
+    """A swept value in a workload name: short (2, not 2.0), yet never the same for two different values."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+CLIENTS_DESCRIPTION = ("client processes sharing the load, when one cannot keep up (bench calibrate tells): each "
+                       "sends every N-th request of the one schedule on its own connections; backends served over "
+                       "HTTP only")
+
+
 class ConcurrencyLoad(Strict):
     """Closed loop: `concurrency` requests in flight, a new one as soon as one completes."""
     type: Literal["concurrency"]
     concurrency: Positive | list[Positive] = Field(description="a list sweeps: one cell per value")
+    _sweep = field_validator("concurrency")(sweep_values)
+    clients: Positive = Field(1, description=CLIENTS_DESCRIPTION + "; each keeps its share of the concurrency")
+
+    @model_validator(mode="after")
+    def _a_request_per_client(self) -> ConcurrencyLoad:
+        low = min(self.concurrency) if isinstance(self.concurrency, list) else self.concurrency
+        if self.clients > low:
+            raise ValueError(f"clients ({self.clients}) must not exceed the concurrency ({low}): each client keeps at "
+                             f"least one request in flight")
+        return self
 
 
 class PoissonLoad(Strict):
     """Open loop: requests arrive at exponential intervals with mean 1/rate, whatever completes."""
     type: Literal["poisson"]
     rate: PositiveRate | list[PositiveRate] = Field(description="requests per second; a list sweeps")
+    _sweep = field_validator("rate")(sweep_values)
+    clients: Positive = Field(1, description=CLIENTS_DESCRIPTION)
 
 
 Load = Annotated[SequentialLoad | ConcurrencyLoad | PoissonLoad, Field(discriminator="type")]
@@ -92,13 +128,10 @@ class Workload(Strict):
     temperature: float = Field(0.0, ge=0, description="0: greedy; above 0 each request samples with seed "
                                                        "scenario seed + request index")
     prompts: PromptSource = Field(default_factory=SyntheticPrompts)
+    max_error_rate: float | None = Field(None, ge=0, le=1, description="this workload's cells fail when more of "
+                                         "their requests fail; default: the scenario's max_error_rate")
 
-    @field_validator("input_tokens", "output_tokens", "num_requests")
-    @classmethod
-    def _nonempty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("a sweep needs at least one value")
-        return v
+    _sweep = field_validator("input_tokens", "output_tokens", "num_requests")(sweep_values)
 
     def expand(self) -> list[ConcreteWorkload]:
         """One concrete workload per combination of swept values (lists), named e.g. `short[input_tokens=1024]`."""
@@ -109,19 +142,19 @@ class Workload(Strict):
         out = []
         for values in itertools.product(*axes.values()):
             sweep = dict(zip(axes, values))
-            data = self.model_dump()
-            for key, value in sweep.items():
-                if key.startswith("load."):
-                    data["load"][key[5:]] = value
-                else:
-                    data[key] = value
+            # Copies, not re-validation: every value was validated as a member of its list (linear time).
+            update = {k: v for k, v in sweep.items() if not k.startswith("load.")}
+            load = {k[5:]: v for k, v in sweep.items() if k.startswith("load.")}
+            if load:
+                update["load"] = self.load.model_copy(update=load)
             if sweep:
-                data["name"] = f"{self.name}[{','.join(f'{k}={v:g}' for k, v in sweep.items())}]"
-            out.append(ConcreteWorkload(spec=Workload.model_validate(data), base=self.name, sweep=sweep))
+                update["name"] = f"{self.name}[{','.join(f'{k}={_label(v)}' for k, v in sweep.items())}]"
+            out.append(ConcreteWorkload(spec=self.model_copy(update=update), base=self.name, sweep=sweep))
         return out
 
 
 SWEEPABLE = ("input_tokens", "output_tokens", "num_requests")
+MIN_REPETITIONS = 3  # below this a cell's CIs cannot include run-to-run drift
 
 
 @dataclass
@@ -140,11 +173,16 @@ class SLO(Strict):
 
 class Scenario(Strict):
     name: str
-    models: dict[str, ModelSpec] = Field(min_length=1)
+    models: dict[Annotated[str, Field(min_length=1, max_length=NAME_MAX)], ModelSpec] = Field(min_length=1)
     backends: list[BackendSpec] = Field(min_length=1)
     workloads: list[Workload] = Field(min_length=1)
-    repetitions: int = Field(1, gt=0)
-    seed: int = 0
+    repetitions: int = Field(3, gt=0, description="fewer than 3 gives no confidence interval across repetitions "
+                                                  "(a warning says so)")
+    max_error_rate: float = Field(0, ge=0, le=1, description="a cell whose share of failed requests exceeds this "
+                                                            "fails; a workload's own max_error_rate overrides it")
+    max_repetition_cv: float = Field(0.25, gt=0, description="a cell whose repetitions' p50 latencies or "
+                                     "throughputs vary more than this (coefficient of variation) is marked unstable")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="request i is sampled with seed + i: engines take 32 bits")
     slo: SLO = Field(default_factory=SLO)
     record_outputs: bool = Field(False, description="keep every request's output token ids in requests.jsonl")
     output: Path | None = Field(None, description="results folder; `--out` overrides; default results/<name>")
@@ -163,6 +201,40 @@ class Scenario(Strict):
                     raise ValueError(f"backend {b.name!r} names unknown model {m!r}; known: {', '.join(self.models)}")
         return self
 
+    @model_validator(mode="after")
+    def _distinct_cells(self) -> Scenario:
+        """Each cell is stored in the folder cells/<id>, and prompts in files named after the model: two cells with
+        one id would overwrite each other, and an id too long for a folder name would fail mid-matrix."""
+        for i, w in enumerate(self.workloads):  # not on the field: the names sweeps give may be longer
+            if len(w.name) > NAME_MAX:
+                raise ValueError(f"workloads[{i}].name: at most {NAME_MAX} characters, got {len(w.name)}")
+        models: dict[str, str] = {}
+        for m in self.models:
+            other = models.setdefault(safe_name(m), m)
+            if other != m:
+                raise ValueError(f"models {other!r} and {m!r} would share files named {safe_name(m)!r}: rename one")
+        seen: dict[str, Cell] = {}
+        for cell in self.cells():
+            if len(cell.id.encode()) > CELL_ID_MAX:
+                raise ValueError(f"the cell {cell} would be stored in a folder named with {len(cell.id.encode())} "
+                                 f"bytes, more than {CELL_ID_MAX}: shorten its names or sweep fewer fields together")
+            other = seen.setdefault(cell.id, cell)
+            if other is not cell:
+                raise ValueError(f"the cells {other} and {cell} would both be stored as cells/{cell.id}: rename one")
+        return self
+
+    def warnings(self) -> list[str]:
+        """What is valid but weakens the results: said before running, and by `bench validate`."""
+        if self.repetitions < MIN_REPETITIONS:
+            return [f"repetitions: {self.repetitions}: with fewer than {MIN_REPETITIONS} repetitions there is no "
+                    f"confidence interval across repetitions (only over requests, which misses run-to-run drift)"
+                    + ("" if self.repetitions > 1 else " and no check that repetitions agree")]
+        return []
+
+    def max_error_rate_of(self, workload: str) -> float:
+        own = self.workload(workload).spec.max_error_rate
+        return self.max_error_rate if own is None else own
+
     def cells(self, only_backends: list[str] | None = None) -> list[Cell]:
         """The matrix: every model × backend × workload, less what a backend restricts itself from."""
         return [
@@ -173,14 +245,32 @@ class Scenario(Strict):
             for w in self.concrete_workloads()
         ]
 
-    def concrete_workloads(self) -> list[ConcreteWorkload]:
+    @cached_property
+    def _concrete(self) -> list[ConcreteWorkload]:
+        # Expanded once: a lookup per cell must not expand every sweep again (quadratic in cells).
         return [c for w in self.workloads for c in w.expand()]
+
+    @cached_property
+    def _concrete_by_name(self) -> dict[str, ConcreteWorkload]:
+        # Two with one name would give two cells with one id, which _distinct_cells refuses.
+        return {c.spec.name: c for c in self._concrete}
+
+    def concrete_workloads(self) -> list[ConcreteWorkload]:
+        return self._concrete
 
     def backend(self, name: str) -> BackendSpec:
         return next(b for b in self.backends if b.name == name)
 
     def workload(self, name: str) -> ConcreteWorkload:
-        return next(w for w in self.concrete_workloads() if w.spec.name == name)
+        return self._concrete_by_name[name]
+
+
+CELL_ID_MAX = 200  # bytes of a cell's folder name; file systems allow 255
+
+
+def safe_name(name: str) -> str:
+    """A name as it appears in file names."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 class Cell(Strict):
@@ -190,4 +280,7 @@ class Cell(Strict):
 
     @property
     def id(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.model}__{self.backend}__{self.workload}")
+        return safe_name(f"{self.model}__{self.backend}__{self.workload}")
+
+    def __str__(self) -> str:
+        return f"{self.model} × {self.backend} × {self.workload}"

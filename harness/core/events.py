@@ -1,5 +1,6 @@
 """What crosses the worker-backend boundary: a `Request` in, a stream of timestamped `TokenEvent`s ended by one
-`Usage` out. Backends know nothing of metrics; the reducer computes every metric from these events."""
+`Usage` out (a `RequestSent` first where the backend stamps the send itself). Backends know nothing of metrics; the
+reducer computes every metric from these events."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ class TokenEvent:
     t: float
     n_tokens: int = 1
     token_ids: list[int] | None = None
+
+
+@dataclass
+class RequestSent:
+    """When the request's first byte was written, where a backend knows it better than the harness's stamp before
+    calling it (an HTTP client builds the request first): the record's t_send. Yielded before the first TokenEvent."""
+    t: float
 
 
 @dataclass

@@ -7,7 +7,9 @@ tail of the log and leaves no process behind.
 `Server.stop` tears down the whole process group, SIGTERM first, SIGKILL after a grace period.
 
 Every launched group is also recorded in the cell's `process_groups.jsonl` (removed again on a clean stop), so that
-the runner can kill what a worker left behind when the worker itself was killed (`kill_leftover_groups`).
+the runner can kill what a worker left behind when the worker itself was killed (`kill_leftover_groups`). The runner
+records the worker's own group there too, and kills whatever is listed again before a resumed run reuses the folder;
+a worker whose runner is gone stops what it launched itself (`stop_launched`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """Stop proc and every child it started (it must run in its own session: start_new_session=True)."""
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs again
         try:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -46,6 +49,15 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def refuse_listen_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """For a validator of extra server argv: `launch` serves on 127.0.0.1 at a port it picks, so flags that choose
+    where a server listens (`--host 0.0.0.0`, `--port=80`) are refused. Raises ValueError naming them."""
+    given = [a for a in argv if a.split("=", 1)[0] in flags]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be set here: the harness serves on 127.0.0.1 at a port it picks")
+    return argv
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -94,6 +106,15 @@ class Server:
     def log_tail(self, lines: int = 30) -> str:
         return log_tail(self.log_path, lines)
 
+    def exit_reason(self) -> str | None:
+        """None while the server runs; once it died, a first line naming how ("llama_server exited (SIGKILL)")
+        and the tail of its log after it."""
+        code = self.exited()
+        if code is None:
+            return None
+        how = signal.Signals(-code).name if code < 0 else f"code {code}"
+        return f"{self.name} exited ({how})\nlast lines of {self.log_path}:\n{self.log_tail()}"
+
     def died_message(self) -> str:
         code = self.exited()
         how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}"
@@ -101,7 +122,19 @@ class Server:
 
     def stop(self, grace_s: float = 10.0) -> None:
         stop_process_group(self.proc, grace_s)
+        _launched.pop(self.pgid, None)
         _forget_group(self.cell_dir, self.pgid)
+
+
+# The servers this process launched and has not stopped yet, for a worker whose runner is gone: it stops them
+# without touching the cell's files, which a resumed run may own by then.
+_launched: dict[int, subprocess.Popen] = {}
+
+
+def stop_launched(grace_s: float) -> None:
+    """Stop every server group this process launched and has not stopped (SIGTERM, SIGKILL after grace_s)."""
+    for proc in list(_launched.values()):
+        stop_process_group(proc, grace_s)
 
 
 async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir: Path, ready_path: str,
@@ -121,7 +154,8 @@ async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir:
         except OSError as e:
             raise BackendError(f"cannot start {name} ({argv[0]}): {e}") from None
     server = Server(name, proc, port, log_path, cell_dir)
-    _remember_group(cell_dir, server, argv)
+    _launched[server.pgid] = proc
+    record_group(cell_dir, server.pgid, name, argv[0])
     deadline = time.monotonic() + timeout_s
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
@@ -171,13 +205,15 @@ def _listens(pid: int, port: int) -> bool:
 
 # ---- the record of launched groups, for cleaning up after a killed worker ------------------------------------------
 
-def _remember_group(cell_dir: Path, server: Server, argv: list[str]) -> None:
+def record_group(cell_dir: Path, pgid: int, name: str, argv0: str) -> None:
+    """Add a process group (its leader's pid, in a session of its own) to the cell's record: the runner kills what
+    is recorded there after the worker ends, and before the cell's folder is used again."""
     try:
-        created = _create_time(server.pgid)
+        created = _create_time(pgid)
     except ProcessLookupError:
         created = None
     with (cell_dir / GROUPS_FILE).open("a") as f:
-        f.write(json.dumps({"pgid": server.pgid, "create_time": created, "name": server.name, "argv0": argv[0]}) + "\n")
+        f.write(json.dumps({"pgid": pgid, "create_time": created, "name": name, "argv0": argv0}) + "\n")
 
 
 def _forget_group(cell_dir: Path, pgid: int) -> None:

@@ -13,9 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from own_engine.units import parse_size
 
 
+NAME_MAX = 64  # model, backend and workload names: each cell's folder is named after all three
+
+
 class Strict(BaseModel):
     """Every user-written record: an unknown key is an error, never ignored."""
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are no timeout, rate or temperature anyone means, and JSON cannot store them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Resources(Strict):
@@ -32,7 +36,7 @@ class Resources(Strict):
 
 
 class BackendSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=NAME_MAX)
     kind: str = Field(description="the backend kind; `bench validate` lists the known ones on a typo")
     options: dict[str, Any] = Field(default_factory=dict, description="the kind's own options, validated by it")
     url: str | None = Field(None, description="attach to a running server instead of launching one")
@@ -48,5 +52,18 @@ class BackendSpec(Strict):
         if v is not None:
             u = urlparse(v)
             if u.scheme not in ("http", "https") or not u.hostname:
-                raise ValueError(f"expected an http(s) URL, got {v!r}")
+                raise ValueError(f"expected an http(s) URL, got {v!r:.100}")
+            try:
+                port = u.port
+            except ValueError:  # not a number, or beyond 65535
+                port = -1
+            if port is not None and not 1 <= port <= 65535:
+                raise ValueError(f"expected a port from 1 to 65535, got {u.netloc.rpartition(':')[2]!r:.40}")
+            try:
+                too_long = len(u.hostname.encode("idna")) > 253
+            except UnicodeError:  # a label longer than 63 characters, or an empty one
+                too_long = True
+            if too_long:
+                raise ValueError(f"expected a host name of at most 253 characters in dot-separated labels of 1 to 63, "
+                                 f"got {u.hostname!r:.80}")
         return v

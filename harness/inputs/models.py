@@ -10,7 +10,9 @@ the architecture's vocabulary size (as Llama 3 does).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import sys
 import shutil
 import tempfile
 import zlib
@@ -196,16 +198,18 @@ def write_tokenizer(out_dir: Path, vocab_size: int, bpe_vocab: int, seed: int) -
         {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "additional_special_tokens": [EOT]}, indent=2))
 
 
-def cached_synthetic(preset: str, seed: int = 0, progress=None) -> Path:
-    """The folder for (preset, seed), built on first use. Keyed by everything that changes the bytes, torch included:
-    random init is reproducible only within one torch version."""
-    import torch
-    import tokenizers
-
+def synthetic_dir(preset: str, seed: int = 0) -> Path:
+    """Where the folder for (preset, seed) is cached, built or not. Keyed by everything that changes the bytes, torch
+    included (random init is reproducible only within one torch version), read without importing torch."""
     key = json.dumps([hf_config(preset), PRESETS[preset]["bpe_vocab"], seed, BUILDER_VERSION,
-                      torch.__version__, tokenizers.__version__], sort_keys=True)
+                      importlib.metadata.version("torch"), importlib.metadata.version("tokenizers")], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    final = cache_root() / "models" / f"{preset}-seed{seed}-{digest}"
+    return cache_root() / "models" / f"{preset}-seed{seed}-{digest}"
+
+
+def cached_synthetic(preset: str, seed: int = 0, progress=None) -> Path:
+    """The folder for (preset, seed), built on first use."""
+    final = synthetic_dir(preset, seed)
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -219,3 +223,7 @@ def cached_synthetic(preset: str, seed: int = 0, progress=None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+if __name__ == "__main__":  # `python -m harness.inputs.models PRESET SEED`: the runner builds here, torch stays out of it
+    print(cached_synthetic(sys.argv[1], int(sys.argv[2])))

@@ -3,13 +3,23 @@
 Prompts are built from words that are single tokens in that tokenizer, with and without a leading space, so
 the length is exact by construction; the result is checked by re-encoding. Two runs with the same seed send
 the same prompts to every backend.
+
+They are built in a subprocess of the runner (`python -m harness.inputs.prompts`), under the cell's timeout once the
+tokenizer is loaded: the runner never loads a tokenizer, so it stays small, and a huge num_requests cannot stall it
+outside any timeout.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+
+from harness.core.errors import BackendError
+from harness.core.files import atomic_write
 
 # Common English words: single tokens in real tokenizers, and the seed corpus of our synthetic ones.
 WORDS = """the of and to in is was for on that with as by at from his it an were are which this be or has had not
@@ -25,8 +35,8 @@ show stage star store track trade tree turn voice wave wind wood young lake hill
 WORDS = list(dict.fromkeys(WORDS))
 
 
-class PromptError(Exception):
-    pass
+class PromptError(BackendError):
+    """The prompts cannot be built: the cell fails with this message, the others run."""
 
 
 @dataclass
@@ -63,3 +73,26 @@ def make_prompts(tokenizer, count: int, input_tokens: int, seed: int) -> list[Pr
             raise PromptError(f"built a prompt of {len(ids)} tokens instead of {input_tokens}: the tokenizer merges across words")
         prompts.append(Prompt(text, ids))
     return prompts
+
+
+def write_prompts(path: Path, model_path: Path, count: int, input_tokens: int, seed: int) -> None:
+    """Build the prompts with the model's own tokenizer and write them (text, token_ids) to `path`; says "tokenizer
+    loaded" on stdout before building (the runner times building apart from loading)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        print("tokenizer loaded", flush=True)
+        prompts = make_prompts(tokenizer, count, input_tokens, seed)
+    except (OSError, ValueError) as e:
+        raise PromptError(str(e)) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps([p.to_dict() for p in prompts]))
+
+
+if __name__ == "__main__":  # python -m harness.inputs.prompts PATH MODEL_PATH COUNT INPUT_TOKENS SEED
+    try:
+        write_prompts(Path(sys.argv[1]), Path(sys.argv[2]), *map(int, sys.argv[3:6]))
+    except PromptError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)

@@ -12,6 +12,7 @@ engine server launched as a child counts), the disks, the declared offload folde
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from array import array
@@ -40,7 +41,8 @@ TIMELINE_POINTS = 1500
 # A sample is a tuple in this order, None where a measure is unavailable; samples are kept as one array of
 # doubles per column (NaN for None): 120 bytes a sample, 43 MB for two hours at 20 ms.
 COLUMNS = ("t", "rss", "cpu_s", "read", "write", "dev_read", "dev_write", "offload",
-           "global_vram", "process_vram", "util", "power_w", "energy_mj", "allocated", "reserved")
+           "global_vram", "process_vram", "util", "power_w", "energy_mj", "allocated", "reserved",
+           "other_cpu_s", "steal_s", "load1")
 _COL = {name: i for i, name in enumerate(COLUMNS)}
 
 # Measures named in `unavailable` when they cannot be taken; each lists the result keys it nulls.
@@ -190,6 +192,7 @@ class ResourceMonitor:
             self._lose(_DISK_KEYS, self.tree.io_error)
         self.gpu = Nvml(self.gpu_indices)
         self._own_cpu = 0.0
+        self._machine0 = _machine_cpu()
         self._tree_t = self._offload_t = -float("inf")
         self._tree_every = TREE_EVERY_S
         self._offload: int | None = None
@@ -266,8 +269,15 @@ class ResourceMonitor:
                 torch_mem = tuple(self.torch_allocator())
             except Exception as e:  # a broken reader loses its measure, not the cell
                 self._lose(_TORCH_KEYS, f"torch allocator reader failed: {type(e).__name__}: {e}")
+        # What else ran: the machine's busy CPU time less the tree's (the sampler is in the tree), and steal.
+        busy, steal = _machine_cpu()
+        other = (busy - self._machine0[0] - cpu_s, steal - self._machine0[1])
+        try:
+            load1 = os.getloadavg()[0]
+        except OSError:
+            load1 = None
         # The sampler runs inside the worker: its own CPU time is taken out of the tree's.
-        sample = (t, rss, cpu_s - self._own_cpu, read, write, *dev, self._offload, *g, *torch_mem)
+        sample = (t, rss, cpu_s - self._own_cpu, read, write, *dev, self._offload, *g, *torch_mem, *other, load1)
         self._own_cpu += time.thread_time() - cpu0
         return sample
 
@@ -314,13 +324,17 @@ class ResourceMonitor:
                     out.setdefault(name, []).append((s, e))
         return out
 
-    def result(self, phases: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, Any]:
-        """JSON-ready resources of the run: `whole` and per-phase blocks (docs/resources.md).
+    def result(self, phases: dict[str, list[tuple[float, float]]] | None = None,
+               repetitions: Sequence[tuple[float, float]] = ()) -> dict[str, Any]:
+        """JSON-ready resources of the run: `whole` and per-phase blocks (docs/resources.md), and what else ran on
+        the machine during each of `repetitions` (spans on the perf_counter clock).
 
         phases: {phase: [(start, end), ...]} on the perf_counter clock; without them, the marks given to mark()."""
         a = self._arrays()
         t0, t1 = a["t"][0], a["t"][-1]
         return {
+            "repetitions": [self._background(a, [(max(s, t0), min(e, t1))]) for s, e in repetitions
+                            if min(e, t1) > max(s, t0)],
             "sample_interval_ms": self.interval_ms,
             "samples": len(self._cols[0]),
             "sampler_cpu_percent": round(100 * self._own_cpu / (t1 - self.t_enter), 2),
@@ -333,26 +347,45 @@ class ResourceMonitor:
             "phases": {name: self._block(a, segs) for name, segs in self._segments(phases).items()},
         }
 
+    @staticmethod
+    def _delta(a: dict[str, np.ndarray], col: str, segs: list[tuple[float, float]]) -> float:
+        # Counters are read between samples by linear interpolation, so a phase gets the bytes of its own time.
+        t = a["t"]
+        return sum(np.interp(e, t, a[col]) - np.interp(s, t, a[col]) for s, e in segs)
+
+    @staticmethod
+    def _window(t: np.ndarray, s: float, e: float) -> slice:
+        # The samples inside the phase plus one at each boundary: a short phase still has a reading.
+        i0 = max(int(np.searchsorted(t, s, "right")) - 1, 0)
+        i1 = min(int(np.searchsorted(t, e, "left")), len(t) - 1)
+        return slice(i0, i1 + 1)
+
+    @classmethod
+    def _peak(cls, a: dict[str, np.ndarray], col: str, segs: list[tuple[float, float]]) -> float:
+        return max(float(np.max(a[col][cls._window(a["t"], s, e)])) for s, e in segs)
+
+    def _background(self, a: dict[str, np.ndarray], segs: list[tuple[float, float]]) -> dict[str, Any]:
+        """What else ran on the machine meanwhile, in percent of one core (so 2 busy cores are 200%)."""
+        dur = sum(e - s for s, e in segs)
+        load = self._peak(a, "load1", segs)
+        return {"other_cpu_percent": round(100 * max(float(self._delta(a, "other_cpu_s", segs)), 0.0) / dur, 1),
+                "steal_percent": round(100 * max(float(self._delta(a, "steal_s", segs)), 0.0) / dur, 1),
+                "load_avg_max": None if math.isnan(load) else round(load, 2)}
+
     def _block(self, a: dict[str, np.ndarray], segs: list[tuple[float, float]]) -> dict[str, Any]:
         t = a["t"]
         dur = sum(e - s for s, e in segs)
-        # Counters are read between samples by linear interpolation, so a phase gets the bytes of its own time.
-        def delta(col: str) -> float:
-            return sum(np.interp(e, t, a[col]) - np.interp(s, t, a[col]) for s, e in segs)
 
-        def window(s: float, e: float) -> slice:
-            # The samples inside the phase plus one at each boundary: a short phase still has a reading.
-            i0 = max(int(np.searchsorted(t, s, "right")) - 1, 0)
-            i1 = min(int(np.searchsorted(t, e, "left")), len(t) - 1)
-            return slice(i0, i1 + 1)
+        def delta(col: str) -> float:
+            return self._delta(a, col, segs)
 
         def peak(col: str) -> float:
-            return max(float(np.max(a[col][window(s, e)])) for s, e in segs)
+            return self._peak(a, col, segs)
 
         def mean(col: str) -> float:  # time-weighted: samples after a mark come closer together
             total = 0.0
             for s, e in segs:
-                w = window(s, e)
+                w = self._window(t, s, e)
                 tt, v = t[w], a[col][w]
                 if len(tt) > 1:
                     area = float(np.sum((v[1:] + v[:-1]) / 2 * np.diff(tt)))
@@ -379,7 +412,7 @@ class ResourceMonitor:
             "energy_j": lambda: round(delta("energy_mj") / 1000, 3),
             "duration_s": lambda: round(dur, 4),
         }
-        return {k: None if k in self.unavailable else f() for k, f in values.items()}
+        return {**{k: None if k in self.unavailable else f() for k, f in values.items()}, **self._background(a, segs)}
 
     def timeline(self, phases: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, Any]:
         """Compact arrays for plots: at most TIMELINE_POINTS bins over the run, times in seconds from its start.
@@ -410,6 +443,7 @@ class ResourceMonitor:
             "t": [round(float(c - t0), 3) for c in centers],
             "rss_bytes": gauge("rss"),
             "cpu_percent": [round(float(v), 1) for v in rate("cpu_s", 100.0)],
+            "other_cpu_percent": [round(float(v), 1) for v in rate("other_cpu_s", 100.0)],
             "disk_read_bps": None if "disk_read_bytes" in self.unavailable else ints(rate("read")),
             "disk_write_bps": None if "disk_write_bytes" in self.unavailable else ints(rate("write")),
             "device_read_bps": None if "device_read_bytes" in self.unavailable else ints(rate("dev_read")),
@@ -421,6 +455,13 @@ class ResourceMonitor:
         segments = sorted((s, e, name) for name, segs in self._segments(phases).items() for s, e in segs)
         out["phases"] = [[name, round(float(s - t0), 3), round(float(e - t0), 3)] for s, e, name in segments]
         return out
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine since boot: /proc/stat, about 25 µs a read."""
+    ct = psutil.cpu_times()
+    busy = ct.user + ct.nice + ct.system + getattr(ct, "irq", 0.0) + getattr(ct, "softirq", 0.0)
+    return busy, getattr(ct, "steal", 0.0)
 
 
 def over_budget(result: dict[str, Any], budget_bytes: int | None) -> bool | None:

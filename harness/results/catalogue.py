@@ -50,9 +50,18 @@ CATALOGUE: dict[str, Metric] = {m.key: m for m in [
     Metric("output_throughput_tok_s", "output tok/s", "tok/s", "higher", "scalar", "{:.1f}", short="out tok/s"),
     Metric("total_token_throughput_tok_s", "total tok/s", "tok/s", "higher", "scalar", "{:.1f}"),
     Metric("goodput_rps", "goodput req/s", "req/s", "higher", "scalar", "{:.2f}"),
+    # The load generator's own numbers: they say whether the client kept its schedule, not how good an engine is.
+    Metric("nominal_rate_rps", "nominal rate", "req/s", None, "scalar", "{:.2f}", gates=False),
+    Metric("offered_rate_rps", "offered rate", "req/s", None, "scalar", "{:.2f}", gates=False),
+    Metric("achieved_rate_rps", "achieved send rate", "req/s", None, "scalar", "{:.2f}", gates=False),
+    Metric("dispatch_lag_ms", "dispatch lag (schedule → send)", "ms", None, "distribution", "{:.2f}", gates=False),
+    Metric("loop_lag_ms", "event-loop lag", "ms", None, "distribution", "{:.2f}", gates=False),
     Metric("ttft_p99_cv", "TTFT p99 spread (CV over repetitions)", "ratio", "lower", "cell", "{:.3g}", floor=0.01,
            gates=False),
     Metric("load_time_s", "load time", "s", "lower", "cell", "{:.2f}", gates=False),
+    # One-off work before loading whose result later runs reuse (a GGUF conversion): context, not a merit.
+    Metric("prepare_time_s", "one-off preparation (e.g. GGUF conversion)", "s", None, "cell", "{:.2f}", gates=False,
+           short="preparation"),
     Metric("peak_vram_bytes", "peak VRAM", "bytes", "lower", "cell", gates=False),
     Metric("max_rss_bytes", "peak host RAM", "bytes", "lower", "cell", gates=False),
     Metric("disk_read_bytes", "disk read", "bytes", "lower", "cell", gates=False),
@@ -60,6 +69,28 @@ CATALOGUE: dict[str, Metric] = {m.key: m for m in [
 
 DISTRIBUTIONS = tuple(k for k, m in CATALOGUE.items() if m.scope == "distribution")
 PER_REPETITION_SCALARS = tuple(k for k, m in CATALOGUE.items() if m.scope == "scalar")
+
+# The statistics every cell gives a 95% confidence interval and a coefficient of variation across repetitions for,
+# named as in results.json's `ci` and `cv` (DISTRIBUTION.STAT, or the scalar's key).
+HEADLINE = tuple([f"{k}.{s}" for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms") for s in ("p50", "p90", "p99")]
+                 + ["request_throughput_rps", "output_throughput_tok_s", "total_token_throughput_tok_s", "goodput_rps"])
+# The ones whose disagreement across repetitions makes a cell `unstable`: the typical values, not the tails
+# (a p99 of a few requests is itself noisy) and not goodput (a count of requests meeting an SLO can be 0).
+STABILITY = ("ttft_ms.p50", "tpot_ms.p50", "itl_ms.p50", "e2el_ms.p50", "request_throughput_rps",
+             "output_throughput_tok_s")
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """'ttft_ms.p50' -> ('ttft_ms', 'p50'); 'goodput_rps' -> ('goodput_rps', None)."""
+    key, _, stat = name.partition(".")
+    return key, stat or None
+
+
+def headline_label(name: str) -> str:
+    key, stat = split_name(name)
+    m = CATALOGUE[key]
+    return f"{m.short or m.label} {stat}" if stat else (m.short or m.label)
+
 
 # The terminal table and summary.md: (metric, statistic or None for a scalar).
 SUMMARY_COLUMNS = (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), ("itl_ms", "p50"), ("e2el_ms", "p50"),

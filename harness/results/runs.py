@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from harness.records import CellResult, RequestRecord, ResultsError, RunResult, load_run, read_requests
-from harness.results.catalogue import CATALOGUE, RANKED_STATISTICS
+from harness.results.catalogue import CATALOGUE, HEADLINE, RANKED_STATISTICS
 from own_engine.units import fmt_bytes
 
 # VRAM measures in order of preference: the backend's own processes, then the whole GPU, then torch's allocator.
@@ -97,6 +97,11 @@ class CellView:
     @property
     def error_line(self) -> str | None:
         return self.cell.error_line
+
+    @property
+    def unstable(self) -> str | None:
+        """Why the cell's repetitions disagree, when they do."""
+        return self.cell.unstable if self.ok else None
 
     @property
     def base_workload(self) -> str:
@@ -214,15 +219,21 @@ class Metric:
     get: Callable[[CellView], float | None]
     resource: tuple[str, ...] = ()  # words naming it in resources.unavailable, for saying why it is missing
     floor: float = 0.0  # the metric's resolution: smaller values are equally good when ranking
+    headline: str | None = None  # its name in a cell's `ci` and `cv` (catalogue.HEADLINE), when it has a CI
 
     def why_missing(self, c: CellView) -> str:
         return c.unavailable(*self.resource) if self.resource else "not recorded"
+
+    def interval(self, c: CellView) -> tuple[float, float] | None:
+        """The cell's 95% CI of this metric, when the results have one."""
+        return c.cell.interval(self.headline) if self.headline else None
 
 
 # Cell-scope metrics of the catalogue: how each is read from a cell, and the words naming it in `unavailable`.
 CELL_READERS: dict[str, tuple[Callable[[CellView], float | None], tuple[str, ...]]] = {
     "ttft_p99_cv": (lambda c: c.metric("ttft_p99_cv"), ()),
     "load_time_s": (lambda c: c.cell.load_time_s, ()),
+    "prepare_time_s": (lambda c: c.cell.prepare_time_s, ()),
     "peak_vram_bytes": (lambda c: c.peak_vram[0], ("vram", "gpu")),
     "max_rss_bytes": (lambda c: c.whole("max_rss_bytes"), ("rss", "ram", "memory")),
     "disk_read_bytes": (lambda c: c.whole("disk_read_bytes"), ("disk",)),
@@ -241,9 +252,10 @@ def _ranked() -> dict[str, Metric]:
             for stat in stats:
                 name = f"{key.removesuffix('_ms')}_{stat}_ms" if m.unit == "ms" else f"{key}_{stat}"
                 out[name] = Metric(f"{m.label} {stat}", m.unit, m.better, lambda c, k=key, s=stat: c.metric(k, s),
-                                   floor=m.floor)
+                                   floor=m.floor, headline=f"{key}.{stat}" if f"{key}.{stat}" in HEADLINE else None)
         elif m.scope == "scalar":
-            out[key] = Metric(m.label, m.unit, m.better, lambda c, k=key: c.metric(k), floor=m.floor)
+            out[key] = Metric(m.label, m.unit, m.better, lambda c, k=key: c.metric(k), floor=m.floor,
+                              headline=key if key in HEADLINE else None)
         else:
             get, words = CELL_READERS[key]
             out[key] = Metric(m.label, m.unit, m.better, get, words, m.floor)
@@ -253,13 +265,22 @@ def _ranked() -> dict[str, Metric]:
 METRICS: dict[str, Metric] = _ranked()
 
 
-def fmt_value(v: float | None, unit: str) -> str:
-    if v is None:
-        return "n/a"
+def fmt_number(v: float, unit: str, like: float | None = None) -> str:
+    """The number as fmt_value writes it, without the unit (bytes keep theirs); with the precision `like` would
+    get, so the bounds of an interval read like its value."""
     if unit == "bytes":
         return fmt_bytes(v)
     if unit == "ratio":
         return f"{v:.3g}"
-    if unit == "ms":
-        return f"{v:.2f} ms" if abs(v) < 10 else f"{v:.1f} ms"
-    return f"{v:.2f} {unit}" if abs(v) < 100 else f"{v:.1f} {unit}"
+    return f"{v:.2f}" if abs(v if like is None else like) < (10 if unit == "ms" else 100) else f"{v:.1f}"
+
+
+def fmt_value(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    return fmt_number(v, unit) + ("" if unit in ("bytes", "ratio") else f" {unit}")
+
+
+def fmt_interval(ci: tuple[float, float], unit: str, value: float) -> str:
+    """A 95% CI as [low–high], in the value's format."""
+    return f"[{fmt_number(ci[0], unit, value)}–{fmt_number(ci[1], unit, value)}]"

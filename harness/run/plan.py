@@ -1,67 +1,113 @@
 """From a scenario cell to the `CellPlan` its worker runs: the model folder (a synthetic model is built once and
-cached) and the prompts file (built once per model and workload, shared by every backend of that cell row)."""
+cached) and the prompts file (built once per model and workload, shared by every backend of that cell row). Both are
+built in subprocesses, the prompts under the cell's timeout once the tokenizer is loaded: the runner imports neither
+torch nor a tokenizer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
+import select
+import subprocess
+import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 from rich.console import Console
 
-from harness.config.scenario import Cell, Scenario
-from harness.inputs.models import cached_synthetic
-from harness.inputs.prompts import PromptError, make_prompts
+from harness.config.scenario import Cell, Scenario, safe_name
+from harness.core.errors import BackendError
+from harness.core.processes import log_tail
+from harness.inputs.models import synthetic_dir
+from harness.inputs.prompts import PromptError
 from harness.records import CellPlan
 from own_engine.units import parse_size
+
+
+TOKENIZER_TIMEOUT_S = 300  # importing transformers and loading a tokenizer: seconds, more on a busy machine
 
 
 class CellPlanner:
     def __init__(self, scenario: Scenario, out: Path, console: Console):
         self.scenario, self.out, self.console = scenario, out, console
-        self.model_paths: dict[str, Path] = {}
-        self.prompt_files: dict[tuple[str, str], Path | PromptError] = {}
+        self.model_paths: dict[str, Path | BackendError] = {}
+        self.prompt_files: dict[Path, PromptError | None] = {}
 
     def plan(self, cell: Cell) -> CellPlan:
-        """Raises PromptError when the prompts cannot be built: the cell fails, the others run."""
+        """Raises BackendError (PromptError) when the model or prompts cannot be built: the cell fails, the others run."""
         backend = self.scenario.backend(cell.backend)
         resources = self.scenario.resources.model_copy(
             update=backend.resources.model_dump(exclude_unset=True) if backend.resources else {})
-        return CellPlan(cell=cell, backend=backend, model_name=cell.model, model_path=self.model_path(cell.model),
-                        workload=self.scenario.workload(cell.workload).spec,
-                        prompts_file=self.prompts_file(cell.model, cell.workload),
+        model_path = self.model_path(cell.model)
+        workload = self.scenario.workload(cell.workload).spec
+        return CellPlan(cell=cell, backend=backend, model_name=cell.model, model_path=model_path, workload=workload,
+                        prompts_file=self.prompts_file(cell.model, model_path, workload),
                         repetitions=self.scenario.repetitions, seed=self.scenario.seed,
                         record_outputs=self.scenario.record_outputs, resources=resources,
-                        vram_budget=parse_size(resources.vram_budget))
+                        vram_budget=parse_size(resources.vram_budget), attempt=uuid.uuid4().hex)
 
     def model_path(self, name: str) -> Path:
         if name not in self.model_paths:
             spec = self.scenario.models[name]
-            if spec.synthetic is not None:
-                with self.console.status(f"building synthetic model {spec.synthetic.preset} (cached after the first run)"):
-                    self.model_paths[name] = cached_synthetic(spec.synthetic.preset, spec.synthetic.seed)
-            else:
-                self.model_paths[name] = spec.path
-        return self.model_paths[name]
-
-    def prompts_file(self, model: str, workload_name: str) -> Path:
-        key = (model, workload_name)
-        if key not in self.prompt_files:
-            from transformers import AutoTokenizer
-
-            w = self.scenario.workload(workload_name).spec
-            count = w.warmup_requests + w.num_requests * self.scenario.repetitions
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.model_path(model))
-                prompts = make_prompts(tokenizer, count, w.input_tokens, self.scenario.seed)
-            except (PromptError, OSError, ValueError) as e:
-                self.prompt_files[key] = PromptError(f"cannot build prompts for model {model!r}: {e}")
-            else:
-                path = self.out / "prompts" / (re.sub(r"[^A-Za-z0-9_.=,-]", "_", f"{model}__{workload_name}") + ".json")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps([p.to_dict() for p in prompts]))
-                self.prompt_files[key] = path
-        result = self.prompt_files[key]
-        if isinstance(result, PromptError):
+            self.model_paths[name] = spec.path if spec.synthetic is None else self.synthetic(spec.synthetic)
+        result = self.model_paths[name]
+        if isinstance(result, BackendError):
             raise result
         return result
+
+    def synthetic(self, spec) -> Path | BackendError:
+        path = synthetic_dir(spec.preset, spec.seed)
+        if (path / "config.json").is_file():
+            return path
+        log = self.out / f"build-{spec.preset}-seed{spec.seed}.log"
+        with self.console.status(f"building synthetic model {spec.preset} (cached after the first run)"), \
+                log.open("w") as f:
+            done = subprocess.run([sys.executable, "-m", "harness.inputs.models", spec.preset, str(spec.seed)],
+                                  stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            return BackendError(f"cannot build the synthetic model {spec.preset}; last lines of {log}:\n"
+                                f"{log_tail(log, 15)}")
+        log.unlink()
+        return path
+
+    def prompts_file(self, model: str, model_path: Path, workload) -> Path:
+        """Built once per model, prompt length and count (cells that differ in nothing else share them), in a
+        subprocess (a tokenizer would make the runner big); named after all that decides them, so a file another run
+        left is never misread."""
+        count = workload.warmup_requests + workload.num_requests * self.scenario.repetitions
+        args = [str(model_path), str(count), str(workload.input_tokens), str(self.scenario.seed)]
+        digest = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:10]
+        path = self.out / "prompts" / f"{safe_name(model)}__{workload.input_tokens}x{count}-{digest}.json"
+        if path not in self.prompt_files and path.is_file():
+            self.prompt_files[path] = None  # an earlier run built the same prompts
+        if path not in self.prompt_files:
+            with self.console.status(f"building {count} prompts of {workload.input_tokens} tokens for {model}"):
+                problem = self.build_prompts(path, args)
+            self.prompt_files[path] = problem and PromptError(f"cannot build prompts for model {model!r}: {problem}")
+        if self.prompt_files[path] is not None:
+            raise self.prompt_files[path]
+        return path
+
+    def build_prompts(self, path: Path, args: list[str]) -> str | None:
+        """None when built, else why not. Loading the tokenizer may take TOKENIZER_TIMEOUT_S; building, which grows
+        with num_requests, the cell's timeout."""
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "harness.inputs.prompts", str(path), *args],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+            try:
+                if not select.select([proc.stdout], [], [], TOKENIZER_TIMEOUT_S)[0]:
+                    return f"the tokenizer was not loaded after {TOKENIZER_TIMEOUT_S} s"
+                proc.stdout.readline()  # "tokenizer loaded", or nothing when it failed
+                timeout = self.scenario.cell_timeout_s
+                try:
+                    if proc.wait(timeout=timeout) == 0:
+                        return None
+                except subprocess.TimeoutExpired:
+                    return f"building them took more than cell_timeout_s ({timeout:g} s)"
+                err.seek(0)
+                return (err.read().strip().splitlines() or [f"the builder exited with code {proc.returncode}"])[-1]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()

@@ -4,27 +4,31 @@ worker subprocess), worker.py (inside it), results/metrics.py (the reducer), res
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness.analyze.report import write_report
 from harness.config.load import ScenarioError, check_reachable
 from harness.config.scenario import Cell, Scenario
-from harness.inputs.prompts import PromptError
-from harness.records import CellResult, WorkerReport, read_requests
-from harness.results.metrics import reduce_cell
-from harness.results.store import ResultsStore
+from harness.core.errors import BackendError
+from harness.core.redact import Redactor
+from harness.records import CellResult, WorkerReport, load_run, read_requests
+from harness.results.metrics import background_note, reduce_cell, too_many_errors
+from harness.results.store import OutputError, ResultsStore
 from harness.results.summary import print_summary, write_summary
 from harness.run.plan import CellPlanner
-from harness.run.process import Interrupted, describe_exit, run_worker
+from harness.run.process import Interrupted, describe_exit, interruptible, run_worker
 
 
 class Runner:
     def __init__(self, scenario: Scenario, source: str, out: Path, only_backends: list[str] | None = None,
-                 resume: bool = False, console: Console | None = None):
+                 resume: bool = False, console: Console | None = None, force: bool = False):
         unknown = set(only_backends or []) - {b.name for b in scenario.backends}
         if unknown:
             raise ScenarioError(f"--backend: unknown backend {', '.join(sorted(unknown))}; "
@@ -33,50 +37,74 @@ class Runner:
         self.cells = scenario.cells(only_backends)
         # Without a terminal rich assumes 80 columns, too narrow for the summary table in a CI log.
         self.console = console or Console(width=None if sys.stdout.isatty() else 200)
-        self.store = ResultsStore(out, scenario.model_dump(mode="json"), source, resume)
+        # Secrets are masked in every file written (cell.json, results.json, reports): the worker gets its plan whole
+        # on its stdin.
+        self.redact = Redactor(scenario.model_dump(mode="json"))
+        self.store = ResultsStore(out, scenario.model_dump(mode="json"), source, resume, self.redact, force)
         self.planner = CellPlanner(scenario, out, self.console)
+        self.in_flight: Cell | None = None
 
     def run(self) -> int:
-        """Exit code: 0 all cells ok, 1 some failed, 130 interrupted."""
+        """Exit code: 0 all cells ok, 1 some failed, 130 interrupted (SIGINT or SIGTERM: the cell in flight is stopped
+        with its servers and recorded as interrupted; results.json stays valid)."""
+        with interruptible():
+            try:
+                return self.run_all()
+            except Interrupted as e:
+                if self.in_flight is not None:
+                    why = "interrupted by the user" if e.signal == signal.SIGINT else f"interrupted by {e.signal.name}"
+                    self.store.put(self.failed(self.in_flight, why), [c.id for c in self.cells])
+                self.store.write_requests()
+                self.console.print(f"[red]interrupted[/red] ({e.signal.name}): results so far are in {self.store.path}")
+                return 130
+            except OSError as e:  # the runner writes nowhere but --out
+                raise OutputError(f"cannot write to {self.out}: {e.strerror or e} ({e.filename}); results.json keeps "
+                                  f"the cells stored before") from None
+
+    def run_all(self) -> int:
         check_reachable(self.scenario, self.source)
+        for warning in self.scenario.warnings():
+            self.console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
         todo = [c for c in self.cells if not self.store.done(c.id)]
         if len(todo) < len(self.cells):
             self.console.print(f"resume: {len(self.cells) - len(todo)} cell(s) already ok, {len(todo)} to run")
         order = [c.id for c in self.cells]
+        self.store.save()  # before the first cell: a run killed during it still leaves a valid results.json
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=False) as progress:
             cells_task = progress.add_task("cells", total=len(todo))
             for cell in todo:
-                try:
-                    result = self.run_cell(cell, progress)
-                except Interrupted:
-                    self.store.put(self.failed(cell, "interrupted by the user"), order)
-                    self.store.write_requests()
-                    self.console.print("[red]interrupted[/red]: results so far are in " + str(self.store.path))
-                    return 130
+                self.in_flight = cell
+                result = self.run_cell(cell, progress)
+                self.in_flight = None  # an interruption from here on must not relabel a finished cell
                 self.store.put(result, order)
                 progress.advance(cells_task)
         self.store.write_requests()
-        run = self.store.run
+        run = load_run(self.store.path)  # as stored: secrets masked
         print_summary(run, self.console)
         write_summary(run, self.out / "summary.md")
+        # In a process of its own: plotting libraries would double the runner's memory.
         with self.console.status("writing the report"):
-            report = write_report([self.out], self.out)
+            done = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(self.out), "--out", str(self.out)],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        report = [line.removeprefix("wrote ") for line in done.stdout.splitlines() if line.startswith("wrote ")]
+        if done.returncode != 0:
+            self.console.print(f"[red]the report could not be written[/red]:\n{escape(done.stderr.strip()[-2000:])}")
         self.console.print(f"results: {self.store.path}\nsummary: {self.out / 'summary.md'}\n"
-                           f"report:  {', '.join(str(p) for p in report)}")
+                           f"report:  {', '.join(report) or 'none'}")
         return 0 if all(c.ok for c in run.cells) else 1
 
     def run_cell(self, cell: Cell, progress: Progress) -> CellResult:
         cell_dir = self.store.fresh_cell_dir(cell.id)
         try:
             plan = self.planner.plan(cell)
-        except PromptError as e:
+        except BackendError as e:
             return self.failed(cell, str(e))
-        (cell_dir / "cell.json").write_text(plan.model_dump_json(indent=1))
+        (cell_dir / "cell.json").write_text(json.dumps(self.redact(plan.model_dump(mode="json")), indent=1))
         task = progress.add_task(f"  {cell.id}", total=plan.workload.num_requests * plan.repetitions)
         try:
             exit_code, log_tail = run_worker(plan.backend.python, cell_dir, self.scenario.cell_timeout_s,
-                                             lambda: progress.advance(task))
+                                             lambda: progress.advance(task), plan.model_dump_json())
         finally:
             progress.remove_task(task)
         report_file = cell_dir / "worker.json"
@@ -88,12 +116,18 @@ class Runner:
                 failed = failed.model_copy(update=self.measured(cell, report))
             return failed
         records = read_requests(cell_dir / "requests.jsonl")
-        return CellResult(**self.header(cell), status="ok", **self.measured(cell, report),
-                          **reduce_cell(records, self.scenario.repetitions, self.scenario.slo),
-                          load_time_s=report.load_time_s, engine=report.environment,
+        reduced = reduce_cell(records, self.scenario.repetitions, self.scenario.slo, self.scenario.max_repetition_cv,
+                              plan.workload.load, report.loop_lag_ms, capped=report.concurrency_cap is not None)
+        if reduced["unstable"] and (note := background_note(report.resources)):
+            reduced["unstable"] += f"; meanwhile {note}"
+        errors = too_many_errors(records, self.scenario.max_error_rate_of(cell.workload))
+        return CellResult(**self.header(cell), status="failed" if errors else "ok", error=errors,
+                          **self.measured(cell, report), **reduced,
+                          load_time_s=report.load_time_s, prepare_time_s=report.prepare_time_s,
+                          engine=report.environment,
                           capabilities=report.capabilities, concurrency_cap=report.concurrency_cap,
                           requests_file=f"cells/{cell.id}/requests.jsonl", logical_io=report.logical_io or None,
-                          server_metrics=report.server_metrics or None)
+                          server_metrics=report.server_metrics or None, clients=report.clients)
 
     def header(self, cell: Cell) -> dict:
         """What identifies a cell in results: names, the concrete workload, and the swept values that made it."""

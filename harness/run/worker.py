@@ -1,36 +1,57 @@
 """One cell in its own process: start the backend, warm it up, send each repetition's requests under the load
 pattern, and write raw request records. A crash, OOM or hang here cannot take down the runner.
 
-Run as `python -m harness.run.worker CELL_DIR`; reads the CellPlan in CELL_DIR/cell.json, writes
+Run as `python -m harness.run.worker CELL_DIR`; reads the CellPlan from stdin (the runner's, secrets included) or
+else CELL_DIR/cell.json (secrets masked), writes
 CELL_DIR/requests.jsonl (appended per request), CELL_DIR/timeline.json and the WorkerReport in CELL_DIR/worker.json,
-and prints one JSON line per finished request for the runner's progress bar.
+and prints one JSON line per finished request for the runner's progress bar. With `load.clients: N` it starts
+N - 1 more client processes, `python -m harness.run.worker CELL_DIR --client K N` (harness/run/clients.py).
+
+While requests are in flight the event loop only sends, reads and stamps: records and progress lines are written
+by a thread (harness/run/eventloop.py), whose probe also records the loop's lag per repetition.
+
+A worker whose runner is gone (its parent changed, or the pipe to it broke), or whose cell.json names another
+attempt (a resumed run took the folder over), stops its servers and exits without writing anything more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 from backends.base import Backend
 from backends.registry import get_backend_class
-from harness.core.errors import BackendError
-from harness.core.events import CellContext, ModelInfo, Request, TokenEvent, Usage, now
+from harness.core.errors import BackendError, describe
+from harness.core.events import CellContext, ModelInfo, Request, RequestSent, TokenEvent, Usage, now
 from harness.core.files import atomic_write
+from harness.core.processes import stop_launched
+from harness.core.redact import Redactor
 from harness.measure.disk import check_disk_space, drop_page_cache
 from harness.measure.monitor import ResourceMonitor, over_budget
 from harness.measure.phases import request_phases
 from harness.records import CellPlan, ConcurrencyCap, RequestRecord, Span, WorkerReport
-from harness.run.loadgen import load_width, run_load
+from harness.run.clients import GO_AHEAD_S, ClientProcesses, client_start, read_commands
+from harness.run.eventloop import BackgroundWriter, LoopLagProbe
+from harness.run.loadgen import ClientShare, connections_needed, load_width, run_load
+
+# The longest a thread (the record writer, the resource monitor) holds the GIL while the event loop waits for it,
+# down from Python's 5 ms: a chunk arriving meanwhile is stamped that much late.
+SWITCH_INTERVAL_S = 0.0005
 
 
-async def measure(backend: Backend, request: Request, repetition: int, keep_ids: bool) -> RequestRecord:
-    rec = RequestRecord(id=request.id, repetition=repetition, t_send=now())
+async def measure(backend: Backend, request: Request, repetition: int, keep_ids: bool,
+                  t_scheduled: float | None = None) -> RequestRecord:
+    rec = RequestRecord(id=request.id, repetition=repetition, t_send=now(), t_scheduled=t_scheduled)
     ids: list[int] = []
     try:
         async for ev in backend.generate(request):
@@ -38,6 +59,8 @@ async def measure(backend: Backend, request: Request, repetition: int, keep_ids:
                 rec.chunk_times.append(ev.t)
                 rec.chunk_tokens.append(ev.n_tokens)
                 ids.extend(ev.token_ids or [])
+            elif isinstance(ev, RequestSent):
+                rec.t_send = ev.t
             elif isinstance(ev, Usage):
                 rec.input_tokens, rec.output_tokens = ev.prompt_tokens, ev.output_tokens
                 rec.input_source, rec.output_source = ev.prompt_source, ev.output_source
@@ -45,7 +68,7 @@ async def measure(backend: Backend, request: Request, repetition: int, keep_ids:
         if not rec.chunk_times:
             rec.error = "the stream ended without a generated token"
     except Exception as e:  # one failed request is counted, the others go on
-        rec.error = f"{type(e).__name__}: {e}"
+        rec.error = describe(e)
     if keep_ids:
         rec.output_token_ids = ids
     return rec
@@ -54,11 +77,34 @@ async def measure(backend: Backend, request: Request, repetition: int, keep_ids:
 class Cell:
     """The worker's state for one cell: its plan, backend, records so far and the report being filled in."""
 
-    def __init__(self, cell_dir: Path):
+    def __init__(self, cell_dir: Path, plan_json: str | None = None):
         self.dir = cell_dir
-        self.plan = CellPlan.model_validate_json((cell_dir / "cell.json").read_text())
+        # The runner sends the plan on stdin: cell.json has its secrets masked (harness/core/redact.py).
+        self.plan = CellPlan.model_validate_json(plan_json or (cell_dir / "cell.json").read_text())
         self.report = WorkerReport(t_start=now())
         self.records: list[RequestRecord] = []  # warm-up included: its time is split into phases too
+        self.engine_gone: str | None = None  # why the engine can serve nothing more (its server died)
+        self._failing = False  # the last request failed
+        self.prompts: list[dict] | None = None
+
+    async def measured(self, backend: Backend, request: Request, repetition: int, keep_ids: bool,
+                       t_scheduled: float | None = None) -> RequestRecord | None:
+        """measure(), and after a failure whether the engine itself is gone; None (not sent) once it is."""
+        if self.engine_gone:
+            return None
+        rec = await measure(backend, request, repetition, keep_ids, t_scheduled)
+        if not rec.ok and not self.engine_gone:
+            # The first failure of a streak waits for a dying server to exit; the next ones only look.
+            self.engine_gone = await backend.exit_reason(wait_s=0.0 if self._failing else 2.0)
+        self._failing = not rec.ok
+        return rec
+
+    def check_engine(self) -> None:
+        """A dead engine fails the cell, named as such, not as its requests' connection errors."""
+        if self.engine_gone:
+            served = sum(r.ok for r in self.records if r.repetition >= 0)
+            head, _, details = self.engine_gone.partition("\n")
+            raise BackendError(f"{head} after {served} requests" + (f"\n{details}" if details else ""))
 
     async def run(self) -> WorkerReport:
         plan, report = self.plan, self.report
@@ -84,35 +130,57 @@ class Cell:
             finally:
                 load = (report.load.start, report.load.end) if report.load else None
                 phases = request_phases(self.records, load)
-                resources = monitor.result(phases)
+                resources = monitor.result(phases, [(s.start, s.end) for s in report.repetitions])
                 resources["vram_budget_bytes"] = plan.vram_budget
                 resources["over_budget"] = over_budget(resources, plan.vram_budget)
                 report.resources = resources
+                self.check_owner()
                 atomic_write(self.dir / "timeline.json", json.dumps(monitor.timeline(phases)))
             report.status, report.error = "ok", None
         except BaseException as e:  # the cell fails; the runner reads why from here
             if isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)):
                 report.error = "interrupted"
             else:
-                report.error = str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}"
+                report.error = str(e) if isinstance(e, BackendError) else describe(e)
             if not isinstance(e, (BackendError, KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
                 traceback.print_exc()
             if not isinstance(e, Exception):
                 raise
         finally:
-            atomic_write(self.dir / "worker.json", report.model_dump_json(indent=1))
+            self.check_owner()
+            redact = Redactor(plan.model_dump(mode="json"))
+            atomic_write(self.dir / "worker.json", json.dumps(redact(report.model_dump(mode="json")), indent=1))
         return report
+
+    def check_owner(self) -> None:
+        """Before writing into the cell's folder: a resumed run that took it over (cell.json names another attempt)
+        owns it now, and this worker is an orphan."""
+        try:
+            attempt = json.loads((self.dir / "cell.json").read_text()).get("attempt")
+        except (OSError, ValueError):
+            attempt = None
+        if attempt != self.plan.attempt:
+            orphaned("cell.json names another attempt: a resumed run owns the cell's folder now")
+
+    def request(self, i: int) -> Request:
+        if self.prompts is None:
+            self.prompts = json.loads(self.plan.prompts_file.read_text())
+        p, workload = self.prompts[i], self.plan.workload
+        return Request(id=i, prompt=p["text"], prompt_token_ids=p["token_ids"], max_tokens=workload.output_tokens,
+                       temperature=workload.temperature, seed=self.plan.seed + i)
+
+    def repetition_requests(self, rep: int) -> list[Request]:
+        # Fresh prompts per repetition: a prefix cache must not make later repetitions look faster.
+        w = self.plan.workload
+        return [self.request(w.warmup_requests + rep * w.num_requests + j) for j in range(w.num_requests)]
 
     async def exercise(self, backend: Backend) -> None:
         """Start the backend, warm it up, then send each repetition's requests under the load pattern."""
-        plan, report, workload = self.plan, self.report, self.plan.workload
-        prompts = json.loads(plan.prompts_file.read_text())
+        report, workload, request = self.report, self.plan.workload, self.request
 
-        def request(i: int) -> Request:
-            p = prompts[i]
-            return Request(id=i, prompt=p["text"], prompt_token_ids=p["token_ids"], max_tokens=workload.output_tokens,
-                           temperature=workload.temperature, seed=plan.seed + i)
-
+        t0 = now()
+        await backend.prepare()
+        report.prepare_time_s = now() - t0
         t0 = now()
         await backend.start()
         report.load = Span(start=t0, end=now())
@@ -124,27 +192,74 @@ class Cell:
         if limit is not None and (width is None or width > limit):
             report.concurrency_cap = ConcurrencyCap(requested=width or workload.num_requests, max_concurrency=limit)
         for i in range(workload.warmup_requests):
-            self.records.append(await measure(backend, request(i), -1, False))
-        first = workload.warmup_requests
+            if rec := await self.measured(backend, request(i), -1, False):
+                self.records.append(rec)
+        self.check_engine()
+        self.check_owner()
         with (self.dir / "requests.jsonl").open("w") as records_file:
-            for rep in range(plan.repetitions):
-                # Fresh prompts per repetition: a prefix cache must not make later repetitions look faster.
-                reqs = [request(first + rep * workload.num_requests + j) for j in range(workload.num_requests)]
-
-                async def send(req: Request, rep=rep) -> RequestRecord:
-                    rec = await measure(backend, req, rep, plan.record_outputs)
-                    self.records.append(rec)
-                    records_file.write(rec.to_json() + "\n")
-                    records_file.flush()
+            def write(rec: RequestRecord) -> None:
+                records_file.write(rec.to_json() + "\n")
+                records_file.flush()
+                try:
                     print(json.dumps({"done": rec.id, "ok": rec.ok}), flush=True)
-                    return rec
+                except BrokenPipeError:
+                    orphaned("the pipe to the runner is broken")
 
-                t_rep = now()
-                records = await run_load(workload.load, reqs, send, seed=plan.seed + rep, max_concurrency=limit)
-                report.repetitions.append(Span(start=t_rep, end=now()))
-                if not any(r.ok for r in records):
-                    raise BackendError(f"every request failed; first error: {records[0].error}")
+            writer = BackgroundWriter(write)
+            try:
+                await self.repetitions(backend, writer, limit)
+            finally:
+                writer.close()
         report.server_metrics = await backend.server_metrics()
+
+    async def repetitions(self, backend: Backend, writer: BackgroundWriter, limit: int | None) -> None:
+        """Each repetition under the load pattern, this process's share of it and, with load.clients, the other
+        clients' (their records are written as they arrive, and merged here when the repetition ends)."""
+        plan, report, load = self.plan, self.report, self.plan.workload.load
+        count = getattr(load, "clients", 1)
+        latency = max((r.e2el for r in self.records if r.ok), default=None)  # the warm-up's
+        clients = None
+        if count > 1:
+            attach = backend.attach_spec()
+            if attach is None or limit is not None:
+                raise BackendError(f"load.clients: {count} client processes need an engine served over HTTP that "
+                                   f"batches requests itself; {plan.backend.kind} "
+                                   + ("runs in this process" if attach is None else f"serves {limit} at once"))
+            clients = ClientProcesses(self.dir, count, plan.model_dump_json(), attach, writer.put)
+        try:
+            if clients is not None:
+                report.clients = await clients.start()
+            with LoopLagProbe(asyncio.get_running_loop()) as probe:
+                for rep in range(plan.repetitions):
+                    async def send(req: Request, t_scheduled: float, rep=rep) -> RequestRecord | None:
+                        rec = await self.measured(backend, req, rep, plan.record_outputs, t_scheduled)
+                        if rec is not None:
+                            self.records.append(rec)
+                            writer.put(rec)
+                        return rec
+
+                    await backend.open_connections(connections_needed(load, limit, latency, ClientShare(0, count)))
+                    gc.freeze()  # what exists now is never garbage: a collection during the load need not scan it
+                    t0 = now() + (GO_AHEAD_S if clients else 0.0)
+                    if clients is not None:
+                        clients.go(rep, t0, [connections_needed(load, limit, latency, ClientShare(k, count))
+                                             for k in range(1, count)])
+                    records = await run_load(load, self.repetition_requests(rep), send, seed=plan.seed + rep,
+                                             max_concurrency=limit, share=ClientShare(0, count), t0=t0)
+                    lags = []
+                    if clients is not None:
+                        theirs, lags = await clients.finished(rep)
+                        self.records += theirs
+                        records += theirs
+                    end = now()
+                    report.repetitions.append(Span(start=t0, end=end))
+                    report.loop_lag_ms.append(probe.lags(t0, end) + lags)
+                    self.check_engine()
+                    if not any(r.ok for r in records):
+                        raise BackendError(f"every request failed; first error: {records[0].error}")
+        finally:
+            if clients is not None:
+                await asyncio.to_thread(clients.stop)
 
     async def stop(self, backend: Backend) -> None:
         try:
@@ -157,10 +272,88 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+RUNNER_POLL_S = 0.5
+ORPHAN_GRACE_S = 5.0  # for the servers to stop on SIGTERM before SIGKILL
+
+
+def watch_runner() -> None:
+    """Once the process that started this one is gone (a runner killed with SIGKILL, say) nobody reads what the cell
+    measures, and a resumed run may reuse its folder: stop everything and exit (orphaned)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(RUNNER_POLL_S)
+        orphaned("the runner is gone")
+
+    threading.Thread(target=watch, name="runner-watch", daemon=True).start()
+
+
+def orphaned(why: str) -> NoReturn:
+    """Stop the servers this worker launched (without touching the cell's files), then kill this worker's own group
+    (in-process engines' children, load clients) and exit, writing nothing."""
+    print(f"worker: {why}: stopping its servers and exiting", file=sys.stderr, flush=True)
+    stop_launched(ORPHAN_GRACE_S)
+    if os.getpgid(0) == os.getpid():  # the runner starts every worker in a session of its own
+        os.killpg(0, signal.SIGKILL)
+    os._exit(1)
+
+
+class ClientCell(Cell):
+    """Client `share.index` of a cell's load.clients, in a process of its own: attaches a backend to the engine the
+    worker started and sends its share of each repetition when the worker says go (harness/run/clients.py)."""
+
+    def __init__(self, cell_dir: Path, share: ClientShare, plan_json: str, attach: dict):
+        super().__init__(cell_dir, plan_json)
+        self.share, self.attach = share, attach
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        threading.Thread(target=read_commands, args=(sys.stdin, loop, inbox), daemon=True).start()
+        writer = BackgroundWriter(lambda item: print(item if isinstance(item, str) else item.to_json(), flush=True))
+        plan = self.plan
+        spec = plan.backend.model_copy(update=self.attach)
+        backend = get_backend_class(spec.kind, spec.options)(
+            spec, ModelInfo(plan.model_name, plan.model_path), CellContext(dir=self.dir, seed=plan.seed))
+        try:
+            await backend.start()
+            writer.put(json.dumps({"ready": True}))
+            with LoopLagProbe(loop) as probe:
+                while (cmd := await inbox.get()) is not None and "go" in cmd:
+                    rep, t0 = cmd["go"], cmd["t0"]
+
+                    async def send(req: Request, t_scheduled: float, rep=rep) -> RequestRecord | None:
+                        rec = await self.measured(backend, req, rep, plan.record_outputs, t_scheduled)
+                        if rec is not None:
+                            writer.put(rec)
+                        return rec
+
+                    await backend.open_connections(cmd["connections"])
+                    gc.freeze()
+                    await run_load(plan.workload.load, self.repetition_requests(rep), send, seed=plan.seed + rep,
+                                   share=self.share, t0=t0)
+                    writer.put(json.dumps({"finished": rep, "loop_lag_ms": probe.lags(t0, now())}))
+        except Exception as e:
+            writer.put(json.dumps({"failed": str(e) if isinstance(e, BackendError) else describe(e)}))
+        finally:
+            await self.stop(backend)
+            writer.close()
+
+
 def main() -> None:
     # SIGTERM from the runner (Ctrl-C, timeout) unwinds like Ctrl-C, so backend.stop() tears servers down.
     signal.signal(signal.SIGTERM, _interrupt)
-    report = asyncio.run(Cell(Path(sys.argv[1])).run())
+    signal.signal(signal.SIGINT, _interrupt)
+    watch_runner()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if len(sys.argv) == 5 and sys.argv[2] == "--client":
+        plan_json, attach = client_start(sys.stdin, sys.stdout)
+        share = ClientShare(int(sys.argv[3]), int(sys.argv[4]))
+        asyncio.run(ClientCell(Path(sys.argv[1]), share, plan_json, attach).serve())
+        return
+    plan_json = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    report = asyncio.run(Cell(Path(sys.argv[1]), plan_json or None).run())
     sys.exit(0 if report.status == "ok" else 1)
 
 

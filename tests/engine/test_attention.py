@@ -1,11 +1,12 @@
-"""Chunked attention with the log-sum-exp merge equals dense SDPA, also when the KV comes from paged blocks."""
+"""Chunked attention through the fused kernels with the log-sum-exp merge equals dense SDPA and the plain-PyTorch
+reference, also when the KV comes from paged blocks."""
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from own_engine.attention import chunked_attention, visible
+from own_engine.attention import attend, chunked_attention, part, visible
 from own_engine.block_manager import BlockManager
 from own_engine.config import ModelConfig
 from own_engine.kv_cache import KVCache
@@ -48,20 +49,49 @@ def test_causal_prefill_without_cache_equals_sdpa():
     torch.testing.assert_close(got, dense(q, k, v, pos, pos), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 6), (False, 6)])
+def test_fused_kernel_equals_reference(dtype, causal, window):
+    """One chunk through the fused kernel against the plain-PyTorch definition, including rows the window empties
+    (the CPU kernel reports those with lse 0: part() must turn them into -inf, or the merge would count them)."""
+    q, k, v, _ = random_qkv(0, 12, 8, 2)
+    q_pos = torch.arange(12, 24) if not causal else torch.arange(12)
+    k_pos = torch.arange(12)
+    out, lse = part(q.to(dtype), k.to(dtype), v.to(dtype), q_pos, k_pos, 16 ** -0.5, window, causal)
+    ref_out, ref_lse = attend(q.to(dtype), k.to(dtype), v.to(dtype), visible(q_pos, k_pos, window), 16 ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=tol, atol=tol)
+    if window and not causal:
+        assert lse.isinf().any() and not lse.isinf().all()  # the case above was exercised
+
+
+def test_a_chunk_wholly_outside_the_window_is_skipped():
+    q, k, v, _ = random_qkv(0, 4, 4, 2)
+    assert part(q, k, v, torch.arange(100, 104), torch.arange(4), 1.0, window=10, causal=False) is None
+
+
 @pytest.mark.parametrize("chunk_blocks", [1, 3])
-def test_paged_kv_over_tiers_equals_sdpa(tmp_path, chunk_blocks):
-    """KV written in prefill chunks into blocks spread over device, host and disk reads back for attention."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_kv_over_tiers_equals_sdpa(tmp_path, chunk_blocks, dtype):
+    """KV written in prefill chunks into blocks spread over device, host and disk, with a freed neighbour leaving
+    a hole, reads back for attention: stored in bfloat16, read back upcast into the float32 compute buffer."""
     cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 64,
                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
-    kv = KVCache(cfg, {"device": 2, "host": 2, "disk": 4}, block_size=8, chunk_blocks=chunk_blocks,
-                 dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
+    kv = KVCache(cfg, {"device": 3, "host": 2, "disk": 4}, block_size=8, chunk_blocks=chunk_blocks, dtype=dtype,
+                 compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
     blocks = BlockManager(kv.num_blocks, block_size=8)
-    blocks.reserve(blocks.add_sequence(), 8)  # a neighbour holding block 0
+    neighbours = [blocks.add_sequence() for _ in range(2)]
+    for n in neighbours:
+        blocks.reserve(n, 8)  # blocks 0 and 1
+    blocks.free_sequence(neighbours[0])
     seq = blocks.add_sequence()
     q, k, v, pos = random_qkv(45, 5, 4, 2)
+    k, v = k.to(dtype).float(), v.to(dtype).float()  # what the cache can hold
     for start, n in [(0, 11), (11, 24), (35, 10), (45, 5)]:
         blocks.reserve(seq, start + n)
         kv.write(1, *blocks.slots(seq, start, n), k[start:start + n], v[start:start + n])
-    assert blocks.tables[seq] == [1, 2, 3, 4, 5, 6, 7]  # device 1, host 2-3, disk 4-7
+    assert blocks.tables[seq] == [0, 2, 3, 4, 5, 6, 7]  # device 0 and 2 (not consecutive), host 3-4, disk 5-7
     got = chunked_attention(q, k[45:], v[45:], pos[45:], kv.read(1, blocks.tables[seq], 45), 16 ** -0.5)
+    kv.close()
     torch.testing.assert_close(got, dense(q, k, v, pos[45:], pos), rtol=1e-5, atol=1e-5)

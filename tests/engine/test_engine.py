@@ -1,9 +1,12 @@
 """Batching, callbacks, stopping, sampling, offload files, statistics and the plan's explanation."""
 import dataclasses
+import errno
+from collections import namedtuple
 
 import pytest
+import torch
 
-from own_engine import Engine, probe_bandwidth
+from own_engine import Engine, EngineError, ModelConfig, make_plan, probe_bandwidth
 
 PROMPTS = [[5, 77, 300, 12, 9, 401, 33], list(range(100, 140)), [7, 7, 8]]
 
@@ -74,7 +77,7 @@ def test_stats_count_streamed_bytes(tiny_model, tmp_path):
         assert stats.bytes[("decode", "disk->host")] >= 9 * layers
         assert stats.bytes[("decode", "host->disk")] == 9 * 5 * engine.config.kv_bytes_per_token(engine.dtype)
         assert stats.bandwidth("disk->host") > 0 and stats.tokens == {"load": 0, "prefill": 40, "decode": 9}
-        assert set(stats.as_dict()) == {"transfers", "phase_seconds", "tokens"}
+        assert set(stats.as_dict()) == {"transfers", "phase_seconds", "tokens", "prefix_cache", "preemptions"}
 
 
 def test_plan_explains_itself(tiny_model):
@@ -84,5 +87,63 @@ def test_plan_explains_itself(tiny_model):
     assert "0 of 5 layers resident" in text and "5 from disk" in text and "KV cache: 4 on device blocks" in text
 
 
-def test_probe_bandwidth_on_cpu(tmp_path):
-    assert probe_bandwidth("cpu", nbytes=8 << 20, directory=tmp_path) > 1e6
+def test_probe_bandwidth_on_cpu_makes_its_folder_and_removes_it(tmp_path):
+    """An offload dir that does not exist yet (weights read in place, no KV on disk) used to fail the probe with
+    FileNotFoundError after the measurement, losing the cell."""
+    probe = probe_bandwidth("cpu", nbytes=8 << 20, directory=tmp_path / "offload" / "new")
+    assert probe.bytes_per_s > 1e6 and probe.nbytes == 8 << 20 and probe.error is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_reports_instead_of_raising(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as m:
+        m.setattr("own_engine.bandwidth.shutil.disk_usage", lambda p: usage(10**9, 10**9 - (80 << 20), 80 << 20))
+        shrunk = probe_bandwidth("cpu", nbytes=64 << 20, directory=tmp_path)  # fits itself in a quarter of it
+        m.setattr("own_engine.bandwidth.shutil.disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+        full = probe_bandwidth("cpu", directory=tmp_path)
+    assert shrunk.nbytes == 20 << 20 and shrunk.bytes_per_s > 0
+    assert full.bytes_per_s is None and "1000 B free, too little" in full.error
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("own_engine.bandwidth.os.fsync", no_space)
+    failed = probe_bandwidth("cpu", nbytes=8 << 20, directory=tmp_path / "new")
+    assert failed.bytes_per_s is None and "No space left on device" in failed.error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_compute_dtype_policy(tiny_model, monkeypatch, native):
+    """bf16 weights on a CPU without bf16 instructions compute in float32 through reused upcast slots; with them,
+    or on CUDA, in bf16 in place. The plan says which and why."""
+    monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: native)
+    cfg = ModelConfig.load(tiny_model("llama_bf16")[0])
+    cpu = make_plan(cfg, device="cpu", weights="gpu", context=64)
+    assert cpu.dtype == torch.bfloat16
+    assert cpu.compute_dtype == (torch.bfloat16 if native else torch.float32)
+    assert cpu.n_slots == (0 if native else 2) and (cpu.slot_bytes > 1.9 * cpu.layer_bytes) != native
+    assert ("no bfloat16 instructions" in cpu.explain()) != native
+    cuda = make_plan(cfg, device="cuda", weights="disk", context=64)
+    assert cuda.compute_dtype == torch.bfloat16 and "compute in bfloat16" in cuda.explain()
+    with pytest.raises(EngineError, match="on CUDA compute runs in the stored dtype"):
+        make_plan(cfg, device="cuda", compute_dtype=torch.float32)
+
+
+def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path):
+    """On the CPU, layers on disk are memory-mapped: compute reads the safetensors' pages (no ring, no copy) when
+    the dtype matches, and a bf16 checkpoint under float32 compute is upcast straight from the map into a slot."""
+    path, _ = tiny_model("llama_gqa2")
+    with Engine.from_pretrained(path, weights="disk", kv="gpu", offload_dir=tmp_path / "off") as engine:
+        layers = engine.model.weights
+        w = layers.layer(0)["mlp.up_proj.weight"]
+        mapped = layers.spans[0][0][0].bytes
+        assert not layers.slots and layers.pool is None
+        assert mapped.data_ptr() <= w.data_ptr() < mapped.data_ptr() + mapped.numel()
+        assert not (tmp_path / "off").exists()  # nothing written: the checkpoint is read where it is
+    path, _ = tiny_model("llama_bf16")
+    with Engine.from_pretrained(path, weights="disk", kv="gpu") as engine:
+        layers = engine.model.weights
+        assert len(layers.slots) == 2 and layers.layer(0)["mlp.up_proj.weight"].dtype == torch.float32
+        assert layers.layer(1, narrow=True)["mlp.up_proj.weight"].dtype == torch.bfloat16  # decode reads the map

@@ -118,6 +118,6 @@ def test_bad_options(tiny_model):
 def test_generation_longer_than_the_kv_cache(tiny_model):
     path, _ = tiny_model("llama_gqa2")
     with Engine.from_pretrained(path, max_context=64, block_size=16) as engine:
-        with pytest.raises(EngineError, match="need 5 KV blocks, 4 are free"):
+        with pytest.raises(EngineError, match="need 5 KV blocks, the cache has 4"):
             engine.generate(list(range(60)), max_new_tokens=10)
         assert engine.blocks.num_free == 4

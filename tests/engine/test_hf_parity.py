@@ -83,3 +83,33 @@ def test_bfloat16_checkpoint_packed_for_float32(tiny_model, tmp_path):
         assert sorted(p.name for p in (off / "weights").iterdir()) == ["layer_000.bin", "layer_001.bin",
                                                                          "manifest.json"]
         assert_logits_match(engine, hf, random_ids(100), prompt_len=70)
+
+
+@pytest.fixture(scope="module")
+def hf_bfloat16(tiny_model):
+    """(path, HF logits in bf16 compute with SDPA, HF logits in fp32 compute) on the bf16 checkpoint, prompt of 70
+    then 30 tokens fed one by one."""
+    from transformers import AutoModelForCausalLM
+
+    path, hf32 = tiny_model("llama_bf16")
+    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    ids = random_ids(100)
+    with torch.no_grad():
+        return path, ids, hf16(ids[None]).logits[0, 69:].float(), hf32(ids[None]).logits[0, 69:]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("compute", [None, "bfloat16"])
+def test_bfloat16_logits_match_hf_bfloat16(hf_bfloat16, placement, compute, tmp_path):
+    """Weights stored in bf16. Compute in the plan's choice (float32 on a CPU without bf16 instructions, decode
+    matmuls on the bf16 weights as stored) or forced to bf16 (what CUDA runs): logits within twice HF bf16's own
+    distance from fp32 compute, not tokens."""
+    path, ids, ref16, ref32 = hf_bfloat16
+    bf16_error = (ref16 - ref32).abs().max()
+    shape = {**SHAPE, "dtype": None}
+    with Engine.from_pretrained(path, **PLACEMENTS[placement], **shape, compute_dtype=compute,
+                                offload_dir=tmp_path / "off") as engine:
+        seqs, logits = engine.prefill([ids[:70].tolist()])
+        got = torch.stack([logits[0]] + [engine.decode_one_token(seqs, [t])[0] for t in ids[70:].tolist()])
+    assert engine.dtype == torch.bfloat16
+    assert (got - ref16).abs().max() <= 2 * bf16_error

@@ -1,0 +1,106 @@
+"""Results as pandas DataFrames, for notebooks, `bench export` and the report's tables: one source for all three.
+
+    to_dataframe(paths)                    one tidy row per cell × metric × statistic, with its 95% CI and its
+                                           coefficient of variation across repetitions where the cell has them
+    to_dataframe(paths, level="requests")  one row per measured request, with its TTFT, TPOT and E2E latency
+
+The metrics and their units come from the catalogue (harness/results/catalogue.py); cell-scope metrics (load time,
+peak VRAM, ...) are read as the guide and the report read them (harness/results/runs.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from harness.results.catalogue import CATALOGUE, STATISTICS
+from harness.results.runs import CELL_READERS, CellView, Run, load_runs
+
+LEVELS = ("statistics", "requests")
+FORMATS = ("csv", "parquet", "jsonl")
+IDENTITY = ["run", "results_file", "cell", "model", "backend", "workload", "base_workload", "status", "unstable"]
+STATISTIC_COLUMNS = [*IDENTITY, "metric", "statistic", "value", "ci_low", "ci_high", "cv", "unit", "better"]
+REQUEST_COLUMNS = ["run", "cell", "model", "backend", "workload", "repetition", "request", "ok", "error", "ttft_ms",
+                   "tpot_ms", "e2el_ms", "input_tokens", "output_tokens", "chunks", "finish_reason", "t_send"]
+
+
+def _identity(c: CellView) -> dict:
+    return {"run": c.run.label, "results_file": str(c.run.path), "cell": c.id, "model": c.model, "backend": c.backend,
+            "workload": c.workload, "base_workload": c.base_workload, "status": c.status,
+            "unstable": c.cell.unstable, **{f"sweep.{k}": v for k, v in c.sweep.items()}}
+
+
+def statistic_rows(c: CellView) -> list[dict]:
+    rows = []
+    ident = _identity(c)
+    for key, m in CATALOGUE.items():
+        common = {"metric": key, "unit": m.unit, "better": m.better}
+        if m.scope == "distribution":
+            block = c.metrics.get(key)
+            if not isinstance(block, dict):
+                continue
+            items = [(s, block.get(s)) for s in ("count", *STATISTICS)]
+        elif m.scope == "scalar":
+            if key not in c.metrics:
+                continue
+            items = [(None, c.metrics.get(key))]
+        else:
+            items = [(None, CELL_READERS[key][0](c))]
+        for stat, v in items:
+            name = f"{key}.{stat}" if stat else key
+            ci = c.cell.interval(name)
+            rows.append({**ident, **common, "statistic": stat, "value": v, "ci_low": ci[0] if ci else None,
+                         "ci_high": ci[1] if ci else None, "cv": c.cell.cv.get(name)})
+    return rows
+
+
+def request_rows(c: CellView) -> list[dict]:
+    ident = {k: v for k, v in _identity(c).items() if k in REQUEST_COLUMNS}
+    return [{**ident, "repetition": r.repetition, "request": r.id, "ok": r.ok, "error": r.error,
+             "ttft_ms": r.ttft * 1e3 if r.ok else None, "tpot_ms": r.tpot * 1e3 if r.ok and r.tpot else None,
+             "e2el_ms": r.e2el * 1e3 if r.ok else None, "input_tokens": r.input_tokens,
+             "output_tokens": r.n_out if r.ok else r.output_tokens, "chunks": len(r.chunk_times),
+             "finish_reason": r.finish_reason, "t_send": r.t_send} for r in c.records]
+
+
+def frame_of(runs: list[Run], level: Literal["statistics", "requests"] = "statistics") -> pd.DataFrame:
+    """The frame of runs already loaded (the report builds its tables from it)."""
+    if level not in LEVELS:
+        raise ValueError(f"level: expected one of {', '.join(LEVELS)}, got {level!r}")
+    make, columns = (statistic_rows, STATISTIC_COLUMNS) if level == "statistics" else (request_rows, REQUEST_COLUMNS)
+    rows = [row for r in runs for c in r.cells for row in make(c)]
+    frame = pd.DataFrame(rows)
+    for col in columns:  # the same columns whatever the results hold, even none
+        if col not in frame:
+            frame[col] = None
+    sweeps = sorted(c for c in frame.columns if c.startswith("sweep."))
+    return frame[[*columns, *sweeps]]
+
+
+def to_dataframe(paths: list[Path | str] | Path | str,
+                 level: Literal["statistics", "requests"] = "statistics") -> pd.DataFrame:
+    """Results folders or results.json files as one DataFrame: `statistics` (tidy, one row per cell, metric and
+    statistic) or `requests` (one row per measured request)."""
+    return frame_of(load_runs([paths] if isinstance(paths, (str, Path)) else list(paths)), level)
+
+
+def export(paths: list[Path], out: Path, fmt: str) -> list[Path]:
+    """`bench export`: statistics.FMT and requests.FMT in out."""
+    if fmt not in FORMATS:
+        raise ValueError(f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    runs = load_runs(list(paths))
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for level in LEVELS:
+        frame = frame_of(runs, level)
+        path = out / f"{level}.{fmt}"
+        if fmt == "csv":
+            frame.to_csv(path, index=False)
+        elif fmt == "parquet":
+            frame.to_parquet(path, index=False)
+        else:
+            frame.to_json(path, orient="records", lines=True)
+        written.append(path)
+    return written

@@ -1,0 +1,25 @@
+"""Files memory-mapped as torch byte tensors: compute reads them in place, from the page cache when warm."""
+import mmap
+
+import torch
+
+from .config import EngineError
+
+
+class Mapped:
+    """A whole file mapped: read-only ones copy-on-write (never written: pages stay shared with the page cache, and
+    torch gets the writable buffer it wants), writable ones shared, so writes reach the file and not our memory."""
+
+    def __init__(self, fd: int, writable: bool = False):
+        self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY)
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+
+    def view(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        if offset % dtype.itemsize:
+            raise EngineError(f"tensor at byte {offset} is not aligned to its {dtype} elements: cannot map it")
+        return self.bytes[offset:offset + nbytes].view(dtype)
+
+    def will_need(self, start: int, end: int):
+        """Ask the kernel to read a byte range ahead (it returns at once; a warm page cache makes it a no-op)."""
+        start -= start % mmap.PAGESIZE
+        self.map.madvise(mmap.MADV_WILLNEED, start, end - start)

@@ -1,0 +1,67 @@
+"""Full KV blocks persisted under `prefix_cache_dir`, so a later run on the same document starts warm.
+
+One file per block, named by its key (block_manager.block_hash), holding its K and V in every layer. The manifest
+lists the blocks and is keyed by everything that changes their bytes: the model's files, the KV and compute dtypes,
+the block size. A manifest that cannot be read, or was written for another key, is rebuilt (its blocks removed),
+never trusted; a block file of the wrong size is dropped.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+FORMAT = 1
+
+
+class PrefixStore:
+    def __init__(self, directory: Path, key: dict, block_shape: tuple[int, ...], dtype: torch.dtype):
+        self.dir, self.shape, self.dtype = Path(directory), block_shape, dtype
+        self.nbytes = torch.Size(block_shape).numel() * dtype.itemsize
+        self.key = {"format": FORMAT, **key}
+        self.manifest = self.dir / "manifest.json"
+        try:
+            old = json.loads(self.manifest.read_text())
+            trusted = old["key"] == self.key and all(isinstance(h, str) for h in old["blocks"])
+        except (OSError, ValueError, KeyError, TypeError):
+            trusted = False
+        if not trusted:
+            shutil.rmtree(self.dir / "blocks", ignore_errors=True)
+            old = {"blocks": []}
+        (self.dir / "blocks").mkdir(parents=True, exist_ok=True)
+        self.blocks = {bytes.fromhex(h) for h in old["blocks"] if self._size(h) == self.nbytes}
+        self.rebuilt = not trusted
+        self.flush()
+
+    def __contains__(self, h: bytes) -> bool:
+        return h in self.blocks
+
+    def get(self, h: bytes) -> torch.Tensor | None:
+        """The block's KV [layers, 2, block_size, kv_heads, head_dim], or None when its file is gone or damaged."""
+        try:
+            data = torch.from_file(str(self._file(h.hex())), size=self.nbytes // self.dtype.itemsize, dtype=self.dtype)
+        except RuntimeError:
+            self.blocks.discard(h)
+            return None
+        return data.view(self.shape)
+
+    def put(self, h: bytes, data: torch.Tensor):
+        tmp = self._file(h.hex()).with_suffix(".tmp")
+        data.contiguous().view(-1).view(torch.uint8).numpy().tofile(tmp)
+        tmp.replace(self._file(h.hex()))
+        self.blocks.add(h)
+
+    def flush(self):
+        """Rewrite the manifest atomically: it lists only blocks whose files are complete."""
+        tmp = self.manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "blocks": sorted(h.hex() for h in self.blocks)}))
+        tmp.replace(self.manifest)
+
+    def _file(self, name: str) -> Path:
+        return self.dir / "blocks" / f"{name}.kv"
+
+    def _size(self, name: str) -> int:
+        try:
+            return self._file(name).stat().st_size
+        except (OSError, ValueError):
+            return -1

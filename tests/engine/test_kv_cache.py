@@ -1,0 +1,69 @@
+"""KV reads: in place where they can be, else copied ahead of use by the KV thread into two alternating buffers."""
+import threading
+import time
+
+import torch
+
+from own_engine.block_manager import BlockManager
+from own_engine.config import ModelConfig
+from own_engine.kv_cache import KVCache
+from own_engine.stats import EngineStats
+
+CFG = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 64,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+
+
+def filled_cache(tmp_path, dtype, counts, n_tokens=40):
+    kv = KVCache(CFG, counts, block_size=8, chunk_blocks=1, dtype=dtype, compute_dtype=torch.float32,
+                 device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
+    blocks = BlockManager(kv.num_blocks, block_size=8)
+    seq = blocks.add_sequence()
+    blocks.reserve(seq, n_tokens)
+    k = torch.randn(n_tokens, 2, 16).to(dtype).float()
+    kv.write(0, *blocks.slots(seq, 0, n_tokens), k, -k)
+    return kv, blocks.tables[seq], k
+
+
+def test_the_next_chunk_is_copied_while_the_current_one_is_used(tmp_path, monkeypatch):
+    kv, table, k = filled_cache(tmp_path, torch.bfloat16, {"device": 2, "disk": 3})  # bf16 under fp32: copies
+    started, copy = {}, kv._copy
+
+    def traced(tier, kpool, vpool, ids, *rest):
+        started[ids[0], tier] = threading.current_thread().name
+        return copy(tier, kpool, vpool, ids, *rest)
+
+    monkeypatch.setattr(kv, "_copy", traced)
+    got = []
+    for c, (ck, cv, pos) in enumerate(kv.read(0, table, 40)):
+        if c < 4:  # the next chunk's copy starts without waiting for this one to be done with
+            deadline = time.monotonic() + 10
+            while len(started) < c + 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(started) == c + 2
+        got.append((ck.clone(), cv.clone(), pos))
+    assert set(started.values()) == {"own_engine_kv_0"}
+    for ck, cv, pos in got:
+        assert torch.equal(ck, k[pos]) and torch.equal(cv, -k[pos])
+    kv.close()
+
+
+def test_in_place_reads_copy_nothing_and_are_counted(tmp_path, monkeypatch):
+    kv, table, k = filled_cache(tmp_path, torch.float32, {"device": 2, "disk": 3})
+    monkeypatch.setattr(kv, "_copy", lambda *a: (_ for _ in ()).throw(AssertionError("copied")))
+    chunks = list(kv.read(0, table, 40))
+    assert [len(c[2]) for c in chunks] == [8] * 5
+    disk = chunks[2][0]
+    assert disk.untyped_storage().data_ptr() == kv.tiers["disk"][2][0][0].untyped_storage().data_ptr()  # the map
+    assert kv.stats.bytes[("load", "disk->host")] == 3 * 2 * 8 * 2 * 16 * 4  # 3 blocks, K and V, float32
+    assert ("load", "disk->host") not in kv.stats.seconds
+    kv.close()
+
+
+def test_a_reader_stopped_early_leaves_no_copy_in_flight(tmp_path):
+    kv, table, k = filled_cache(tmp_path, torch.bfloat16, {"device": 5})
+    reader = kv.read(0, table, 40)
+    next(reader)
+    reader.close()  # waits for the prefetch of chunk 1 before returning
+    assert kv.thread._work_queue.empty()
+    assert [torch.equal(ck, k[pos]) for ck, _, pos in kv.read(0, table, 40)] == [True] * 5
+    kv.close()

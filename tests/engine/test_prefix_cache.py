@@ -1,0 +1,135 @@
+"""The prefix cache: full KV blocks reused across requests and sequences, evicted LRU under pressure, persisted in
+prefix_cache_dir behind a manifest that is rebuilt when it cannot be trusted; never a different token."""
+import json
+
+import pytest
+import torch
+
+from own_engine import Engine
+from own_engine.block_manager import BlockManager
+
+DOC = [(7 * i + 3) % 500 for i in range(70)]  # 4 full blocks of 16 and 6 tokens
+QUESTIONS = [[11, 12, 13], [400, 401, 402, 403, 404]]
+OPTIONS = dict(block_size=16, prefill_chunk=24, max_context=128, max_batch=2)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("llama_gqa2")[0]
+
+
+@pytest.fixture(scope="module")
+def uncached(model):
+    """What every question gets with no prefix cache at all."""
+    with Engine.from_pretrained(model, prefix_cache=False, **OPTIONS) as engine:
+        return [engine.generate(DOC + q, max_new_tokens=12) for q in QUESTIONS]
+
+
+def test_a_second_question_reuses_the_document_and_gets_the_same_tokens(model, uncached):
+    with Engine.from_pretrained(model, **OPTIONS) as engine:
+        assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12) == uncached[0]
+        first = dict(engine.stats.prefix)
+        assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
+        second = {k: v - first[k] for k, v in engine.stats.prefix.items()}
+        prefill_rows = engine.stats.tokens["prefill"]
+    assert first["hit_blocks"] == 0 and first["miss_blocks"] == 4
+    assert second == {"hit_blocks": 4, "disk_hit_blocks": 0, "miss_blocks": 0, "stored_blocks": 0,
+                      "bytes_reused": 4 * engine.plan.block_bytes}
+    assert prefill_rows == len(DOC) + 3 + (len(DOC) - 64 + 5)  # the second prefill computed only what was new
+
+
+def test_a_block_is_shared_by_two_live_sequences(model, uncached):
+    with Engine.from_pretrained(model, **OPTIONS) as engine:
+        seqs, first = engine.prefill([DOC + QUESTIONS[0]])
+        b = engine.admit(DOC + QUESTIONS[1])
+        a = seqs[0]
+        shared = engine.blocks.tables[a][:4]
+        assert engine.blocks.tables[b][:4] == shared and engine.blocks.tables[b][4] != engine.blocks.tables[a][4]
+        assert all(engine.blocks.refs[block] == 2 for block in shared)
+        logits = engine.forward([(b, len(DOC) + 5 - engine.blocks.computed[b])], "prefill")
+        assert int(logits[0].argmax()) == uncached[1][0] and int(first[0].argmax()) == uncached[0][0]
+        engine.release([a])
+        assert all(engine.blocks.refs[block] == 1 for block in shared)  # still held by b
+        engine.release([b])
+        assert all(engine.blocks.refs[block] == 0 for block in shared) and engine.blocks.num_free == 16
+
+
+def test_unused_cached_blocks_are_evicted_lru_fastest_tier_first():
+    manager = BlockManager(num_blocks=6, block_size=2, tier_sizes=[2, 4])
+    docs = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    for doc in docs[:2]:  # each caches 2 blocks, then finishes
+        seq = manager.add_sequence(doc)
+        manager.reserve(seq, 4)
+        manager.commit(seq, 4)
+        manager.free_sequence(seq)
+    assert manager.num_free == 6 and len(manager.cached) == 4
+    # docs[0] holds blocks 0, 1 (device), docs[1] blocks 2, 3 (disk): two fresh blocks come from the free ones
+    seq = manager.add_sequence(docs[2])
+    manager.reserve(seq, 4)
+    assert manager.tables[seq] == [4, 5] and len(manager.cached) == 4
+    manager.reserve(seq, 6)  # no free block left: evict the LRU cached block of the device tier
+    assert manager.tables[seq][2] == 0
+    hit = manager.add_sequence(docs[0])
+    assert manager.match(hit, 3) == 0  # its first block is gone, so nothing after it can be used
+    reuse = manager.add_sequence(docs[1])
+    assert manager.match(reuse, 4) == 4 and manager.refs[2] == manager.refs[3] == 1
+
+
+def test_eviction_under_pressure_keeps_tokens_right(model, uncached):
+    """A cache of 8 blocks: the document's blocks go when a long unrelated prompt needs the room."""
+    with Engine.from_pretrained(model, **{**OPTIONS, "max_batch": 1}) as engine:
+        assert engine.blocks.num_blocks == 8
+        assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12) == uncached[0]
+        engine.generate(list(range(200, 310)), max_new_tokens=12)  # 122 tokens: all 8 blocks
+        hits = engine.stats.prefix["hit_blocks"]
+        assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
+        assert engine.stats.prefix["hit_blocks"] == hits  # evicted: recomputed, nothing reused
+
+
+def test_prefix_cache_dir_warms_a_new_engine_and_a_bad_manifest_is_rebuilt(model, uncached, tmp_path):
+    store = tmp_path / "prefix"
+    with Engine.from_pretrained(model, **OPTIONS, prefix_cache_dir=store) as engine:
+        assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12) == uncached[0]
+        assert engine.stats.prefix["stored_blocks"] >= 4 and engine.stats.prefix["store_rebuilt"]
+    with Engine.from_pretrained(model, **OPTIONS, prefix_cache_dir=store) as engine:  # a new process, as it were
+        assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
+        assert engine.stats.prefix["disk_hit_blocks"] == 4 and not engine.stats.prefix["store_rebuilt"]
+
+    manifest = store / "manifest.json"
+    for damage in (lambda m: m.write_text("{not json"),
+                   lambda m: m.write_text(json.dumps({**json.loads(m.read_text()), "key": {"block_size": 32}}))):
+        damage(manifest)
+        with Engine.from_pretrained(model, **OPTIONS, prefix_cache_dir=store) as engine:
+            assert engine.stats.prefix["store_rebuilt"] and not list((store / "blocks").iterdir())
+            assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
+            assert engine.stats.prefix["disk_hit_blocks"] == 0
+
+    with Engine.from_pretrained(model, **{**OPTIONS, "block_size": 32}, prefix_cache_dir=store) as engine:
+        assert engine.stats.prefix["store_rebuilt"]  # blocks of 16 tokens are no use to blocks of 32
+        engine.generate(DOC + QUESTIONS[0], max_new_tokens=2)
+    files = sorted((store / "blocks").iterdir())
+    files[0].write_bytes(files[0].read_bytes()[:100])  # a damaged block file: dropped, its block recomputed
+    with Engine.from_pretrained(model, **{**OPTIONS, "block_size": 32}, prefix_cache_dir=store) as engine:
+        assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
+        assert engine.stats.prefix["disk_hit_blocks"] < 2
+
+
+def test_the_prompt_is_never_wholly_cached(model):
+    """A prompt made only of cached full blocks still computes its last token, for the logits."""
+    with Engine.from_pretrained(model, **OPTIONS) as engine:
+        seqs, logits = engine.prefill([DOC[:64]])
+        engine.release(seqs)
+        again, logits2 = engine.prefill([DOC[:64]])
+        assert engine.stats.prefix["hit_blocks"] == 3 and torch.allclose(logits, logits2, atol=1e-5)
+
+
+def test_a_full_disk_stops_persisting_not_the_request(model, uncached, tmp_path, monkeypatch):
+    with Engine.from_pretrained(model, **OPTIONS, prefix_cache_dir=tmp_path / "prefix") as engine:
+        def full(*args):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(engine.store, "put", full)
+        assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12) == uncached[0]
+        assert engine.store is None and "No space left" in engine.stats.prefix["store_error"]
+        assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
+        assert engine.stats.prefix["hit_blocks"] == 4  # the memory cache goes on

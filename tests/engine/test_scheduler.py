@@ -1,0 +1,118 @@
+"""Continuous batching: requests join and leave between steps, prefills are chunked and interleaved with decodes,
+a sequence is preempted (and recomputed) when KV blocks run out, and every request gets the tokens it gets alone."""
+import dataclasses
+
+import pytest
+import torch
+
+from own_engine import Engine
+from own_engine.scheduler import GenerationRequest, Scheduler
+
+PROMPTS = [list(range(100, 140)), [5, 77, 300, 12, 9, 401, 33], [7, 7, 8, 9, 300, 2, 11, 60, 61, 62, 63, 64] * 3]
+
+
+@pytest.fixture
+def engine(tiny_model):
+    path, _ = tiny_model("llama_gqa2")
+    with Engine.from_pretrained(path, block_size=16, prefill_chunk=8, max_context=96, max_batch=3,
+                                prefix_cache=False) as engine:
+        yield engine
+
+
+def alone(engine, prompt, n=24, **options):
+    return engine.generate(prompt, max_new_tokens=n, ignore_eos=True, **options)
+
+
+def traced(engine, monkeypatch) -> list[list[tuple[int, int]]]:
+    """Record the (sequence, rows) of every pass the scheduler asks for."""
+    passes, forward = [], engine.forward
+    monkeypatch.setattr(engine, "forward", lambda work, phase: passes.append(list(work)) or forward(work, phase))
+    return passes
+
+
+def test_requests_joining_mid_decode_get_their_tokens_alone(engine, monkeypatch):
+    expected = [alone(engine, p) for p in PROMPTS]
+    passes = traced(engine, monkeypatch)
+    scheduler = Scheduler(engine)
+    requests = [GenerationRequest(p, 24, ignore_eos=True) for p in PROMPTS]
+    scheduler.add(requests[0])
+    for _ in range(8):  # the first request's prompt (5 steps of 8 rows), then decoding
+        scheduler.step()
+    assert 0 < len(requests[0].output) < 24
+    scheduler.add(requests[1])
+    scheduler.add(requests[2])
+    while scheduler.busy:
+        scheduler.step()
+    assert [r.output for r in requests] == expected and all(r.error is None for r in requests)
+    assert all(sum(n for _, n in p) <= engine.plan.step_tokens == 8 for p in passes)
+    mixed = [p for p in passes if any(n == 1 for _, n in p) and any(n > 1 for _, n in p)]
+    assert mixed  # a prompt went through in chunks while another sequence kept decoding
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_sequence_reaching_eos_leaves_while_the_others_continue(engine):
+    expected = [alone(engine, p) for p in PROMPTS]
+    eos = expected[1][5]
+    stop = expected[1].index(eos)
+    engine.config = dataclasses.replace(engine.config, eos_token_ids=(eos,))
+    requests = [GenerationRequest(p, 24, ignore_eos=i != 1) for i, p in enumerate(PROMPTS)]
+    finished = []
+    scheduler = Scheduler(engine)
+    for r in requests:
+        r.on_finish = finished.append
+        scheduler.add(r)
+    while scheduler.busy:
+        scheduler.step()
+    assert requests[1].output == expected[1][:stop + 1] and finished[0] is requests[1]
+    assert requests[0].output == expected[0] and requests[2].output == expected[2]
+
+
+def test_preemption_when_blocks_run_out_recomputes_and_changes_no_token(tiny_model):
+    """KV planned for one sequence of 96 tokens (6 blocks), three admitted: each prompt takes 2 blocks, so all three
+    start, and as they grow the newest is sent back to wait, then recomputed."""
+    path, _ = tiny_model("llama_gqa2")
+    with Engine.from_pretrained(path, block_size=16, max_context=96, max_batch=1) as engine:
+        expected = [alone(engine, p[:20], n=40) for p in PROMPTS[::2]] + [alone(engine, PROMPTS[1], n=40)]
+        engine.max_batch = 3
+        requests = [GenerationRequest(p, 40, ignore_eos=True) for p in (PROMPTS[0][:20], PROMPTS[2][:20], PROMPTS[1])]
+        scheduler = Scheduler(engine)
+        for r in requests:
+            scheduler.add(r)
+        while scheduler.busy:
+            scheduler.step()
+        assert engine.stats.preemptions > 0
+        assert [r.output for r in requests] == expected
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+    options = dict(temperature=0.9, top_k=50, seed=3)
+    expected = [alone(engine, p, **options) for p in PROMPTS]
+    assert engine.generate(PROMPTS, max_new_tokens=24, ignore_eos=True, **options) == expected
+
+
+def test_a_cancelled_request_leaves_and_frees_its_blocks(engine):
+    scheduler = Scheduler(engine)
+    keep, drop = GenerationRequest(PROMPTS[0], 10, ignore_eos=True), GenerationRequest(PROMPTS[2], 10, ignore_eos=True)
+    scheduler.add(keep)
+    scheduler.add(drop)
+    for _ in range(7):
+        scheduler.step()
+    drop.cancelled = True
+    while scheduler.busy:
+        scheduler.step()
+    assert len(keep.output) == 10 and len(drop.output) < 10 and drop.error is None
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_request_larger_than_the_cache_fails_alone(engine):
+    scheduler = Scheduler(engine)
+    big, small = GenerationRequest(list(range(90)), 300), GenerationRequest(PROMPTS[1], 5)
+    scheduler.add(big)
+    scheduler.add(small)
+    while scheduler.busy:
+        scheduler.step()
+    assert "need 25 KV blocks" in str(big.error) and len(small.output) == 5
+    with pytest.raises(type(big.error), match="need 25 KV blocks"):
+        engine.generate(list(range(90)), max_new_tokens=300)
+    assert torch.is_tensor(engine.prefill([PROMPTS[1]])[1])
