@@ -56,8 +56,12 @@ async def measure(backend: Backend, request: Request, repetition: int, keep_ids:
     try:
         async for ev in backend.generate(request):
             if isinstance(ev, TokenEvent):
-                rec.chunk_times.append(ev.t)
-                rec.chunk_tokens.append(ev.n_tokens)
+                # Events that arrived in the same read (one stamp) are one chunk: a zero gap is no inter-token latency.
+                if rec.chunk_times and ev.t == rec.chunk_times[-1]:
+                    rec.chunk_tokens[-1] += ev.n_tokens
+                else:
+                    rec.chunk_times.append(ev.t)
+                    rec.chunk_tokens.append(ev.n_tokens)
                 ids.extend(ev.token_ids or [])
             elif isinstance(ev, RequestSent):
                 rec.t_send = ev.t
