@@ -119,7 +119,6 @@ def serve(
     backend: Annotated[str, typer.Option("--backend", help="the in-process backend kind to serve, e.g. transformers")],
     model: Annotated[Path, typer.Option("--model", help="an HF model folder")],
     protocol: Annotated[str, typer.Option("--protocol", help="wire protocol: openai or tgi (TGI's routes plus OpenAI's)")] = "openai",
-    host: Annotated[str, typer.Option("--host", help="address to bind; only loopback unless you mean it")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8000,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="backend option KEY=VALUE (YAML value), repeatable")] = None,
 ) -> None:
@@ -154,7 +153,7 @@ def serve(
     except ValidationError as e:
         raise ScenarioError(format_validation_error("--option", e, prefix="options")) from None
     server = build_server(backend, model, options, Path(tempfile.mkdtemp(prefix="bench-serve-")), protocol)
-    uvicorn.run(server.app(), host=host, port=port, log_level="warning")
+    uvicorn.run(server.app(), host="127.0.0.1", port=port, log_level="warning")  # loopback only, never overridable
 
 
 @app.command()

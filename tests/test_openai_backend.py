@@ -37,7 +37,8 @@ def test_completions_and_chat_streams_give_full_metrics_and_hf_tokens(server, ti
     for name, c in cells.items():
         m = c["metrics"]
         assert m["completed"] == 3 and m["total_output_tokens"] == 48, name
-        assert m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0 and m["itl_ms"]["count"] == 3 * 15, name
+        # one gap per chunk after the first: tokens that arrive in one read are one chunk, so at most 15 a request
+        assert m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0 and 0 < m["itl_ms"]["count"] <= 3 * 15, name
     assert cells["remote"]["token_counts"] == {"input": ["server_usage"], "output": ["server_usage"],
                                                "exact_output_length": True}
     assert cells["no-usage"]["token_counts"]["output"] == ["stream_chunks"]
