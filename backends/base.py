@@ -138,6 +138,18 @@ class Backend(ABC):
         """Have n connections to the server open before the load starts, so no measured request pays for a connect
         (engines served over HTTP; an in-process engine has none)."""
 
+    def decode(self, token_ids: list[int]) -> str | None:
+        """The text of generated token ids (record_outputs), for an engine that streams ids without text: decoded
+        with the model folder's tokenizer.json, which every engine here reads its vocabulary from; None without one."""
+        if getattr(self, "_tokenizer", None) is None:
+            path = self.model.path / "tokenizer.json"
+            if not path.is_file():
+                return None
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def attach_spec(self) -> dict[str, Any] | None:
         """The BackendSpec fields (`url`, ...) with which a backend of the same kind in another client process
         (load.clients) reaches the engine this one started; None when no other process can (an in-process engine)."""

@@ -56,13 +56,13 @@ class _Chunk:
     """One choice of a streamed chunk: when it arrived, its tokens (None: one, unless its text is empty)."""
     t: float
     ids: list[int] | None
-    text: bool  # it has text
+    text: str  # its text ("" when none)
     finish: str | None  # the finish reason it carries
 
     @property
     def sure(self) -> bool:
         """It certainly carries tokens (or certainly none): ids, or text."""
-        return self.ids is not None or self.text
+        return self.ids is not None or bool(self.text)
 
 
 def token_events(chunks: list[_Chunk], usage_tokens: int | None) -> list[TokenEvent]:
@@ -80,7 +80,7 @@ def token_events(chunks: list[_Chunk], usage_tokens: int | None) -> list[TokenEv
         excess = counted - usage_tokens
         for c in [c for c in tokens if not c.sure][:max(0, excess)]:
             tokens.remove(c)
-    return [TokenEvent(t=c.t, n_tokens=len(c.ids) if c.ids is not None else 1, token_ids=c.ids)
+    return [TokenEvent(t=c.t, n_tokens=len(c.ids) if c.ids is not None else 1, token_ids=c.ids, text=c.text)
             for c in sorted(tokens, key=lambda c: c.t)]
 
 
@@ -109,7 +109,7 @@ def parse_choices(chunk: dict[str, Any], t: float) -> list[_Chunk]:
         if delta is not None and "role" in delta and not delta.get("content"):
             continue  # a chat stream's opening chunk names the role and carries no token
         text = delta.get("content") if delta is not None else choice.get("text")
-        out.append(_Chunk(t, choice.get("token_ids"), bool(text), choice.get("finish_reason")))
+        out.append(_Chunk(t, choice.get("token_ids"), text or "", choice.get("finish_reason")))
     return out
 
 

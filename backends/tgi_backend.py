@@ -141,7 +141,8 @@ class TGIBackend(Backend):
                     request.prompt, max_new_tokens=request.max_tokens, do_sample=sampling,
                     temperature=request.temperature if sampling else None, seed=request.seed if sampling else None):
                 n += 1
-                yield TokenEvent(t=now(), n_tokens=1, token_ids=[r.token.id])
+                yield TokenEvent(t=now(), n_tokens=1, token_ids=[r.token.id],
+                                 text=None if r.token.special else r.token.text)
                 details = r.details or details
         except TGIError as e:
             raise BackendError(f"TGI rejected the request: {e}") from None

@@ -10,6 +10,9 @@ Per prompt length, each configuration in its own process, one after another (pea
                 streaming path, not the storage)
   hf            transformers, same dtype, SDPA
   llamacpp      llama.cpp in-process on an f16 GGUF of the same weights (the CPU peer users would pick)
+  ollm          oLLM 1.0.3 with the same placement as own-disk: decoder layers streamed from the safetensors, KV in
+                its DiskCache (benchmarks/ollm_driver.py under .venv-ollm: `bash scripts/install-ollm.sh` once);
+                skipped with a note when .venv-ollm is missing
 and for the longest prompt a second question on the same document: TTFT of the second request in the process that
 answered the first (prefix cache in memory), and in a new process that finds the document's blocks in
 prefix_cache_dir. Ratios are printed against the issue's targets; all figures come from this one run.
@@ -18,6 +21,7 @@ Greedy, ignore EOS; each process answers a 16-token warm-up prompt first. Not pa
 import argparse
 import hashlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -36,7 +40,9 @@ SIZES = {  # shaped like harness.inputs.models.PRESETS entries
     "small": dict(_LLAMA, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=2048, bpe_vocab=1024),
 }
-CONFIGS = ("own", "own-disk", "hf", "llamacpp")
+CONFIGS = ("own", "own-disk", "hf", "llamacpp", "ollm")
+ROOT = Path(__file__).resolve().parent.parent
+OLLM_PYTHON = ROOT / ".venv-ollm" / "bin" / "python"
 QUESTION = 32  # tokens of each question asked after the document
 
 
@@ -126,7 +132,25 @@ def llamacpp_generator(model, n_ctx):
     return generate
 
 
+def ollm_child(args, prompt_len: int, tmp: Path) -> dict:
+    """oLLM through transformers' generate() (benchmarks/ollm_driver.py), on the same document + first question."""
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    ids = tmp / f"ollm_prompt{prompt_len}.json"
+    ids.write_text(json.dumps(prompt_ids(prompt_len - QUESTION, vocab) + prompt_ids(QUESTION, vocab, 2)))
+    cmd = [str(OLLM_PYTHON), str(Path(__file__).parent / "ollm_driver.py"), "--model",
+           str(args.model), "--prompt-ids", str(ids), "--new-tokens", str(args.new_tokens),
+           "--threads", str(torch.get_num_threads()), "--kv-dir", str(tmp / f"ollm_kv{prompt_len}")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"ollm (prompt {prompt_len}) failed:\n{done.stderr[-3000:]}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"load_s": r["load_s"], "peak_rss": r["peak_rss_self"],
+            "first": {k: r[k] for k in ("tokens", "ttft_s", "decode_s_per_token")}}
+
+
 def child(args, name: str, prompt_len: int, tmp: Path, **extra) -> dict:
+    if name == "ollm":
+        return ollm_child(args, prompt_len, tmp)
     cmd = [sys.executable, __file__, "--child", name, "--model", str(args.model), "--prompt-len", str(prompt_len),
            "--new-tokens", str(args.new_tokens), "--offload-dir", str(tmp / "offload"),
            "--threads", str(torch.get_num_threads())]
@@ -188,9 +212,12 @@ def main():
     args.model = Path(args.model) if args.model else build_model("small" if args.small else "default")
     lengths = [int(n) for n in (args.prompts or ("128,512" if args.small else "2048,8192")).split(",")]
     configs = [c for c in CONFIGS if c not in args.skip.split(",")]
+    if "ollm" in configs and not OLLM_PYTHON.is_file():
+        print(f"ollm skipped: {OLLM_PYTHON} not found (bash scripts/install-ollm.sh)")
+        configs.remove("ollm")
     size = sum(f.stat().st_size for f in args.model.glob("*.safetensors"))
     print(f"model {args.model}: {size / 2**20:.0f} MiB of safetensors; prompts {lengths}, {args.new_tokens} new "
-          f"tokens, greedy; {torch.get_num_threads()} threads")
+          f"tokens, greedy; {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="engine_bench_") as tmp:
         tmp = Path(tmp)
         for n in lengths:
@@ -200,6 +227,7 @@ def main():
                 warm(args.model)
                 extra = {"second": True, "prefix_dir": tmp / f"prefix{n}"} if name == "own" and last else {}
                 results[name] = child(args, name, n, tmp, **extra)
+                print(f"  {name} done; load average {os.getloadavg()[0]:.2f}", flush=True)
             if "own" in results and last:  # the document's blocks, found on disk by a new process
                 results["own-new-process"] = child(args, "own", n, tmp, second=True, second_only=True,
                                                    prefix_dir=tmp / f"prefix{n}")
@@ -229,6 +257,11 @@ def report(n: int, results: dict):
         print(f"own / llama.cpp f16 decode {ratio(a['decode_s_per_token'], c['decode_s_per_token'], 'none')}   "
               f"TTFT {ratio(a['ttft_s'], c['ttft_s'], 'none')};  first greedy token shared: "
               f"{a['tokens'][0] == c['tokens'][0]}")
+    if get("own-disk") and get("ollm"):
+        d, o = results["own-disk"]["first"], results["ollm"]["first"]
+        print(f"own-disk / ollm (same placement) decode "
+              f"{ratio(d['decode_s_per_token'], o['decode_s_per_token'], '<= 0.5')}   "
+              f"TTFT {ratio(d['ttft_s'], o['ttft_s'], '<= 0.5')}")
     if get("own") and "second" in results["own"]:
         first, second = results["own"]["first"], results["own"]["second"]
         print(f"second question, same process: TTFT {ratio(second['ttft_s'], first['ttft_s'], '<= 0.1')}  "

@@ -1,9 +1,7 @@
-"""One timed greedy generation through transformers' generate(): oLLM's disk-offloading Llama, or plain transformers.
+"""One timed greedy generation through oLLM's generate(): its disk-offloading Llama streams every decoder layer from
+the safetensors on each forward and keeps the prompt's KV in per-layer files under --kv-dir.
 
-Run by benchmarks/ollm_compare.py: `--engine ollm` under .venv-ollm/bin/python (oLLM pins transformers 4.57),
-`--engine hf` under the harness's venv. Both go through the same generate() call and the same streamer, so they
-differ only in the model: oLLM's streams every decoder layer from the safetensors on each forward and keeps the
-prompt's KV in per-layer files under --kv-dir; transformers' keeps everything in memory.
+Run by benchmarks/engine_cpu.py under .venv-ollm/bin/python (oLLM pins transformers 4.57).
 Prints one JSON line last: tokens, load_s, ttft_s, decode_s_per_token, peak_rss_self.
 """
 import argparse
@@ -30,22 +28,17 @@ class TokenTimes:
         pass
 
 
-def load(engine: str, model: str, kv_dir: str):
+def load(model: str, kv_dir: str):
     """The model and the extra generate() arguments it needs."""
-    if engine == "ollm":
-        # AutoInference takes a local HF folder; Inference(model_id).ini_model() would download by name.
-        from ollm import AutoInference
+    # AutoInference takes a local HF folder; Inference(model_id).ini_model() would download by name.
+    from ollm import AutoInference
 
-        inference = AutoInference(model, device="cpu", logging=False)
-        return inference.model, {"past_key_values": inference.DiskCache(cache_dir=kv_dir)}
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval(), {}
+    inference = AutoInference(model, device="cpu", logging=False)
+    return inference.model, {"past_key_values": inference.DiskCache(cache_dir=kv_dir)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", choices=["ollm", "hf"], required=True)
     parser.add_argument("--model", required=True, help="HF Llama folder, bf16 safetensors")
     parser.add_argument("--prompt-ids", required=True, help="JSON file with a list of token ids")
     parser.add_argument("--new-tokens", type=int, required=True)
@@ -57,7 +50,7 @@ def main():
         ids = torch.tensor([json.load(f)])
 
     start = time.perf_counter()
-    model, extra = load(args.engine, args.model, args.kv_dir)
+    model, extra = load(args.model, args.kv_dir)
     loaded = time.perf_counter()
     stream = TokenTimes()
     # min_new_tokens = max_new_tokens masks EOS: a fixed output length, like ignore_eos. generate() runs under

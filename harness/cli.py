@@ -42,6 +42,15 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="re-run only the cells missing or failed in --out")] = False,
     force: Annotated[bool, typer.Option("--force", help="with --resume: resume although the scenario changed since "
                                                         "--out was measured (recorded in results.json)")] = False,
+    executor: Annotated[str, typer.Option("--executor", help="local: cells one after another here; ray: across a Ray "
+                                                              "cluster (docs/scale-out.md)")] = "local",
+    address: Annotated[str | None, typer.Option("--address", help="with --executor ray: the cluster, auto or "
+                                                                  "ray://HOST:10001 (default RAY_ADDRESS, else a "
+                                                                  "local one)")] = None,
+    max_parallel: Annotated[int | None, typer.Option("--max-parallel", help="with --executor ray: at most this many "
+                                                                            "cells at once")] = None,
+    max_retries: Annotated[int, typer.Option("--max-retries", help="with --executor ray: a failed cell is tried again "
+                                                                   "this many times, on another node")] = 1,
 ) -> None:
     """Run every model × backend × workload cell of SCENARIO; write results.json, requests.jsonl, summary.md, the report.
 
@@ -52,9 +61,23 @@ def run(
 
     if force and not resume:
         raise ScenarioError("--force: only goes with --resume")
+    cells_executor = None
+    if executor == "ray":
+        from harness.run.ray_executor import RayExecutor, import_ray
+
+        if max_parallel is not None and max_parallel < 1:
+            raise ScenarioError(f"--max-parallel: expected a positive number, got {max_parallel}")
+        if max_retries < 0:
+            raise ScenarioError(f"--max-retries: expected 0 or more, got {max_retries}")
+        import_ray()  # said before the scenario is loaded and the run begins
+        cells_executor = RayExecutor(address, max_parallel, max_retries)
+    elif executor != "local":
+        raise ScenarioError(f"--executor: expected local or ray, got {executor!r}")
+    elif address is not None or max_parallel is not None or max_retries != 1:
+        raise ScenarioError("--address, --max-parallel and --max-retries: only go with --executor ray")
     s = load_scenario(scenario)
     out = out or s.output or Path("results") / s.name
-    raise typer.Exit(Runner(s, str(scenario), out, backend, resume, force=force).run())
+    raise typer.Exit(Runner(s, str(scenario), out, backend, resume, force=force, executor=cells_executor).run())
 
 
 @app.command()
@@ -341,15 +364,19 @@ def engine_plan(
 def doctor(
     python: Annotated[list[Path] | None, typer.Option("--python", help="also look for vLLM in this interpreter "
                                                                          "(an engine's own venv), repeatable")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="also list this Ray cluster's nodes and their "
+                                                                  "resources: auto or ray://HOST:10001 (default "
+                                                                  "RAY_ADDRESS when set)")] = None,
 ) -> None:
-    """Which engines can be imported or launched here, and why not where one cannot."""
+    """Which engines can be imported or launched here, and why not where one cannot; with --address, the Ray
+    cluster's nodes."""
     from rich.table import Table
 
     from harness.doctor import run_checks
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     with console.status("probing engines (vLLM takes a few seconds per interpreter)"):
-        checks = run_checks(python or [])
+        checks = run_checks(python or [], address)
     table = Table("component", "status", "details", title="bench doctor")
     colors = {"ok": "green", "limited": "yellow", "missing": "red"}
     for c in checks:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -179,6 +180,28 @@ def vllm_pythons(extra: list[Path]) -> list[Path]:
     return seen
 
 
-def run_checks(pythons: list[Path]) -> list[Check]:
+def cluster_checks(address: str | None) -> list[Check]:
+    """With --address, or RAY_ADDRESS set: the Ray cluster's nodes and their resources (docs/scale-out.md)."""
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        return []
+    from harness.core.errors import UserError
+    from harness.run.ray_nodes import cluster_nodes, describe_resources
+
+    where = address or os.environ["RAY_ADDRESS"]
+    try:
+        nodes = cluster_nodes(address)
+    except UserError as e:
+        return [Check("Ray cluster", "missing", str(e))]
+    alive = [n for n in nodes if n["Alive"]]
+    checks = [Check("Ray cluster", "ok" if alive else "missing",
+                    f"{where}: {len(alive)} node(s) alive of {len(nodes)}; ray {_version('ray')}")]
+    for n in nodes:
+        checks.append(Check(f"Ray node {n['NodeManagerHostname']} ({n['NodeManagerAddress']}, {n['NodeID'][:8]})",
+                            "ok" if n["Alive"] else "missing",
+                            f"{describe_resources(n['Resources']) if n['Alive'] else 'dead'}; id {n['NodeID']}"))
+    return checks
+
+
+def run_checks(pythons: list[Path], address: str | None = None) -> list[Check]:
     return [transformers_check(), llama_cpp_check(), *(vllm_check(p) for p in vllm_pythons(pythons)), tgi_check(),
-            gpu_check(), chromium_check()]
+            gpu_check(), chromium_check(), *cluster_checks(address)]

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from harness.config.scenario import Cell, Workload
+from harness.config.scenario import SLO, Cell, Workload
 from harness.core.errors import UserError
 from harness.core.spec import BackendSpec, Resources
 
@@ -43,9 +43,28 @@ class CellPlan(BaseModel):
     record_outputs: bool
     resources: Resources
     vram_budget: int | None = None
+    slo: SLO = Field(default_factory=SLO)  # a capacity search judges each step by it
     # A fresh token per run of the cell: a worker whose cell.json names another (a resumed run reuses the folder)
     # is orphaned, and writes nothing there.
     attempt: str = ""
+
+
+class PromptEntry(BaseModel):
+    """One request of a cell in its prompts file (a JSON list, one per request in order: the warm-ups, then each
+    repetition's num_requests), written by harness/inputs/prompts.py and read by the worker."""
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    token_ids: list[int]
+    max_tokens: int | None = None  # None: the workload's output_tokens
+    messages: list[dict[str, Any]] | None = None  # the chat the text was rendered from, where there was one
+    group: int | None = None  # the shared document or prefix this request starts with
+    arrival_s: float | None = None  # when it leaves, from its repetition's start (a replayed trace)
+    session: int | None = None  # a multi-turn conversation
+    turn: int | None = None
+    think_s: float | None = None  # the user's pause before this turn
+
+
+PROMPT_FILE = TypeAdapter(list[PromptEntry])
 
 
 # ---- worker -> runner ---------------------------------------------------------------------------------------------
@@ -58,6 +77,7 @@ class RequestRecord:
     repetition: int
     t_send: float
     t_scheduled: float | None = None  # when the load pattern meant it to leave: t_send - t_scheduled is dispatch lag
+    t_queued: float | None = None  # an open loop's arrival, when it then waited for the backend's max_concurrency
     client: int = 0  # which client process sent it (load.clients)
     chunk_times: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
@@ -69,6 +89,9 @@ class RequestRecord:
     finish_reason: str | None = None
     error: str | None = None
     output_token_ids: list[int] | None = None
+    output_text: str | None = None  # record_outputs: what the engine answered
+    session: int | None = None  # prompts: conversation: which session, and which turn of it (from 0)
+    turn: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -119,6 +142,20 @@ class ClientClock(BaseModel):
     pid: int
     offset_s: float
     offset_error_s: float
+    node: str | None = None  # a load.generators actor's Ray node id
+
+
+class CapacityStep(BaseModel):
+    """One step of a capacity search, as the worker ran it: its requests are the records whose repetition is
+    `step`; `met` of `sent` met the slo."""
+    step: int
+    value: float  # the rate (req/s) or concurrency offered
+    start: float
+    end: float
+    sent: int
+    not_sent: int = 0  # kept from arriving by max_duration_s: not counted in `met` of `sent`
+    met: int
+    passed: bool
 
 
 class WorkerReport(BaseModel):
@@ -140,9 +177,42 @@ class WorkerReport(BaseModel):
     # Per repetition, the event loops' scheduling delays (ms) sampled while it ran, every client's pooled.
     loop_lag_ms: list[list[float]] = Field(default_factory=list)
     clients: list[ClientClock] = Field(default_factory=list)  # the client processes beyond the worker itself
+    not_sent: list[int] = Field(default_factory=list)  # per repetition (capacity step): cut by max_duration_s
+    capacity_steps: list[CapacityStep] = Field(default_factory=list)
 
 
 # ---- runner -> results.json -> every reader -----------------------------------------------------------------------
+
+class CapacityStepResult(BaseModel):
+    """One step of a capacity search in results.json."""
+    step: int
+    value: float  # offered: req/s (search: rate) or requests in flight (search: concurrency)
+    achieved_rate_rps: float | None = None
+    sent: int
+    not_sent: int = 0  # cut by max_duration_s
+    attainment: float  # share of the step's requests that met the slo
+    attainment_ci: list[float] | None = None  # its 95% CI (Wilson)
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    tpot_p99_ms: float | None = None
+    passed: bool
+
+
+class CapacityResult(BaseModel):
+    """What a capacity search found: the highest value that passed and the lowest that failed above it (the
+    bracket, its uncertainty), and every step."""
+    search: Literal["rate", "concurrency"]
+    attainment_target: float
+    slo: dict[str, float]
+    capacity: float | None = None  # the highest passing value; None when no step passed
+    # The requests per second it holds: the capacity itself for search: rate; for search: concurrency, the request
+    # throughput its capacity step achieved. The number guides rank by (catalogue: capacity_rps).
+    capacity_rps: float | None = None
+    fails_at: float | None = None  # the lowest failing value above it; None when none failed
+    verdict: str
+    steps: list[CapacityStepResult] = Field(default_factory=list)
+
 
 class CellResult(BaseModel):
     """One cell in results.json (docs/results.md). Fields an older file lacks read as their defaults."""
@@ -181,6 +251,12 @@ class CellResult(BaseModel):
     client_limited: bool | None = None
     client_limited_reasons: list[str] = Field(default_factory=list)
     clients: list[ClientClock] = Field(default_factory=list)
+    # The machine it ran on (environment.node(): hostname, GPUs, driver; with --executor ray also the Ray node id),
+    # and with --executor ray every attempt: the node tried and why it failed.
+    node: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+    not_sent: list[int] = Field(default_factory=list)  # per repetition: requests max_duration_s kept from leaving
+    capacity: CapacityResult | None = None  # load: capacity
 
     @property
     def ok(self) -> bool:
@@ -200,6 +276,23 @@ class CellResult(BaseModel):
         return self.error.strip().splitlines()[0] if self.error and self.error.strip() else None
 
 
+class Agreement(BaseModel):
+    """How often a backend answered like the reference backend (harness/results/agreement.py): greedy decoding on
+    one model and workload, the first `first_n` tokens (or words, when either side has no token ids) compared."""
+    model: str
+    workload: str
+    reference: str
+    backend: str
+    unit: Literal["tokens", "words"]
+    first_n: int
+    compared: int  # requests answered by both
+    matching: int
+    share: float
+    ci: list[float]  # 95% Clopper-Pearson interval of the share
+    mean_common_prefix: float  # in `unit`s: how far the two agree before they first differ
+    precision: str  # "float32", "float32 vs float16", or "unknown": mismatches between precisions are expected
+
+
 class RunResult(BaseModel):
     """A whole results.json."""
     model_config = ConfigDict(extra="ignore")
@@ -214,6 +307,7 @@ class RunResult(BaseModel):
     forced_resumes: list[dict[str, Any]] = Field(default_factory=list)
     environment: dict[str, Any] = Field(default_factory=dict)
     cells: list[CellResult]
+    agreement: list[Agreement] = Field(default_factory=list)  # with record_outputs and two or more greedy backends
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)

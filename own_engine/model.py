@@ -14,10 +14,11 @@ from .placement import Globals, LayerWeights
 
 
 # Below this many rows in a forward pass, matmuls read the weights as stored even when compute runs wider: a
-# bf16 matrix-vector product is memory-bound and accumulates in float32, so it beats upcasting the layer first
-# (measured on AVX2 without bf16 instructions, a 2816x1024 matrix: 1.5 vs 2.3 ms for one row; from 4 rows the
-# upcast wins, and emulated bf16 falls far behind as rows grow).
-NARROW_ROWS = 4
+# bf16 matrix-vector product is memory-bound and accumulates in float32, so it beats upcasting the layer first, and
+# emulated bf16 falls far behind only as rows grow. Measured on AVX2 without bf16 instructions, a whole decode step
+# of the 201M-parameter benchmark Llama (benchmarks/engine_cpu.py): 4 rows 141 ms read as stored vs 202 ms upcast,
+# 6 rows 211 vs 245, 8 rows 303 vs 270 (one matrix alone suggested 4; the layer's upcast costs more than that).
+NARROW_ROWS = 8
 
 
 @dataclass

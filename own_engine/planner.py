@@ -17,6 +17,7 @@ import psutil
 import torch
 
 from .config import EngineError, ModelConfig
+from .model import NARROW_ROWS
 from .placement import LOGIT_ROWS
 from .units import fmt_bytes, parse_size
 from .weights import LayerLayout
@@ -105,7 +106,7 @@ def compute_dtype_for(device: torch.device, dtype: torch.dtype) -> tuple[torch.d
         return dtype, f"the stored dtype (this CPU has {name} instructions)"
     return torch.float32, (f"this CPU has no {name} instructions (its {name} matmuls are emulated, several times "
                            f"slower than float32), so each layer is upcast per use into a reused float32 buffer; "
-                           f"passes of fewer than 4 rows (decode) multiply by the {name} weights as stored, "
+                           f"passes of fewer than {NARROW_ROWS} rows (decode) multiply by the {name} weights as stored, "
                            f"memory-bound and accumulating in float32")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs oLLM (PyPI `ollm` 1.0.3) for CPU into its own virtualenv, .venv-ollm/ at the repository root (idempotent).
 #
-# Only benchmarks/ollm_compare.py uses it. oLLM pins an old transformers (4.x), so it never shares the harness's
+# Only benchmarks/engine_cpu.py uses it (the `ollm` configuration). oLLM pins an old transformers (4.x), so it never shares the harness's
 # venv. A plain `pip install ollm` fails building flash-attn (a CUDA extension it never needs on CPU), so oLLM goes
 # in with --no-deps and the dependencies its CPU path imports are installed by hand.
 set -euo pipefail

@@ -7,6 +7,7 @@ each token is stamped at start + ttft_s + k * itl_s, after really waiting until 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +44,9 @@ class ScriptedOptions(BaseModel):
     hang_while_exists: str | None = None  # hang once the request is recorded (record_requests), while this file exists
     fill_disk_while_exists: str | None = None  # start() fills the cell folder's file system while this file exists
     env: dict[str, str] = {}  # an engine's environment: start() records sha256 of each value in CELL_DIR/env_seen.json
+    # Serve this many requests at once and queue the rest inside, first come first served, as an engine with that many
+    # batch slots: latency rises with the load (a capacity search's knee). Each request holds its slot until done.
+    slots: int | None = None
 
 
 @register
@@ -54,6 +58,7 @@ class ScriptedBackend(Backend):
         super().__init__(spec, model, ctx)
         if self.options.max_concurrency is not None:
             self.capabilities = Capabilities(max_concurrency=self.options.max_concurrency)
+        self.slots = asyncio.Semaphore(self.options.slots) if self.options.slots else contextlib.nullcontext()
 
     async def prepare(self) -> None:
         await asyncio.sleep(self.options.prepare_s)
@@ -104,15 +109,19 @@ class ScriptedBackend(Backend):
         if o.record_requests:
             with (self.ctx.dir / "seen.jsonl").open("a") as f:
                 f.write(json.dumps({"id": request.id, "temperature": request.temperature, "seed": request.seed,
-                                    "start": start}) + "\n")
+                                    "start": start, "prompt": request.prompt,
+                                    "prompt_tokens": len(request.prompt_token_ids)}) + "\n")
         if o.hang_while_exists is not None and Path(o.hang_while_exists).exists():
             await asyncio.sleep(3600)
         if o.busy_prefill:
             await asyncio.to_thread(_spin_until, start + o.ttft_s)
-        for k in range(request.max_tokens):
-            t = start + (o.ttft_s + k * o.itl_s) * slow
-            await asyncio.sleep(max(0.0, t - now()))
-            yield TokenEvent(t=t, n_tokens=1, token_ids=[k])
+        async with self.slots:
+            if o.slots:
+                start = max(start, now())  # a queued request starts when it gets a slot
+            for k in range(request.max_tokens):
+                t = start + (o.ttft_s + k * o.itl_s) * slow
+                await asyncio.sleep(max(0.0, t - now()))
+                yield TokenEvent(t=t, n_tokens=1, token_ids=[k])
         yield Usage(len(request.prompt_token_ids), request.max_tokens, "engine", "engine")
 
 

@@ -240,10 +240,11 @@ def test_no_recommendation_looks_different(swept, tmp_path):
     for name in ("guide.md", "guide.html"):
         text = write_guide([swept], tmp_path / name).read_text()
         if name.endswith(".html"):
-            assert text.count('class="norec"') == 2 and 'class="rec"' in text  # both CPU cases: nothing ran there
+            # both CPU cases and capacity-at-slo: nothing ran there
+            assert text.count('class="norec"') == 3 and 'class="rec"' in text
             assert "<strong>No recommendation</strong>" in text and '<p class="question">' in text
         else:
-            assert text.count("> ⚠ **No recommendation**:") == 2 and "**Recommendation**:" in text
+            assert text.count("> ⚠ **No recommendation**:") == 3 and "**Recommendation**:" in text
 
 
 def test_load_time_excludes_one_off_preparation(tmp_path):

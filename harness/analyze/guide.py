@@ -52,7 +52,7 @@ class Select(Strict):
     device: Literal["any", "gpu", "cpu"] = "any"
     min_input_tokens: int | None = Field(None, gt=0)
     max_input_tokens: int | None = Field(None, gt=0)
-    loads: list[Literal["sequential", "concurrency", "poisson"]] | None = None
+    loads: list[Literal["sequential", "concurrency", "poisson", "trace", "capacity"]] | None = None
     min_concurrency: int | None = Field(None, gt=0, description="for closed-loop (concurrency) loads")
 
 

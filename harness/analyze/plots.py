@@ -260,3 +260,38 @@ def timeline_plot(slug: str, title: str, cell: CellView) -> Plot:
     axes[-1].set_xlabel("seconds since the cell started")
     fig.suptitle(text(title))
     return Plot(slug, title, _render(fig))
+
+
+@draw
+def capacity_plot(slug: str, title: str, cells: list[CellView], label: Callable[[CellView], str]) -> Plot:
+    """A capacity search's steps per cell: the share of requests that met the slo (95% CI) against the load each
+    step offered, filled where the step passed, with the target; and the steps' TTFT p99 beside it."""
+    searched = [c for c in cells if c.cell.capacity and c.cell.capacity.steps]
+    if not searched:
+        return Plot(slug, title, note="no cell ran a capacity search")
+    fig = _figure(10, 4)
+    share, ttft = fig.subplots(1, 2)
+    for c in searched:
+        cap = c.cell.capacity
+        steps = sorted(cap.steps, key=lambda s: s.value)
+        xs, ys = [s.value for s in steps], [s.attainment for s in steps]
+        cis = [tuple(s.attainment_ci) if s.attainment_ci else None for s in steps]
+        line = share.errorbar(xs, ys, yerr=_errors(ys, cis), capsize=3, label=text(label(c)), alpha=0.8)
+        color = line[0].get_color()
+        share.scatter(xs, ys, s=40, zorder=3, edgecolors=color,
+                      facecolors=[color if s.passed else "white" for s in steps])
+        ttft.plot(xs, [math.nan if s.ttft_p99_ms is None else s.ttft_p99_ms for s in steps], marker="o", color=color,
+                  label=text(label(c)))
+        if cap.capacity is not None:
+            share.axvline(cap.capacity, color=color, ls=":", lw=1)
+    target = searched[0].cell.capacity
+    share.axhline(target.attainment_target, color="black", ls="--", lw=1, label=f"target {target.attainment_target:g}")
+    if "ttft_ms" in target.slo:
+        ttft.axhline(target.slo["ttft_ms"], color="black", ls="--", lw=1, label="slo TTFT")
+    unit = "req/s offered" if target.search == "rate" else "requests in flight"
+    share.set(xlabel=unit, ylabel="share meeting the slo", title="attainment per step (filled: passed)")
+    ttft.set(xlabel=unit, ylabel="ms", title="TTFT p99 per step")
+    share.legend(fontsize=8)
+    ttft.legend(fontsize=8)
+    fig.suptitle(text(title))
+    return Plot(slug, title, _render(fig))

@@ -25,6 +25,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from harness.analyze import plots
+from harness.analyze.capacity import capacity_notes
 from harness.analyze.plots import Plot
 from harness.results.catalogue import CATALOGUE, headline_label, split_name
 from harness.results.frame import frame_of
@@ -108,6 +109,7 @@ class ReportData:
     resource_plots: list[Plot]
     failures: Table
     cells: Table
+    agreement: Table | None = None  # whether greedy backends answered alike (record_outputs)
 
 
 # ---- building it ---------------------------------------------------------------------------------------------
@@ -158,6 +160,10 @@ def describe_load(load: Any) -> str:
         return f"concurrency {load.get('concurrency')}"
     if kind == "poisson":
         return f"Poisson arrivals at {load.get('rate')} req/s"
+    if kind == "trace":
+        return f"trace replay of {Path(str(load.get('path'))).name} at speed ×{load.get('speedup', 1)}"
+    if kind == "capacity":
+        return f"capacity search over the {load.get('search', 'rate')}, attainment {load.get('attainment', 0.99)}"
     return str(kind)
 
 
@@ -167,8 +173,9 @@ WORKLOAD_KEYS = ("name", "input_tokens", "output_tokens", "num_requests", "load"
 def describe_workload(w: dict[str, Any]) -> str:
     if not w:
         return "workload settings not recorded"
-    parts = [f"{w.get('input_tokens')} input tokens", f"{w.get('output_tokens')} output tokens",
-             f"{w.get('num_requests')} requests", describe_load(w.get("load"))]
+    inputs = w.get("input_tokens")
+    parts = [f"{inputs if inputs is not None else 'the prompts’ own'} input tokens",
+             f"{w.get('output_tokens')} output tokens", f"{w.get('num_requests')} requests", describe_load(w.get("load"))]
     if w.get("warmup_requests") is not None:
         parts.append(f"{w['warmup_requests']} warm-up")
     # Settings added after this was written (sweeps, prompt sources) still show, as they are.
@@ -401,6 +408,7 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
               f"engine; bench calibrate measures this machine's): {'; '.join(c.cell.client_limited_reasons)}"
               for c in cells if c.ok and c.cell.client_limited]
     notes += [n for c in cells if c.ok and (n := page_cache_note(c, labels.series(c)))]
+    notes += capacity_notes(cells, labels.series)
     # The scenario's own definition of the workload, before any sweep expanded it.
     spec = next((w for c in cells for w in c.run.scenario.get("workloads", []) if w.get("name") == name),
                 next((c.workload_spec for c in cells if c.workload_spec), {}))
@@ -425,6 +433,9 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
                                               axis, cells, lambda c, a=axis: labels.series(c, without=a)))
     section_plots.append(plots.pareto_plot(slugify(f"pareto-{name}", slugs), f"Throughput vs latency: {name}",
                                            cells, labels.series, labels.backend))
+    if any(c.cell.capacity for c in ok):
+        section_plots.append(plots.capacity_plot(slugify(f"capacity-{name}", slugs),
+                                                 f"Capacity search steps: {name}", ok, labels.series))
     return Section(name, description, Table(headers, rows), section_plots, notes)
 
 
@@ -543,6 +554,19 @@ def cells_table(cells: list[CellView]) -> Table:
                      "token counts from", "client", "engine", "results file → per-request samples"], rows)
 
 
+def agreement_table(runs: list[Run]) -> Table | None:
+    """results.json's agreement rows (harness/results/agreement.py), each share with its 95% interval."""
+    rows = [[r.label, a.model, a.workload, a.backend, a.reference,
+             f"{a.share:.0%} [{a.ci[0]:.0%}, {a.ci[1]:.0%}]", f"{a.matching}/{a.compared}",
+             f"first {a.first_n} {a.unit}", f"{a.mean_common_prefix:.1f} {a.unit}",
+             a.precision if a.precision != "unknown" else "unknown: differences may be precision, not bugs"]
+            for r in runs for a in r.result.agreement]
+    if not rows:
+        return None
+    return Table.of(["run", "model", "workload", "backend", "reference", "share matching (95% CI)", "requests",
+                     "compared", "mean common prefix", "precision"], rows)
+
+
 def build_report(runs: list[Run]) -> ReportData:
     cells = [c for r in runs for c in r.cells]
     labels = Labels(cells)
@@ -573,6 +597,7 @@ def build_report(runs: list[Run]) -> ReportData:
         notes=notes, verdict=verdict_table(cells, labels, numbers), runs=runs_table,
         scenarios=scenario_blocks(runs), environment=same, environment_diff=diff,
         sections=sections, resource_plots=res_plots, failures=failures_table(cells), cells=cells_table(cells),
+        agreement=agreement_table(runs),
     )
 
 

@@ -12,7 +12,9 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import ValidationError
 
-from harness.config.scenario import Scenario
+from harness.config.prompt_checks import (PromptCheckError, check_context, check_prompt_files,
+                                          resolve_prompt_paths)
+from harness.config.scenario import Scenario, TraceLoad
 from harness.core.errors import UserError
 
 
@@ -22,7 +24,7 @@ class ScenarioError(UserError):
 
 # ---- loading ------------------------------------------------------------------------------------------------------
 
-_UNION_MEMBER = re.compile(r"^(int|float|str|bool|list\[.*\]|constrained-.*|function-.*)$")
+_UNION_MEMBER = re.compile(r"^(int|float|str|bool|list\[.*\]|constrained-.*|function-.*|LengthDist)$")
 
 
 def _loc(loc: tuple) -> str:
@@ -30,7 +32,8 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif _UNION_MEMBER.match(part) or (part in ("sequential", "concurrency", "poisson", "synthetic")
+        elif _UNION_MEMBER.match(part) or (part in ("sequential", "concurrency", "poisson", "trace", "capacity",
+                                                    "synthetic", "file", "document", "shared_prefix", "conversation")
                                            and out.endswith(("load", "prompts"))):
             continue  # pydantic's union tags add noise to the path the user sees
         else:
@@ -168,7 +171,14 @@ def load_scenario(path: Path | str) -> Scenario:
     except ValidationError as e:
         raise ScenarioError(format_validation_error(str(path), e)) from None
     _resolve_paths(scenario, path.parent)
+    resolve_prompt_paths(scenario, path.parent)
     _check_backends(scenario, str(path))
+    try:
+        check_prompt_files(scenario, str(path))
+        check_context(scenario, str(path))
+    except PromptCheckError as e:
+        raise ScenarioError(str(e)) from None
+    _check_traces(scenario, str(path))
     return scenario
 
 
@@ -176,6 +186,9 @@ def _resolve_paths(scenario: Scenario, base: Path) -> None:
     for name, m in scenario.models.items():
         if m.path is not None:
             m.path = (base / m.path).expanduser().resolve() if not m.path.is_absolute() else m.path
+    for w in scenario.workloads:
+        if isinstance(w.load, TraceLoad):
+            w.load.path = (base / w.load.path.expanduser()).resolve()
     for b in scenario.backends:
         if b.python is not None and not b.python.is_absolute():
             # Normalized but not resolved: a venv's python is a symlink to the base interpreter, which lacks the venv.
@@ -209,6 +222,25 @@ def _check_backends(scenario: Scenario, source: str) -> None:
             raise ScenarioError(f"{where}: {problem}")
         if b.python is not None and not _is_file(b.python, f"{where}.python"):
             raise ScenarioError(f"{where}.python: expected a Python interpreter, {b.python} does not exist")
+
+
+def _check_traces(scenario: Scenario, source: str) -> None:
+    """A trace that cannot be replayed is refused before anything runs: missing, empty, bad rows, times that go
+    back, or fewer rows than a repetition sends."""
+    from harness.inputs.trace import TraceError, read_trace
+
+    for i, w in enumerate(scenario.workloads):
+        if not isinstance(w.load, TraceLoad):
+            continue
+        where = f"{source}: workloads[{i}].load.path"
+        try:
+            rows = read_trace(w.load.path)
+        except TraceError as e:
+            raise ScenarioError(f"{where}: {e}") from None
+        most = max(w.num_requests) if isinstance(w.num_requests, list) else w.num_requests
+        if len(rows) < most:
+            raise ScenarioError(f"{where}: the trace has {len(rows)} rows, fewer than num_requests ({most}): each "
+                                f"repetition replays the first num_requests rows")
 
 
 def _is_file(path: Path, where: str) -> bool:

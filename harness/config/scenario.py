@@ -16,6 +16,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from harness.config.conversation import ConversationPrompts
+from harness.config.generators import Generators, senders
+from harness.config.prompts import (DocumentPrompts, FilePrompts, LengthDist, SharedPrefixPrompts,
+                                    SyntheticPrompts, length_bounds)
 from harness.core.spec import NAME_MAX, BackendSpec, Resources, Strict
 
 
@@ -48,12 +52,17 @@ class ModelSpec(Strict):
 
 # ---- workloads ----------------------------------------------------------------------------------------------------
 
-class SequentialLoad(Strict):
-    type: Literal["sequential"] = "sequential"
-
-
 Positive = Annotated[int, Field(gt=0)]
 PositiveRate = Annotated[float, Field(gt=0)]
+
+MAX_DURATION_DESCRIPTION = ("stop sending new requests this many seconds after a repetition (a capacity step) "
+                            "starts; requests in flight finish and are measured, the rest are counted as not sent "
+                            "(results: not_sent)")
+
+
+class SequentialLoad(Strict):
+    type: Literal["sequential"] = "sequential"
+    max_duration_s: PositiveRate | None = Field(None, description=MAX_DURATION_DESCRIPTION)
 
 
 def sweep_values(v):
@@ -84,6 +93,7 @@ class ConcurrencyLoad(Strict):
     concurrency: Positive | list[Positive] = Field(description="a list sweeps: one cell per value")
     _sweep = field_validator("concurrency")(sweep_values)
     clients: Positive = Field(1, description=CLIENTS_DESCRIPTION + "; each keeps its share of the concurrency")
+    max_duration_s: PositiveRate | None = Field(None, description=MAX_DURATION_DESCRIPTION)
 
     @model_validator(mode="after")
     def _a_request_per_client(self) -> ConcurrencyLoad:
@@ -94,34 +104,60 @@ class ConcurrencyLoad(Strict):
         return self
 
 
-class PoissonLoad(Strict):
+class PoissonLoad(Generators):
     """Open loop: requests arrive at exponential intervals with mean 1/rate, whatever completes."""
     type: Literal["poisson"]
     rate: PositiveRate | list[PositiveRate] = Field(description="requests per second; a list sweeps")
     _sweep = field_validator("rate")(sweep_values)
     clients: Positive = Field(1, description=CLIENTS_DESCRIPTION)
+    max_duration_s: PositiveRate | None = Field(None, description=MAX_DURATION_DESCRIPTION)
 
 
-Load = Annotated[SequentialLoad | ConcurrencyLoad | PoissonLoad, Field(discriminator="type")]
+class TraceLoad(Strict):
+    """Open loop replaying a recorded trace (mooncake JSONL: timestamp ms, input_length, output_length, hash_ids):
+    request j of each repetition leaves at row j's time, with row j's lengths; rows sharing a hash_id share that
+    block of prompt. num_requests rows are replayed (the first ones)."""
+    type: Literal["trace"]
+    path: Path = Field(description="the trace, a JSONL file; relative to the scenario file")
+    speedup: PositiveRate = Field(1.0, description="replay this many times faster (2: half the gaps)")
+    block_tokens: Positive = Field(512, description="tokens of prompt per hash_id block")
+    max_duration_s: PositiveRate | None = Field(None, description=MAX_DURATION_DESCRIPTION)
 
 
-class SyntheticPrompts(Strict):
-    """Seeded prompts of common words, each exactly `input_tokens` long in the model's tokenizer.
+class CapacityLoad(Strict):
+    """The highest Poisson rate (or concurrency) at which the scenario's `slo` holds for `attainment` of the
+    requests: from `start`, doubled until a step fails, then bisected until the bracket is at most `tolerance` wide.
+    Each step sends num_requests fresh requests in the one engine start; `repetitions` does not apply."""
+    type: Literal["capacity"]
+    search: Literal["rate", "concurrency"] = Field("rate", description="what is searched: Poisson rate (req/s) "
+                                                                      "or closed-loop concurrency")
+    start: PositiveRate = Field(1.0, description="the first step's rate or concurrency")
+    attainment: float = Field(0.99, gt=0, le=1, description="share of requests that must meet the slo for a step "
+                                                            "to pass (failed requests do not meet it)")
+    tolerance: PositiveRate = Field(0.5, description="stop once passing and failing steps are this close (req/s, "
+                                                     "or concurrency, where the finest step is 1)")
+    max_steps: Positive = Field(12, description="at most this many steps; the bracket found so far is reported")
+    max_duration_s: PositiveRate | None = Field(None, description=MAX_DURATION_DESCRIPTION)
 
-    Other prompt sources (files, datasets) become further members of `PromptSource`, told apart by `type`.
-    """
-    type: Literal["synthetic"] = "synthetic"
+
+Load = Annotated[SequentialLoad | ConcurrencyLoad | PoissonLoad | TraceLoad | CapacityLoad,
+                 Field(discriminator="type")]
 
 
-PromptSource = Annotated[SyntheticPrompts, Field(discriminator="type")]
+# The sources' schemas are in harness/config/prompts.py, multi-turn sessions' in harness/config/conversation.py.
+PromptSource = Annotated[SyntheticPrompts | FilePrompts | DocumentPrompts | SharedPrefixPrompts | ConversationPrompts,
+                         Field(discriminator="type")]
+Length = Positive | LengthDist
 
 
 class Workload(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.,=\[\]-]*$")  # brackets: the names sweeps give
-    input_tokens: Positive | list[Positive] = Field(
-        description="exact prompt length in the model's tokenizer, special tokens included; a list sweeps")
-    output_tokens: Positive | list[Positive] = Field(
-        description="exact where the engine allows (ignore_eos / min_tokens); a list sweeps")
+    input_tokens: Length | list[Positive] | None = Field(
+        None, description="exact prompt length in the model's tokenizer, special tokens included; a list sweeps; "
+                          "{dist: ...} draws one per request; a file source needs it only to truncate")
+    output_tokens: Length | list[Positive] = Field(
+        description="exact where the engine allows (ignore_eos / min_tokens); a list sweeps; {dist: ...} draws one "
+                    "per request")
     num_requests: Positive | list[Positive]
     load: Load = Field(default_factory=SequentialLoad)
     warmup_requests: int = Field(1, ge=0, description="sent before measuring, excluded from every metric")
@@ -132,6 +168,23 @@ class Workload(Strict):
                                          "their requests fail; default: the scenario's max_error_rate")
 
     _sweep = field_validator("input_tokens", "output_tokens", "num_requests")(sweep_values)
+
+    @model_validator(mode="after")
+    def _lengths_fit_the_source(self) -> Workload:
+        source = self.prompts
+        if self.input_tokens is None:
+            # A file brings its own prompts, a trace its own lengths: the other sources build to input_tokens.
+            needed = source.type == "file" and source.truncate
+            if needed or (source.type in ("synthetic", "document", "shared_prefix") and self.load.type != "trace"):
+                raise ValueError(f"input_tokens is required with prompts of type {source.type}"
+                                 + (" and truncate: true" if needed else ""))
+        if source.type == "shared_prefix" and self.input_tokens is not None:
+            shortest = min(length_bounds(v)[0] for v in
+                           (self.input_tokens if isinstance(self.input_tokens, list) else [self.input_tokens]))
+            if source.prefix_tokens >= shortest:
+                raise ValueError(f"prompts.prefix_tokens ({source.prefix_tokens}) must be below input_tokens "
+                                 f"({shortest}): each request adds its own suffix")
+        return self
 
     def expand(self) -> list[ConcreteWorkload]:
         """One concrete workload per combination of swept values (lists), named e.g. `short[input_tokens=1024]`."""
@@ -184,7 +237,9 @@ class Scenario(Strict):
                                      "throughputs vary more than this (coefficient of variation) is marked unstable")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="request i is sampled with seed + i: engines take 32 bits")
     slo: SLO = Field(default_factory=SLO)
-    record_outputs: bool = Field(False, description="keep every request's output token ids in requests.jsonl")
+    record_outputs: bool = Field(False, description="keep every request's output text, and its token ids where the "
+                                 "engine gives them, in requests.jsonl; with two or more greedy backends on one "
+                                 "model, results.json and the report compare their answers (agreement)")
     output: Path | None = Field(None, description="results folder; `--out` overrides; default results/<name>")
     resources: Resources = Field(default_factory=Resources)
     cell_timeout_s: float = Field(3600, gt=0, description="a cell's worker is killed after this long")
@@ -199,6 +254,20 @@ class Scenario(Strict):
             for m in b.models or []:
                 if m not in self.models:
                     raise ValueError(f"backend {b.name!r} names unknown model {m!r}; known: {', '.join(self.models)}")
+        return self
+
+    @model_validator(mode="after")
+    def _what_loads_need(self) -> Scenario:
+        for i, w in enumerate(self.workloads):
+            if isinstance(w.load, CapacityLoad) and not any(self.slo.model_dump().values()):
+                raise ValueError(f"workloads[{i}].load: a capacity search needs the scenario's slo (ttft_ms, "
+                                 f"tpot_ms or e2el_ms): the level it finds the highest load for")
+            if w.prompts.type == "conversation" and senders(w.load) > 1:
+                raise ValueError(f"workloads[{i}].load: a conversation's sessions run in the worker, which renders "
+                                 f"each turn with its tokenizer: one load generator only (no clients or generators)")
+            if isinstance(w.load, TraceLoad) and w.prompts.type != "synthetic":
+                raise ValueError(f"workloads[{i}].prompts: a trace gives its requests' prompts (their lengths and "
+                                 f"shared blocks); expected type synthetic, got {w.prompts.type}")
         return self
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ class TokenEvent:
     t: float
     n_tokens: int = 1
     token_ids: list[int] | None = None
+    text: str | None = None  # the chunk's decoded text, where the engine gives it (record_outputs keeps it)
 
 
 @dataclass

@@ -35,6 +35,15 @@ class Resources(Strict):
         return v
 
 
+class Placement(Strict):
+    """Where a backend's cells may run under `bench run --executor ray`: what each cell's Ray task asks of a node."""
+    num_gpus: float = Field(0, ge=0, description="GPUs each cell of this backend holds (Ray sets CUDA_VISIBLE_DEVICES)")
+    num_cpus: float = Field(1, ge=0, description="CPUs each cell holds on its node")
+    accelerator_type: str | None = Field(None, description="a Ray accelerator type the node must have, e.g. A10G, H100")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the node must offer, "
+                                        "e.g. {node_a: 1} as declared by `ray start --resources`")
+
+
 class BackendSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=NAME_MAX)
     kind: str = Field(description="the backend kind; `bench validate` lists the known ones on a typo")
@@ -45,6 +54,8 @@ class BackendSpec(Strict):
     python: Path | None = Field(None, description="run this backend's worker with another interpreter (its own venv)")
     models: list[str] | None = Field(None, description="restrict this backend to these models")
     resources: Resources | None = None
+    placement: Placement = Field(default_factory=Placement, description="with --executor ray: the resources each "
+                                 "cell's Ray task needs (docs/scale-out.md); ignored by a local run")
 
     @field_validator("url")
     @classmethod

@@ -68,6 +68,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=8, head_dim=128, vocab_size=32768, max_position_embeddings=32768, rope_theta=1000000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16", bpe_vocab=16384, sliding_window=None),
 }
+# tiny-llama with a context for 32k-token documents plus their answers (scenarios/documents.yaml): as small and fast.
+PRESETS["tiny-llama-40k"] = dict(PRESETS["tiny-llama"], max_position_embeddings=40960)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 MAX_SHARD_BYTES = 2 * 2**30
 
@@ -165,7 +167,7 @@ def write_tokenizer(out_dir: Path, vocab_size: int, bpe_vocab: int, seed: int) -
     import numpy as np
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from harness.inputs.prompts import WORDS
+    from harness.inputs.exact import WORDS
 
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))

@@ -1,8 +1,10 @@
-"""Seeded prompts of an exact token length in the model's own tokenizer.
+"""A cell's prompts file: one `PromptEntry` per request, in order (the warm-ups, then each repetition's
+num_requests), built with the model's own tokenizer from the workload's prompt source (harness/config/prompts.py).
+Two runs with the same seed send the same prompts to every backend.
 
-Prompts are built from words that are single tokens in that tokenizer, with and without a leading space, so
-the length is exact by construction; the result is checked by re-encoding. Two runs with the same seed send
-the same prompts to every backend.
+Every repetition gets fresh prompts (fresh documents and prefixes too): a prefix cache must not make later
+repetitions look faster. Lengths drawn from a distribution are drawn here, seeded, and kept in the file (the prompt's
+own token_ids, and max_tokens).
 
 They are built in a subprocess of the runner (`python -m harness.inputs.prompts`), under the cell's timeout once the
 tokenizer is loaded: the runner never loads a tokenizer, so it stays small, and a huge num_requests cannot stall it
@@ -11,88 +13,173 @@ outside any timeout.
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from harness.core.errors import BackendError
+from harness.config.prompts import LengthDist
+from harness.config.scenario import TraceLoad, Workload
 from harness.core.files import atomic_write
+from harness.inputs import documents
+from harness.inputs.exact import Exact, PromptError
+from harness.inputs.files import DataFileError, Row, read_rows
+from harness.inputs.lengths import draw_lengths
+from harness.inputs.conversation import conversation_entries
+from harness.inputs.trace import trace_prompts
+from harness.records import PROMPT_FILE, PromptEntry
 
-# Common English words: single tokens in real tokenizers, and the seed corpus of our synthetic ones.
-WORDS = """the of and to in is was for on that with as by at from his it an were are which this be or has had not
-but first one their its new after who they have her she two been other when there all during into school time may
-years more most only over city some world would where later up such used many can state about national out known
-university united then made team long three part between well since would both under year early war these while
-game series new high work film music then name people group home played back around area second main number south
-north based life four river season since under city county end field line water house park road power family small
-west east large public later light great old order form left day night sea land book word point story art air car
-case city world song band city hand head life page plan rule side sound space study test town unit view wall way
-week white black red blue green gold king law love man men model open paper place price rate real rock role room
-show stage star store track trade tree turn voice wave wind wood young lake hill ship club data note food""".split()
-WORDS = list(dict.fromkeys(WORDS))
+__all__ = ["PromptError", "make_prompts", "write_prompts"]
 
 
-class PromptError(BackendError):
-    """The prompts cannot be built: the cell fails with this message, the others run."""
+def segments(workload: Workload, count: int) -> list[range]:
+    """The requests of the warm-up, then of each repetition: what shares a document or prefix stays inside one."""
+    w, n = workload.warmup_requests, workload.num_requests
+    starts = [0, *range(w, count, n)] if w else list(range(0, count, n))
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], count]) if b > a]
 
 
-@dataclass
-class Prompt:
-    text: str
-    token_ids: list[int]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def single_token_words(tokenizer) -> list[str]:
-    def one(text: str) -> bool:
-        return len(tokenizer.encode(text, add_special_tokens=False)) == 1
-
-    return [w for w in WORDS if one(w) and one(" " + w)]
-
-
-def make_prompts(tokenizer, count: int, input_tokens: int, seed: int) -> list[Prompt]:
-    """`count` prompts of exactly `input_tokens` tokens, special tokens the tokenizer adds included."""
-    n_special = len(tokenizer.encode("hello", add_special_tokens=True)) - len(tokenizer.encode("hello", add_special_tokens=False))
-    n_words = input_tokens - n_special
-    if n_words < 1:
-        raise PromptError(f"input_tokens={input_tokens} leaves no room for text after {n_special} special token(s)")
-    words = single_token_words(tokenizer)
-    if len(words) < 20:
-        raise PromptError(f"the tokenizer has only {len(words)} single-token common words; cannot build exact prompts")
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for _ in range(count):
-        text = " ".join(rng.choice(words, size=n_words))
-        ids = tokenizer.encode(text, add_special_tokens=True)
-        if len(ids) != input_tokens:
-            raise PromptError(f"built a prompt of {len(ids)} tokens instead of {input_tokens}: the tokenizer merges across words")
-        prompts.append(Prompt(text, ids))
-    return prompts
+def make_prompts(tokenizer, workload: Workload, count: int, seed: int) -> list[PromptEntry]:
+    """`count` entries for the workload; raises PromptError when they cannot be built."""
+    # One stream per purpose: changing how texts are drawn must not change the lengths drawn, and back.
+    lengths_rng, text_rng = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
+    exact = Exact(tokenizer, text_rng)
+    source = workload.prompts
+    if isinstance(workload.load, TraceLoad):  # the trace gives each request's lengths and send time
+        return trace_prompts(exact, workload.load, workload.warmup_requests, workload.num_requests, count, seed)
+    if source.type == "file":
+        entries = _from_file(exact, workload, count, lengths_rng)
+    else:
+        inputs = draw_lengths(workload.input_tokens, count, lengths_rng)
+        build = {"synthetic": _synthetic, "document": _documents, "shared_prefix": _shared_prefix,
+                 "conversation": _conversation}[source.type]
+        entries = build(exact, workload, count, inputs)
+    if isinstance(workload.output_tokens, LengthDist):
+        for e, n in zip(entries, draw_lengths(workload.output_tokens, count, lengths_rng)):
+            if e.max_tokens is None:  # a length from the data comes first
+                e.max_tokens = n
+    return entries
 
 
-def write_prompts(path: Path, model_path: Path, count: int, input_tokens: int, seed: int) -> None:
-    """Build the prompts with the model's own tokenizer and write them (text, token_ids) to `path`; says "tokenizer
-    loaded" on stdout before building (the runner times building apart from loading)."""
+def _entry(exact: Exact, text: str, **kw) -> PromptEntry:
+    return PromptEntry(text=text, token_ids=exact.encode(text), **kw)
+
+
+def _conversation(exact: Exact, workload: Workload, count: int, inputs: list[int]) -> list[PromptEntry]:
+    return conversation_entries(exact, workload.prompts, segments(workload, count), inputs, exact.rng)
+
+
+def _synthetic(exact: Exact, workload: Workload, count: int, inputs: list[int]) -> list[PromptEntry]:
+    return [_entry(exact, exact.padded("", n, "a prompt")) for n in inputs]
+
+
+def _shared_prefix(exact: Exact, workload: Workload, count: int, inputs: list[int]) -> list[PromptEntry]:
+    source, out = workload.prompts, []
+    for seg in segments(workload, count):
+        base = len(out) and (out[-1].group + 1)
+        groups = min(source.prefixes, len(seg))
+        prefixes = [exact.padded("", source.prefix_tokens + exact.n_special, "a prefix") for _ in range(groups)]
+        for j, i in enumerate(seg):
+            g = j % groups
+            out.append(_entry(exact, exact.padded(prefixes[g], inputs[i], "a prompt"), group=base + g))
+    return out
+
+
+QUESTION = "\n\nQuestion: {}\nAnswer:"
+QUESTION_TOKENS = 24  # about the longest question: the document is generated to what remains
+CHARS_PER_TOKEN = 4.0  # a first guess at how long a generated document must be; checked, and doubled when short
+
+
+def _documents(exact: Exact, workload: Workload, count: int, inputs: list[int]) -> list[PromptEntry]:
+    source, rng, out = workload.prompts, exact.rng, []
+    user_docs = [Path(f).read_text(errors="replace") for f in source.files or []]
+    group = 0
+    for seg in segments(workload, count):
+        for first in range(seg.start, seg.stop, source.questions_per_document):
+            members = range(first, min(first + source.questions_per_document, seg.stop))
+            total = inputs[first]
+            room = total - exact.n_special - QUESTION_TOKENS
+            if room < 1:
+                raise PromptError(f"input_tokens={total} leaves no room for a document before its question")
+            if user_docs:
+                doc = user_docs[group % len(user_docs)]
+            else:
+                chars = room * CHARS_PER_TOKEN
+                while exact.count_plain(doc := documents.generate(source.kind, rng, int(chars))) < room + 64:
+                    chars *= 2
+            # The questions name what this document has (its clauses, visit dates, error times).
+            asked = documents.questions(source.kind, rng, len(members), exact.cut(doc, room))
+            suffixes = [QUESTION.format(q) for q in asked]
+            room = total - exact.n_special - exact.count_plain(suffixes[0])
+            if user_docs and exact.count_plain(doc) < room:
+                text = doc  # the user's document is shorter than input_tokens: sent whole
+            else:
+                # Cut so that the first question's prompt has exactly input_tokens; the others differ by the
+                # length of their question, and all share the document as their prefix.
+                text = exact.fit(lambda k: exact.cut(doc, k) + suffixes[0], total, room, "a document")
+                text = text[:len(text) - len(suffixes[0])]
+            out += [_entry(exact, text + s, group=group) for s in suffixes]
+            group += 1
+    return out
+
+
+def _from_file(exact: Exact, workload: Workload, count: int, lengths_rng) -> list[PromptEntry]:
+    """The file's rows in order, from the top again once they run out."""
+    source = workload.prompts
+    try:
+        rows = read_rows(Path(source.path))
+    except DataFileError as e:
+        raise PromptError(f"prompts.path: {e}") from None
+    limits = draw_lengths(workload.input_tokens, count, lengths_rng) if source.truncate else None
+    out = []
+    for i in range(count):
+        row = rows[i % len(rows)]
+        text, special = _render(exact.tokenizer, row)
+        messages = row.messages
+        ids = exact.tokenizer.encode(text, add_special_tokens=special)
+        if limits is not None and len(ids) > limits[i]:
+            # Cut as text (what is sent), then encoded again: the cut prompt is the rendered chat's head.
+            text, messages = exact.cut(text, limits[i] - (exact.n_special if special else 0)), None
+            ids = exact.tokenizer.encode(text, add_special_tokens=special)
+        out.append(PromptEntry(text=text, token_ids=ids, messages=messages,
+                               max_tokens=_data_output(exact, row) if source.output_from == "data" else None))
+    return out
+
+
+def _render(tokenizer, row: Row) -> tuple[str, bool]:
+    """The prompt as text, and whether encoding it should add the special tokens (a chat template adds its own)."""
+    if row.messages is None:
+        return row.prompt, True
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True), False
+    return "\n".join(f"{m['role']}: {m['content']}" for m in row.messages) + "\nassistant:", True
+
+
+def _data_output(exact: Exact, row: Row) -> int | None:
+    if row.output_tokens is not None:
+        return row.output_tokens
+    return max(exact.count_plain(row.reference), 1) if row.reference else None
+
+
+def write_prompts(path: Path, model_path: Path, count: int, seed: int, workload: Workload) -> None:
+    """Build the prompts with the model's own tokenizer and write them to `path`; says "tokenizer loaded" on stdout
+    before building (the runner times building apart from loading)."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         print("tokenizer loaded", flush=True)
-        prompts = make_prompts(tokenizer, count, input_tokens, seed)
+        entries = make_prompts(tokenizer, workload, count, seed)
     except (OSError, ValueError) as e:
         raise PromptError(str(e)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps([p.to_dict() for p in prompts]))
+    atomic_write(path, PROMPT_FILE.dump_json(entries, exclude_none=True).decode())
 
 
-if __name__ == "__main__":  # python -m harness.inputs.prompts PATH MODEL_PATH COUNT INPUT_TOKENS SEED
+if __name__ == "__main__":  # python -m harness.inputs.prompts PATH MODEL_PATH COUNT SEED WORKLOAD_JSON
     try:
-        write_prompts(Path(sys.argv[1]), Path(sys.argv[2]), *map(int, sys.argv[3:6]))
+        write_prompts(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                      Workload.model_validate_json(sys.argv[5]))
     except PromptError as e:
         print(e, file=sys.stderr)
         sys.exit(2)

@@ -45,6 +45,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def node() -> dict[str, Any]:
+    """The machine a cell ran on, recorded with the cell: a run spread over a cluster has one per node."""
+    info = gpus()
+    return {"hostname": platform.node(),
+            "gpus": [d["name"] for d in info.get("devices", [])],
+            "driver": info.get("driver")}
+
+
 def collect() -> dict[str, Any]:
     return {
         "llmbench": {"version": harness.__version__, "git_sha": git_sha()},

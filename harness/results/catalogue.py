@@ -58,6 +58,10 @@ CATALOGUE: dict[str, Metric] = {m.key: m for m in [
     Metric("loop_lag_ms", "event-loop lag", "ms", None, "distribution", "{:.2f}", gates=False),
     Metric("ttft_p99_cv", "TTFT p99 spread (CV over repetitions)", "ratio", "lower", "cell", "{:.3g}", floor=0.01,
            gates=False),
+    # A capacity search's answer (load: capacity): the highest load at which the slo held; one number per cell, its
+    # uncertainty the bracket (the failing step above it), not a CI over repetitions, so the gate does not judge it.
+    Metric("capacity_rps", "capacity at the SLO", "req/s", "higher", "cell", "{:.2f}", gates=False,
+           short="capacity"),
     Metric("load_time_s", "load time", "s", "lower", "cell", "{:.2f}", gates=False),
     # One-off work before loading whose result later runs reuse (a GGUF conversion): context, not a merit.
     Metric("prepare_time_s", "one-off preparation (e.g. GGUF conversion)", "s", None, "cell", "{:.2f}", gates=False,

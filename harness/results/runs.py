@@ -232,6 +232,7 @@ class Metric:
 # Cell-scope metrics of the catalogue: how each is read from a cell, and the words naming it in `unavailable`.
 CELL_READERS: dict[str, tuple[Callable[[CellView], float | None], tuple[str, ...]]] = {
     "ttft_p99_cv": (lambda c: c.metric("ttft_p99_cv"), ()),
+    "capacity_rps": (lambda c: c.cell.capacity.capacity_rps if c.cell.capacity else None, ()),
     "load_time_s": (lambda c: c.cell.load_time_s, ()),
     "prepare_time_s": (lambda c: c.cell.prepare_time_s, ()),
     "peak_vram_bytes": (lambda c: c.peak_vram[0], ("vram", "gpu")),

@@ -22,6 +22,7 @@ from harness.core.processes import kill_leftover_groups
 from harness.core.redact import Redactor
 from harness.measure import environment
 from harness.records import SCHEMA_VERSION, CellResult, RunResult, load_run
+from harness.results.agreement import agreement
 
 
 class OutputError(UserError):
@@ -109,6 +110,11 @@ class ResultsStore:
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e.strerror or e}; the copy written before, if any, is kept "
                               f"whole") from None
+
+    def compare_outputs(self) -> None:
+        """Whether the backends answered alike (harness/results/agreement.py), once every cell is in."""
+        self.run.agreement = agreement(self.run, self.out)
+        self.save()
 
     def write_requests(self) -> None:
         """The run-level requests.jsonl: every cell's records, each line tagged with its cell. Once, at the end."""

@@ -1,4 +1,5 @@
-"""Load patterns: when each request is sent. Sequential, fixed concurrency (closed loop), Poisson arrivals (open loop).
+"""Load patterns: when each request is sent. Sequential, fixed concurrency (closed loop), Poisson arrivals or a
+replayed trace's (open loop). A capacity search (harness/run/capacity.py) runs one of these per step.
 
 A backend that serves fewer requests at once than the load asks (Capabilities.max_concurrency) gets them queued here:
 at most that many are in flight, the others wait their turn, and the worker records the cap in the results.
@@ -6,25 +7,36 @@ at most that many are in flight, the others wait their turn, and the worker reco
 Every request is handed to `send` with the time it was meant to leave (its scheduled time, on the cell's clock
 `harness.core.events.now`): the reducer reports the dispatch lag (schedule → send) and the achieved rate from it.
 With `load.clients: N` the load is split across N client processes: each runs `run_load` on its `ClientShare`.
+
+With `max_duration_s` no request arrives (open loop) or leaves (closed loop) later than that after t0: the ones in
+flight then finish and are measured (cutting them would record failures the engine did not make), as do those that
+arrived in time and wait for a backend's max_concurrency; the ones not sent come back as None.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
-from harness.config.scenario import ConcurrencyLoad, Load, PoissonLoad
+from harness.config.scenario import CapacityLoad, ConcurrencyLoad, Load, PoissonLoad, TraceLoad
 from harness.core.events import now
 
 R = TypeVar("R")
 T = TypeVar("T")
 
 MAX_OPEN_CONNECTIONS = 256
+
+# When a request of an open loop arrived, if it then waited for the backend's max_concurrency: read by `send` (in the
+# request's own task) to record it, since that wait is what a user of the engine would wait (a capacity search's slo
+# counts it), though it is not the client's dispatch lag.
+QUEUED_AT: ContextVar[float | None] = ContextVar("QUEUED_AT", default=None)
 
 
 @dataclass(frozen=True)
@@ -53,49 +65,92 @@ def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
     return offsets.tolist()
 
 
+OPEN_LOOPS = (PoissonLoad, TraceLoad)
+
+
 def load_width(load: Load) -> int | None:
-    """How many requests the load keeps in flight at most; None for an open loop (no bound)."""
-    if isinstance(load, PoissonLoad):
+    """How many requests the load keeps in flight at most; None for an open loop (no bound) or a capacity search
+    (each step has its own)."""
+    if isinstance(load, (*OPEN_LOOPS, CapacityLoad)):
         return None
     return load.concurrency if isinstance(load, ConcurrencyLoad) else 1
 
 
 def connections_needed(load: Load, max_concurrency: int | None, latency_s: float | None,
-                       share: ClientShare = ClientShare()) -> int:
+                       share: ClientShare = ClientShare(), rate: float | None = None) -> int:
     """How many connections a client opens before the load: its share of the load's width; for an open loop, twice
-    the requests in flight on average (Little's law: rate × latency, `latency_s` from the warm-up) for the bursts."""
+    the requests in flight on average (Little's law: rate × latency, `latency_s` from the warm-up) for the bursts.
+    `rate`: an open loop's mean rate where the load does not say it (a trace's)."""
     width = load_width(load)
     if width is None:
-        width = math.ceil(2 * load.rate * (latency_s or 1.0)) + 1
+        width = math.ceil(2 * (rate or getattr(load, "rate", 1.0)) * (latency_s or 1.0)) + 1
     if max_concurrency is not None:
         width = min(width, max_concurrency)
     return max(1, min(share.width(width), MAX_OPEN_CONNECTIONS))
 
 
 async def sleep_until(t: float) -> None:
-    await asyncio.sleep(max(0.0, t - now()))
+    """Until `t` on the cell's clock. The loop's timer is set at `t` moved onto the loop's clock by one shift, read
+    once per loop, rather than by a delay from a fresh reading: a preemption between two readings would move one
+    request's timer alone, and two requests due 1 ms apart could leave in the wrong order."""
+    loop = asyncio.get_running_loop()
+    when = t + _shift(loop)
+    if when <= loop.time():
+        return
+    woken = loop.create_future()
+    timer = loop.call_at(when, woken.set_result, None)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+
+
+_SHIFTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, float] = weakref.WeakKeyDictionary()
+
+
+def _shift(loop: asyncio.AbstractEventLoop) -> float:
+    """The loop's clock minus the cell's (both monotonic: 0 where they are one clock), read once per loop."""
+    if loop not in _SHIFTS:
+        _SHIFTS[loop] = loop.time() - now()
+    return _SHIFTS[loop]
+
+
+def trace_rate(arrivals: list[float]) -> float | None:
+    """A replayed trace's mean rate (req/s), for sizing the connections."""
+    return (len(arrivals) - 1) / arrivals[-1] if len(arrivals) > 1 and arrivals[-1] > 0 else None
 
 
 async def run_load(load: Load, items: list[T], send: Callable[[T, float], Awaitable[R]], seed: int = 0,
                    max_concurrency: int | None = None, share: ClientShare = ClientShare(),
-                   t0: float | None = None) -> list[R]:
+                   t0: float | None = None, arrivals: list[float] | None = None) -> list[R | None]:
     """Send this client's share of the items under the load pattern, from t0 (default: now); `send(item,
-    t_scheduled)`. Results come back in item order."""
+    t_scheduled)`. `arrivals`: a trace's send times (s after t0), one per item. Results come back in item order;
+    None for an item not sent before max_duration_s."""
     mine = share.items(items)
     t0 = now() if t0 is None else t0
-    if isinstance(load, PoissonLoad):
+    deadline = t0 + load.max_duration_s if load.max_duration_s is not None else math.inf
+    if isinstance(load, OPEN_LOOPS):
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
-        async def at(t: float, item: T) -> R:
+        async def at(t: float, item: T) -> R | None:
+            if t > deadline:
+                return None
             await sleep_until(t)
             if gate is None:
                 return await send(item, t)
             queued = gate.locked()
-            async with gate:
+            async with gate:  # arrived in time: it is served, however long the backend's cap holds it
+                if queued:
+                    QUEUED_AT.set(t)
                 # Waiting for the backend's declared cap is the server's limit, not the client's lag.
                 return await send(item, now() if queued else t)
 
-        offsets = share.items(poisson_offsets(len(items), load.rate, seed))
+        if isinstance(load, TraceLoad):
+            if arrivals is None or len(arrivals) != len(items):
+                raise ValueError("a trace load needs one arrival time per item")
+            offsets = share.items(arrivals)
+        else:
+            offsets = share.items(poisson_offsets(len(items), load.rate, seed))
         return list(await asyncio.gather(*(at(t0 + o, it) for o, it in zip(offsets, mine))))
 
     width = share.width(load_width(load))
@@ -107,7 +162,9 @@ async def run_load(load: Load, items: list[T], send: Callable[[T, float], Awaita
     async def worker() -> None:
         await sleep_until(t0)
         for i, item in queue:  # a shared iterator: each worker takes the next item as soon as it is free
+            if now() > deadline:
+                return
             results[i] = await send(item, now())
 
     await asyncio.gather(*(worker() for _ in range(min(width, len(mine)))))
-    return results  # type: ignore[return-value]
+    return results

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from harness.config.prompts import input_files
 from harness.config.scenario import Cell, Scenario, safe_name
 from harness.core.errors import BackendError
 from harness.core.processes import log_tail
 from harness.inputs.models import synthetic_dir
 from harness.inputs.prompts import PromptError
 from harness.records import CellPlan
+from harness.run.capacity import runs_of
 from own_engine.units import parse_size
 
 
@@ -44,7 +46,7 @@ class CellPlanner:
         return CellPlan(cell=cell, backend=backend, model_name=cell.model, model_path=model_path, workload=workload,
                         prompts_file=self.prompts_file(cell.model, model_path, workload),
                         repetitions=self.scenario.repetitions, seed=self.scenario.seed,
-                        record_outputs=self.scenario.record_outputs, resources=resources,
+                        record_outputs=self.scenario.record_outputs, resources=resources, slo=self.scenario.slo,
                         vram_budget=parse_size(resources.vram_budget), attempt=uuid.uuid4().hex)
 
     def model_path(self, name: str) -> Path:
@@ -72,17 +74,21 @@ class CellPlanner:
         return path
 
     def prompts_file(self, model: str, model_path: Path, workload) -> Path:
-        """Built once per model, prompt length and count (cells that differ in nothing else share them), in a
-        subprocess (a tokenizer would make the runner big); named after all that decides them, so a file another run
-        left is never misread."""
-        count = workload.warmup_requests + workload.num_requests * self.scenario.repetitions
-        args = [str(model_path), str(count), str(workload.input_tokens), str(self.scenario.seed)]
-        digest = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:10]
-        path = self.out / "prompts" / f"{safe_name(model)}__{workload.input_tokens}x{count}-{digest}.json"
+        """Built once per model, workload and count (cells that differ in nothing else share them), in a subprocess
+        (a tokenizer would make the runner big); named after all that decides them, the input files' sizes and
+        times included, so a file another run left is never misread."""
+        count = workload.warmup_requests + workload.num_requests * runs_of(workload.load, self.scenario.repetitions)
+        args = [str(model_path), str(count), str(self.scenario.seed), workload.model_dump_json(exclude_unset=True)]
+        # The name (a sweep's, say) decides nothing: workloads that differ only in it share their prompts.
+        decides = [args[:3], workload.model_dump(mode="json", exclude={"name", "max_error_rate"}),
+                   [_stamp(f) for f in input_files(workload)]]
+        digest = hashlib.sha256(json.dumps(decides).encode()).hexdigest()[:10]
+        size = workload.input_tokens if isinstance(workload.input_tokens, int) else workload.prompts.type
+        path = self.out / "prompts" / f"{safe_name(model)}__{size}x{count}-{digest}.json"
         if path not in self.prompt_files and path.is_file():
             self.prompt_files[path] = None  # an earlier run built the same prompts
         if path not in self.prompt_files:
-            with self.console.status(f"building {count} prompts of {workload.input_tokens} tokens for {model}"):
+            with self.console.status(f"building {count} prompts ({workload.prompts.type}, {size}) for {model}"):
                 problem = self.build_prompts(path, args)
             self.prompt_files[path] = problem and PromptError(f"cannot build prompts for model {model!r}: {problem}")
         if self.prompt_files[path] is not None:
@@ -111,3 +117,11 @@ class CellPlanner:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+
+
+def _stamp(path: Path) -> list:
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path)]  # the builder says it is missing
+    return [str(path), st.st_size, st.st_mtime_ns]

@@ -4,31 +4,53 @@ worker subprocess), worker.py (inside it), results/metrics.py (the reducer), res
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config.load import ScenarioError, check_reachable
-from harness.config.scenario import Cell, Scenario
-from harness.core.errors import BackendError
+from harness.config.scenario import CapacityLoad, Cell, Scenario
 from harness.core.redact import Redactor
 from harness.records import CellResult, WorkerReport, load_run, read_requests
+from harness.results.capacity import operating_point, reduce_capacity
 from harness.results.metrics import background_note, reduce_cell, too_many_errors
 from harness.results.store import OutputError, ResultsStore
 from harness.results.summary import print_summary, write_summary
+from harness.run.attempt import Attempt, attempt_cell
+from harness.run.capacity import runs_of
 from harness.run.plan import CellPlanner
-from harness.run.process import Interrupted, describe_exit, interruptible, run_worker
+from harness.run.process import Interrupted, describe_exit, interruptible
+
+
+class Executor(Protocol):
+    """Where cells run: one after another here (LocalExecutor), or across a Ray cluster (ray_executor.py). It yields
+    each cell's result as it ends, keeping `runner.in_flight` to the cells started and not yet yielded."""
+
+    def results(self, runner: Runner, cells: list[Cell], progress: Progress) -> Iterator[CellResult]: ...
+
+
+class LocalExecutor:
+    """The default: each cell on this machine, in order."""
+
+    def results(self, runner: Runner, cells: list[Cell], progress: Progress) -> Iterator[CellResult]:
+        for cell in cells:
+            runner.in_flight = [cell]
+            result = runner.run_cell(cell, progress)
+            runner.in_flight = []  # an interruption from here on must not relabel a finished cell
+            yield result
 
 
 class Runner:
     def __init__(self, scenario: Scenario, source: str, out: Path, only_backends: list[str] | None = None,
-                 resume: bool = False, console: Console | None = None, force: bool = False):
+                 resume: bool = False, console: Console | None = None, force: bool = False,
+                 executor: Executor | None = None):
         unknown = set(only_backends or []) - {b.name for b in scenario.backends}
         if unknown:
             raise ScenarioError(f"--backend: unknown backend {', '.join(sorted(unknown))}; "
@@ -42,7 +64,8 @@ class Runner:
         self.redact = Redactor(scenario.model_dump(mode="json"))
         self.store = ResultsStore(out, scenario.model_dump(mode="json"), source, resume, self.redact, force)
         self.planner = CellPlanner(scenario, out, self.console)
-        self.in_flight: Cell | None = None
+        self.executor = executor or LocalExecutor()
+        self.in_flight: list[Cell] = []
 
     def run(self) -> int:
         """Exit code: 0 all cells ok, 1 some failed, 130 interrupted (SIGINT or SIGTERM: the cell in flight is stopped
@@ -51,9 +74,9 @@ class Runner:
             try:
                 return self.run_all()
             except Interrupted as e:
-                if self.in_flight is not None:
-                    why = "interrupted by the user" if e.signal == signal.SIGINT else f"interrupted by {e.signal.name}"
-                    self.store.put(self.failed(self.in_flight, why), [c.id for c in self.cells])
+                why = "interrupted by the user" if e.signal == signal.SIGINT else f"interrupted by {e.signal.name}"
+                for cell in self.in_flight:
+                    self.store.put(self.failed(cell, why), [c.id for c in self.cells])
                 self.store.write_requests()
                 self.console.print(f"[red]interrupted[/red] ({e.signal.name}): results so far are in {self.store.path}")
                 return 130
@@ -73,13 +96,11 @@ class Runner:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=False) as progress:
             cells_task = progress.add_task("cells", total=len(todo))
-            for cell in todo:
-                self.in_flight = cell
-                result = self.run_cell(cell, progress)
-                self.in_flight = None  # an interruption from here on must not relabel a finished cell
+            for result in self.executor.results(self, todo, progress):
                 self.store.put(result, order)
                 progress.advance(cells_task)
         self.store.write_requests()
+        self.store.compare_outputs()
         run = load_run(self.store.path)  # as stored: secrets masked
         print_summary(run, self.console)
         write_summary(run, self.out / "summary.md")
@@ -96,28 +117,38 @@ class Runner:
 
     def run_cell(self, cell: Cell, progress: Progress) -> CellResult:
         cell_dir = self.store.fresh_cell_dir(cell.id)
+        spec = self.scenario.workload(cell.workload).spec  # a capacity search: at most max_steps runs
+        task = progress.add_task(f"  {cell.id}",
+                                 total=spec.num_requests * runs_of(spec.load, self.scenario.repetitions))
         try:
-            plan = self.planner.plan(cell)
-        except BackendError as e:
-            return self.failed(cell, str(e))
-        (cell_dir / "cell.json").write_text(json.dumps(self.redact(plan.model_dump(mode="json")), indent=1))
-        task = progress.add_task(f"  {cell.id}", total=plan.workload.num_requests * plan.repetitions)
-        try:
-            exit_code, log_tail = run_worker(plan.backend.python, cell_dir, self.scenario.cell_timeout_s,
-                                             lambda: progress.advance(task), plan.model_dump_json())
+            attempt = attempt_cell(self.planner, cell, cell_dir, self.scenario.cell_timeout_s,
+                                   lambda: progress.advance(task), self.redact)
         finally:
             progress.remove_task(task)
+        return self.collect(cell, cell_dir, attempt)
+
+    def collect(self, cell: Cell, cell_dir: Path, attempt: Attempt) -> CellResult:
+        """The cell's result from what its worker wrote into cell_dir (here, or shipped back from a node)."""
+        if attempt.error is not None:
+            return self.failed(cell, attempt.error, attempt.node)
+        exit_code, log_tail = attempt.exit_code, attempt.log_tail
         report_file = cell_dir / "worker.json"
         report = WorkerReport.model_validate_json(report_file.read_text()) if report_file.exists() else None
         if report is None or report.status != "ok" or exit_code != 0:
             why = exit_code if isinstance(exit_code, str) else (report and report.error) or describe_exit(exit_code)
-            failed = self.failed(cell, why + (f"\n--- worker log (tail) ---\n{log_tail}" if log_tail else ""))
+            failed = self.failed(cell, why + (f"\n--- worker log (tail) ---\n{log_tail}" if log_tail else ""),
+                                 attempt.node)
             if report is not None and report.resources is not None:
                 failed = failed.model_copy(update=self.measured(cell, report))
             return failed
         records = read_requests(cell_dir / "requests.jsonl")
-        reduced = reduce_cell(records, self.scenario.repetitions, self.scenario.slo, self.scenario.max_repetition_cv,
-                              plan.workload.load, report.loop_lag_ms, capped=report.concurrency_cap is not None)
+        load, repetitions, lags, capacity = (self.scenario.workload(cell.workload).spec.load,
+                                             self.scenario.repetitions, report.loop_lag_ms, None)
+        if isinstance(load, CapacityLoad):  # the metrics are the capacity step's; every step is in `capacity`
+            capacity = reduce_capacity(records, report.capacity_steps, load, self.scenario.slo)
+            (records, lags, load), repetitions = operating_point(records, capacity, report.loop_lag_ms), 1
+        reduced = reduce_cell(records, repetitions, self.scenario.slo, self.scenario.max_repetition_cv, load, lags,
+                              capped=report.concurrency_cap is not None)
         if reduced["unstable"] and (note := background_note(report.resources)):
             reduced["unstable"] += f"; meanwhile {note}"
         errors = too_many_errors(records, self.scenario.max_error_rate_of(cell.workload))
@@ -127,7 +158,8 @@ class Runner:
                           engine=report.environment,
                           capabilities=report.capabilities, concurrency_cap=report.concurrency_cap,
                           requests_file=f"cells/{cell.id}/requests.jsonl", logical_io=report.logical_io or None,
-                          server_metrics=report.server_metrics or None, clients=report.clients)
+                          server_metrics=report.server_metrics or None, clients=report.clients, node=attempt.node,
+                          not_sent=report.not_sent, capacity=capacity)
 
     def header(self, cell: Cell) -> dict:
         """What identifies a cell in results: names, the concrete workload, and the swept values that made it."""
@@ -142,6 +174,6 @@ class Runner:
         return {"resources": report.resources, "timeline_file": f"cells/{cell.id}/timeline.json",
                 "over_budget": report.resources.get("over_budget")}
 
-    def failed(self, cell: Cell, error: str) -> CellResult:
-        return CellResult(**self.header(cell), status="failed", error=error)
+    def failed(self, cell: Cell, error: str, node: dict | None = None) -> CellResult:
+        return CellResult(**self.header(cell), status="failed", error=error, node=node)
 

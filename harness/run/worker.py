@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import os
 import signal
 import sys
@@ -27,10 +28,13 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import NoReturn
 
 from backends.base import Backend
 from backends.registry import get_backend_class
+from harness.config.generators import senders
+from harness.config.scenario import CapacityLoad, Load, TraceLoad
 from harness.core.errors import BackendError, describe
 from harness.core.events import CellContext, ModelInfo, Request, RequestSent, TokenEvent, Usage, now
 from harness.core.files import atomic_write
@@ -39,10 +43,15 @@ from harness.core.redact import Redactor
 from harness.measure.disk import check_disk_space, drop_page_cache
 from harness.measure.monitor import ResourceMonitor, over_budget
 from harness.measure.phases import request_phases
-from harness.records import CellPlan, ConcurrencyCap, RequestRecord, Span, WorkerReport
+from harness.records import (PROMPT_FILE, CapacityStep, CellPlan, ConcurrencyCap, PromptEntry, RequestRecord, Span,
+                             WorkerReport)
+from harness.results.capacity import met_slo, step_passes
 from harness.run.clients import GO_AHEAD_S, ClientProcesses, client_start, read_commands
 from harness.run.eventloop import BackgroundWriter, LoopLagProbe
-from harness.run.loadgen import ClientShare, connections_needed, load_width, run_load
+from harness.run.generators import RayGenerators
+from harness.run.capacity import CapacitySearch, step_load
+from harness.run.conversation import Conversation
+from harness.run.loadgen import QUEUED_AT, ClientShare, connections_needed, load_width, run_load, trace_rate
 
 # The longest a thread (the record writer, the resource monitor) holds the GIL while the event loop waits for it,
 # down from Python's 5 ms: a chunk arriving meanwhile is stamped that much late.
@@ -53,6 +62,7 @@ async def measure(backend: Backend, request: Request, repetition: int, keep_ids:
                   t_scheduled: float | None = None) -> RequestRecord:
     rec = RequestRecord(id=request.id, repetition=repetition, t_send=now(), t_scheduled=t_scheduled)
     ids: list[int] = []
+    texts: list[str] = []
     try:
         async for ev in backend.generate(request):
             if isinstance(ev, TokenEvent):
@@ -63,6 +73,8 @@ async def measure(backend: Backend, request: Request, repetition: int, keep_ids:
                     rec.chunk_times.append(ev.t)
                     rec.chunk_tokens.append(ev.n_tokens)
                 ids.extend(ev.token_ids or [])
+                if ev.text:
+                    texts.append(ev.text)
             elif isinstance(ev, RequestSent):
                 rec.t_send = ev.t
             elif isinstance(ev, Usage):
@@ -75,6 +87,8 @@ async def measure(backend: Backend, request: Request, repetition: int, keep_ids:
         rec.error = describe(e)
     if keep_ids:
         rec.output_token_ids = ids
+        # After the last stamp: an engine that streams ids only is decoded once, with the model's own tokenizer.
+        rec.output_text = "".join(texts) if texts else backend.decode(ids) if ids else None
     return rec
 
 
@@ -89,7 +103,8 @@ class Cell:
         self.records: list[RequestRecord] = []  # warm-up included: its time is split into phases too
         self.engine_gone: str | None = None  # why the engine can serve nothing more (its server died)
         self._failing = False  # the last request failed
-        self.prompts: list[dict] | None = None
+        self.prompts: list[PromptEntry] | None = None
+        self.conversation: Conversation | None = None  # prompts: conversation: the sessions' tokenizer and answers
 
     async def measured(self, backend: Backend, request: Request, repetition: int, keep_ids: bool,
                        t_scheduled: float | None = None) -> RequestRecord | None:
@@ -168,9 +183,11 @@ class Cell:
 
     def request(self, i: int) -> Request:
         if self.prompts is None:
-            self.prompts = json.loads(self.plan.prompts_file.read_text())
+            self.prompts = PROMPT_FILE.validate_json(self.plan.prompts_file.read_bytes())
         p, workload = self.prompts[i], self.plan.workload
-        return Request(id=i, prompt=p["text"], prompt_token_ids=p["token_ids"], max_tokens=workload.output_tokens,
+        # A length drawn per request is in the entry; else the workload's one number.
+        max_tokens = p.max_tokens if p.max_tokens is not None else workload.output_tokens
+        return Request(id=i, prompt=p.text, prompt_token_ids=p.token_ids, max_tokens=max_tokens,
                        temperature=workload.temperature, seed=self.plan.seed + i)
 
     def repetition_requests(self, rep: int) -> list[Request]:
@@ -195,6 +212,9 @@ class Cell:
         width = load_width(workload.load)
         if limit is not None and (width is None or width > limit):
             report.concurrency_cap = ConcurrencyCap(requested=width or workload.num_requests, max_concurrency=limit)
+        if workload.prompts.type == "conversation":  # only these cells load a tokenizer in the worker
+            request(0)
+            self.conversation = await asyncio.to_thread(Conversation, self.plan.model_path, self.prompts)
         for i in range(workload.warmup_requests):
             if rec := await self.measured(backend, request(i), -1, False):
                 self.records.append(rec)
@@ -220,7 +240,7 @@ class Cell:
         """Each repetition under the load pattern, this process's share of it and, with load.clients, the other
         clients' (their records are written as they arrive, and merged here when the repetition ends)."""
         plan, report, load = self.plan, self.report, self.plan.workload.load
-        count = getattr(load, "clients", 1)
+        count = senders(load)
         latency = max((r.e2el for r in self.records if r.ok), default=None)  # the warm-up's
         clients = None
         if count > 1:
@@ -229,41 +249,102 @@ class Cell:
                 raise BackendError(f"load.clients: {count} client processes need an engine served over HTTP that "
                                    f"batches requests itself; {plan.backend.kind} "
                                    + ("runs in this process" if attach is None else f"serves {limit} at once"))
-            clients = ClientProcesses(self.dir, count, plan.model_dump_json(), attach, writer.put)
+            if getattr(load, "generators", None):
+                clients = RayGenerators(count, plan.model_dump_json(), attach, writer.put, load.client_placement)
+            else:
+                clients = ClientProcesses(self.dir, count, plan.model_dump_json(), attach, writer.put)
         try:
             if clients is not None:
                 report.clients = await clients.start()
             with LoopLagProbe(asyncio.get_running_loop()) as probe:
+                if isinstance(load, CapacityLoad):
+                    await self.capacity_search(backend, writer, limit, probe, latency)
+                    return
                 for rep in range(plan.repetitions):
-                    async def send(req: Request, t_scheduled: float, rep=rep) -> RequestRecord | None:
-                        rec = await self.measured(backend, req, rep, plan.record_outputs, t_scheduled)
-                        if rec is not None:
-                            self.records.append(rec)
-                            writer.put(rec)
-                        return rec
-
-                    await backend.open_connections(connections_needed(load, limit, latency, ClientShare(0, count)))
-                    gc.freeze()  # what exists now is never garbage: a collection during the load need not scan it
-                    t0 = now() + (GO_AHEAD_S if clients else 0.0)
-                    if clients is not None:
-                        clients.go(rep, t0, [connections_needed(load, limit, latency, ClientShare(k, count))
-                                             for k in range(1, count)])
-                    records = await run_load(load, self.repetition_requests(rep), send, seed=plan.seed + rep,
-                                             max_concurrency=limit, share=ClientShare(0, count), t0=t0)
-                    lags = []
-                    if clients is not None:
-                        theirs, lags = await clients.finished(rep)
-                        self.records += theirs
-                        records += theirs
-                    end = now()
-                    report.repetitions.append(Span(start=t0, end=end))
-                    report.loop_lag_ms.append(probe.lags(t0, end) + lags)
-                    self.check_engine()
-                    if not any(r.ok for r in records):
-                        raise BackendError(f"every request failed; first error: {records[0].error}")
+                    await self.one_run(backend, writer, limit, rep, load, probe, latency, clients)
         finally:
             if clients is not None:
                 await asyncio.to_thread(clients.stop)
+
+    async def one_run(self, backend: Backend, writer: BackgroundWriter, limit: int | None, rep: int, load: Load,
+                      probe: LoopLagProbe, latency: float | None, clients: ClientProcesses | None = None,
+                      step_of_search: bool = False) -> list[RequestRecord]:
+        """One repetition (or capacity step) `rep` under `load`: its records; those max_duration_s kept from leaving
+        are counted in the report's not_sent."""
+        plan, report = self.plan, self.report
+        count = senders(load)
+
+        conversation = self.conversation
+
+        async def send(req: Request, t_scheduled: float) -> RequestRecord | None:
+            # A conversation needs each answer's text for the next turn, kept or not.
+            rec = await self.measured(backend, req, rep, plan.record_outputs or conversation is not None, t_scheduled)
+            if rec is not None:
+                rec.t_queued = QUEUED_AT.get()
+                if conversation is not None:
+                    conversation.note(rec, plan.record_outputs)
+                self.records.append(rec)
+                writer.put(rec)
+            return rec
+
+        requests = self.repetition_requests(rep)
+        items, send_item = requests, send
+        if conversation is not None:  # the load's items are sessions, whose turns go one after another
+            items = conversation.sessions(requests)
+
+            async def send_item(session: list[Request], t_scheduled: float) -> list[RequestRecord | None]:
+                return await conversation.run(session, t_scheduled, send, deadline)
+
+        arrivals = [self.prompts[r.id].arrival_s or 0.0 for r in requests] if isinstance(load, TraceLoad) else None
+        rate = trace_rate(arrivals) if arrivals else None
+        await backend.open_connections(connections_needed(load, limit, latency, ClientShare(0, count), rate))
+        gc.freeze()  # what exists now is never garbage: a collection during the load need not scan it
+        t0 = now() + (GO_AHEAD_S if clients else 0.0)
+        deadline = t0 + (load.max_duration_s or math.inf)
+        if clients is not None:
+            clients.go(rep, t0, [connections_needed(load, limit, latency, ClientShare(k, count))
+                                 for k in range(1, count)])
+        sent = await run_load(load, items, send_item, seed=plan.seed + rep, max_concurrency=limit,
+                              share=ClientShare(0, count), t0=t0, arrivals=arrivals)
+        if conversation is not None:
+            sent = [r for turns, session in zip(sent, items) for r in (turns or [None] * len(session))]
+        records = [r for r in sent if r is not None]
+        lags = []
+        if clients is not None:
+            theirs, lags = await clients.finished(rep)
+            self.records += theirs
+            records += theirs
+        end = now()
+        report.repetitions.append(Span(start=t0, end=end))
+        report.loop_lag_ms.append(probe.lags(t0, end) + lags)
+        self.check_engine()
+        report.not_sent.append(sum(r is None for r in sent))
+        # A capacity step past the knee may fail every request; it is a failed step, not a broken engine.
+        if not any(r.ok for r in records) and not (step_of_search and records):
+            raise BackendError(f"every request failed; first error: {records[0].error}" if records else
+                               "no request was sent before max_duration_s")
+        return records
+
+    async def capacity_search(self, backend: Backend, writer: BackgroundWriter, limit: int | None,
+                              probe: LoopLagProbe, latency: float | None) -> None:
+        """Each step of the search a repetition of its own at the step's rate or concurrency, judged by the slo
+        (harness/run/capacity.py chooses the steps)."""
+        load, slo, report = self.plan.workload.load, self.plan.slo, self.report
+        if load.search == "concurrency" and limit is not None:
+            # The harness would hold all but `limit` back, and every step would measure the same.
+            raise BackendError(f"load.search: concurrency needs an engine that serves requests at once; "
+                               f"{self.plan.backend.kind} serves {limit} at a time: search the rate instead")
+        search = CapacitySearch(load)
+        while (value := search.next()) is not None:
+            step = len(report.capacity_steps)
+            records = await self.one_run(backend, writer, limit, step, step_load(load, value), probe, latency,
+                                         step_of_search=step > 0)
+            met, not_sent = met_slo(records, slo), report.not_sent[-1]
+            passed = step_passes(met, len(records), load.attainment)
+            span = report.repetitions[-1]
+            report.capacity_steps.append(CapacityStep(step=step, value=value, start=span.start, end=span.end,
+                                                      sent=len(records), not_sent=not_sent, met=met, passed=passed))
+            search.record(value, passed)
 
     async def stop(self, backend: Backend) -> None:
         try:
@@ -311,11 +392,15 @@ class ClientCell(Cell):
         super().__init__(cell_dir, plan_json)
         self.share, self.attach = share, attach
 
-    async def serve(self) -> None:
+    async def serve(self, inbox: asyncio.Queue | None = None, emit: Callable[[str], None] | None = None) -> None:
+        """Commands from `inbox` (default: stdin's lines), messages to `emit` (default: stdout's lines); a Ray
+        generator (harness/run/generators.py) passes its own."""
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue = asyncio.Queue()
-        threading.Thread(target=read_commands, args=(sys.stdin, loop, inbox), daemon=True).start()
-        writer = BackgroundWriter(lambda item: print(item if isinstance(item, str) else item.to_json(), flush=True))
+        if inbox is None:
+            inbox = asyncio.Queue()
+            threading.Thread(target=read_commands, args=(sys.stdin, loop, inbox), daemon=True).start()
+        emit = emit or (lambda line: print(line, flush=True))
+        writer = BackgroundWriter(lambda item: emit(item if isinstance(item, str) else item.to_json()))
         plan = self.plan
         spec = plan.backend.model_copy(update=self.attach)
         backend = get_backend_class(spec.kind, spec.options)(

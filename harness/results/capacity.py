@@ -1,0 +1,112 @@
+"""A capacity search's result (`load: {type: capacity}`): per step the rate offered and achieved, the share of
+requests that met the slo (with its 95% CI) and the latencies behind it; the capacity is the highest passing step,
+stated with the failing step above it, which is the search's uncertainty ("holds 7.5 req/s, fails at 8").
+
+A step passes when at least `attainment` of its requests met the slo, timed from their arrival (a wait in the harness's
+queue for a backend's max_concurrency included); a failed request does not meet it. Requests max_duration_s kept from
+arriving are not counted: they say the step was short, not that the engine failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from harness.config.scenario import SLO, CapacityLoad, ConcurrencyLoad, Load, PoissonLoad
+from harness.records import CapacityResult, CapacityStep, CapacityStepResult, RequestRecord
+from harness.results.metrics import meets_slo, rate, stats
+
+
+def as_waited(r: RequestRecord) -> RequestRecord:
+    """The record timed from the request's arrival: a wait in the harness's queue for a backend's max_concurrency is
+    a wait in the engine's queue to its user, so the slo counts it."""
+    return replace(r, t_send=r.t_queued) if r.t_queued is not None else r
+
+
+def met_slo(records: list[RequestRecord], slo: SLO) -> int:
+    """How many of the records met the slo, timed from their arrival."""
+    return sum(r.ok and meets_slo(as_waited(r), slo) for r in records)
+
+
+def step_passes(met: int, requests: int, attainment: float) -> bool:
+    return requests > 0 and met >= attainment * requests
+
+
+def slo_dict(slo: SLO) -> dict[str, float]:
+    return {k: v for k, v in slo.model_dump().items() if v is not None}
+
+
+def describe_slo(slo: SLO) -> str:
+    names = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "e2el_ms": "E2E latency"}
+    return " and ".join(f"{names[k]} ≤ {v:g} ms" for k, v in slo_dict(slo).items())
+
+
+def fmt_value(value: float, search: str) -> str:
+    return f"{value:g} req/s" if search == "rate" else f"{value:g} in flight"
+
+
+def reduce_capacity(records: list[RequestRecord], steps: list[CapacityStep], load: CapacityLoad,
+                    slo: SLO) -> CapacityResult:
+    from scipy.stats import binomtest  # here: the worker imports this module, and scipy.stats takes seconds
+
+    results = []
+    for s in steps:
+        mine = [r for r in records if r.repetition == s.step]
+        done = [as_waited(r) for r in mine if r.ok]
+        ci = binomtest(s.met, s.sent).proportion_ci(0.95, method="wilson") if s.sent else None
+        ttft = stats([r.ttft * 1e3 for r in done])
+        tpot = stats([r.tpot * 1e3 for r in done if r.tpot is not None])
+        results.append(CapacityStepResult(
+            step=s.step, value=s.value, achieved_rate_rps=rate([r.t_send for r in mine]), sent=s.sent,
+            not_sent=s.not_sent,
+            attainment=s.met / s.sent if s.sent else 0.0,
+            attainment_ci=[float(ci.low), float(ci.high)] if ci else None,
+            ttft_p50_ms=ttft["p50"], ttft_p99_ms=ttft["p99"], tpot_p50_ms=tpot["p50"], tpot_p99_ms=tpot["p99"],
+            passed=s.passed))
+    passing = [s.value for s in results if s.passed]
+    capacity = max(passing) if passing else None
+    above = [s.value for s in results if not s.passed and (capacity is None or s.value > capacity)]
+    fails_at = min(above) if above else None
+    return CapacityResult(search=load.search, attainment_target=load.attainment, slo=slo_dict(slo),
+                          capacity=capacity, fails_at=fails_at, steps=results,
+                          capacity_rps=capacity if load.search == "rate" else _throughput(records, steps, capacity),
+                          verdict=verdict(load, slo, capacity, fails_at,
+                                          next((s for s in results if s.value == capacity), None)))
+
+
+def _throughput(records: list[RequestRecord], steps: list[CapacityStep], value: float | None) -> float | None:
+    """Completed requests per second of the step that offered `value`, from its first send to its last token."""
+    step = next((s.step for s in steps if s.value == value), None)
+    done = [r for r in records if r.repetition == step and r.ok]
+    if step is None or not done:
+        return None
+    span = max(r.chunk_times[-1] for r in done) - min(r.t_send for r in done)
+    return len(done) / span if span > 0 else None
+
+
+def verdict(load: CapacityLoad, slo: SLO, capacity: float | None, fails_at: float | None,
+            at_capacity: CapacityStepResult | None = None) -> str:
+    """In words, with its uncertainty: the bracket, and whether the passing step passed by more than its noise."""
+    at = f"{describe_slo(slo)} for {load.attainment:.0%} of requests"
+    if capacity is None:
+        low = fmt_value(fails_at, load.search) if fails_at is not None else "any step"
+        return f"holds no load at the slo ({at}): fails already at {low}"
+    bracket = (f", fails at {fmt_value(fails_at, load.search)}" if fails_at is not None
+               else ", and no step failed (the search ran out of steps: it may hold more)")
+    ci = at_capacity.attainment_ci if at_capacity else None
+    margin = (f"; its step's attainment {at_capacity.attainment:.3g} (95% CI {ci[0]:.3g}–{ci[1]:.3g}) passed within "
+              f"noise" if ci and ci[0] < load.attainment else "")
+    return f"holds {fmt_value(capacity, load.search)} at the slo ({at}){bracket}{margin}"
+
+
+def operating_point(records: list[RequestRecord], result: CapacityResult,
+                    loop_lag_ms: list[list[float]]) -> tuple[list[RequestRecord], list[list[float]], Load]:
+    """The step the cell's metrics describe (as its one repetition): the one at the capacity, else the gentlest
+    tried; with its loop lags and load. The other steps' numbers are in the result's steps."""
+    steps = [s for s in result.steps if s.value == result.capacity] or sorted(result.steps, key=lambda s: s.value)
+    step = steps[0].step if steps else 0
+    mine = [replace(r, repetition=0) for r in records if r.repetition == step]
+    lags = [loop_lag_ms[step]] if step < len(loop_lag_ms) else []
+    value = steps[0].value if steps else 1.0
+    load = (PoissonLoad(type="poisson", rate=value) if result.search == "rate"
+            else ConcurrencyLoad(type="concurrency", concurrency=int(value)))
+    return mine, lags, load
