@@ -45,8 +45,8 @@ def run(
     executor: Annotated[str, typer.Option("--executor", help="local: cells one after another here; ray: across a Ray "
                                                               "cluster (docs/scale-out.md)")] = "local",
     address: Annotated[str | None, typer.Option("--address", help="with --executor ray: the cluster, auto or "
-                                                                  "ray://HOST:10001 (default RAY_ADDRESS, else a "
-                                                                  "local one)")] = None,
+                                                                  "ray://HOST:10001 (default RAY_ADDRESS; bench "
+                                                                  "never starts a cluster)")] = None,
     max_parallel: Annotated[int | None, typer.Option("--max-parallel", help="with --executor ray: at most this many "
                                                                             "cells at once")] = None,
     max_retries: Annotated[int, typer.Option("--max-retries", help="with --executor ray: a failed cell is tried again "

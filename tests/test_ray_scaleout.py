@@ -54,6 +54,25 @@ def scripted(name: str, **options) -> dict:
     return {"name": name, "kind": "scripted", "options": {"ttft_s": 0.01, "itl_s": 0.002, **options}}
 
 
+def test_bench_never_starts_a_ray_cluster_itself(monkeypatch):
+    """Ray's services listen on every interface: without --address or RAY_ADDRESS the run is refused (exit 2), where
+    ray.init() would have started a cluster open to the network."""
+    from harness.run.ray_executor import ClusterError, connect
+
+    class NotConnected:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kwargs):
+            raise AssertionError(f"ray.init({kwargs}) was called")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ClusterError, match="no Ray cluster given: pass --address"):
+        connect(NotConnected, None)
+
+
 def test_cluster_flags_and_keys_are_checked_before_anything_runs(write_scenario, tiny_model, tmp_path):
     """No cluster needed: mistakes exit 2 with the flag or key named, without a traceback."""
     from typer.testing import CliRunner

@@ -61,13 +61,16 @@ def import_ray():
 
 
 def connect(ray, address: str | None) -> bool:
-    """Connect this process to the cluster at `address` (None: RAY_ADDRESS, else a new local one); True when this
-    call connected (and so should disconnect)."""
+    """Connect this process to the cluster at `address` (None: RAY_ADDRESS); True when this call connected (and so
+    should disconnect)."""
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": "warning"}
     if address is None and "RAY_ADDRESS" not in os.environ:
-        kwargs["include_dashboard"] = False  # a cluster of its own, on this machine
+        # Ray 2.60's GCS and raylets listen on every interface whatever node IP they are given, and servers the
+        # harness starts bind 127.0.0.1 only: the harness never starts a cluster, its user does (docs/scale-out.md).
+        raise ClusterError("no Ray cluster given: pass --address (auto, HOST:6379 or ray://HOST:10001) or set "
+                           "RAY_ADDRESS, after starting one with `ray start --head` (docs/scale-out.md)")
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": "warning"}
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
