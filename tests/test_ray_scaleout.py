@@ -240,6 +240,35 @@ def test_two_generators_share_a_poisson_load_against_the_scripted_server(cluster
         assert abs(statistics.median(r.tpot for r in mine) * 1e3 - itl_ms) < 1
 
 
+def test_two_generators_replay_a_trace_on_its_arrival_times(cluster, write_scenario, tiny_model, tmp_path,
+                                                            monkeypatch):
+    """A mooncake trace dealt out to the worker and a Ray actor: every row is sent once, at the trace's time (merged
+    onto the worker's clock, within the actor's clock-offset error), by alternating senders."""
+    from harness.calibrate import scripted_server
+
+    monkeypatch.setenv("RAY_ADDRESS", cluster[0].address)
+    times_ms = [0, 40, 55, 130, 200, 210, 290, 400, 430, 520, 600, 610, 700, 790, 800, 905]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": t, "input_length": 16, "output_length": 4,
+                                         "hash_ids": [k % 3]}) + "\n" for k, t in enumerate(times_ms)))
+    wl = [{"name": "w", "input_tokens": 16, "output_tokens": 4, "num_requests": len(times_ms), "warmup_requests": 0,
+           "load": {"type": "trace", "path": str(trace), "block_tokens": 8, "generators": 2,
+                    "client_placement": {"resources": {"node_b": 1}}}}]
+    with scripted_server(tmp_path / "server", 5.0, 2.0) as url:
+        path = write_scenario(scenario_dict(tiny_model, [{"name": "remote", "kind": "openai", "url": url + "/v1"}],
+                                            wl))
+        assert run(path, tmp_path / "out") == 0
+    (cell,) = load_run(tmp_path / "out").cells
+    (clock,) = cell.clients
+    records = sorted(read_requests(tmp_path / "out" / cell.requests_file), key=lambda r: r.id)
+    assert [r.id for r in records] == list(range(len(times_ms)))
+    assert [r.client for r in records] == [k % 2 for k in range(len(times_ms))]
+    first = records[0].t_scheduled
+    for r, t_ms in zip(records, times_ms):
+        assert abs((r.t_scheduled - first) - t_ms / 1e3) <= clock.offset_error_s + 1e-3
+        assert 0 <= r.t_send - r.t_scheduled < 0.05
+
+
 def test_a_node_killed_mid_cell_retries_it_elsewhere(cluster, write_scenario, tiny_model, tmp_path):
     """Last here: it takes a node away."""
     c, nodes = cluster

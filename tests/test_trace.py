@@ -162,7 +162,8 @@ def test_max_duration_is_recorded_per_repetition(replayed):
     assert len(cell.not_sent) == 2 and all(200 <= n < 400 for n in cell.not_sent), cell.not_sent
     assert [r["completed"] for r in cell.repetitions] == [400 - n for n in cell.not_sent]
     # the last ones sent finished after the deadline: in flight, they were not cut
-    assert all(0.5 < r["duration_s"] < 0.5 + 0.2 for r in cell.repetitions), cell.repetitions
+    # (the upper bound leaves a busy machine room, yet is far below the 2.4 s of all 400 requests uncut)
+    assert all(0.5 < r["duration_s"] < 0.5 + 1.0 for r in cell.repetitions), [r["duration_s"] for r in cell.repetitions]
     assert replayed[1]["w"].not_sent == [0, 0]
 
 

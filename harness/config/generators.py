@@ -1,4 +1,4 @@
-"""`load.generators` and `load.client_placement`: a Poisson load split across Ray actors (harness/run/generators.py),
+"""`load.generators` and `load.client_placement`: an open loop (Poisson or a replayed trace) split across Ray actors (harness/run/generators.py),
 when one machine's client cannot offer the rate a big server takes (docs/scale-out.md)."""
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class PoissonLoad(Generators):
     max_duration_s: PositiveRate | None = Field(None, description=MAX_DURATION_DESCRIPTION)
 
 
-class TraceLoad(Strict):
+class TraceLoad(Generators):
     """Open loop replaying a recorded trace (mooncake JSONL: timestamp ms, input_length, output_length, hash_ids):
     request j of each repetition leaves at row j's time, with row j's lengths; rows sharing a hash_id share that
     block of prompt. num_requests rows are replayed (the first ones)."""

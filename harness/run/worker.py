@@ -190,6 +190,10 @@ class Cell:
         return Request(id=i, prompt=p.text, prompt_token_ids=p.token_ids, max_tokens=max_tokens,
                        temperature=workload.temperature, seed=self.plan.seed + i)
 
+    def arrivals(self, requests: list[Request], load: Load) -> list[float] | None:
+        """A replayed trace's send times (s after the repetition's start), one per request; None for other loads."""
+        return [self.prompts[r.id].arrival_s or 0.0 for r in requests] if isinstance(load, TraceLoad) else None
+
     def repetition_requests(self, rep: int) -> list[Request]:
         # Fresh prompts per repetition: a prefix cache must not make later repetitions look faster.
         w = self.plan.workload
@@ -295,7 +299,7 @@ class Cell:
             async def send_item(session: list[Request], t_scheduled: float) -> list[RequestRecord | None]:
                 return await conversation.run(session, t_scheduled, send, deadline)
 
-        arrivals = [self.prompts[r.id].arrival_s or 0.0 for r in requests] if isinstance(load, TraceLoad) else None
+        arrivals = self.arrivals(requests, load)
         rate = trace_rate(arrivals) if arrivals else None
         await backend.open_connections(connections_needed(load, limit, latency, ClientShare(0, count), rate))
         gc.freeze()  # what exists now is never garbage: a collection during the load need not scan it
@@ -420,8 +424,9 @@ class ClientCell(Cell):
 
                     await backend.open_connections(cmd["connections"])
                     gc.freeze()
-                    await run_load(plan.workload.load, self.repetition_requests(rep), send, seed=plan.seed + rep,
-                                   share=self.share, t0=t0)
+                    requests = self.repetition_requests(rep)
+                    await run_load(plan.workload.load, requests, send, seed=plan.seed + rep, share=self.share, t0=t0,
+                                   arrivals=self.arrivals(requests, plan.workload.load))
                     writer.put(json.dumps({"finished": rep, "loop_lag_ms": probe.lags(t0, now())}))
         except Exception as e:
             writer.put(json.dumps({"failed": str(e) if isinstance(e, BackendError) else describe(e)}))
