@@ -46,6 +46,21 @@ def write_scenario(tmp_path, tiny_model):
     return write
 
 
+def run_scenario(data: dict, folder: Path) -> tuple[Path, dict]:
+    """Run a scenario dict with the local Runner (it must succeed); its results folder and its cells by workload."""
+    import yaml
+
+    from harness.config.load import load_scenario
+    from harness.records import load_run
+    from harness.run.runner import Runner
+
+    path = folder / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = folder / "out"
+    assert Runner(load_scenario(path), str(path), out).run() == 0
+    return out, {c.workload: c for c in load_run(out).cells}
+
+
 def scenario_dict(tiny_model, backends, workloads=None, **extra) -> dict:
     return {
         "name": "t",

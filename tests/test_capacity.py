@@ -7,16 +7,13 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from harness.config.load import load_scenario
 from harness.config.scenario import SLO, CapacityLoad
-from harness.records import CapacityStep, RequestRecord, load_run
+from harness.records import CapacityStep, RequestRecord
 from harness.results.capacity import met_slo, reduce_capacity
 from harness.run.capacity import CapacitySearch
 from harness.run.loadgen import poisson_offsets
-from harness.run.runner import Runner
-from tests.conftest import ROOT, scenario_dict
+from tests.conftest import ROOT, run_scenario, scenario_dict
 
 
 def search(load: CapacityLoad, knee: float) -> CapacitySearch:
@@ -109,14 +106,10 @@ RATE_REQUESTS, RATE_TOLERANCE = 200, 4.0
 def searched(tiny_model, tmp_path_factory):
     """One run, both searches: concurrency (24 requests a step) and rate (200 a step, from 32 req/s)."""
     tmp = tmp_path_factory.mktemp("capacity")
-    path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(capacity_scenario(
+    return run_scenario(capacity_scenario(
         tiny_model, capacity_workload("conc", {"search": "concurrency", "attainment": 0.9}),
         capacity_workload("rate", {"search": "rate", "start": 32, "attainment": 0.9, "tolerance": RATE_TOLERANCE},
-                          RATE_REQUESTS))))
-    out = tmp / "out"
-    assert Runner(load_scenario(path), str(path), out).run() == 0
-    return out, {c.workload: c for c in load_run(out).cells}
+                          RATE_REQUESTS)), tmp)
 
 
 def test_a_concurrency_search_lands_on_the_backends_slots(searched):

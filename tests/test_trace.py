@@ -6,15 +6,13 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from harness.config.load import load_scenario
 from harness.config.scenario import ConcurrencyLoad, PoissonLoad, TraceLoad
 from harness.core.events import now
-from harness.records import PROMPT_FILE, load_run, read_requests
+from harness.records import PROMPT_FILE, read_requests
 from harness.run.loadgen import run_load
-from harness.run.runner import Runner
-from tests.conftest import ROOT, scenario_dict
+from tests.conftest import ROOT, run_scenario, scenario_dict
 
 SCRIPTED = {"name": "s", "kind": "scripted", "options": {"ttft_s": 0.005, "itl_s": 0.001}}
 
@@ -51,11 +49,7 @@ def replayed(tiny_model, tmp_path_factory):
     data["workloads"].append({"name": "cut", "input_tokens": 16, "output_tokens": 8, "num_requests": 400,
                               "warmup_requests": 0,
                               "load": {"type": "concurrency", "concurrency": 2, "max_duration_s": 0.5}})
-    path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(data | {"repetitions": 2}))
-    out = tmp / "out"
-    assert Runner(load_scenario(path), str(path), out).run() == 0
-    return out, {c.workload: c for c in load_run(out).cells}
+    return run_scenario(data | {"repetitions": 2}, tmp)
 
 
 def test_a_trace_is_replayed_within_5_percent_of_its_arrival_times(replayed):
