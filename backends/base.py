@@ -17,12 +17,14 @@ from pydantic import BaseModel, ConfigDict
 
 # The protocol's types live in the core, which the harness shares; backends and plugins import them from here.
 from harness.core.errors import BackendError
-from harness.core.events import Capabilities, CellContext, ModelInfo, Request, RequestSent, TokenEvent, Usage, now
+from harness.core.events import (Capabilities, CellContext, ModelInfo, PrefixReuse, Request, RequestSent, TokenEvent,
+                                  Usage, now)
 from harness.core.processes import Server
 from harness.core.spec import BackendSpec
 
 __all__ = ["Backend", "BackendError", "BackendSpec", "Capabilities", "CellContext", "EngineThread", "ModelInfo",
-           "NoOptions", "Request", "RequestSent", "TokenEvent", "TorchBackend", "Usage", "now", "vram_share"]
+           "NoOptions", "PrefixReuse", "Request", "RequestSent", "TokenEvent", "TorchBackend", "Usage", "now",
+           "vram_share"]
 
 
 class NoOptions(BaseModel):
@@ -117,6 +119,11 @@ class Backend(ABC):
     async def server_metrics(self) -> dict[str, Any]:
         """What the engine reports about itself over the cell (e.g. its Prometheus counters); {} if nothing."""
         return {}
+
+    async def prefix_reuse(self) -> PrefixReuse | None:
+        """After the cell, before stop(): how many prompt tokens the engine reused from its prefix cache, as it
+        counts them; None for an engine that keeps no cache across requests."""
+        return None
 
     def offload_dirs(self) -> list[Path]:
         """Folders the engine writes offloaded weights or KV into: their size is tracked, their cache dropped."""

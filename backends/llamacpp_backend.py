@@ -3,8 +3,9 @@
 - `LlamaCppInProcessBackend` (mode in_process, the default): `Llama.generate` runs in a thread on the request's own
   token ids (so the input length is exact) and each token is stamped in that thread the moment the sampler returns
   it. `generate` never stops by itself, so exact lengths cost nothing: EOS is produced and decoding goes on (vLLM's
-  `ignore_eos`). One request at a time, each from an empty KV cache (no prefix reuse between requests, like the
-  transformers backend).
+  `ignore_eos`). One request at a time, each from an empty KV cache (like the transformers backend), unless
+  `prefix_reuse: true` keeps the cache: Llama.generate then reuses the longest prefix the prompt shares with the
+  previous request, and the tokens reused are counted (the cell's `prefix_reuse`).
 - `LlamaCppServerBackend` (mode server): `python -m llama_cpp.server` started by the shared launcher, or a running one
   attached with `url:`, spoken to through the shared OpenAI client. Its sampling defaults are not greedy, so every
   body sets temperature, repeat_penalty, top_k/top_p/min_p. It takes no `ignore_eos`, and `min_tokens` together with
@@ -12,7 +13,8 @@
   come from a -1e9 logit bias on every end-of-generation token, which is HF's `min_new_tokens` semantics. It streams
   text, not token ids, and merges tokens into one chunk when they end inside a UTF-8 character, so chunk counts
   undercount: when the EOS bias was sent and the server finished with `length`, the output length is max_tokens by
-  the server's own stop rule (source `server_finish_reason`), otherwise the chunk count (`stream_chunks`).
+  the server's own stop rule (source `server_finish_reason`), otherwise the chunk count (`stream_chunks`). The
+  server's Llama keeps the longest prefix a prompt shares with the previous request, and says nothing of it.
 
 Both take the model as GGUF: the model folder is converted on first use (backends/gguf.py, cached), unless `gguf:`
 names a file. A VRAM budget (cell `resources.vram_budget`) becomes `n_gpu_layers` and `offload_kqv` by
@@ -31,7 +33,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backends.base import Backend, BackendError, Capabilities, EngineThread, Request, TokenEvent, Usage, now
+from backends.base import (Backend, BackendError, Capabilities, EngineThread, PrefixReuse, Request, TokenEvent,
+                           Usage, now)
 from backends.gguf import GGUF_TYPES, GGUFLayout
 from backends.openai_backend import OpenAIClient, OpenAIClientOptions, ServedOverHTTP
 from harness.core.processes import refuse_listen_flags
@@ -59,6 +62,10 @@ class LlamaCppOptions(BaseModel):
 
 class LlamaCppInProcessOptions(LlamaCppOptions):
     mode: Literal["in_process"] = "in_process"
+    prefix_reuse: bool = Field(False, description="keep the KV cache between requests: llama.cpp then reuses the "
+                                                  "longest prefix a prompt shares with the previous request (its "
+                                                  "prompt and output); false: each request starts from an empty "
+                                                  "KV cache")
 
 
 class LlamaCppServerOptions(LlamaCppOptions, OpenAIClientOptions):
@@ -197,6 +204,8 @@ class LlamaCppInProcessBackend(LlamaCppBase):
     Options = LlamaCppInProcessOptions
 
     llm: Any = None
+    reused_tokens = 0  # over the cell: KV positions a request found kept from the previous one
+    _kept: int | None = None  # the current request's, once its prompt's evaluation began
 
     @classmethod
     def check_spec(cls, spec) -> str | None:
@@ -223,6 +232,16 @@ class LlamaCppInProcessBackend(LlamaCppBase):
             raise BackendError(f"llama.cpp could not load {self.gguf_path}: {e}") from None
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._is_eog = lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)
+        evaluate = self.llm.eval
+
+        def eval_counting(tokens) -> None:
+            # Llama.generate truncates the KV cache to the longest prefix the prompt shares with what it holds, then
+            # evaluates the rest: the cache's length at a request's first evaluation is the prefix it reused.
+            if self._kept is None:
+                self._kept = self.llm.n_tokens
+            evaluate(tokens)
+
+        self.llm.eval = eval_counting
 
     async def stop(self) -> None:
         if self.llm is not None:
@@ -245,7 +264,9 @@ class LlamaCppInProcessBackend(LlamaCppBase):
         if sampling:
             self.llm.set_seed(request.seed)
         stop_at_eog = not (self.options.exact_length and request.ignore_eos)
-        self.llm.reset()  # an empty KV cache: no reuse of the previous request's prefix
+        if not self.options.prefix_reuse:
+            self.llm.reset()  # an empty KV cache: nothing of the previous request is reused
+        self._kept = None
         n = 0
         for token in self.llm.generate(request.prompt_token_ids, temp=request.temperature, repeat_penalty=1.0,
                                        top_k=0 if sampling else 1, top_p=1.0, min_p=0.0):
@@ -256,7 +277,13 @@ class LlamaCppInProcessBackend(LlamaCppBase):
             n += 1
             if n == request.max_tokens:
                 break
+        self.reused_tokens += self._kept  # set: the prompt was evaluated before the first token came
         return n
+
+    async def prefix_reuse(self) -> PrefixReuse:
+        return PrefixReuse(self.reused_tokens, "llama.cpp: KV cache positions kept from the previous request when "
+                                               "each prompt's evaluation began" +
+                           ("" if self.options.prefix_reuse else "; prefix_reuse: false resets the cache first"))
 
     def environment(self) -> dict[str, Any]:
         return super().environment() | {
@@ -338,6 +365,11 @@ class LlamaCppServerBackend(ServedOverHTTP, LlamaCppBase):
             body.pop("min_tokens", None)  # beside logit_bias it would disable both (see the module docstring)
             body["logit_bias"] = {str(i): EOS_BIAS for i in self.eog_ids}
         return body
+
+    async def prefix_reuse(self) -> PrefixReuse:
+        return PrefixReuse(None, "llama_cpp.server keeps the longest prefix a prompt shares with the previous request "
+                                 "in its KV cache (with or without --cache), but does not say how much: its usage has "
+                                 "prompt and completion tokens only")
 
     def _forced_length(self, request: Request) -> bool:
         return self.options.exact_length and request.ignore_eos and bool(self.eog_ids)

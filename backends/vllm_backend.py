@@ -16,7 +16,8 @@ Both build the same engine arguments (one dict: `--key value` flags or `AsyncEng
 passed, by default the checkpoint's own: vLLM's `auto` would serve an fp32 checkpoint as bf16, and greedy tokens
 match HF's only at the same precision. A VRAM budget becomes `gpu_memory_utilization` (`memory_utilization`).
 vLLM's own Prometheus metrics (KV-cache usage, preemptions, queue lengths, token counters) are scraped when it is
-ready, every `metrics_interval_s` and at the end of the cell (`server_metrics`).
+ready, every `metrics_interval_s` and at the end of the cell (`server_metrics`); its prefix-cache hits (in tokens)
+are the cell's `prefix_reuse`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now, vram_share
+from backends.base import (Backend, BackendError, Capabilities, PrefixReuse, Request, TokenEvent, Usage, now,
+                           vram_share)
 from backends.openai_backend import OpenAIClient, OpenAIClientOptions, ServedOverHTTP
 from backends.prometheus import MetricsWatch, Watched
 
@@ -203,6 +205,16 @@ class VLLMBase(Backend):
             return {}
         return {"window": "from the end of start-up (before warm-up requests) to the end of the last repetition",
                 **await self.watch.finish()}
+
+    async def prefix_reuse(self) -> PrefixReuse | None:
+        if self.watch is None:
+            return None
+        # The same window as server_metrics: the counter's growth from start-up to the end of the last repetition.
+        hits = (await self.watch.finish())["counters"].get("prefix_cache_hits")
+        if hits is None:
+            return PrefixReuse(None, f"{self.watch.source} had no {VLLM_METRICS['prefix_cache_hits'].sample}")
+        return PrefixReuse(int(hits), f"{VLLM_METRICS['prefix_cache_hits'].sample} (tokens): its growth over the "
+                                      f"cell; it counts nothing with enable_prefix_caching: false")
 
     async def stop(self) -> None:
         if self.watch is not None:

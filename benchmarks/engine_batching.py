@@ -7,14 +7,19 @@ Both batchers drive the same Engine in this process, one after the other, on the
 --prompt-len tokens, output lengths drawn uniformly from --out-min..--out-max (seeded; users' answers differ in
 length, which is what static batching pays for), greedy, EOS ignored, at most --max-batch sequences at once.
   static      the pre-v2 own backend: when the engine is idle, the requests that have arrived (up to max_batch) form a
-              batch that runs until its last member finishes; later arrivals wait for the whole batch. A member that
-              finishes early stops costing compute (kinder to static than padding the batch would be).
+              batch that runs until its last member finishes; later arrivals wait for the whole batch. Kinder to
+              static than the pre-v2 backend was: it batched only requests of equal max_tokens (here nearly every
+              request would have run alone), and here a member that finishes early stops costing compute (as one
+              ending at EOS did), where a padded batch would go on computing it.
   continuous  requests join the scheduler when they arrive and leave when they finish, between passes.
-First the static batcher's capacity is measured with every request queued at once (req/s = requests / makespan):
-that is the rate where static batching saturates. Then both run Poisson arrivals (seeded, rescaled to the exact
-rate as the harness's load generator does) at that rate and at twice it. TTFT counts from each request's arrival
-(queueing included, as its user sees it); output tok/s = tokens / (last token - first arrival).
-Not part of the test suite; all figures come from this one run.
+Each measurement runs in the order static, continuous, continuous, static, so a machine that speeds up or slows
+down during the run favours neither; a figure is the mean of its two runs, and both runs are printed.
+  throughput  every request queued at once, so both batchers are saturated: req/s and output tok/s = requests and
+              tokens / makespan. (Below saturation a batcher's output rate is the offered rate, whichever it is.)
+              The static batcher's req/s here is the rate where static batching saturates.
+  latency     Poisson arrivals at that rate (seeded, rescaled to the exact rate as the harness's load generator
+              does). TTFT counts from each request's arrival (queueing included, as its user sees it).
+max_batch defaults to the own backend's. Not part of the test suite; all figures come from this one run.
 """
 import argparse
 import json
@@ -24,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from backends.own_backend import OwnOptions
 from engine_cpu import build_model, prompt_ids
 from own_engine import Engine
 from own_engine.scheduler import GenerationRequest, Scheduler
@@ -73,7 +79,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--out-min", type=int, default=8)
     parser.add_argument("--out-max", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=OwnOptions.model_fields["max_batch"].default)
     args = parser.parse_args()
     model = build_model("small" if args.small else "default")
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
@@ -86,21 +92,29 @@ def main():
           f"new (mean {np.mean(lengths):.1f}); max_batch {args.max_batch}; {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.2f}")
     run(engine, prompts[:2], [4, 4], [0.0, 0.0], False, args.max_batch)  # warm-up: first-call allocations
-    saturated = run(engine, prompts, lengths, [0.0] * args.requests, True, args.max_batch)
-    capacity = args.requests / saturated["makespan"]
-    print(f"static batcher, all queued at once: {capacity:.3f} req/s, {saturated['tok_s']:.1f} output tok/s")
-    print(f"\n{'rate req/s':>10} {'batcher':>11} {'out tok/s':>10} {'TTFT p50 s':>11} {'TTFT p99 s':>11}")
-    for factor in (1.0, 2.0):
-        rate = capacity * factor
-        arrivals = poisson_arrivals(args.requests, rate, seed=1)
-        results = {name: run(engine, prompts, lengths, arrivals, name == "static", args.max_batch)
-                   for name in ("static", "continuous")}
-        for name, r in results.items():
-            print(f"{rate:10.3f} {name:>11} {r['tok_s']:10.1f} {r['ttft_p50']:11.2f} {r['ttft_p99']:11.2f}")
-        s, c = results["static"], results["continuous"]
-        print(f"{'':10} continuous / static: output tok/s {c['tok_s'] / s['tok_s']:.2f}x (target >= 1.5), "
-              f"TTFT p99 {c['ttft_p99'] / s['ttft_p99']:.2f}x (target <= 0.5); load average "
-              f"{os.getloadavg()[0]:.2f}")
+
+    def measure(arrivals: list[float]) -> dict[str, dict[str, float]]:
+        runs = {"static": [], "continuous": []}
+        for name in ("static", "continuous", "continuous", "static"):
+            runs[name].append(run(engine, prompts, lengths, arrivals, name == "static", args.max_batch))
+        for name, rs in runs.items():
+            print(f"  {name:>10}: " + ", ".join(f"{label} {np.mean([r[k] for r in rs]):.2f} "
+                                               f"({' / '.join(f'{r[k]:.2f}' for r in rs)})"
+                                               for k, label in (("tok_s", "output tok/s"), ("ttft_p50", "TTFT p50 s"),
+                                                                ("ttft_p99", "TTFT p99 s"))))
+        return {name: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for name, rs in runs.items()}
+
+    print("\nthroughput, every request queued at once; mean of two runs (the two runs):")
+    full = measure([0.0] * args.requests)
+    capacity = {name: args.requests / r["makespan"] for name, r in full.items()}
+    s, c = full["static"], full["continuous"]
+    print(f"capacity: static {capacity['static']:.3f} req/s, continuous {capacity['continuous']:.3f} req/s; "
+          f"continuous / static output tok/s {c['tok_s'] / s['tok_s']:.2f}x (target >= 1.5)")
+    print(f"\nlatency, Poisson at the static batcher's capacity, {capacity['static']:.3f} req/s:")
+    poisson = measure(poisson_arrivals(args.requests, capacity["static"], seed=1))
+    s, c = poisson["static"], poisson["continuous"]
+    print(f"continuous / static: TTFT p99 {c['ttft_p99'] / s['ttft_p99']:.2f}x (target <= 0.5), output tok/s "
+          f"{c['tok_s'] / s['tok_s']:.2f}x; load average {os.getloadavg()[0]:.2f}")
     print(f"engine stats: preemptions {engine.stats.preemptions}")
     engine.close()
 

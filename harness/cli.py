@@ -85,13 +85,21 @@ def run(
 def validate(scenario: Annotated[Path, typer.Argument(help="the scenario YAML file")]) -> None:
     """Check SCENARIO (schema, references, backend options, reachable URLs) without running anything."""
     from harness.config.load import check_reachable, load_scenario
+    from harness.config.scenario import CapacityLoad
 
     s = load_scenario(scenario)
     check_reachable(s, str(scenario))
     for warning in s.warnings():
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
-    typer.echo(f"{scenario}: ok: {len(s.cells())} cell(s) = {len(s.models)} model(s) × {len(s.backends)} backend(s) "
-               f"× {len(s.workloads)} workload(s), {s.repetitions} repetition(s)")
+    cells = s.cells()
+    # A capacity search runs once per cell (its steps are its runs): repetitions apply to the other cells only.
+    searches = sum(isinstance(s.workload(c.workload).spec.load, CapacityLoad) for c in cells)
+    runs = (f"{s.repetitions} repetition(s)" if not searches else
+            "capacity cells: one search each" if searches == len(cells) else
+            f"{s.repetitions} repetition(s) for {len(cells) - searches} cell(s); {searches} capacity cell(s): one "
+            f"search each")
+    typer.echo(f"{scenario}: ok: {len(cells)} cell(s) = {len(s.models)} model(s) × {len(s.backends)} backend(s) "
+               f"× {len(s.workloads)} workload(s), {runs}")
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from harness.config.scenario import SLO, Cell, Workload
 from harness.core.errors import UserError
+from harness.core.events import PrefixReuse
 from harness.core.spec import BackendSpec, Resources
 
 SCHEMA_VERSION = 1
@@ -179,6 +180,7 @@ class WorkerReport(BaseModel):
     clients: list[ClientClock] = Field(default_factory=list)  # the client processes beyond the worker itself
     not_sent: list[int] = Field(default_factory=list)  # per repetition (capacity step): cut by max_duration_s
     capacity_steps: list[CapacityStep] = Field(default_factory=list)
+    prefix_reuse: PrefixReuse | None = None  # what the engine says it reused (Backend.prefix_reuse)
 
 
 # ---- runner -> results.json -> every reader -----------------------------------------------------------------------
@@ -257,6 +259,8 @@ class CellResult(BaseModel):
     attempts: list[dict[str, Any]] = Field(default_factory=list)
     not_sent: list[int] = Field(default_factory=list)  # per repetition: requests max_duration_s kept from leaving
     capacity: CapacityResult | None = None  # load: capacity
+    # Prompt tokens the engine reused from its prefix cache over the cell, as it counts them; None: it keeps none
+    prefix_reuse: PrefixReuse | None = None
 
     @property
     def ok(self) -> bool:

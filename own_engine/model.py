@@ -16,8 +16,8 @@ from .placement import Globals, LayerWeights
 # Below this many rows in a forward pass, matmuls read the weights as stored even when compute runs wider: a
 # bf16 matrix-vector product is memory-bound and accumulates in float32, so it beats upcasting the layer first, and
 # emulated bf16 falls far behind only as rows grow. Measured on AVX2 without bf16 instructions, a whole decode step
-# of the 201M-parameter benchmark Llama (benchmarks/engine_cpu.py): 4 rows 141 ms read as stored vs 202 ms upcast,
-# 6 rows 211 vs 245, 8 rows 303 vs 270 (one matrix alone suggested 4; the layer's upcast costs more than that).
+# of the 201M-parameter benchmark Llama (benchmarks/engine_cpu.py): 4 rows 118 ms read as stored vs 190 ms upcast,
+# 6 rows 163 vs 205, 8 rows 191 vs 186 (one matrix alone suggested 4; the layer's upcast costs more than that).
 NARROW_ROWS = 8
 
 

@@ -75,7 +75,8 @@ class Plan:
                                    " (upcast as each chunk is read)"),
             f"weights: {self.count('device')} of {len(self.layer_tiers)} layers resident, "
             f"{self.count('host')} streamed from host memory, {self.count('disk')} from disk "
-            f"({fmt_bytes(self.layer_bytes)} per layer, {self.n_slots} ring slot(s) of {fmt_bytes(self.slot_bytes)})",
+            f"({fmt_bytes(self.layer_bytes)} per layer, {self.n_slots} "
+            f"{'upcast buffer' if self.device.type == 'cpu' else 'ring slot'}(s) of {fmt_bytes(self.slot_bytes)})",
             f"lm_head and final norm on the device, embed_tokens on {self.embed_tier}",
             f"KV cache: {blocks} blocks of {self.block_size} tokens ({fmt_bytes(self.block_bytes)} per block, all layers)",
             f"chunks: prefill {self.prefill_chunk} tokens, attention KV {self.kv_chunk_blocks * self.block_size} "
@@ -150,12 +151,14 @@ def make_plan(cfg: ModelConfig, *, device="cpu", dtype: torch.dtype | None = Non
 
     block_size = block_size or 256
     L, layer, slot = cfg.num_layers, LayerLayout.of(cfg, dtype).nbytes, LayerLayout.of(cfg, compute).nbytes
-    # A layer needs a ring slot unless compute reads it where it is stored: resident, or on a CPU any tier
-    # (host memory, mapped files) when no upcast is needed.
-    upcast, in_place = compute != dtype, device.type == "cpu" and compute == dtype
+    # A CPU reads every tier in place (host memory, mapped files) and upcasts through one buffer; on CUDA a layer
+    # needs a ring slot unless it is resident in the compute dtype.
+    upcast = compute != dtype
 
     def ring(resident: int) -> int:
-        return min(2, L if upcast else 0 if in_place else L - resident)
+        if device.type == "cpu":
+            return int(upcast)
+        return min(2, L if upcast else L - resident)
 
     block_bytes = L * block_size * cfg.kv_bytes_per_token(kv_dtype)
     need_blocks = batch * -(-context // block_size)

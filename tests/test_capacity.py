@@ -125,6 +125,10 @@ def test_a_concurrency_search_lands_on_the_backends_slots(searched):
     assert cell.status == "ok"
     report = (out / "report.md").read_text()
     assert "holds 3 in flight" in report and "Capacity search steps: conc" in report
+    # one search per cell, whatever repetitions says: no median over repetitions is claimed
+    basis = "from the step at the search's capacity (one search per cell: repetitions do not apply)"
+    assert f"Numbers are {basis}" in report and "medians over" not in report
+    assert basis[0].upper() + basis[1:] in (out / "summary.md").read_text()
 
 
 def test_a_capacity_search_needs_an_slo(write_scenario, tiny_model):
@@ -134,6 +138,40 @@ def test_a_capacity_search_needs_an_slo(write_scenario, tiny_model):
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "workloads[0].load: a capacity search needs the scenario's slo" in done.stdout + done.stderr
+
+
+def test_validate_says_capacity_cells_run_one_search_each(write_scenario, tiny_model):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    def validate(data):
+        done = CliRunner().invoke(app, ["validate", str(write_scenario(data))])
+        assert done.exit_code == 0, done.output
+        return done.output
+
+    cap = capacity_workload("cap", {})
+    fixed = {"name": "fixed", "input_tokens": 16, "output_tokens": 4, "num_requests": 4}
+    assert "2 cell(s) = 1 model(s) × 1 backend(s) × 2 workload(s), 3 repetition(s) for 1 cell(s); 1 capacity " \
+           "cell(s): one search each" in validate(capacity_scenario(tiny_model, cap, fixed) | {"repetitions": 3})
+    # only searches: repetitions (here 1) neither counts nor earns the warning about too few
+    only = validate(capacity_scenario(tiny_model, cap))
+    assert "1 cell(s) = 1 model(s) × 1 backend(s) × 1 workload(s), capacity cells: one search each" in only
+    assert "repetition" not in only
+
+
+def test_a_capacity_cells_numbers_are_not_called_medians_over_repetitions():
+    from harness.records import CellResult
+    from harness.results.summary import numbers_basis
+
+    def cell(load):
+        return CellResult(id=load, model="m", backend="b", workload=load, status="ok",
+                          workload_spec={"load": {"type": load}})
+
+    assert numbers_basis("3", [cell("poisson")]) == "medians over 3 repetition(s) of each cell"
+    assert numbers_basis("3", [cell("poisson"), cell("capacity")]) == (
+        "medians over 3 repetition(s) of each cell, a capacity search's from the step at the search's capacity "
+        "(one search per cell: repetitions do not apply)")
 
 
 def slot_step_passes(rate: float, seed: int, n: int, slots: int, service_s: float, max_wait_s: float,

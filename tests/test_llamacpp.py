@@ -169,6 +169,41 @@ def test_both_modes_give_full_metrics(tiny_model, write_scenario, tmp_path):
     assert not group_members(server_pid(server_dir / "llama_server.log"))
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@needs_llama
+def test_in_process_prefix_reuse_is_what_llama_cpp_kept_and_none_without_it(tiny_model, write_scenario, tmp_path):
+    """A document asked two questions: with prefix_reuse llama.cpp keeps, for each request, the prefix its prompt
+    shares with the one before (the second question: the document); without it, nothing. The server is not asked:
+    it keeps the prefix too, and says nothing of it."""
+    from harness.records import PROMPT_FILE, load_run
+
+    backends = [{"name": "reuse", "kind": "llama_cpp", "options": {"gguf_type": "f32", "prefix_reuse": True}},
+                {"name": "reset", "kind": "llama_cpp", "options": {"gguf_type": "f32"}}]
+    workloads = [{"name": "doc", "prompts": {"type": "document", "kind": "contract", "questions_per_document": 2},
+                  "input_tokens": 300, "output_tokens": 4, "num_requests": 2, "warmup_requests": 1}]
+    path = write_scenario(scenario_dict(tiny_model, backends, workloads))
+    out = tmp_path / "out"
+    assert Runner(load_scenario(path), str(path), out).run() == 0
+    cells = {c.backend: c for c in load_run(out).cells}
+    (prompts,) = (out / "prompts").glob("*.json")
+    ids = [e.token_ids for e in PROMPT_FILE.validate_json(prompts.read_bytes())]  # the warm-up, then two questions
+    sent = sum(map(len, ids))
+    # what each prompt shares with the one before: the BOS token, then the document and "Question:"
+    shared = common_prefix(ids[0], ids[1]) + common_prefix(ids[1], ids[2])
+    assert common_prefix(ids[1], ids[2]) > 250
+    reuse, reset = cells["reuse"].prefix_reuse, cells["reset"].prefix_reuse
+    assert (reuse.reused_tokens, reuse.prompt_tokens) == (shared, sent), reuse
+    assert (reset.reused_tokens, reset.prompt_tokens) == (0, sent) and "prefix_reuse: false" in reset.source
+    report = (out / "report.md").read_text()
+    assert "## Prefix reuse" in report and f"| {shared:,} | {sent:,} |" in report
+
+
 @needs_llama
 @pytest.mark.slow
 async def test_greedy_is_greedy_in_both_modes(tiny_model, tiny_gguf, tmp_path):
@@ -294,6 +329,8 @@ def test_mode_selects_the_variant_and_its_options(tiny_model, write_scenario):
     assert load_scenario(write_scenario(scenario_dict(tiny_model, [server]))).backends[0].options["timeout_s"] == 5
     for options, expected in (({"timeout_s": 5}, "backends[0].options.timeout_s: unknown key"),
                               ({"server_args": ["-v"]}, "backends[0].options.server_args: unknown key"),
+                              ({"mode": "server", "prefix_reuse": True},
+                               "backends[0].options.prefix_reuse: unknown key"),
                               ({"mode": "served"}, "backends[0].options.mode: expected in_process or server")):
         b = {"name": "x", "kind": "llama_cpp", "options": options}
         with pytest.raises(ScenarioError, match=re.escape(expected)):

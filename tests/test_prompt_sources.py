@@ -263,6 +263,8 @@ def test_output_beyond_the_context_exits_2_naming_the_field(write_scenario, tiny
     ({"name": "v", "kind": "vllm", "options": {"max_model_len": 512}},
      {"input_tokens": {"dist": "uniform", "min": 10, "max": 500}, "output_tokens": 20}, "output_tokens",
      "options.max_model_len"),
+    ({"name": "o", "kind": "own", "options": {"max_context": 300}}, {"input_tokens": 290, "output_tokens": 16},
+     "output_tokens", "options.max_context"),
 ])
 def test_context_from_config_json_or_the_backends_options(write_scenario, tiny_model, backend, workload_, field,
                                                           context):

@@ -54,6 +54,12 @@ def test_wrong_type(write_scenario, tiny_model):
     expect_error(write_scenario(scenario_dict(tiny_model, [HF], wl)), "workloads[0].input_tokens", "integer")
 
 
+def test_output_tokens_are_required_unless_a_trace_gives_them(write_scenario, tiny_model):
+    wl = [{"name": "w", "input_tokens": 8, "num_requests": 1, "load": {"type": "concurrency", "concurrency": 2}}]
+    expect_error(write_scenario(scenario_dict(tiny_model, [HF], wl)), "workloads[0]: output_tokens is required with "
+                 "a load of type concurrency")
+
+
 def test_negative_count(write_scenario, tiny_model):
     wl = [{"name": "w", "input_tokens": 8, "output_tokens": 4, "num_requests": -3}]
     expect_error(write_scenario(scenario_dict(tiny_model, [HF], wl)), "workloads[0].num_requests", "greater than 0")

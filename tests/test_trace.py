@@ -109,6 +109,9 @@ def test_requests_sharing_a_hash_id_share_that_block_of_prompt(write_scenario, t
     ([{"timestamp": 0, "input_length": 0, "output_length": 5}], "line 1: input_length: expected an integer ≥ 1"),
     ([{"timestamp": 0, "input_length": 3, "output_length": 5, "hash_ids": ["a"]}], "hash_ids: expected a list"),
     (ROWS[:3], "the trace has 3 rows, fewer than num_requests (8)"),
+    # row 3 of the 8 replayed: 4000 + 200 tokens, beyond tiny-llama's 4096 (the workload's 16 + 8 are not used)
+    ([*ROWS[:2], {"timestamp": 1360, "input_length": 4000, "output_length": 200}, *ROWS[3:]],
+     "trace.jsonl, line 3: 4000 prompt + 200 output tokens exceed the 4096-token context of model 'tiny'"),
 ])
 def test_a_trace_that_cannot_be_replayed_is_refused_up_front(write_scenario, tiny_model, tmp_path, rows, needle):
     trace = tmp_path / "trace.jsonl"
@@ -120,6 +123,21 @@ def test_a_trace_that_cannot_be_replayed_is_refused_up_front(write_scenario, tin
     assert done.returncode == 2, done.stdout + done.stderr
     text = done.stdout + done.stderr
     assert "workloads[0].load.path" in text and needle in text and "Traceback" not in text
+
+
+def test_a_trace_alone_gives_each_requests_lengths_on_an_engine(tiny_model, tmp_path):
+    """No input_tokens or output_tokens: the rows give every request's lengths, which the engine then produced."""
+    rows = ROWS[:4]
+    trace = write_trace(tmp_path / "trace.jsonl", rows)
+    out, cells = run_scenario(scenario_dict(
+        tiny_model, [{"name": "hf", "kind": "transformers", "options": {"dtype": "float32"}}],
+        [{"name": "w", "num_requests": len(rows), "warmup_requests": 1,
+          "load": {"type": "trace", "path": str(trace), "block_tokens": 8, "speedup": 4}}]), tmp_path)
+    records = sorted(read_requests(cells["w"].requests_path(out)), key=lambda r: r.id)
+    assert all(r.ok for r in records), [r.error for r in records]
+    assert [r.input_tokens for r in records] == [row["input_length"] for row in rows]
+    assert [(r.output_tokens, r.n_out) for r in records] == [(row["output_length"],) * 2 for row in rows]
+    assert "the trace’s own input and output tokens" in (out / "report.md").read_text()
 
 
 def test_a_trace_path_is_relative_to_the_scenario_file(write_scenario, tiny_model, tmp_path):

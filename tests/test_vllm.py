@@ -113,6 +113,38 @@ def test_both_modes_match_hf_greedy_tokens_with_full_metrics(vllm_python, tiny_m
 
 
 @pytest.mark.slow
+def test_prefix_caching_shows_as_prefix_reuse(vllm_python, tiny_model, write_scenario, tmp_path):
+    """A document asked three questions, vLLM with enable_prefix_caching: the second and third question find the
+    document's full blocks cached, and vLLM's own hit counter is the cell's prefix_reuse. (Without it vLLM looks
+    nothing up and the count is 0: seen in scenarios/documents.yaml; a second server here would cost a minute, and
+    test_engine_arguments_become_vllm_flags checks the flag that turns it off.)"""
+    from harness.records import PROMPT_FILE
+
+    tag = uuid.uuid4().hex
+    code, results, out = run(write_scenario, tmp_path, scenario_dict(
+        tiny_model,
+        [vllm_backend("vllm-cache", vllm_python, tag, max_model_len=1024,
+                      engine_args={"enable_prefix_caching": True})],
+        [{"name": "doc", "prompts": {"type": "document", "kind": "log", "questions_per_document": 3},
+          "input_tokens": 600, "output_tokens": 4, "num_requests": 3, "warmup_requests": 1}]))
+    cells = {c["backend"]: c for c in results["cells"]}
+    assert code == 0, {b: c["error"] for b, c in cells.items()}
+    (prompts,) = (out / "prompts").glob("*.json")
+    ids = [e.token_ids for e in PROMPT_FILE.validate_json(prompts.read_bytes())]  # the warm-up, then 3 questions
+    shared = min(len(a) for a in ids[1:])
+    while len({tuple(a[:shared]) for a in ids[1:]}) > 1:
+        shared -= 1  # the document and what the questions' text has in common
+    reuse = cells["vllm-cache"]["prefix_reuse"]
+    hits = json.loads((out / "cells" / cells["vllm-cache"]["id"] / "worker.json").read_text())[
+        "server_metrics"]["counters"]["prefix_cache_hits"]
+    assert reuse["reused_tokens"] == hits and reuse["prompt_tokens"] == sum(map(len, ids))
+    # whole blocks only (128 tokens on CPU): each later question reuses all but the partial block at the end
+    assert 2 * (shared - 127) <= hits <= 2 * shared, (hits, shared)
+    assert "## Prefix reuse" in (out / "report.md").read_text()
+    assert tagged_processes(tag) == []
+
+
+@pytest.mark.slow
 def test_bad_options_fail_with_vllms_own_message_and_leave_nothing(vllm_python, tiny_model, write_scenario, tmp_path):
     tag = uuid.uuid4().hex
     code, results, out = run(write_scenario, tmp_path, scenario_dict(

@@ -31,6 +31,7 @@ from harness.results.catalogue import CATALOGUE, headline_label, split_name
 from harness.results.frame import frame_of
 from harness.results.markdown import md_escape
 from harness.results.runs import METRICS, CellView, Run, fmt_interval, fmt_value, load_runs
+from harness.results.summary import numbers_basis
 from own_engine.units import fmt_bytes
 
 FORMATS = ("md", "html")
@@ -110,6 +111,7 @@ class ReportData:
     failures: Table
     cells: Table
     agreement: Table | None = None  # whether greedy backends answered alike (record_outputs)
+    prefix_reuse: Table | None = None  # what each engine says it reused from its prefix cache
 
 
 # ---- building it ---------------------------------------------------------------------------------------------
@@ -173,9 +175,13 @@ WORKLOAD_KEYS = ("name", "input_tokens", "output_tokens", "num_requests", "load"
 def describe_workload(w: dict[str, Any]) -> str:
     if not w:
         return "workload settings not recorded"
-    inputs = w.get("input_tokens")
-    parts = [f"{inputs if inputs is not None else 'the prompts’ own'} input tokens",
-             f"{w.get('output_tokens')} output tokens", f"{w.get('num_requests')} requests", describe_load(w.get("load"))]
+    if (w.get("load") or {}).get("type") == "trace":  # its rows give the lengths; the workload's are not used
+        lengths = ["the trace’s own input and output tokens"]
+    else:
+        inputs = w.get("input_tokens")
+        lengths = [f"{inputs if inputs is not None else 'the prompts’ own'} input tokens",
+                   f"{w.get('output_tokens')} output tokens"]
+    parts = [*lengths, f"{w.get('num_requests')} requests", describe_load(w.get("load"))]
     if w.get("warmup_requests") is not None:
         parts.append(f"{w['warmup_requests']} warm-up")
     # Settings added after this was written (sweeps, prompt sources) still show, as they are.
@@ -567,6 +573,26 @@ def agreement_table(runs: list[Run]) -> Table | None:
                      "compared", "mean common prefix", "precision"], rows)
 
 
+def prefix_reuse_table(runs: list[Run]) -> Table | None:
+    """Each cell's prefix_reuse: prompt tokens its engine says it took from its cache, of those the cell sent."""
+    rows = []
+    for r in runs:
+        for c in r.result.cells:
+            reuse = c.prefix_reuse
+            if reuse is None:
+                continue
+            sent = reuse.prompt_tokens
+            measured = reuse.reused_tokens is not None
+            rows.append([r.label, c.model, c.workload, c.backend,
+                         f"{reuse.reused_tokens:,}" if measured else "not reported",
+                         f"{sent:,}" if sent is not None else "–",
+                         f"{reuse.reused_tokens / sent:.0%}" if measured and sent else "–", reuse.source])
+    if not rows:
+        return None
+    return Table.of(["run", "model", "workload", "backend", "prompt tokens reused", "prompt tokens sent", "share",
+                     "counted by"], rows)
+
+
 def build_report(runs: list[Run]) -> ReportData:
     cells = [c for r in runs for c in r.cells]
     labels = Labels(cells)
@@ -581,7 +607,7 @@ def build_report(runs: list[Run]) -> ReportData:
     names = list(dict.fromkeys(str(r.scenario.get("name", "?")) for r in runs))
     reps = sorted({str(r.scenario.get("repetitions", "?")) for r in runs})
     methods = sorted({c.cell.ci_method for c in cells if c.cell.ci_method})
-    notes.insert(0, f"Numbers are medians over {' / '.join(reps)} repetition(s) of each cell"
+    notes.insert(0, f"Numbers are {numbers_basis(' / '.join(reps), [c.cell for c in cells])}"
                     + (f", with their 95% confidence intervals in brackets ({', '.join(methods)})" if methods else "")
                     + "; metric definitions follow vLLM's serving benchmark (docs/metrics.md). '–' means not "
                       "applicable (failed cell), 'n/a' means not measured, with the reason beside the table.")
@@ -597,7 +623,7 @@ def build_report(runs: list[Run]) -> ReportData:
         notes=notes, verdict=verdict_table(cells, labels, numbers), runs=runs_table,
         scenarios=scenario_blocks(runs), environment=same, environment_diff=diff,
         sections=sections, resource_plots=res_plots, failures=failures_table(cells), cells=cells_table(cells),
-        agreement=agreement_table(runs),
+        agreement=agreement_table(runs), prefix_reuse=prefix_reuse_table(runs),
     )
 
 

@@ -173,12 +173,12 @@ def load_scenario(path: Path | str) -> Scenario:
     _resolve_paths(scenario, path.parent)
     resolve_prompt_paths(scenario, path.parent)
     _check_backends(scenario, str(path))
+    _check_traces(scenario, str(path))  # before the context check, which reads a trace's lengths
     try:
         check_prompt_files(scenario, str(path))
         check_context(scenario, str(path))
     except PromptCheckError as e:
         raise ScenarioError(str(e)) from None
-    _check_traces(scenario, str(path))
     return scenario
 
 

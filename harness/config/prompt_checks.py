@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from harness.config.prompts import FilePrompts, length_bounds
-from harness.config.scenario import Scenario
+from harness.config.scenario import Scenario, TraceLoad
 from harness.core.errors import UserError
 
 
@@ -65,13 +65,14 @@ def model_context(scenario: Scenario, model: str) -> tuple[int, str] | None:
 
 
 def backend_context(backend) -> tuple[int, str] | None:
-    """A launched engine's own context setting (vLLM's max_model_len, llama.cpp's n_ctx), defaults included."""
+    """A launched engine's own context setting (vLLM's max_model_len, llama.cpp's n_ctx, our engine's max_context),
+    defaults included."""
     from backends.registry import get_backend_class
 
     if backend.url is not None:
         return None  # an attached server was started with settings the scenario does not know
     options = get_backend_class(backend.kind, backend.options).Options.model_validate(backend.options)
-    for key in ("max_model_len", "n_ctx"):
+    for key in ("max_model_len", "n_ctx", "max_context"):
         value = getattr(options, key, None)
         if isinstance(value, int):
             return value, f"backends[{backend.name}].options.{key}"
@@ -88,6 +89,10 @@ def check_context(scenario: Scenario, source: str) -> None:
                 if known:
                     contexts[(m, b.name)] = min(known)
     for i, w in enumerate(scenario.workloads):
+        if isinstance(w.load, TraceLoad):
+            _check_trace_context(w.load.path, max(w.num_requests) if isinstance(w.num_requests, list)
+                                 else w.num_requests, contexts, f"{source}: workloads[{i}].load.path")
+            continue
         for concrete in w.expand():
             spec = concrete.spec
             prompt = length_bounds(spec.input_tokens)[1] if spec.input_tokens is not None else 0
@@ -105,3 +110,20 @@ def check_context(scenario: Scenario, source: str) -> None:
                         f"{source}: workloads[{i}].{field}: {tokens} exceed the "
                         f"{ctx}-token context of model {m!r} on backend {b!r} ({where}); lower {field} or use a "
                         f"model with a longer context")
+
+
+def _check_trace_context(path: Path, num_requests: int, contexts: dict, where: str) -> None:
+    """A trace's requests have its rows' lengths (the workload's input_tokens and output_tokens are not used): the
+    longest of the rows replayed (the first num_requests; warm-ups replay the same) must fit every context. The
+    trace was read and checked before (load.py's _check_traces)."""
+    from harness.inputs.trace import read_trace
+
+    if not contexts:
+        return
+    row = max(read_trace(path)[:num_requests], key=lambda r: r.input_length + r.output_length)
+    for (m, b), (ctx, known_from) in contexts.items():
+        if row.input_length + row.output_length > ctx:
+            raise PromptCheckError(
+                f"{where}: {path}, line {row.line}: {row.input_length} prompt + {row.output_length} output tokens "
+                f"exceed the {ctx}-token context of model {m!r} on backend {b!r} ({known_from}); replay fewer rows "
+                f"(num_requests), leave out the longer ones or use a model with a longer context")

@@ -154,10 +154,11 @@ class Workload(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.,=\[\]-]*$")  # brackets: the names sweeps give
     input_tokens: Length | list[Positive] | None = Field(
         None, description="exact prompt length in the model's tokenizer, special tokens included; a list sweeps; "
-                          "{dist: ...} draws one per request; a file source needs it only to truncate")
-    output_tokens: Length | list[Positive] = Field(
-        description="exact where the engine allows (ignore_eos / min_tokens); a list sweeps; {dist: ...} draws one "
-                    "per request")
+                          "{dist: ...} draws one per request; a file source needs it only to truncate, a trace load "
+                          "not at all (its rows give each request's)")
+    output_tokens: Length | list[Positive] | None = Field(
+        None, description="exact where the engine allows (ignore_eos / min_tokens); a list sweeps; {dist: ...} draws "
+                          "one per request; required except with a trace load (its rows give each request's)")
     num_requests: Positive | list[Positive]
     load: Load = Field(default_factory=SequentialLoad)
     warmup_requests: int = Field(1, ge=0, description="sent before measuring, excluded from every metric")
@@ -178,6 +179,9 @@ class Workload(Strict):
             if needed or (source.type in ("synthetic", "document", "shared_prefix") and self.load.type != "trace"):
                 raise ValueError(f"input_tokens is required with prompts of type {source.type}"
                                  + (" and truncate: true" if needed else ""))
+        if self.output_tokens is None and self.load.type != "trace":
+            raise ValueError(f"output_tokens is required with a load of type {self.load.type}: only a trace gives "
+                             f"each request's output length")
         if source.type == "shared_prefix" and self.input_tokens is not None:
             shortest = min(length_bounds(v)[0] for v in
                            (self.input_tokens if isinstance(self.input_tokens, list) else [self.input_tokens]))
@@ -294,7 +298,8 @@ class Scenario(Strict):
 
     def warnings(self) -> list[str]:
         """What is valid but weakens the results: said before running, and by `bench validate`."""
-        if self.repetitions < MIN_REPETITIONS:
+        searches_only = all(isinstance(w.load, CapacityLoad) for w in self.workloads)  # they run once, whatever
+        if self.repetitions < MIN_REPETITIONS and not searches_only:
             return [f"repetitions: {self.repetitions}: with fewer than {MIN_REPETITIONS} repetitions there is no "
                     f"confidence interval across repetitions (only over requests, which misses run-to-run drift)"
                     + ("" if self.repetitions > 1 else " and no check that repetitions agree")]

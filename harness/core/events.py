@@ -50,6 +50,16 @@ class Usage:
 
 
 @dataclass
+class PrefixReuse:
+    """Prompt tokens an engine took from its own cache instead of computing them, over the whole cell (warm-up
+    requests included), as the engine itself counts them: one field for every engine (results: `prefix_reuse`),
+    whatever its unit (blocks, cache hits), so reports compare them."""
+    reused_tokens: int | None  # None: the engine may reuse but does not say how much (`source` says why)
+    source: str  # where the count was read, or why there is none
+    prompt_tokens: int | None = None  # the prompt tokens the cell sent (the harness's count), set by the worker
+
+
+@dataclass
 class Capabilities:
     streaming: bool = True
     exact_output_length: bool = True

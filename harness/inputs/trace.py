@@ -28,6 +28,7 @@ class TraceRow:
     input_length: int
     output_length: int
     hash_ids: tuple[int, ...] = ()
+    line: int = 0  # the row's line in the file (blank lines are skipped), for messages about it
 
 
 def read_trace(path: Path) -> list[TraceRow]:
@@ -52,7 +53,7 @@ def read_trace(path: Path) -> list[TraceRow]:
             raise TraceError(f"{where}: expected an object with timestamp, input_length, output_length")
         row = TraceRow(_number(d, "timestamp", where, 0), int(_number(d, "input_length", where, 1, integer=True)),
                        int(_number(d, "output_length", where, 1, integer=True)),
-                       _hash_ids(d.get("hash_ids", []), where))
+                       _hash_ids(d.get("hash_ids", []), where), n)
         if rows and row.timestamp_ms < rows[-1].timestamp_ms:
             raise TraceError(f"{where}: timestamp {row.timestamp_ms:g} is before the previous row's "
                              f"{rows[-1].timestamp_ms:g}: a trace's times must not go back")

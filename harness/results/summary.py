@@ -61,10 +61,21 @@ def rows(run: RunResult, columns=SUMMARY_COLUMNS, interval: str = "range") -> tu
             [row + [value(c, k, s, interval) for k, s in columns] for c, row in zip(run.cells, ids)])
 
 
+def numbers_basis(repetitions: str, cells: list[CellResult]) -> str:
+    """What a cell's numbers are: medians over the scenario's repetitions, except for a capacity search, which
+    runs once (its steps are its runs) and whose numbers are those of the step at its capacity."""
+    searches = sum(((c.workload_spec or {}).get("load") or {}).get("type") == "capacity" for c in cells)
+    step = "from the step at the search's capacity (one search per cell: repetitions do not apply)"
+    if searches and searches == len(cells):
+        return step
+    return f"medians over {repetitions} repetition(s) of each cell" + (
+        f", a capacity search's {step}" if searches else "")
+
+
 def _title(run: RunResult) -> str:
     methods = sorted({c.ci_method for c in run.cells if c.ci_method})
     ci = f"; ± is the 95% CI ({', '.join(methods)})" if methods else ""
-    return f"median over {run.scenario.get('repetitions', '?')} repetition(s){ci}"
+    return numbers_basis(str(run.scenario.get("repetitions", "?")), run.cells) + ci
 
 
 def print_summary(run: RunResult, console: Console) -> None:

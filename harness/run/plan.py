@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from harness.config.prompts import input_files
-from harness.config.scenario import Cell, Scenario, safe_name
+from harness.config.scenario import Cell, Scenario, TraceLoad, safe_name
 from harness.core.errors import BackendError
 from harness.core.processes import log_tail
 from harness.inputs.models import synthetic_dir
@@ -83,7 +83,9 @@ class CellPlanner:
         decides = [args[:3], workload.model_dump(mode="json", exclude={"name", "max_error_rate"}),
                    [_stamp(f) for f in input_files(workload)]]
         digest = hashlib.sha256(json.dumps(decides).encode()).hexdigest()[:10]
-        size = workload.input_tokens if isinstance(workload.input_tokens, int) else workload.prompts.type
+        # A trace's rows give the lengths: an input_tokens beside it is not used.
+        size = ("trace" if isinstance(workload.load, TraceLoad) else workload.input_tokens
+                if isinstance(workload.input_tokens, int) else workload.prompts.type)
         path = self.out / "prompts" / f"{safe_name(model)}__{size}x{count}-{digest}.json"
         if path not in self.prompt_files and path.is_file():
             self.prompt_files[path] = None  # an earlier run built the same prompts

@@ -159,7 +159,7 @@ class Runner:
                           capabilities=report.capabilities, concurrency_cap=report.concurrency_cap,
                           requests_file=f"cells/{cell.id}/requests.jsonl", logical_io=report.logical_io or None,
                           server_metrics=report.server_metrics or None, clients=report.clients, node=attempt.node,
-                          not_sent=report.not_sent, capacity=capacity)
+                          not_sent=report.not_sent, capacity=capacity, prefix_reuse=report.prefix_reuse)
 
     def header(self, cell: Cell) -> dict:
         """What identifies a cell in results: names, the concrete workload, and the swept values that made it."""

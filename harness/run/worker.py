@@ -239,6 +239,10 @@ class Cell:
             finally:
                 writer.close()
         report.server_metrics = await backend.server_metrics()
+        if (reuse := await backend.prefix_reuse()) is not None:
+            # Over the same requests as the engine's count: every one the cell sent, warm-up included.
+            reuse.prompt_tokens = sum(r.input_tokens or 0 for r in self.records)
+            report.prefix_reuse = reuse
 
     async def repetitions(self, backend: Backend, writer: BackgroundWriter, limit: int | None) -> None:
         """Each repetition under the load pattern, this process's share of it and, with load.clients, the other

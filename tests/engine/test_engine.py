@@ -116,14 +116,14 @@ def test_probe_reports_instead_of_raising(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_compute_dtype_policy(tiny_model, monkeypatch, native):
-    """bf16 weights on a CPU without bf16 instructions compute in float32 through reused upcast slots; with them,
+    """bf16 weights on a CPU without bf16 instructions compute in float32 through one reused upcast buffer; with them,
     or on CUDA, in bf16 in place. The plan says which and why."""
     monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: native)
     cfg = ModelConfig.load(tiny_model("llama_bf16")[0])
     cpu = make_plan(cfg, device="cpu", weights="gpu", context=64)
     assert cpu.dtype == torch.bfloat16
     assert cpu.compute_dtype == (torch.bfloat16 if native else torch.float32)
-    assert cpu.n_slots == (0 if native else 2) and (cpu.slot_bytes > 1.9 * cpu.layer_bytes) != native
+    assert cpu.n_slots == (0 if native else 1) and (cpu.slot_bytes > 1.9 * cpu.layer_bytes) != native
     assert ("no bfloat16 instructions" in cpu.explain()) != native
     cuda = make_plan(cfg, device="cuda", weights="disk", context=64)
     assert cuda.compute_dtype == torch.bfloat16 and "compute in bfloat16" in cuda.explain()
@@ -133,7 +133,8 @@ def test_compute_dtype_policy(tiny_model, monkeypatch, native):
 
 def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path):
     """On the CPU, layers on disk are memory-mapped: compute reads the safetensors' pages (no ring, no copy) when
-    the dtype matches, and a bf16 checkpoint under float32 compute is upcast straight from the map into a slot."""
+    the dtype matches, and a bf16 checkpoint under float32 compute is upcast straight from the map into one buffer,
+    in the calling thread (no prefetch thread on the CPU)."""
     path, _ = tiny_model("llama_gqa2")
     with Engine.from_pretrained(path, weights="disk", kv="gpu", offload_dir=tmp_path / "off") as engine:
         layers = engine.model.weights
@@ -145,5 +146,7 @@ def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path):
     path, _ = tiny_model("llama_bf16")
     with Engine.from_pretrained(path, weights="disk", kv="gpu") as engine:
         layers = engine.model.weights
-        assert len(layers.slots) == 2 and layers.layer(0)["mlp.up_proj.weight"].dtype == torch.float32
+        assert not layers.slots and layers.pool is None
+        w = layers.layer(0)["mlp.up_proj.weight"]
+        assert w.dtype == torch.float32 and w.data_ptr() == layers.layer(1)["mlp.up_proj.weight"].data_ptr()
         assert layers.layer(1, narrow=True)["mlp.up_proj.weight"].dtype == torch.bfloat16  # decode reads the map
