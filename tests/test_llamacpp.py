@@ -148,8 +148,10 @@ def test_both_modes_give_full_metrics(tiny_model, write_scenario, tmp_path):
         m = cell["metrics"]
         assert m["completed"] == 4 and m["errors"] == 0
         assert m["total_input_tokens"] == 4 * 32 and m["total_output_tokens"] == 4 * 16
-        for key in ("ttft_ms", "tpot_ms", "e2el_ms"):
+        for key in ("ttft_ms", "e2el_ms"):
             assert m[key]["count"] == 4 and m[key]["min"] > 0, (name, key, m[key])
+        # A busy machine can hand a request's whole stream to one read: its tokens share a time, TPOT and ITL 0.
+        assert m["tpot_ms"]["count"] == 4 and m["tpot_ms"]["min"] >= 0 and m["tpot_ms"]["mean"] > 0, m["tpot_ms"]
         assert m["itl_ms"]["count"] >= 4 and m["itl_ms"]["min"] >= 0
         assert m["e2el_ms"]["min"] >= m["ttft_ms"]["min"]
         assert m["output_throughput_tok_s"] > 0 and m["request_throughput_rps"] > 0
