@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["LLMBENCH_PLUGINS"] = "tests.scripted_backend"
 
 
+def pytest_report_header(config) -> list[str]:
+    """A CI log says what CPU it ran on: timings and the engine's dtype policy depend on its instruction set."""
+    from harness.measure.environment import cpu_isa, cpu_model
+
+    return [f"cpu: {cpu_model()}, {os.cpu_count()} logical cores; isa: {' '.join(cpu_isa()) or 'unknown'}"]
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     from harness.inputs.models import cached_synthetic

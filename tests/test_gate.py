@@ -331,6 +331,23 @@ def test_cpu_change_blocks_raw_mode_but_is_a_warning_with_reference(tmp_path):
     assert "warning: environment changed: cpu.model" in " ".join(result.output.split())
 
 
+def test_same_cpu_name_with_another_instruction_set_is_another_machine(tmp_path):
+    """Two CPUs sold under one name can differ in their extensions (bf16, AMX), and our engine's planner computes
+    in another dtype on each: the guard sees the difference; a baseline from before `isa` was recorded only warns."""
+    env = copy.deepcopy(ENV)
+    env["cpu"]["isa"] = ["avx", "avx2", "fma"]
+    base = synth_run(tmp_path / "base", 0, backends=("hf", "own"), env=env)
+    env = copy.deepcopy(env)
+    env["cpu"]["isa"] = ["avx", "avx2", "fma", "avx512f", "avx512_bf16"]
+    cur = synth_run(tmp_path / "cur", 1, backends=("hf", "own"), env=env)
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 2 and "cpu.isa" in result.output
+    old = synth_run(tmp_path / "old", 2, backends=("hf", "own"))  # ENV: no isa recorded
+    result = gate("--baseline", old, "--current", cur)
+    assert result.exit_code == 0, result.output
+    assert "warning: environment changed: cpu.isa" in " ".join(result.output.split())
+
+
 def test_no_matching_cells_exit_2(tmp_path):
     base = synth_run(tmp_path / "base", 0, backends=("hf",))
     cur = synth_run(tmp_path / "cur", 1, backends=("own",))

@@ -238,7 +238,8 @@ def environment_differences(base: Run, cur: Run, keys: list[CellKey], policy: Po
     compare("gpu.devices", gpu_names(eb), gpu_names(ec))
     for k in ("driver", "cuda_driver"):
         compare(f"gpu.{k}", (eb.get("gpu") or {}).get(k), (ec.get("gpu") or {}).get(k))
-    for k in ("model", "logical_cores"):
+    # The instruction set beside the model name: one name can hide different extensions (and engine paths).
+    for k in ("model", "isa", "logical_cores"):
         compare(f"cpu.{k}", (eb.get("cpu") or {}).get(k), (ec.get("cpu") or {}).get(k))
     # A package one run lacks is one no backend of it used (a backend that needs it fails without it).
     pb, pc = eb.get("packages") or {}, ec.get("packages") or {}
@@ -265,7 +266,7 @@ def default_action(d: EnvDifference, policy: Policy) -> Literal["refuse", "warn"
     if policy.reference is not None and d.name.startswith("cpu."):
         return "warn"
     # A setting one run's llmbench did not record says how the harness changed, not the engine.
-    if d.name.startswith("engine.") and (d.baseline is None or d.current is None):
+    if (d.name.startswith("engine.") or d.name == "cpu.isa") and (d.baseline is None or d.current is None):
         return "warn"
     return "refuse"
 

@@ -25,14 +25,32 @@ def git_sha() -> str | None:
         return None
 
 
-def cpu_model() -> str:
+# The instruction-set extensions that decide how fast a CPU multiplies (and which path our engine's planner takes):
+# two CPUs of one model name can differ here (a VM may hide AVX-512), and two model names can agree.
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+             "asimd", "sve", "sve2", "bf16", "i8mm")  # the last four: aarch64's "Features" line
+
+
+def _cpuinfo_field(*names: str) -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() in names:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_isa() -> list[str]:
+    """This CPU's instruction-set extensions among ISA_FLAGS, in that order ([] where /proc/cpuinfo is absent)."""
+    flags = set((_cpuinfo_field("flags", "Features") or "").split())
+    return [f for f in ISA_FLAGS if f in flags]
 
 
 def package_versions() -> dict[str, str]:
@@ -59,7 +77,7 @@ def collect() -> dict[str, Any]:
         "python": platform.python_version(),
         "os": platform.platform(),
         "hostname": platform.node(),
-        "cpu": {"model": cpu_model(), "logical_cores": psutil.cpu_count(), "physical_cores": psutil.cpu_count(logical=False)},
+        "cpu": {"model": cpu_model(), "isa": cpu_isa(), "logical_cores": psutil.cpu_count(), "physical_cores": psutil.cpu_count(logical=False)},
         "ram_bytes": psutil.virtual_memory().total,
         "gpu": gpus(),
         "packages": package_versions(),

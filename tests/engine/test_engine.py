@@ -131,10 +131,16 @@ def test_compute_dtype_policy(tiny_model, monkeypatch, native):
         make_plan(cfg, device="cuda", compute_dtype=torch.float32)
 
 
-def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path):
+@pytest.mark.parametrize("native", [False, True, None], ids=["no-bf16-isa", "bf16-isa", "this-cpu"])
+def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path, monkeypatch, native):
     """On the CPU, layers on disk are memory-mapped: compute reads the safetensors' pages (no ring, no copy) when
-    the dtype matches, and a bf16 checkpoint under float32 compute is upcast straight from the map into one buffer,
-    in the calling thread (no prefetch thread on the CPU)."""
+    the dtype matches. A bf16 checkpoint computes in bf16 straight from the map on a CPU with bf16 instructions;
+    without them it is upcast from the map into one float32 buffer, in the calling thread (no prefetch thread on
+    the CPU). Run with the instruction set faked both ways, and on this CPU as its flags say."""
+    if native is None:
+        native = torch.cpu._is_avx512_bf16_supported()
+    else:
+        monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: native)
     path, _ = tiny_model("llama_gqa2")
     with Engine.from_pretrained(path, weights="disk", kv="gpu", offload_dir=tmp_path / "off") as engine:
         layers = engine.model.weights
@@ -147,6 +153,12 @@ def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path):
     with Engine.from_pretrained(path, weights="disk", kv="gpu") as engine:
         layers = engine.model.weights
         assert not layers.slots and layers.pool is None
-        w = layers.layer(0)["mlp.up_proj.weight"]
-        assert w.dtype == torch.float32 and w.data_ptr() == layers.layer(1)["mlp.up_proj.weight"].data_ptr()
+        assert engine.plan.compute_dtype == (torch.bfloat16 if native else torch.float32)
+        w0, w1 = layers.layer(0)["mlp.up_proj.weight"], layers.layer(1)["mlp.up_proj.weight"]
+        if native:  # both layers are views of the map, in bf16 as stored
+            assert w0.dtype == w1.dtype == torch.bfloat16 and w0.data_ptr() != w1.data_ptr()
+            mapped = layers.spans[1][0][0].bytes
+            assert mapped.data_ptr() <= w1.data_ptr() < mapped.data_ptr() + mapped.numel()
+        else:  # one reused float32 buffer
+            assert w0.dtype == torch.float32 and w0.data_ptr() == w1.data_ptr()
         assert layers.layer(1, narrow=True)["mlp.up_proj.weight"].dtype == torch.bfloat16  # decode reads the map
