@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,8 +24,8 @@ from harness.core.processes import Server
 from harness.core.spec import BackendSpec
 
 __all__ = ["Backend", "BackendError", "BackendSpec", "Capabilities", "CellContext", "EngineThread", "ModelInfo",
-           "NoOptions", "PrefixReuse", "Request", "RequestSent", "TokenEvent", "TorchBackend", "Usage", "now",
-           "vram_share"]
+           "NoOptions", "PrefixReuse", "Request", "RequestSent", "TokenEvent", "TorchBackend", "Usage", "cpu_affinity",
+           "now", "vram_share"]
 
 
 class NoOptions(BaseModel):
@@ -85,6 +86,18 @@ class Backend(ABC):
     @classmethod
     def check_spec(cls, spec: BackendSpec) -> str | None:
         """A problem with the spec beyond its options (e.g. a required url), as 'field: what was expected'."""
+        return None
+
+    @classmethod
+    def process_environment(cls, spec: BackendSpec) -> dict[str, str]:
+        """Variables an in-process engine's libraries read once, when they load (OpenMP's wait policy): the worker
+        sets them before it builds the backend, so before torch is imported."""
+        return {}
+
+    @classmethod
+    def missing(cls, spec: BackendSpec) -> str | None:
+        """Why the engine this spec needs is not installed here (and how to install it), or None when it is: a
+        backend marked `optional` is then skipped rather than failed. Checked before the cell's worker starts."""
         return None
 
     async def prepare(self) -> None:
@@ -163,8 +176,28 @@ class Backend(ABC):
         return None
 
 
+def cpu_affinity(pid: int = 0) -> str | list[int] | None:
+    """The CPUs a process (0: this one) may run on, as the OS says: "all" when it may use every one (so machines of
+    different sizes compare equal; their core counts are compared apart), else their numbers; None where the OS
+    does not say."""
+    try:
+        cpus = sorted(os.sched_getaffinity(pid))
+    except (AttributeError, OSError):
+        return None
+    return "all" if len(cpus) == os.cpu_count() else cpus
+
+
 class TorchBackend(Backend):
     """An engine that runs torch inside the worker on `options.device`: on CUDA its allocator peaks are recorded."""
+
+    def cpu_settings(self) -> dict[str, Any]:
+        """What decides its CPU speed, as torch, OpenMP and the OS report them in this process (not as the scenario
+        asked): the gate's environment guard compares them between runs."""
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins a while, then sleeps)"),
+                "cpu_affinity": cpu_affinity()}
 
     def torch_allocator(self) -> Callable[[], tuple[int, int]] | None:
         from harness.core.gpu import torch_peak_reader

@@ -34,14 +34,28 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import (Backend, BackendError, Capabilities, EngineThread, PrefixReuse, Request, TokenEvent,
-                           Usage, now)
+                           Usage, cpu_affinity, now)
 from backends.gguf import GGUF_TYPES, GGUFLayout
 from backends.openai_backend import OpenAIClient, OpenAIClientOptions, ServedOverHTTP
-from harness.core.processes import refuse_listen_flags
+from harness.core.processes import check_server_args, secrets_to_environment
 
 EOS_BIAS = -1e9
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default KV cache type is f16
 GPU_RESERVE_BYTES = 512 * 2**20  # CUDA context and llama.cpp's fixed buffers (an estimate)
+# llama_cpp.server's flags (its Settings' fields) a scenario may add, in full (check_server_args). Left out: where it
+# listens (host, port, ssl_keyfile, ssl_certfile, and config_file, which can set them) and what the harness sets
+# from the scenario (model, model_alias).
+SERVER_FLAGS = tuple(f"--{name}" for name in (
+    "n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "vocab_only", "use_mmap", "use_mlock", "kv_overrides",
+    "rpc_servers", "seed", "n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "rope_scaling_type",
+    "rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow",
+    "yarn_orig_ctx", "mul_mat_q", "logits_all", "embedding", "offload_kqv", "flash_attn", "last_n_tokens_size",
+    "lora_base", "lora_path", "numa", "chat_format", "chat_template_kwargs", "clip_model_path", "cache",
+    "cache_type", "cache_size", "hf_tokenizer_config_path", "hf_pretrained_model_name_or_path", "hf_model_repo_id",
+    "draft_model", "draft_model_num_pred_tokens", "type_k", "type_v", "verbose", "api_key", "interrupt_requests",
+    "disable_ping_events", "root_path"))
+# Secret flags go to the server as the variables its settings (pydantic-settings) also read, never on its argv.
+SERVER_SECRETS = {"--api_key": "API_KEY"}
 
 
 class LlamaCppOptions(BaseModel):
@@ -70,11 +84,14 @@ class LlamaCppInProcessOptions(LlamaCppOptions):
 
 class LlamaCppServerOptions(LlamaCppOptions, OpenAIClientOptions):
     mode: Literal["server"] = "server"
-    server_args: list[str] = Field(default_factory=list, description="extra argv for llama_cpp.server (not --host "
-                                                                    "or --port: the harness picks them)")
+    server_args: list[str] = Field(default_factory=list, description="extra llama_cpp.server flags, spelled in full "
+                                                                    "(not --host, --port, --ssl_*, --config_file: "
+                                                                    "the harness serves on 127.0.0.1 at a port it "
+                                                                    "picks); --api_key reaches the server through its "
+                                                                    "environment, not its command line")
     startup_timeout_s: float = Field(120, gt=0)
 
-    _listen = field_validator("server_args")(lambda v: refuse_listen_flags(v, ("--host", "--port")))
+    _allowed = field_validator("server_args")(lambda v: check_server_args(v, SERVER_FLAGS, "llama_cpp.server"))
 
 
 # ---- placing layers on a GPU under a budget ------------------------------------------------------------------------
@@ -137,7 +154,7 @@ class LlamaCppBase(Backend):
 
     def __init__(self, spec, model, ctx):
         super().__init__(spec, model, ctx)
-        self.n_threads = self.options.n_threads or _physical_cores()
+        self.n_threads = self.options.n_threads or ctx.engine_threads() or _physical_cores()
 
     @classmethod
     def check_spec(cls, spec) -> str | None:
@@ -194,7 +211,8 @@ class LlamaCppBase(Backend):
         if self.spec.url is None:
             env |= {"gguf": str(self.gguf_path), "gguf_type": "given file" if o.gguf else o.gguf_type,
                     "gguf_file_type": self.layout.file_type, "n_ctx": o.n_ctx, "n_batch": o.n_batch,
-                    "n_threads": self.n_threads, "flash_attn": o.flash_attn, **self.placement}
+                    "n_threads": self.n_threads, "flash_attn": o.flash_attn, "cpu_affinity": cpu_affinity(),
+                    **self.placement}
         return env
 
 
@@ -320,6 +338,7 @@ class LlamaCppServerBackend(ServedOverHTTP, LlamaCppBase):
         from harness.core.processes import launch
 
         o, p = self.options, self.placement
+        extra, secrets = secrets_to_environment(o.server_args, SERVER_SECRETS)
 
         def argv(port: int) -> list[str]:
             return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf_path),
@@ -332,30 +351,21 @@ class LlamaCppServerBackend(ServedOverHTTP, LlamaCppBase):
                     "--logits_all", "false",
                     # by default a waiting request cuts off the one streaming: a concurrent load would truncate outputs
                     "--interrupt_requests", "false",
-                    *o.server_args]
+                    *extra]
 
         self.server = await launch("llama_server", argv, self.ctx.dir, "/v1/models", o.startup_timeout_s,
-                                   env={"PYTHONUNBUFFERED": "1"})
+                                   env={"PYTHONUNBUFFERED": "1", **secrets},
+                                   # with an API key the harness's probe is refused: a refusal is an answer
+                                   ready=lambda status, body: status == 200 or (status == 401 and bool(secrets)))
         await self.client.connect(self.server.url + "/v1")
 
     async def stop(self) -> None:
-        await self.client.close()
-        if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
-            self.server = None
+        await self.stop_served()
 
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
-        import httpx
-
         self._check_fits(request)
-        try:
-            async for item in self.client.stream(request):
-                yield self._usage(item, request) if isinstance(item, Usage) else item
-        except httpx.TransportError:
-            # The connection drops a moment before the dead server can be reaped: give it that moment.
-            if self.server is not None and await asyncio.to_thread(self.server.wait_exit, 2.0) is not None:
-                raise BackendError(self.server.died_message()) from None
-            raise
+        async for item in self.served_stream(request):
+            yield self._usage(item, request) if isinstance(item, Usage) else item
 
     def _body(self, body: dict[str, Any], request: Request) -> dict[str, Any]:
         body.pop("ignore_eos", None)  # not a llama_cpp.server field

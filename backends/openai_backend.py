@@ -129,6 +129,9 @@ class OpenAIClient:
         self.base_url: str | None = None  # …/v1
         self.http = None  # the httpx.AsyncClient, also for an engine's other routes (/metrics, /version)
         self.pool: HTTP1Pool | None = None  # the streams' connections (None with http2: httpx streams them)
+        # Prompt tokens the server says it took from its cache (usage.prompt_tokens_details.cached_tokens), summed
+        # over the requests streamed; None while no usage has carried the field.
+        self.cached_tokens: int | None = None
 
     async def connect(self, base_url: str) -> None:
         """Open the connection pool and learn the served model (unless the spec names it)."""
@@ -246,6 +249,9 @@ class OpenAIClient:
             yield event
         finish = next((c.finish for c in reversed(chunks) if c.finish), None)
         exact = self.exact_length and request.ignore_eos
+        cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+        if isinstance(cached, int):
+            self.cached_tokens = (self.cached_tokens or 0) + cached
         if server_count is not None:
             yield Usage(usage.get("prompt_tokens"), server_count, "server_usage", "server_usage", finish, exact)
         else:
@@ -261,11 +267,32 @@ class OpenAIClient:
 
 class ServedOverHTTP:
     """What every backend speaking through an OpenAIClient (`self.client`) shares: connections opened before the
-    load, and the spec with which another client process (load.clients) attaches to the same server."""
+    load, the spec with which another client process (load.clients) attaches to the same server, and, for a server
+    it launched (`self.server`), its stop and the message of a server that died mid-stream."""
     client: OpenAIClient
 
     async def open_connections(self, n: int) -> None:
         await self.client.open_connections(n)
+
+    async def stop_served(self) -> None:
+        """Close the client, then stop the server this backend launched, if it launched one."""
+        await self.client.close()
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+            self.server = None
+
+    async def served_stream(self, request: Request) -> AsyncIterator[RequestSent | TokenEvent | Usage]:
+        """The client's stream of `request`; a connection a dead server dropped fails with how the server died."""
+        import httpx
+
+        try:
+            async for item in self.client.stream(request):
+                yield item
+        except httpx.TransportError:
+            # The connection drops a moment before the dead server can be reaped: give it that moment.
+            if self.server is not None and await asyncio.to_thread(self.server.wait_exit, 2.0) is not None:
+                raise BackendError(self.server.died_message()) from None
+            raise
 
     def attach_spec(self) -> dict[str, Any] | None:
         return {"url": self.client.base_url, "served_model": self.client.served_model}

@@ -1,46 +1,38 @@
 """Our offloading paged-attention engine (own_engine), in process.
 
-Requests go to the engine's continuous-batching scheduler (own_engine.scheduler), stepped on one engine thread:
-they join and leave between passes over the weights, up to `max_batch` decoding together, prompts chunked in
-between. Tokens are stamped on that thread as they are chosen; the engine's logical bytes per tier and phase, its
+Requests go to the engine's serving loop (Engine.serve: its continuous-batching scheduler stepped on one engine
+thread): they join and leave between passes over the weights, up to `max_batch` decoding together, prompts chunked
+in between. Tokens are stamped on that thread as they are chosen; the engine's logical bytes per tier and phase, its
 prefix-cache counts and its preemptions go into the results.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from backends.base import BackendError, PrefixReuse, Request, TokenEvent, TorchBackend, Usage, now
+from own_engine.engine_config import Budget, EngineConfig, MaxBatch, MaxContext, OffloadDir
 
-Tier = Literal["auto", "gpu", "cpu", "disk"]
 
-
-class OwnOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="weights as stored and "
-                                                                               "streamed; default: the checkpoint's")
-    kv_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="default: the compute "
-                                                                                  "dtype (read in place)")
-    vram_budget: str | None = Field(None, description="e.g. 8GiB; default: the scenario's resources.vram_budget")
-    weights: Tier = Field("auto", description="where layer weights live: gpu (resident), cpu (pinned host), disk")
-    kv: Tier = Field("auto", description="where KV blocks live")
-    offload_dir: Path | None = Field(None, description="default: a folder in the cell's folder")
-    keep_offload: bool = False
-    block_size: int | None = Field(None, gt=0)
-    prefill_chunk: int | None = Field(None, gt=0)
-    max_context: int = Field(8192, gt=0, description="the longest prompt + output a sequence may reach")
-    max_batch: int = Field(8, gt=0, description="sequences the scheduler runs together (KV is planned for them)")
-    prefix_cache: bool = Field(True, description="reuse the KV of full blocks a prompt shares with earlier ones")
-    prefix_cache_dir: Path | None = Field(None, description="also keep those blocks on disk, for later runs")
+class OwnOptions(EngineConfig):
+    """The engine's options (own_engine.engine_config says what each means), with the defaults a benchmark needs
+    where they differ from the library's, and the backend's own two."""
+    # A benchmark sends several requests at once, of a few thousand tokens: plan the KV for 8 of 8,192.
+    max_context: MaxContext = 8192
+    max_batch: MaxBatch = 8
+    vram_budget: Budget = Field(None, description="e.g. 8GiB; none: the scenario's resources.vram_budget")
+    offload_dir: OffloadDir = Field(None, description="where disk-tier files are written (none: a folder in the "
+                                                      "cell's folder); a folder holding files of yours is worked in "
+                                                      "beside them (its own_engine/ subfolder), never emptied")
     num_threads: int | None = Field(None, gt=0, description="torch threads (default: torch's, one per core)")
+    omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive", description="how torch's idle OpenMP threads wait: passive sleeps at once; active spins, which on "
+                               "a core another process also uses made decoding 40-100× slower")
     probe_bandwidth: bool = Field(True, description="after the cell, measure the streaming link's bandwidth to "
                                                     "report decode time against its bound")
 
@@ -49,6 +41,21 @@ class OwnBackend(TorchBackend):
     kind = "own"
     Options = OwnOptions
 
+    @classmethod
+    def check_spec(cls, spec) -> str | None:
+        from own_engine.owned import claimable
+
+        for field in ("offload_dir", "prefix_cache_dir"):
+            if spec.options.get(field) is not None:
+                if problem := claimable(Path(spec.options[field]).expanduser(), f"options.{field}"):
+                    return problem
+        return None
+
+    @classmethod
+    def process_environment(cls, spec) -> dict[str, str]:
+        # Read by libgomp when torch loads: a spinning thread whose partner waits for a busy core burns its slice.
+        return {"OMP_WAIT_POLICY": str(spec.options.get("omp_wait_policy", "passive")).upper()}
+
     def offload_dir(self) -> Path:
         return self.options.offload_dir or self.ctx.dir / "offload"
 
@@ -56,13 +63,8 @@ class OwnBackend(TorchBackend):
         return [self.offload_dir()]
 
     async def start(self) -> None:
-        from own_engine.scheduler import Scheduler
-
         self.engine = await asyncio.to_thread(self._load)
-        self.scheduler = Scheduler(self.engine)
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._serve, name="own_engine_scheduler", daemon=True)
-        self.thread.start()
+        self.loop = self.engine.serve()
 
     def _load(self):
         import torch
@@ -71,40 +73,22 @@ class OwnBackend(TorchBackend):
         from own_engine.engine import Engine
 
         o = self.options
-        if o.num_threads:
-            torch.set_num_threads(o.num_threads)
+        if threads := o.num_threads or self.ctx.engine_threads():  # one per CPU the worker gave the engine
+            torch.set_num_threads(threads)
         try:
-            engine = Engine(self.model.path, device=o.device, dtype=o.dtype, kv_dtype=o.kv_dtype,
-                            vram_budget=o.vram_budget or self.ctx.vram_budget, weights=o.weights, kv=o.kv,
-                            offload_dir=self.offload_dir(), keep_offload=o.keep_offload, max_context=o.max_context,
-                            max_batch=o.max_batch, block_size=o.block_size, prefill_chunk=o.prefill_chunk,
-                            prefix_cache=o.prefix_cache, prefix_cache_dir=o.prefix_cache_dir)
+            return Engine(self.model.path, o, vram_budget=o.vram_budget or self.ctx.vram_budget,
+                          offload_dir=self.offload_dir())
         except EngineError as e:
             raise BackendError(f"own engine: {e}") from None
-        return engine
-
-    def _serve(self) -> None:
-        """The engine thread: take new requests between steps, wait for one when there is nothing to run."""
-        while True:
-            while not self.inbox.empty() or not self.scheduler.busy:
-                job = self.inbox.get()
-                if job is None:
-                    return
-                self.scheduler.add(job)
-            try:
-                self.scheduler.step()
-            except Exception as e:  # a bug, not a failed pass (the scheduler fails those requests itself)
-                self.scheduler.fail_all(e)
 
     async def stop(self) -> None:
-        if getattr(self, "thread", None) is not None:
-            self.inbox.put(None)
-            await asyncio.to_thread(self.thread.join)
+        if getattr(self, "loop", None) is not None:
+            await asyncio.to_thread(self.loop.close)
         if getattr(self, "engine", None) is not None:
             self.engine.close()
 
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
-        from own_engine.scheduler import GenerationRequest
+        from own_engine.sequence import SamplingParams, Sequence
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -112,11 +96,11 @@ class OwnBackend(TorchBackend):
         def on_token(token: int) -> None:
             loop.call_soon_threadsafe(events.put_nowait, TokenEvent(t=now(), n_tokens=1, token_ids=[token]))
 
-        job = GenerationRequest(request.prompt_token_ids, request.max_tokens, request.temperature,
-                                seed=request.seed if request.temperature > 0 else None,
-                                ignore_eos=request.ignore_eos, on_token=on_token,
-                                on_finish=lambda job: loop.call_soon_threadsafe(events.put_nowait, job.error))
-        self.inbox.put(job)
+        params = SamplingParams(request.max_tokens, request.temperature,
+                                seed=request.seed if request.temperature > 0 else None, ignore_eos=request.ignore_eos)
+        seq = Sequence(request.prompt_token_ids, params, on_token=on_token,
+                       on_finish=lambda seq: loop.call_soon_threadsafe(events.put_nowait, seq.error))
+        self.loop.submit(seq)
         n = 0
         try:
             while (item := await events.get()) is not None:
@@ -125,7 +109,7 @@ class OwnBackend(TorchBackend):
                 n += 1
                 yield item
         finally:
-            job.cancelled = True  # a client that went away frees its sequence at the next step
+            seq.cancelled = True  # a client that went away frees its sequence at the next step
         yield Usage(len(request.prompt_token_ids), n, "engine", "engine")
 
     async def prefix_reuse(self) -> PrefixReuse:
@@ -170,5 +154,5 @@ class OwnBackend(TorchBackend):
                 "kv_dtype": str(plan.kv_dtype).removeprefix("torch."), "plan": plan.explain(),
                 "layer_tiers": plan.layer_tiers, "kv_blocks": plan.kv_blocks, "block_size": plan.block_size,
                 "prefill_chunk": plan.prefill_chunk, "step_tokens": plan.step_tokens,
-                "max_batch": self.options.max_batch, "prefix_cache": self.options.prefix_cache,
+                "max_batch": self.engine.max_batch, "prefix_cache": self.options.prefix_cache, **self.cpu_settings(),
                 "prefix_cache_dir": str(self.options.prefix_cache_dir) if self.options.prefix_cache_dir else None}

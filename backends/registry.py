@@ -31,7 +31,8 @@ _BUILTIN: dict[str, str | Variants] = {
     "own": "backends.own_backend:OwnBackend",
     "llama_cpp": Variants("mode", "in_process", {
         "in_process": "backends.llamacpp_backend:LlamaCppInProcessBackend",
-        "server": "backends.llamacpp_backend:LlamaCppServerBackend"}),
+        "server": "backends.llamacpp_backend:LlamaCppServerBackend",
+        "llama_server": "backends.llama_server:LlamaServerBackend"}),
     "vllm": Variants("mode", "server", {
         "server": "backends.vllm_backend:VLLMServerBackend",
         "in_process": "backends.vllm_backend:VLLMInProcessBackend"}),

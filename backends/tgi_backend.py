@@ -9,6 +9,7 @@ and TGI's Prometheus `/metrics` (queue and batch sizes, token counters) into `se
 from __future__ import annotations
 
 import importlib.metadata
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -57,8 +58,11 @@ class TGIOptions(BaseModel):
     metrics_interval_s: float | None = Field(1.0, gt=0, description="scrape /metrics this often; null: start and end only")
 
 
-def launch_command(o: TGILaunch, model_path: Path, port: int, fraction: float | None) -> list[str]:
-    """The argv that starts TGI on 127.0.0.1:port. In docker the server listens on 80 inside, published on loopback."""
+def launch_command(o: TGILaunch, model_path: Path, port: int, fraction: float | None,
+                   container: str | None = None) -> list[str]:
+    """The argv that starts TGI on 127.0.0.1:port. In docker the server listens on 80 inside, published on loopback,
+    in a container named `container`: killing the docker client leaves its container running, so the harness removes
+    it by that name (container_cleanup)."""
     inside = "/data/model" if o.via == "docker" else (o.model_id or str(model_path))
     flags = ["--model-id", o.model_id or inside]
     for flag, value in (("--max-input-tokens", o.max_input_tokens), ("--max-total-tokens", o.max_total_tokens),
@@ -68,9 +72,19 @@ def launch_command(o: TGILaunch, model_path: Path, port: int, fraction: float | 
             flags += [flag, str(value)]
     if o.via == "docker":
         mount = [] if o.model_id else ["-v", f"{model_path}:/data/model:ro"]
-        return ["docker", "run", "--rm", "--gpus", o.gpus, "--shm-size", o.shm_size, "-p", f"127.0.0.1:{port}:80",
-                *mount, o.image, *flags, "--port", "80", *o.extra_args]
+        return ["docker", "run", "--rm", "--name", container or container_name(), "--label", "llmbench=tgi",
+                "--gpus", o.gpus, "--shm-size", o.shm_size, "-p", f"127.0.0.1:{port}:80", *mount, o.image, *flags,
+                "--port", "80", *o.extra_args]
     return ["text-generation-launcher", *flags, "--hostname", "127.0.0.1", "--port", str(port), *o.extra_args]
+
+
+def container_name() -> str:
+    return f"llmbench-tgi-{uuid.uuid4().hex[:12]}"
+
+
+def container_cleanup(container: str) -> list[str]:
+    """Stops and removes the container, run after its docker client is stopped, however the cell ends."""
+    return ["docker", "rm", "--force", container]
 
 
 class TGIBackend(Backend):
@@ -94,8 +108,10 @@ class TGIBackend(Backend):
             o = self.options.launch
             total = gpu_memory_bytes()
             fraction = vram_share(self.ctx.vram_budget, total) if self.ctx.vram_budget and total else None
-            self.server = await launch("tgi", lambda port: launch_command(o, self.model.path, port, fraction),
-                                       self.ctx.dir, "/health", o.startup_timeout_s)
+            container = container_name() if o.via == "docker" else None
+            self.server = await launch("tgi", lambda port: launch_command(o, self.model.path, port, fraction, container),
+                                       self.ctx.dir, "/health", o.startup_timeout_s,
+                                       cleanup=container_cleanup(container) if container else None)
             base = self.server.url
         else:
             base = self.spec.url.rstrip("/")

@@ -61,8 +61,8 @@ class TransformersBackend(TorchBackend):
         from transformers import AutoModelForCausalLM
 
         o = self.options
-        if o.num_threads:
-            torch.set_num_threads(o.num_threads)
+        if threads := o.num_threads or self.ctx.engine_threads():  # one per CPU the worker gave the engine
+            torch.set_num_threads(threads)
         kwargs: dict[str, Any] = {"dtype": getattr(torch, o.dtype)}
         if o.attn_implementation:
             kwargs["attn_implementation"] = o.attn_implementation
@@ -116,4 +116,4 @@ class TransformersBackend(TorchBackend):
         import transformers
 
         return {"engine": "transformers", "transformers": transformers.__version__, "torch": torch.__version__,
-                "dtype": self.options.dtype, "device": self.options.device, "torch_threads": torch.get_num_threads()}
+                "dtype": self.options.dtype, "device": self.options.device, **self.cpu_settings()}

@@ -39,9 +39,13 @@ from backends.base import (Backend, BackendError, Capabilities, PrefixReuse, Req
                            vram_share)
 from backends.openai_backend import OpenAIClient, OpenAIClientOptions, ServedOverHTTP
 from backends.prometheus import MetricsWatch, Watched
+from harness.core.redact import is_secret_name
 
 # vLLM on CPU sizes its KV cache from this (GiB); unset, it takes gpu_memory_utilization (0.9) of the machine's RAM.
 DEFAULT_CPU_KVCACHE_GIB = "1"
+# Secret engine arguments the server also reads from its environment: they go there, never on its command line
+# (readable by every local user in /proc/PID/cmdline, and logged by vLLM among its non-default args).
+SERVER_SECRETS = {"api_key": "VLLM_API_KEY", "hf_token": "HF_TOKEN"}
 
 VLLM_METRICS = {
     "kv_cache_usage": Watched("vllm:kv_cache_usage_perc", "gauge", "max"),  # a fraction despite the name: 1 = full
@@ -98,6 +102,19 @@ class VLLMInProcessOptions(VLLMOptions):
 class VLLMServerOptions(VLLMOptions, OpenAIClientOptions):
     mode: Literal["server"] = "server"
     startup_timeout_s: float = Field(600, gt=0, description="how long the launched server may take to answer /health")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_secret_flags(cls, v: dict[str, Any]) -> dict[str, Any]:
+        flagged = sorted(k for k in v if is_secret_name(k) and k not in SERVER_SECRETS)
+        if flagged:
+            raise ValueError(f"{', '.join(flagged)}: a secret would be on the server's command line, which every "
+                             f"local user can read; set it in options.env under the variable vLLM reads it from "
+                             f"(api_key and hf_token go there by themselves)")
+        many = [k for k in SERVER_SECRETS if isinstance(v.get(k), list) and len(v[k]) != 1]
+        if many:
+            raise ValueError(f"{many[0]}: one value (it reaches the server as {SERVER_SECRETS[many[0]]})")
+        return v
 
 
 def memory_utilization(budget: int, gpu_total: int) -> float | None:
@@ -262,14 +279,20 @@ class VLLMServerBackend(ServedOverHTTP, VLLMBase):
     async def _launch(self) -> None:
         from harness.core.processes import launch
 
-        flags = cli_args(self.engine_kwargs())
+        kwargs, secrets = self.engine_kwargs(), {}
+        for key, variable in SERVER_SECRETS.items():
+            value = kwargs.get(key)
+            if isinstance(value, (str, list)):  # hf_token: true (the cached login) is no secret
+                secrets[variable] = value[0] if isinstance(value, list) else value
+                del kwargs[key]
+        flags = cli_args(kwargs)
 
         def argv(port: int) -> list[str]:  # host and port last: argparse keeps the last value
             return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags,
                     "--host", "127.0.0.1", "--port", str(port)]
 
         self.server = await launch("vllm_server", argv, self.ctx.dir, "/health", self.options.startup_timeout_s,
-                                   env={**self.engine_env(), "PYTHONUNBUFFERED": "1"})
+                                   env={**self.engine_env(), **secrets, "PYTHONUNBUFFERED": "1"})
         await self.client.connect(self.server.url + "/v1")
 
     async def _server_version(self) -> str | None:

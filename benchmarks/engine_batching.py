@@ -32,7 +32,8 @@ import torch
 from backends.own_backend import OwnOptions
 from engine_cpu import build_model, prompt_ids
 from own_engine import Engine
-from own_engine.scheduler import GenerationRequest, Scheduler
+from own_engine.scheduler import Scheduler
+from own_engine.sequence import SamplingParams, Sequence
 
 
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
@@ -47,12 +48,12 @@ def run(engine: Engine, prompts: list[list[int]], lengths: list[int], arrivals: 
     scheduler = Scheduler(engine)
     first, last = [None] * len(prompts), [None] * len(prompts)
 
-    def request(i: int) -> GenerationRequest:
+    def request(i: int) -> Sequence:
         def on_token(_token: int):
             t = time.perf_counter()
             first[i] = first[i] or t
             last[i] = t
-        return GenerationRequest(prompts[i], lengths[i], ignore_eos=True, on_token=on_token)
+        return Sequence(prompts[i], SamplingParams(lengths[i], ignore_eos=True), on_token=on_token)
 
     start, nxt = time.perf_counter(), 0
     while nxt < len(prompts) or scheduler.busy:

@@ -16,6 +16,9 @@ Per prompt length, each configuration in its own process, one after another (pea
 and for the longest prompt a second question on the same document: TTFT of the second request in the process that
 answered the first (prefix cache in memory), and in a new process that finds the document's blocks in
 prefix_cache_dir. Ratios are printed against the issue's targets; all figures come from this one run.
+With llamacpp, llama.cpp's own `llama-bench` (scripts/install-llama-server.sh builds it, from the same llama.cpp) runs
+on the same f16 GGUF with the same threads and batch: its prompt and generation speeds, turned into a TTFT and a
+decode time per token, cross-check our in-process llama.cpp numbers (a line beside them; a note when it is missing).
 Greedy, ignore EOS; each process answers a 16-token warm-up prompt first. Not part of the test suite.
 """
 import argparse
@@ -162,6 +165,28 @@ def child(args, name: str, prompt_len: int, tmp: Path, **extra) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def llama_bench(model: Path, prompt_len: int, new_tokens: int) -> dict | None:
+    """llama-bench on the f16 GGUF the llamacpp configuration read: prefill of prompt_len tokens from an empty
+    context, and generation after prompt_len tokens (-d), 3 repetitions each; None when it is not built."""
+    from backends.gguf import cached_gguf
+    from backends.llama_server import binary_version, find_binary
+
+    binary = find_binary(tool="llama-bench")
+    if binary is None:
+        return None
+    common = [str(binary), "-m", str(cached_gguf(model, "f16")), "-t", str(torch.get_num_threads()), "-b", "512",
+              "-ub", "512", "-fa", "off", "-r", "3", "-o", "json"]
+    out = {"version": binary_version(binary)}
+    for key, test in (("pp", ["-p", str(prompt_len), "-n", "0"]),
+                      ("tg", ["-p", "0", "-n", str(new_tokens), "-d", str(prompt_len)])):
+        done = subprocess.run(common + test, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"llama-bench failed:\n{done.stderr[-3000:]}")
+        (row,) = json.loads(done.stdout)
+        out[key] = (row["avg_ts"], row["stddev_ts"])
+    return out
+
+
 def warm(path: Path):
     """Read every file of the model once, so the disk configuration streams from the page cache."""
     for f in path.iterdir():
@@ -228,6 +253,8 @@ def main():
                 extra = {"second": True, "prefix_dir": tmp / f"prefix{n}"} if name == "own" and last else {}
                 results[name] = child(args, name, n, tmp, **extra)
                 print(f"  {name} done; load average {os.getloadavg()[0]:.2f}", flush=True)
+            if "llamacpp" in results:
+                results["llama-bench"] = llama_bench(args.model, n, args.new_tokens)
             if "own" in results and last:  # the document's blocks, found on disk by a new process
                 results["own-new-process"] = child(args, "own", n, tmp, second=True, second_only=True,
                                                    prefix_dir=tmp / f"prefix{n}")
@@ -238,6 +265,8 @@ def report(n: int, results: dict):
     print(f"\nprompt {n} tokens\n{'configuration':18} {'load s':>7} {'TTFT s':>8} {'decode s/token':>15} "
           f"{'peak RSS':>10}")
     for name, r in results.items():
+        if name == "llama-bench":
+            continue
         first = r.get("first") or r["second"]
         print(f"{name:18} {r['load_s']:7.2f} {first['ttft_s']:8.2f} {first['decode_s_per_token']:15.4f} "
               f"{r['peak_rss'] / 2**30:8.2f} G")
@@ -257,6 +286,17 @@ def report(n: int, results: dict):
         print(f"own / llama.cpp f16 decode {ratio(a['decode_s_per_token'], c['decode_s_per_token'], 'none')}   "
               f"TTFT {ratio(a['ttft_s'], c['ttft_s'], 'none')};  first greedy token shared: "
               f"{a['tokens'][0] == c['tokens'][0]}")
+    if "llama-bench" in results:
+        bench = results["llama-bench"]
+        if bench is None:
+            print("llama-bench cross-check skipped: not built (scripts/install-llama-server.sh)")
+        else:
+            (pp, pp_sd), (tg, tg_sd) = bench["pp"], bench["tg"]
+            c = results["llamacpp"]["first"]
+            print(f"llama-bench {bench['version']}, same GGUF: prefill {pp:.1f} ± {pp_sd:.1f} tok/s (TTFT "
+                  f"{n / pp:.2f} s), generation after {n} tokens {tg:.1f} ± {tg_sd:.1f} tok/s ({1 / tg:.4f} "
+                  f"s/token); in-process llamacpp / llama-bench: TTFT {c['ttft_s'] / (n / pp):.2f}x, decode "
+                  f"{c['decode_s_per_token'] * tg:.2f}x")
     if get("own-disk") and get("ollm"):
         d, o = results["own-disk"]["first"], results["ollm"]["first"]
         print(f"own-disk / ollm (same placement) decode "

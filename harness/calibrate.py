@@ -14,6 +14,12 @@ and TPOT as emitted of every request, or of the last N to arrive), `POST /script
 in its body: `{"empty_text": true}` sends every token after the first with empty text and the last with the finish
 reason, as vLLM does for a random-weight model. `--token-ids honor|ignore|reject` says what the server does with
 `return_token_ids`: send each chunk's ids, ignore the field, or refuse the request (HTTP 400) as a strict server would.
+
+Servers differ in how they write, and a client must read the truth from each (`Behaviour`, BEHAVIOURS by name,
+`--behaviour NAME`): TCP_NODELAY set (asyncio's default) or not (Nagle's algorithm then holds a small write while an
+earlier one is unacknowledged: Python's http.server and other simple servers), several tokens' events written in one
+send, keep-alive connections closed without warning after a few requests, the response headers held back until the
+first token. The server's stamps are its writes, so its truth holds under each.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ import asyncio
 import contextlib
 import json
 import math
+import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h11
 
 from harness.core.events import now
+from harness.core.files import atomic_write
 from harness.serve import sse, usage_dict
 
 MODEL = "scripted"
@@ -42,18 +50,43 @@ TPOT_TOLERANCE = 0.01
 
 # ---- the server ---------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Behaviour:
+    """How the scripted server writes its responses."""
+    nodelay: bool = True  # TCP_NODELAY; False: Nagle's algorithm on, as in servers that do not set it
+    coalesce: int = 1  # tokens per write: their SSE events leave in one send
+    keepalive_requests: int | None = None  # close each connection after this many requests, without a warning header
+    late_headers: bool = False  # the response headers leave with the first token, not on arrival (slow first byte)
+
+    def argv(self) -> list[str]:
+        return ([] if self.nodelay else ["--nagle"]) + ["--coalesce", str(self.coalesce)] \
+            + ([] if self.keepalive_requests is None else ["--keepalive-requests", str(self.keepalive_requests)]) \
+            + (["--late-headers"] if self.late_headers else [])
+
+
+# What users' servers do, each a client must measure right (bench calibrate --behaviour, tests/test_client_accuracy.py).
+BEHAVIOURS = {
+    "nodelay": Behaviour(),
+    "nagle": Behaviour(nodelay=False),
+    "coalesced": Behaviour(nodelay=False, coalesce=4),
+    "keepalive-close": Behaviour(nodelay=False, keepalive_requests=3),
+    "late-headers": Behaviour(nodelay=False, late_headers=True),
+}
+
+
 @dataclass
 class Emission:
     """One request as the server saw it: when it arrived and when each chunk was written."""
     arrival: float
+    prompt_tokens: int = 0  # as the server counts them (words, or messages)
     times: list[float] = field(default_factory=list)
 
 
 class ScriptedServer:
     """The script and what the server saw; one `_Connection` per client connection speaks HTTP."""
 
-    def __init__(self, ttft_s: float, itl_s: float, token_ids: str = "honor"):
-        self.ttft_s, self.itl_s, self.token_ids = ttft_s, itl_s, token_ids
+    def __init__(self, ttft_s: float, itl_s: float, token_ids: str = "honor", behaviour: Behaviour = Behaviour()):
+        self.ttft_s, self.itl_s, self.token_ids, self.behaviour = ttft_s, itl_s, token_ids, behaviour
         self.peers: set[tuple] = set()  # the connections that carried a completion request
         self.emissions: list[Emission] = []
 
@@ -87,10 +120,11 @@ class ScriptedServer:
         if not body.get("stream"):
             return conn.respond_json(400, {"error": {"message": "the scripted server only streams"}})
         self.peers.add(conn.peer)
-        emission = Emission(arrival=t_arrival)
-        self.emissions.append(emission)
         prompt = body.get("messages") if chat else body.get("prompt")
-        n_in = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+        # Words separated by spaces: str.split on a 128k-token prompt held the server's loop for 12 ms.
+        n_in = len(prompt) if isinstance(prompt, list) else str(prompt).count(" ") + 1
+        emission = Emission(arrival=t_arrival, prompt_tokens=n_in)
+        self.emissions.append(emission)
         conn.task = asyncio.get_running_loop().create_task(self.stream(conn, emission, body, chat, n_in))
 
     async def stream(self, conn: _Connection, emission: Emission, body: dict[str, Any], chat: bool,
@@ -106,17 +140,31 @@ class ScriptedServer:
                 choice["token_ids"] = [token]
             return sse({"id": "cmpl-scripted", "object": obj, "model": MODEL, "choices": [choice]})
 
-        conn.start_stream()
+        opening = ""
         if chat:
-            conn.send(sse({"id": "cmpl-scripted", "object": obj, "model": MODEL, "choices": [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+            opening = sse({"id": "cmpl-scripted", "object": obj, "model": MODEL, "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        late = self.behaviour.late_headers
+        if not late:
+            conn.start_stream()
+            if opening:
+                conn.send(opening)
+        group = max(1, self.behaviour.coalesce)
+        pending = ""
         for k in range(n):
-            await asyncio.sleep(max(0.0, emission.arrival + self.ttft_s + k * self.itl_s - now()))
             last = k == n - 1
-            data = chunk({"index": 0, "finish_reason": "length" if last and empty_text else None},
-                         "" if empty_text and k > 0 else f" t{k}", k)
-            emission.times.append(now())
-            conn.send(data)
+            pending += chunk({"index": 0, "finish_reason": "length" if last and empty_text else None},
+                             "" if empty_text and k > 0 else f" t{k}", k)
+            if not last and (k + 1) % group:
+                continue
+            await asyncio.sleep(max(0.0, emission.arrival + self.ttft_s + k * self.itl_s - now()))
+            if late and k < group:
+                conn.start_stream()
+                pending = opening + pending
+            t = now()
+            emission.times += [t] * (k + 1 - len(emission.times))
+            conn.send(pending)
+            pending = ""
         tail = "" if empty_text else chunk({"index": 0, "finish_reason": "length"}, None if chat else "", None)
         if (body.get("stream_options") or {}).get("include_usage"):
             tail += sse({"id": "cmpl-scripted", "object": obj, "model": MODEL, "choices": [],
@@ -129,10 +177,12 @@ class ScriptedServer:
         done = [e for e in emissions if e.times]
         return {
             "connections": len(self.peers), "requests": len(self.emissions),
-            "arrivals": [e.arrival for e in emissions],
+            "arrivals": [e.arrival for e in emissions], "prompt_tokens": [e.prompt_tokens for e in emissions],
             "ttft_ms": [(e.times[0] - e.arrival) * 1e3 for e in done],
             "tpot_ms": [(e.times[-1] - e.times[0]) / (len(e.times) - 1) * 1e3 for e in done if len(e.times) > 1],
-            "itl_ms": [(b - a) * 1e3 for e in done for a, b in zip(e.times, e.times[1:])],
+            # between writes: tokens written together are one chunk to the client too
+            "itl_ms": [(b - a) * 1e3 for e in done for a, b in zip(e.times, e.times[1:]) if b > a],
+            "behaviour": asdict(self.behaviour),
         }
 
 
@@ -145,9 +195,12 @@ class _Connection(asyncio.Protocol):
         self.request: h11.Request | None = None
         self.body = bytearray()
         self.task: asyncio.Task | None = None
+        self.answered = 0  # requests answered on this connection
 
     def connection_made(self, transport) -> None:
         self.transport, self.peer = transport, transport.get_extra_info("peername")
+        if not self.server.behaviour.nodelay:  # asyncio sets TCP_NODELAY on every TCP socket
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
 
     def data_received(self, data: bytes) -> None:
         t = now()
@@ -201,7 +254,10 @@ class _Connection(asyncio.Protocol):
         self.next_cycle()
 
     def next_cycle(self) -> None:
-        if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
+        self.answered += 1
+        limit = self.server.behaviour.keepalive_requests
+        if (self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE
+                or (limit is not None and self.answered >= limit)):
             self.transport.close()
         else:
             self.h11.start_next_cycle()
@@ -215,7 +271,8 @@ async def serve(port: int, server: ScriptedServer) -> None:
 
 
 @contextlib.contextmanager
-def scripted_server(log_dir: Path, ttft_ms: float, itl_ms: float, token_ids: str = "honor") -> Iterator[str]:
+def scripted_server(log_dir: Path, ttft_ms: float, itl_ms: float, token_ids: str = "honor",
+                    behaviour: Behaviour = Behaviour()) -> Iterator[str]:
     """The scripted server in a process of its own (as a real server is), its log in log_dir; yields its URL."""
     import sys
 
@@ -223,7 +280,7 @@ def scripted_server(log_dir: Path, ttft_ms: float, itl_ms: float, token_ids: str
 
     def argv(port: int) -> list[str]:
         return [sys.executable, "-m", "harness.calibrate", "--port", str(port), "--ttft-ms", str(ttft_ms),
-                "--itl-ms", str(itl_ms), "--token-ids", token_ids]
+                "--itl-ms", str(itl_ms), "--token-ids", token_ids, *behaviour.argv()]
 
     log_dir.mkdir(parents=True, exist_ok=True)
     server = asyncio.run(launch("scripted_server", argv, log_dir, "/health", 60.0))
@@ -239,15 +296,22 @@ def main() -> None:
     parser.add_argument("--ttft-ms", type=float, default=5.0)
     parser.add_argument("--itl-ms", type=float, default=2.0)
     parser.add_argument("--token-ids", choices=TOKEN_IDS, default="honor")
+    parser.add_argument("--nagle", action="store_true", help="leave TCP_NODELAY unset")
+    parser.add_argument("--coalesce", type=int, default=1, help="tokens written in one send")
+    parser.add_argument("--keepalive-requests", type=int, default=None, help="close a connection after this many")
+    parser.add_argument("--late-headers", action="store_true", help="send the headers with the first token")
     a = parser.parse_args()
-    asyncio.run(serve(a.port, ScriptedServer(a.ttft_ms / 1e3, a.itl_ms / 1e3, a.token_ids)))
+    behaviour = Behaviour(not a.nagle, a.coalesce, a.keepalive_requests, a.late_headers)
+    asyncio.run(serve(a.port, ScriptedServer(a.ttft_ms / 1e3, a.itl_ms / 1e3, a.token_ids, behaviour)))
 
 
 # ---- the calibration ------------------------------------------------------------------------------------------------
 
 @dataclass
 class Point:
-    """The client's error at one load: client median minus the server's (as emitted), and its own numbers."""
+    """The client's error at one load on one server behaviour: client median minus the server's (as emitted), and
+    its own numbers."""
+    server: str  # the scripted server's behaviour (BEHAVIOURS)
     load: str
     nominal_rate: float | None
     offered_rate: float | None
@@ -270,7 +334,7 @@ class Point:
                 and abs(self.ttft_error_ms) <= TTFT_TOLERANCE_MS and abs(self.tpot_error) <= TPOT_TOLERANCE)
 
 
-def point_of(cell, server: dict[str, Any]) -> Point:
+def point_of(cell, server: dict[str, Any], behaviour: str) -> Point:
     from harness.results.metrics import rate, stats
 
     m = cell.metrics or {}
@@ -285,6 +349,7 @@ def point_of(cell, server: dict[str, Any]) -> Point:
     tpot_truth = stats(server["tpot_ms"])["p50"]
     load = cell.workload_spec["load"]
     return Point(
+        server=behaviour,
         load=(f"rate {load['rate']:g}" if load["type"] == "poisson" else f"concurrency {load['concurrency']}")
         + (f" × {load['clients']} clients" if load.get("clients", 1) > 1 else ""),
         nominal_rate=m.get("nominal_rate_rps"), offered_rate=m.get("offered_rate_rps"),
@@ -298,7 +363,8 @@ def point_of(cell, server: dict[str, Any]) -> Point:
 
 
 def scenario_for(url: str, rates: list[float], concurrencies: list[int], clients: int, seconds: float,
-                 input_tokens: int, output_tokens: int, ttft_ms: float, itl_ms: float, out: Path):
+                 input_tokens: int, output_tokens: int, ttft_ms: float, itl_ms: float, out: Path,
+                 name: str = "calibrate"):
     from harness.config.scenario import Scenario
 
     e2el_s = (ttft_ms + (output_tokens - 1) * itl_ms) / 1e3
@@ -309,17 +375,17 @@ def scenario_for(url: str, rates: list[float], concurrencies: list[int], clients
                               "load": {"type": "concurrency", "concurrency": c, "clients": min(clients, c)}}
                   for c in concurrencies]
     return Scenario.model_validate({
-        "name": "calibrate", "models": {"tiny": {"synthetic": {"preset": "tiny-llama"}}},
+        "name": name, "models": {"tiny": {"synthetic": {"preset": "tiny-llama"}}},
         "backends": [{"name": "client", "kind": "openai", "url": url + "/v1", "served_model": MODEL}],
         "workloads": workloads, "output": str(out), "repetitions": 1})
 
 
 def calibrate_points(url: str, out: Path, rates: list[float], concurrencies: list[int], clients: int = 1,
                      seconds: float = 5.0, ttft_ms: float = 5.0, itl_ms: float = 2.0, input_tokens: int = 32,
-                     output_tokens: int = 32, console=None) -> list[Point]:
-    """Run the client against the scripted server at `url` at each rate and concurrency, one cell each (results in
-    out/, as `bench run` writes them); returns the points in order. The server's truth is taken over each cell's
-    measured requests only (its last ones: the warm-up came before)."""
+                     output_tokens: int = 32, console=None, behaviour: str = "nodelay") -> list[Point]:
+    """Run the client against the scripted server at `url` (of that behaviour) at each rate and concurrency, one cell
+    each (results in out/, as `bench run` writes them); returns the points in order. The server's truth is taken over
+    each cell's measured requests only (its last ones: the warm-up came before)."""
     import httpx
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -329,7 +395,7 @@ def calibrate_points(url: str, out: Path, rates: list[float], concurrencies: lis
     console = console or Console()
     points: list[Point] = []
     scenario = scenario_for(url, rates, concurrencies, clients, seconds, input_tokens, output_tokens, ttft_ms, itl_ms,
-                            out)
+                            out, f"calibrate-{behaviour}")
     runner = Runner(scenario, "bench calibrate", out, console=console)
     order = [c.id for c in runner.cells]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -339,21 +405,26 @@ def calibrate_points(url: str, out: Path, rates: list[float], concurrencies: lis
             result = runner.run_cell(cell, progress)
             runner.store.put(result, order)
             n = scenario.workload(cell.workload).spec.num_requests
-            points.append(point_of(result, httpx.get(f"{url}/scripted/stats?last={n}").json()))
+            points.append(point_of(result, httpx.get(f"{url}/scripted/stats?last={n}").json(), behaviour))
     runner.store.write_requests()
     return points
 
 
 def calibrate(out: Path, rates: list[float], concurrencies: list[int], clients: int = 1, seconds: float = 5.0,
               ttft_ms: float = 5.0, itl_ms: float = 2.0, input_tokens: int = 32, output_tokens: int = 32,
-              console=None) -> list[Point]:
-    """calibrate_points against a scripted server of its own; also writes out/calibration.json."""
-    with scripted_server(out / "server", ttft_ms, itl_ms) as url:
-        points = calibrate_points(url, out, rates, concurrencies, clients, seconds, ttft_ms, itl_ms, input_tokens,
-                                  output_tokens, console)
-    (out / "calibration.json").write_text(json.dumps(
-        {"server": {"ttft_ms": ttft_ms, "itl_ms": itl_ms}, "tolerance": {"ttft_ms": TTFT_TOLERANCE_MS,
-         "tpot": TPOT_TOLERANCE}, "highest_rate_within": highest_rate_within(points),
+              console=None, behaviours: list[str] | None = None) -> list[Point]:
+    """calibrate_points against a scripted server of its own per behaviour (default: every one of BEHAVIOURS), each
+    in out/BEHAVIOUR/; also writes out/calibration.json."""
+    behaviours = behaviours or list(BEHAVIOURS)
+    points: list[Point] = []
+    for name in behaviours:
+        with scripted_server(out / name / "server", ttft_ms, itl_ms, behaviour=BEHAVIOURS[name]) as url:
+            points += calibrate_points(url, out / name, rates, concurrencies, clients, seconds, ttft_ms, itl_ms,
+                                       input_tokens, output_tokens, console, name)
+    atomic_write(out / "calibration.json", json.dumps(
+        {"server": {"ttft_ms": ttft_ms, "itl_ms": itl_ms}, "behaviours": {n: asdict(BEHAVIOURS[n]) for n in behaviours},
+         "tolerance": {"ttft_ms": TTFT_TOLERANCE_MS, "tpot": TPOT_TOLERANCE},
+         "highest_rate_within": {n: highest_rate_within([p for p in points if p.server == n]) for n in behaviours},
          "points": [p.__dict__ | {"within": p.within} for p in points]}, indent=1))
     return points
 
@@ -376,11 +447,12 @@ def print_points(points: list[Point], console) -> None:
     def f(v: float | None, fmt: str) -> str:
         return "–" if v is None else fmt.format(v)
 
-    table = Table("load", "offered req/s", "achieved req/s", "server saw req/s", "TTFT p50 ms", "TTFT error ms",
-                  "TPOT error", "ITL error ms", "dispatch lag p99 ms", "loop lag p99 ms", "connections", "within",
+    table = Table("server", "load", "offered req/s", "achieved req/s", "server saw req/s", "TTFT p50 ms",
+                  "TTFT error ms", "TPOT error", "ITL error ms", "dispatch lag p99 ms", "loop lag p99 ms",
+                  "connections", "within",
                   title="the client's own error (client median − the server's, as it emitted)")
     for p in points:
-        table.add_row(escape(p.load), f(p.offered_rate, "{:.2f}"), f(p.achieved_rate, "{:.2f}"),
+        table.add_row(escape(p.server), escape(p.load), f(p.offered_rate, "{:.2f}"), f(p.achieved_rate, "{:.2f}"),
                       f(p.server_rate, "{:.2f}"), f(p.ttft_ms, "{:.2f}"), f(p.ttft_error_ms, "{:+.3f}"),
                       f(None if p.tpot_error is None else p.tpot_error * 100, "{:+.2f}%"),
                       f(p.itl_error_ms, "{:+.3f}"), f(p.dispatch_lag_p99_ms, "{:.2f}"),
@@ -389,7 +461,8 @@ def print_points(points: list[Point], console) -> None:
     console.print(table)
     for p in points:
         if p.client_limited:
-            console.print(f"[yellow]{escape(p.load)}: client limited[/yellow]: {escape('; '.join(p.client_limited))}")
+            console.print(f"[yellow]{escape(p.server)}, {escape(p.load)}: client limited[/yellow]: "
+                          f"{escape('; '.join(p.client_limited))}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
@@ -22,15 +24,36 @@ app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 
 def user_errors(fn):
-    """Turn the user's mistakes into a message and exit code 2."""
+    """Turn the user's mistakes into a message and exit code 2; secrets in it (a URL's password, a token of the
+    environment) are masked. SIGINT and SIGTERM take one path, as in `bench run`: the processes the command started
+    are stopped on the way out (servers, workers, probes) and it exits with 130."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        from harness.core.redact import Redactor
+        from harness.run.process import Interrupted, interruptible
+
         try:
-            return fn(*args, **kwargs)
+            with interruptible():
+                return fn(*args, **kwargs)
         except UserError as e:
-            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(Redactor()(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except Interrupted as e:
+            err.print(f"[red]interrupted[/red] ({e.signal.name}): what it started was stopped", highlight=False)
+            raise typer.Exit(130) from None
     return wrapper
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """A command's output folder that cannot be written (read-only, full, a file in the way) is the user's to fix:
+    one line and exit code 2, not a traceback."""
+    from harness.results.store import OutputError
+
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot write {e.filename or out}: {e.strerror or e}") from None
 
 
 @app.command()
@@ -51,6 +74,9 @@ def run(
                                                                             "cells at once")] = None,
     max_retries: Annotated[int, typer.Option("--max-retries", help="with --executor ray: a failed cell is tried again "
                                                                    "this many times, on another node")] = 1,
+    rerun: Annotated[list[str] | None, typer.Option("--rerun", help="run this cell (its id) again into --out, whatever "
+                                                                    "its status, keeping the others (repeatable; "
+                                                                    "bench gate's on_unstable: rerun uses it)")] = None,
 ) -> None:
     """Run every model × backend × workload cell of SCENARIO; write results.json, requests.jsonl, summary.md, the report.
 
@@ -59,8 +85,8 @@ def run(
     from harness.run.runner import Runner
     from harness.config.load import load_scenario
 
-    if force and not resume:
-        raise ScenarioError("--force: only goes with --resume")
+    if force and not (resume or rerun):
+        raise ScenarioError("--force: only goes with --resume or --rerun")
     cells_executor = None
     if executor == "ray":
         from harness.run.ray_executor import RayExecutor, import_ray
@@ -77,7 +103,8 @@ def run(
         raise ScenarioError("--address, --max-parallel and --max-retries: only go with --executor ray")
     s = load_scenario(scenario)
     out = out or s.output or Path("results") / s.name
-    raise typer.Exit(Runner(s, str(scenario), out, backend, resume, force=force, executor=cells_executor).run())
+    raise typer.Exit(Runner(s, str(scenario), out, backend, resume, force=force, executor=cells_executor,
+                            rerun=rerun).run())
 
 
 @app.command()
@@ -156,13 +183,12 @@ def serve(
     """Serve an in-process backend over HTTP (OpenAI or TGI protocol, streaming), to benchmark it as a server."""
     import tempfile
 
-    import uvicorn
     import yaml
     from pydantic import ValidationError
 
     from backends.registry import get_backend_class, known_kinds
     from harness.config.load import format_validation_error, load_yaml
-    from harness.serve import PROTOCOLS, build_server
+    from harness.serve import PROTOCOLS, build_server, serve as serve_engine
 
     if protocol not in PROTOCOLS:
         raise ScenarioError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -184,7 +210,8 @@ def serve(
     except ValidationError as e:
         raise ScenarioError(format_validation_error("--option", e, prefix="options")) from None
     server = build_server(backend, model, options, Path(tempfile.mkdtemp(prefix="bench-serve-")), protocol)
-    uvicorn.run(server.app(), host="127.0.0.1", port=port, log_level="warning")  # loopback only, never overridable
+    typer.echo(f"loading the {backend} engine on {model}")
+    serve_engine(server, port, lambda line: typer.echo(line))
 
 
 @app.command()
@@ -199,15 +226,19 @@ def calibrate(
     ttft_ms: Annotated[float, typer.Option("--ttft-ms", help="the scripted server's time to first token")] = 5.0,
     itl_ms: Annotated[float, typer.Option("--itl-ms", help="the scripted server's time between tokens")] = 2.0,
     output_tokens: Annotated[int, typer.Option("--output-tokens", help="tokens per request")] = 32,
+    behaviour: Annotated[list[str] | None, typer.Option("--behaviour", help="how the scripted server writes "
+                         "(repeatable; default every one): nodelay, nagle, coalesced, keepalive-close, "
+                         "late-headers")] = None,
     out: Annotated[Path, typer.Option("--out", help="results folder")] = Path("results/calibrate"),
 ) -> None:
-    """Measure this machine's client against a scripted server of known timing (127.0.0.1): its TTFT, TPOT and ITL
+    """Measure this machine's client against a scripted server of known timing (127.0.0.1), written the ways servers
+    write (with and without TCP_NODELAY, tokens coalesced, keep-alive closed, late headers): its TTFT, TPOT and ITL
     error and achieved rate at each load, and the highest rate within 1 ms TTFT and 1% TPOT. Run it before trusting a
     high-rate result."""
     from rich.console import Console
 
-    from harness.calibrate import (DEFAULT_RATES, TPOT_TOLERANCE, TTFT_TOLERANCE_MS, calibrate as run_calibration,
-                                   highest_rate_within, print_points)
+    from harness.calibrate import (BEHAVIOURS, DEFAULT_RATES, TPOT_TOLERANCE, TTFT_TOLERANCE_MS,
+                                   calibrate as run_calibration, highest_rate_within, print_points)
 
     for name, values in (("--rate", rate or []), ("--concurrency", concurrency or []),
                          ("--seconds", [seconds]), ("--ttft-ms", [ttft_ms]), ("--itl-ms", [itl_ms]),
@@ -216,17 +247,20 @@ def calibrate(
             raise ScenarioError(f"{name}: expected a positive number, got {min(values):g}")
     if concurrency and clients > min(concurrency):
         raise ScenarioError(f"--clients: {clients} clients need a concurrency of at least {clients}")
+    if unknown := [b for b in behaviour or [] if b not in BEHAVIOURS]:
+        raise ScenarioError(f"--behaviour: unknown {', '.join(map(repr, unknown))}; known: {', '.join(BEHAVIOURS)}")
     console = Console(width=None if sys.stdout.isatty() else 200)
     rates = list(rate or ([] if concurrency else DEFAULT_RATES))
+    behaviours = list(dict.fromkeys(behaviour or BEHAVIOURS))
     points = run_calibration(out, rates, list(concurrency or []), clients, seconds, ttft_ms, itl_ms,
-                             output_tokens=output_tokens, console=console)
+                             output_tokens=output_tokens, console=console, behaviours=behaviours)
     print_points(points, console)
-    if rates:
-        best = highest_rate_within(points)
-        within = f"within {TTFT_TOLERANCE_MS:g} ms TTFT and {TPOT_TOLERANCE:.0%} TPOT"
-        console.print(f"highest rate {within}: {best:g} req/s" if best is not None
-                      else f"no rate tried kept the client {within}")
-    console.print(f"results: {out / 'results.json'}, {out / 'calibration.json'}")
+    within = f"within {TTFT_TOLERANCE_MS:g} ms TTFT and {TPOT_TOLERANCE:.0%} TPOT"
+    for name in behaviours if rates else []:
+        best = highest_rate_within([p for p in points if p.server == name])
+        console.print(f"{name}: highest rate {within}: {best:g} req/s" if best is not None
+                      else f"{name}: no rate tried kept the client {within}")
+    console.print(f"results: {out}/BEHAVIOUR/results.json, {out / 'calibration.json'}")
 
 
 @app.command()
@@ -242,7 +276,9 @@ def gate(
     """Compare CURRENT with BASELINE cell by cell: exit 1 on a significant regression beyond the policy, 2 if incomparable."""
     from harness.analyze.gate import run_gate
 
-    raise typer.Exit(run_gate(baseline, current, policy, allow_env_change, reference, out))
+    with writing(out or current):
+        code = run_gate(baseline, current, policy, allow_env_change, reference, out)
+    raise typer.Exit(code)
 
 
 baseline_app = typer.Typer(help="Store gate baselines.", no_args_is_help=True)
@@ -255,11 +291,12 @@ def baseline_update(
     results: Annotated[Path, typer.Argument(help="a results.json or results folder")],
     name: Annotated[str | None, typer.Option("--name", help="baseline name (default: the scenario's name)")] = None,
     directory: Annotated[Path, typer.Option("--dir", help="where baselines live")] = Path("results/baselines"),
+    force: Annotated[bool, typer.Option("--force", help="replace a baseline of that name (refused without it)")] = False,
 ) -> None:
     """Store RESULTS as the baseline DIR/NAME: results.json, the cells' requests files and metadata."""
     from harness.analyze.baselines import store_baseline
 
-    typer.echo(f"stored baseline {store_baseline(results, directory, name)}")
+    typer.echo(f"stored baseline {store_baseline(results, directory, name, force)}")
 
 
 @models_app.command("gguf")
@@ -297,7 +334,9 @@ def report(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--format") from None
     out = out or (Path("report") if len(results) > 1 else results[0] if results[0].is_dir() else results[0].parent)
-    for path in write_report(results, out, formats):
+    with writing(out):
+        written = write_report(results, out, formats)
+    for path in written:
         typer.echo(f"wrote {path}")
 
 
@@ -305,14 +344,21 @@ def report(
 @user_errors
 def guide(
     results: Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")],
-    out: Annotated[Path, typer.Option("--out", help="guide.md or guide.html")] = Path("guide.md"),
+    out: Annotated[Path | None, typer.Option("--out", help="guide.md or guide.html (default: guide.md in the results "
+                                                           "folder; with several, results/guide.md)")] = None,
     rules: Annotated[list[Path] | None, typer.Option("--rules", help="extra use cases (YAML, repeatable); "
                                                                      "an id already known replaces it")] = None,
 ) -> None:
     """Write a framework-selection guide: per use case, backends ranked from measured cells, and where it flips."""
     from harness.analyze.guide import write_guide
 
-    typer.echo(f"wrote {write_guide(results, out, rules)}")
+    # Beside the results it comes from (as the report), never loose in the working folder.
+    if out is None:
+        out = (results[0] if results[0].is_dir() else results[0].parent) / "guide.md" if len(results) == 1 \
+            else Path("results") / "guide.md"
+    with writing(out):
+        written = write_guide(results, out, rules)
+    typer.echo(f"wrote {written}")
 
 
 @app.command()
@@ -327,7 +373,9 @@ def export(
 
     if format not in FORMATS:
         raise ScenarioError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
-    for path in write(results, out, format):
+    with writing(out):
+        written = write(results, out, format)
+    for path in written:
         typer.echo(f"wrote {path}")
 
 
@@ -335,22 +383,39 @@ engine_app = typer.Typer(help="Our offloading engine (own_engine).", no_args_is_
 app.add_typer(engine_app, name="engine")
 
 
+def _engine_help(option: str) -> str:
+    """An engine option's description, from the one place it is written (own_engine.engine_config)."""
+    from own_engine.engine_config import EngineConfig
+
+    return EngineConfig.model_fields[option].description or option
+
+
 @engine_app.command("plan")
 def engine_plan(
     model: Annotated[str, typer.Option("--model", help="an HF model folder, or a preset of `bench models list`")],
-    context: Annotated[int, typer.Option("--context", help="tokens per sequence (prompt + output)")] = 4096,
-    vram_budget: Annotated[str | None, typer.Option("--vram-budget", help="e.g. 8GiB; none: unlimited")] = None,
-    device: Annotated[str, typer.Option("--device", help="cuda or cpu")] = "cuda",
-    batch: Annotated[int, typer.Option("--batch", help="sequences decoded together")] = 1,
-    weights: Annotated[str, typer.Option("--weights", help="auto, gpu, cpu or disk")] = "auto",
-    kv: Annotated[str, typer.Option("--kv", help="auto, gpu, cpu or disk")] = "auto",
-    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16; default the model's")] = None,
+    context: Annotated[int | None, typer.Option("--context", "--max-context", help=_engine_help("max_context"))] = None,
+    vram_budget: Annotated[str | None, typer.Option("--vram-budget", help=_engine_help("vram_budget"))] = None,
+    device: Annotated[str | None, typer.Option("--device", help=_engine_help("device") + " (default: cpu)")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", "--max-batch", help=_engine_help("max_batch"))] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help=_engine_help("weights"))] = None,
+    kv: Annotated[str | None, typer.Option("--kv", help=_engine_help("kv"))] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help=_engine_help("dtype"))] = None,
+    compute_dtype: Annotated[str | None, typer.Option("--compute-dtype", help=_engine_help("compute_dtype"))] = None,
+    kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help=_engine_help("kv_dtype"))] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", help=_engine_help("block_size"))] = None,
 ) -> None:
-    """Explain where the engine would put weights and KV for MODEL at CONTEXT under a VRAM budget. Loads no weights."""
+    """Explain where the engine would put weights and KV for MODEL under a VRAM budget, which dtype it would compute
+    in and why (the CPU's instruction set, or a micro-benchmark cached per machine). Loads no weights. Every option
+    left out takes the engine's default (own_engine.engine_config.EngineConfig)."""
     from harness.inputs.models import PRESETS, hf_config
-    from own_engine.config import DTYPES, EngineError, ModelConfig
-    from own_engine.planner import make_plan
+    from own_engine.config import EngineError, ModelConfig
+    from own_engine.engine_config import EngineConfig
+    from harness.plan_estimate import estimate
+    from own_engine.planner import Machine, make_plan
+    from own_engine.units import fmt_bytes
 
+    given = dict(max_context=context, vram_budget=vram_budget, device=device, max_batch=batch, weights=weights, kv=kv,
+                 dtype=dtype, compute_dtype=compute_dtype, kv_dtype=kv_dtype, block_size=block_size)
     try:
         if model in PRESETS:
             cfg = ModelConfig.from_dict(hf_config(model), source=f"preset {model}")
@@ -358,17 +423,21 @@ def engine_plan(
             cfg = ModelConfig.load(model)
         else:
             raise EngineError(f"--model: {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with config.json")
-        if dtype is not None and dtype not in DTYPES:
-            raise EngineError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-        plan = make_plan(cfg, device=device, dtype=DTYPES[dtype] if dtype else None, vram_budget=vram_budget,
-                         context=context, batch=batch, weights=weights, kv=kv)
+        config = EngineConfig.of(**{k: v for k, v in given.items() if v is not None})
+        machine = Machine.here(cfg, config)
+        plan = make_plan(cfg, config, machine)
     except EngineError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     typer.echo(plan.explain())
+    typer.echo(f"read from this machine: {fmt_bytes(machine.ram)} of RAM available, {fmt_bytes(machine.disk)} free "
+               f"on the filesystem of {machine.disk_at}")
+    for line in estimate(plan, machine):
+        typer.echo(line)
 
 
 @app.command()
+@user_errors
 def doctor(
     python: Annotated[list[Path] | None, typer.Option("--python", help="also look for vLLM in this interpreter "
                                                                          "(an engine's own venv), repeatable")] = None,

@@ -70,6 +70,20 @@ def llama_cpp_check() -> Check:
     return Check("llama.cpp", "ok", f"{detail}; in_process and server")
 
 
+def llama_server_check() -> Check:
+    from backends.llama_server import binary_version, built_binary, find_binary
+
+    path = find_binary()
+    if path is None:
+        return Check("llama.cpp llama-server", "missing", f"not built: scripts/install-llama-server.sh builds it (CPU, "
+                                                          f"a few minutes, once) into {built_binary().parent}; or put "
+                                                          f"llama-server on PATH")
+    bench = find_binary(tool="llama-bench")
+    return Check("llama.cpp llama-server", "ok", f"{path}, version {binary_version(path)}; llama-bench "
+                                                 + (str(bench) if bench else "not found (the engine benchmark's "
+                                                                             "cross-check needs it)"))
+
+
 _VLLM_PROBE = """
 import importlib.metadata as md, importlib.util, json
 out = {"missing_worker_modules": [m for m in %r if importlib.util.find_spec(m) is None]}
@@ -203,5 +217,5 @@ def cluster_checks(address: str | None) -> list[Check]:
 
 
 def run_checks(pythons: list[Path], address: str | None = None) -> list[Check]:
-    return [transformers_check(), llama_cpp_check(), *(vllm_check(p) for p in vllm_pythons(pythons)), tgi_check(),
+    return [transformers_check(), llama_cpp_check(), llama_server_check(), *(vllm_check(p) for p in vllm_pythons(pythons)), tgi_check(),
             gpu_check(), chromium_check(), *cluster_checks(address)]

@@ -78,7 +78,7 @@ class RequestRecord:
     repetition: int
     t_send: float
     t_scheduled: float | None = None  # when the load pattern meant it to leave: t_send - t_scheduled is dispatch lag
-    t_queued: float | None = None  # an open loop's arrival, when it then waited for the backend's max_concurrency
+    t_queued: float | None = None  # its arrival or offer, when it then waited for the backend's max_concurrency
     client: int = 0  # which client process sent it (load.clients)
     chunk_times: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
@@ -99,12 +99,38 @@ class RequestRecord:
         return self.error is None and bool(self.chunk_times)
 
     @property
+    def t_offered(self) -> float:
+        """When the request was offered: its send, or the start of its wait for a backend that serves fewer at once
+        than the load asks (t_queued). Latencies count from here, so every backend is timed under the same load."""
+        return self.t_queued if self.t_queued is not None else self.t_send
+
+    @property
     def ttft(self) -> float:
+        return self.chunk_times[0] - self.t_offered
+
+    @property
+    def served_ttft(self) -> float:
+        """From the send itself: the engine's own time to first token, without a wait for its max_concurrency."""
         return self.chunk_times[0] - self.t_send
 
     @property
     def e2el(self) -> float:
-        return self.chunk_times[-1] - self.t_send
+        return self.chunk_times[-1] - self.t_offered
+
+    @property
+    def t_due(self) -> float:
+        """When the load meant it to leave: its scheduled time (or its offer, if earlier). Latencies from here
+        include the client's own lateness, which those from the send leave out (coordinated omission)."""
+        return self.t_offered if self.t_scheduled is None else min(self.t_scheduled, self.t_offered)
+
+    @property
+    def ttft_including_client_queue(self) -> float:
+        return self.chunk_times[0] - self.t_due
+
+    @property
+    def e2el_including_client_queue(self) -> float:
+        """vLLM's e2el_including_client_queue: end-to-end latency from the scheduled send time."""
+        return self.chunk_times[-1] - self.t_due
 
     @property
     def n_out(self) -> int:
@@ -134,6 +160,31 @@ class ConcurrencyCap(BaseModel):
     """The load asked for more requests in flight than the backend serves at once; the harness queued the rest."""
     requested: int
     max_concurrency: int
+    # The wait in that queue is in the cell's latencies (TTFT, E2E latency from the offer): so it is since closed loops
+    # queue too; results from before left it out, and their latencies are not those of the load asked for.
+    queue_in_latency: bool = False
+
+    def describe(self) -> str:
+        return f"served {self.max_concurrency} at a time (asked {self.requested})"
+
+
+class CpuIsolation(BaseModel):
+    """How the worker shared the machine's CPUs between its load generator and the engine (resources.isolate_client):
+    each pinned to its own (os.sched_setaffinity), or not, and why."""
+    isolated: bool
+    why: str
+    client_cpus: list[int] = Field(default_factory=list)  # the event loop, its writer threads, the client processes
+    engine_cpus: list[int] = Field(default_factory=list)  # the engine's server processes and in-process threads
+
+    def describe(self) -> str:
+        if not self.isolated:
+            return f"load generator and engine on the same CPUs: {self.why}"
+        return (f"load generator on CPU {_cpus(self.client_cpus)}, engine on CPU {_cpus(self.engine_cpus)} "
+                f"({self.why})")
+
+
+def _cpus(ids: list[int]) -> str:
+    return ", ".join(map(str, ids))
 
 
 class ClientClock(BaseModel):
@@ -179,6 +230,9 @@ class WorkerReport(BaseModel):
     loop_lag_ms: list[list[float]] = Field(default_factory=list)
     clients: list[ClientClock] = Field(default_factory=list)  # the client processes beyond the worker itself
     not_sent: list[int] = Field(default_factory=list)  # per repetition (capacity step): cut by max_duration_s
+    # Per repetition: why load.oversaturation_stop ended it early (its unsent requests are in not_sent), or None.
+    oversaturation: list[str | None] = Field(default_factory=list)
+    cpu_isolation: CpuIsolation | None = None
     capacity_steps: list[CapacityStep] = Field(default_factory=list)
     prefix_reuse: PrefixReuse | None = None  # what the engine says it reused (Backend.prefix_reuse)
 
@@ -227,7 +281,7 @@ class CellResult(BaseModel):
     base_workload: str | None = None
     sweep: dict[str, Any] = Field(default_factory=dict)
     workload_spec: dict[str, Any] | None = None
-    status: Literal["ok", "failed"]
+    status: Literal["ok", "failed", "skipped"]  # skipped: an optional backend whose engine is not installed (error: why)
     error: str | None = None
     metrics: dict[str, Any] | None = None
     repetitions: list[dict[str, Any]] = Field(default_factory=list)
@@ -252,12 +306,18 @@ class CellResult(BaseModel):
     # The load generator could not keep the schedule (achieved rate, dispatch lag, loop lag): why, in words.
     client_limited: bool | None = None
     client_limited_reasons: list[str] = Field(default_factory=list)
+    # Where latency from the scheduled send differs beyond noise from latency from the actual send (the client's own
+    # queue, coordinated omission): why, in words; verdicts then read the former (catalogue.INCLUDING_CLIENT_QUEUE).
+    client_queue_shift: list[str] = Field(default_factory=list)
     clients: list[ClientClock] = Field(default_factory=list)
     # The machine it ran on (environment.node(): hostname, GPUs, driver; with --executor ray also the Ray node id),
     # and with --executor ray every attempt: the node tried and why it failed.
     node: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = Field(default_factory=list)
     not_sent: list[int] = Field(default_factory=list)  # per repetition: requests max_duration_s kept from leaving
+    # load.oversaturation_stop: "repetition i: why", for each repetition it ended early (GuideLLM's stop)
+    oversaturation: list[str] = Field(default_factory=list)
+    cpu_isolation: CpuIsolation | None = None  # the CPUs of the load generator and of the engine; None: not recorded
     capacity: CapacityResult | None = None  # load: capacity
     # Prompt tokens the engine reused from its prefix cache over the cell, as it counts them; None: it keeps none
     prefix_reuse: PrefixReuse | None = None

@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,6 +311,27 @@ def sse(data: dict[str, Any]) -> str:
 
 def usage_dict(n_in: int, n_out: int) -> dict[str, int]:
     return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+
+def serve(server: EngineServer, port: int, say: Callable[[str], None]) -> None:
+    """Serve on 127.0.0.1:port until SIGINT or SIGTERM; `say` tells when it listens (once the engine is loaded and
+    the port bound) and when it stopped, with what it served."""
+    import uvicorn
+
+    class Announced(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                say(f"listening on http://127.0.0.1:{port} ({server.protocol} protocol; the "
+                    f"{server.backend.kind} engine on {server.model_name}); Ctrl-C or SIGTERM stops it")
+
+    # Loopback only, never overridable; uvicorn's own lines below warnings (each request would be one).
+    try:
+        Announced(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning")).run()
+    finally:  # uvicorn raises the signal again once it has shut down: the command exits 130, as bench run does
+        c = server.counters
+        say(f"stopped: {c['requests_total']} request(s) served ({c['requests_failed_total']} failed), "
+            f"{c['generated_tokens_total']} tokens generated; the engine is unloaded")
 
 
 def build_server(kind: str, model_path: Path, options: dict[str, Any], workdir: Path, protocol: str) -> EngineServer:

@@ -6,17 +6,19 @@
         tokens = engine.generate(prompt_ids, max_new_tokens=64, on_token=lambda i, token: ...)
         print(engine.stats.as_dict())
 
-Serving: Scheduler(engine).add(GenerationRequest(prompt_ids, on_token=...)), then step() while busy: requests join
-and leave between steps (continuous batching). Planning without loading:
-make_plan(ModelConfig.load(path), device=..., vram_budget=..., context=...).explain()
+Every option, its default and its meaning: EngineConfig. Serving: loop = engine.serve(), then
+loop.submit(Sequence(prompt_ids, SamplingParams(max_new_tokens=64), on_token=..., on_finish=...)) from any thread:
+sequences join and leave between steps (continuous batching); loop.close() when done. Planning without loading:
+make_plan(cfg, config, Machine.here(cfg, config)).explain(), with cfg = ModelConfig.load(path).
 """
 import importlib
 
 # Exports load on first use, so `own_engine.units` (and the harness, which parses sizes with it) need no torch.
-_EXPORTS = {"EngineError": "config", "ModelConfig": "config", "Engine": "engine", "Plan": "planner",
-            "make_plan": "planner", "parse_size": "units", "DIRECTIONS": "stats", "PHASES": "stats",
-            "EngineStats": "stats", "probe_bandwidth": "bandwidth", "Probe": "bandwidth", "Scheduler": "scheduler",
-            "GenerationRequest": "scheduler"}
+_EXPORTS = {"EngineError": "errors", "ModelConfig": "config", "EngineConfig": "engine_config", "Engine": "engine",
+            "Plan": "planner", "Machine": "planner", "make_plan": "planner", "Compute": "compute",
+            "parse_size": "units", "DIRECTIONS": "stats", "PHASES": "stats", "EngineStats": "stats",
+            "probe_bandwidth": "bandwidth", "Probe": "bandwidth", "Scheduler": "scheduler", "Sequence": "sequence",
+            "SamplingParams": "sequence", "ServingLoop": "serving"}
 __all__ = sorted(_EXPORTS)
 
 

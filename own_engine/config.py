@@ -5,9 +5,7 @@ from pathlib import Path
 
 import torch
 
-
-class EngineError(Exception):
-    """A problem the user can fix (bad model files, budget, disk space); raised before work starts."""
+from .errors import EngineError
 
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}

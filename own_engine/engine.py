@@ -1,6 +1,5 @@
-"""The generation API: load a model under a memory plan, prefill prompts, decode tokens."""
+"""The generation API: load a model under a memory plan, prefill prompts, decode tokens, serve sequences."""
 import hashlib
-import shutil
 import tempfile
 import weakref
 from collections.abc import Callable
@@ -8,27 +7,28 @@ from pathlib import Path
 
 import torch
 
+from . import owned
+from .batch import prepare
 from .block_manager import BlockManager
 from .config import DTYPES, EngineError, ModelConfig
+from .engine_config import EngineConfig
 from .kv_cache import KVCache
-from .model import Piece, Transformer
+from .model import Transformer
 from .placement import Globals, LayerWeights
-from .planner import Plan, make_plan
+from .planner import Machine, Plan, make_plan
 from .prefix_store import PrefixStore
-from .scheduler import GenerationRequest, Scheduler
+from .scheduler import Scheduler
+from .sequence import SamplingParams, Sequence, Status
+from .serving import ServingLoop
 from .stats import EngineStats
 from .weights import Checkpoint, LayerLayout
 
 
-def _release(closers: list, directory: Path | None, created: bool, keep: bool):
+def _release(closers: list, directory: Path | None, keep: bool):
     for close in closers:
         close()
     if directory is not None and not keep:
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
-        else:  # a folder the user gave us: remove only what we put there
-            shutil.rmtree(directory / "kv", ignore_errors=True)
-            shutil.rmtree(directory / "weights", ignore_errors=True)
+        owned.release(directory, "offload_dir", ("kv", "weights"))  # what the engine wrote, in a folder it made
 
 
 class Engine:
@@ -38,46 +38,38 @@ class Engine:
     too small) raises EngineError from the constructor, before any weight is loaded.
     """
 
-    def __init__(self, path, *, device="cpu", dtype=None, compute_dtype=None, kv_dtype=None, vram_budget=None,
-                 weights="auto", kv="auto", offload_dir=None, keep_offload=False, max_context=None, max_batch=1,
-                 block_size=None, prefill_chunk=None, pack_weights=None, prefix_cache=True, prefix_cache_dir=None):
-        """dtype: weights as stored and streamed (default: the checkpoint's); compute_dtype: default the plan's
-        choice for the device (Plan.compute_reason says why); kv_dtype: default the compute dtype. max_batch:
-        sequences decoded together (the scheduler's limit). prefix_cache: reuse the KV of full blocks a sequence
-        shares with earlier ones; prefix_cache_dir: also keep those blocks on disk, for later runs."""
+    def __init__(self, path, base: EngineConfig | None = None, **options):
+        """The options as an EngineConfig (`base`), or as its fields' names (which win over base's): what each
+        means, and its default, is written there. self.options keeps them; self.plan (Plan.explain()) says what
+        became of them on this machine."""
+        o = EngineConfig.of(base, **options)
+        offload_dir, keep_offload, prefix_cache_dir = o.offload_dir, o.keep_offload, o.prefix_cache_dir
         self.stats = EngineStats()
-        self.device = torch.device(device)
+        self.device = torch.device(o.device)
         self.config = cfg = ModelConfig.load(path)
-        for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype), ("kv_dtype", kv_dtype)):
-            if isinstance(value, str) and value not in DTYPES:
-                raise EngineError(f"{name} '{value}' not supported ({', '.join(DTYPES)})")
-        dtype, compute_dtype, kv_dtype = (DTYPES[d] if isinstance(d, str) else d for d in (dtype, compute_dtype, kv_dtype))
-        self.dtype = dtype or cfg.dtype
+        self.dtype = DTYPES[o.dtype] if o.dtype else cfg.dtype
         ckpt = Checkpoint(path, cfg, self.stats)
         layout = LayerLayout.of(cfg, self.dtype)
         # The disk tier reads the safetensors in place unless their dtype differs or packing is asked for.
-        converts = any(e.dtype != self.dtype for e in ckpt.entries.values())
-        pack = converts if pack_weights is None else pack_weights or converts
-        self.plan: Plan = make_plan(cfg, device=self.device, dtype=self.dtype, vram_budget=vram_budget,
-                                    context=max_context or min(cfg.max_position_embeddings, 4096),
-                                    batch=max_batch, weights=weights, kv=kv, offload_dir=offload_dir,
-                                    block_size=block_size, prefill_chunk=prefill_chunk, pack_weights=pack,
-                                    compute_dtype=compute_dtype, kv_dtype=kv_dtype)
+        pack = bool(o.pack_weights) or any(e.dtype != self.dtype for e in ckpt.entries.values())
+        self.options = o = o.model_copy(update={"pack_weights": pack})
+        self.plan: Plan = make_plan(cfg, o, Machine.here(cfg, o))
         plan = self.plan
-        if prefix_cache_dir is not None and not prefix_cache:
+        if prefix_cache_dir is not None and not o.prefix_cache:
             raise EngineError("prefix_cache_dir needs prefix_cache")
         if self.device.type == "cuda" and plan.budget:
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, plan.budget / total), self.device)
 
         disk_layers = [i for i, t in enumerate(plan.layer_tiers) if t == "disk"]
-        created, self.offload_dir = False, None
-        if plan.disk_bytes:
-            created = offload_dir is None or not Path(offload_dir).exists()
-            self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="own_engine_"))
-            self.offload_dir.mkdir(parents=True, exist_ok=True)
+        self.offload_dir = None
+        if plan.disk_bytes and offload_dir is None:
+            self.offload_dir = Path(tempfile.mkdtemp(prefix="own_engine_"))
+            owned.mark(self.offload_dir, "offload_dir")
+        elif plan.disk_bytes:
+            self.offload_dir = owned.claim(offload_dir, "offload_dir")
         closers = [ckpt.close]
-        self._finalizer = weakref.finalize(self, _release, closers, self.offload_dir, created, keep_offload)
+        self._finalizer = weakref.finalize(self, _release, closers, self.offload_dir, keep_offload)
 
         with self.stats.in_phase("load"):
             packed = ckpt.pack_layers(disk_layers, layout, self.offload_dir / "weights") if pack and disk_layers else {}
@@ -89,10 +81,10 @@ class Engine:
             kv = KVCache(cfg, plan.kv_blocks, plan.block_size, plan.kv_chunk_blocks, plan.kv_dtype, plan.compute_dtype,
                          self.device, self.offload_dir and self.offload_dir / "kv", self.stats)
             closers.insert(0, kv.close)
-        self.kv, self.max_batch = kv, max_batch
+        self.kv, self.max_batch = kv, o.max_batch
         self.blocks = BlockManager(kv.num_blocks, plan.block_size, [n for _, n, _ in kv.tiers.values()],
-                                   cache_prefixes=prefix_cache)
-        self.model = Transformer(cfg, layers, globals_, kv, self.blocks, plan.mlp_rows, self.device,
+                                   cache_prefixes=o.prefix_cache)
+        self.model = Transformer(cfg, layers, globals_, kv, plan.mlp_rows, plan.narrow_rows, self.device,
                                  plan.compute_dtype)
         self.store = None
         if prefix_cache_dir is not None:
@@ -123,12 +115,12 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
-    def admit(self, tokens: list[int]) -> int:
-        """Start a sequence for `tokens` with the KV of its longest cached prefix (blocks in memory, then blocks in
-        prefix_cache_dir) and room reserved for all of them; EngineError when the blocks are not there. At least
+    def admit(self, seq: Sequence):
+        """Start seq (holding no block) with the KV of its longest cached prefix (blocks in memory, then blocks in
+        prefix_cache_dir) and room reserved for all its tokens; EngineError when the blocks are not there. At least
         the last token is left to compute (its logits are wanted)."""
-        seq, bs = self.blocks.add_sequence(tokens), self.plan.block_size
-        limit = len(tokens) - 1 if self.blocks.cache_prefixes else 0
+        bs = self.plan.block_size
+        limit = len(seq.tokens) - 1 if self.blocks.cache_prefixes else 0
         hits = self.blocks.match(seq, limit) // bs
         from_disk = 0
         while (self.store is not None and (hits + from_disk + 1) * bs <= limit and self.blocks.num_free
@@ -136,37 +128,24 @@ class Engine:
             self.kv.load_block(self.blocks.adopt(seq), data)
             from_disk += 1
         try:
-            self.blocks.reserve(seq, len(tokens))
+            self.blocks.reserve(seq, len(seq.tokens))
         except EngineError:
             self.blocks.free_sequence(seq)  # what it found stays cached for the next try
             raise
+        seq.status = Status.RUNNING
         self.stats.count_prefix(hits, from_disk, limit // bs - hits - from_disk, self.plan.block_bytes)
-        return seq
 
-    def forward(self, work: list[tuple[int, int]], phase: str) -> torch.Tensor:
-        """One pass over the weights computing, for each (seq, n), seq's next n tokens (known to the block manager,
-        their blocks reserved), in chunks of at most plan.prefill_chunk rows. Returns the float32 logits
-        [len(work), vocab] of each item's last token. Its time and bytes count in `phase` (prefill or decode)."""
-        chunks, ends, row, room, ids = [[]], [], 0, self.plan.prefill_chunk, []
-        for seq, n in work:
-            start = self.blocks.computed[seq]
-            ids += self.blocks.tokens[seq][start:start + n]
-            pos = start
-            while pos < start + n:
-                take = min(start + n - pos, room)
-                chunks[-1].append(Piece(seq, pos, slice(row, row + take)))
-                row, pos, room = row + take, pos + take, room - take
-                if room == 0:
-                    chunks.append([])
-                    room = self.plan.prefill_chunk
-            ends.append(row - 1)
-        with self.stats.in_phase(phase, tokens=row):
-            logits = self.model.forward(torch.tensor(ids), [c for c in chunks if c], ends)
+    def forward(self, work: list[tuple[Sequence, int]], phase: str) -> torch.Tensor:
+        """One pass over the weights computing, for each (seq, n), seq's next n tokens (their blocks reserved), in
+        chunks of at most plan.prefill_chunk rows. Returns the float32 logits [len(work), vocab] of each item's
+        last token. Its time and bytes count in `phase` (prefill or decode)."""
+        with self.stats.in_phase(phase, tokens=sum(n for _, n in work)):
+            logits = self.model.forward(prepare(work, self.plan.prefill_chunk, self.plan.block_size, self.kv.chunks))
             for seq, n in work:
                 self._commit(seq, n)
         return logits
 
-    def _commit(self, seq: int, n: int):
+    def _commit(self, seq: Sequence, n: int):
         new = self.blocks.commit(seq, n)
         if self.store is None or not new:
             return
@@ -179,29 +158,34 @@ class Engine:
             return
         self.stats.prefix["stored_blocks"] += len(new)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor]:
-        """Start one sequence per prompt and run all prompts in one pass over the weights. Returns the sequence ids
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Start one sequence per prompt and run all prompts in one pass over the weights. Returns the sequences
         and the logits [len(prompts), vocab] of each prompt's last token."""
-        seqs = []
+        seqs = [Sequence(prompt) for prompt in prompts]
         try:
-            for prompt in prompts:
-                seqs.append(self.admit(prompt))
-            return seqs, self.forward([(seq, len(p) - self.blocks.computed[seq]) for seq, p in zip(seqs, prompts)],
-                                      "prefill")
+            for seq in seqs:
+                self.admit(seq)
+            return seqs, self.forward([(seq, seq.left) for seq in seqs], "prefill")
         except BaseException:
             self.release(seqs)
             raise
 
-    def decode_one_token(self, seqs: list[int], tokens: list[int]) -> torch.Tensor:
+    def decode_one_token(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
         """Append one token to each sequence; all of them share one pass over the weights. Logits [B, vocab]."""
         for seq, token in zip(seqs, tokens):
-            self.blocks.tokens[seq].append(token)
-            self.blocks.reserve(seq, len(self.blocks.tokens[seq]))
+            seq.tokens.append(token)
+            self.blocks.reserve(seq, len(seq.tokens))
         return self.forward([(seq, 1) for seq in seqs], "decode")
 
-    def release(self, seqs: list[int]):
+    def release(self, seqs: list[Sequence]):
+        """Take back the sequences' blocks (their full ones stay cached); they hold none and wait after."""
         for seq in seqs:
             self.blocks.free_sequence(seq)
+            seq.status = Status.WAITING
+
+    def serve(self) -> ServingLoop:
+        """The scheduler stepped on a thread of its own: submit sequences from any thread, close() when done."""
+        return ServingLoop(self)
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
@@ -215,15 +199,14 @@ class Engine:
         batch = [list(prompts)] if single else [list(p) for p in prompts]
         if not batch or not all(batch) or max_new_tokens < 1:
             raise EngineError("generate needs non-empty prompts and max_new_tokens >= 1")
-        scheduler = Scheduler(self)
-        requests = [GenerationRequest(p, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos,
-                                      on_token=on_token and (lambda token, i=i: on_token(i, token)))
-                    for i, p in enumerate(batch)]
-        for request in requests:
-            scheduler.add(request)
+        scheduler, params = Scheduler(self), SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, ignore_eos)
+        seqs = [Sequence(p, params, on_token=on_token and (lambda token, i=i: on_token(i, token)))
+                for i, p in enumerate(batch)]
+        for seq in seqs:
+            scheduler.add(seq)
         while scheduler.busy:
             scheduler.step()
-        for request in requests:
-            if request.error is not None:
-                raise request.error
-        return requests[0].output if single else [r.output for r in requests]
+        for seq in seqs:
+            if seq.error is not None:
+                raise seq.error
+        return seqs[0].output if single else [seq.output for seq in seqs]

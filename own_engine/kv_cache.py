@@ -70,9 +70,9 @@ class KVCache:
         self.free: list[torch.cuda.Event | None] = [None, None]  # CUDA: compute done with a buffer
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="own_engine_kv")
 
-    def write(self, layer: int, blocks: list[int], offsets: list[int], k: torch.Tensor, v: torch.Tensor):
-        """Store the K, V rows [T, kv_heads, head_dim] of T new tokens at (block, offset) each."""
-        blocks_t, offsets_t = torch.tensor(blocks), torch.tensor(offsets)
+    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store the K, V rows [T, kv_heads, head_dim] of T new tokens at (block, offset) each ([T] on the CPU)."""
+        blocks_t, offsets_t = torch.as_tensor(blocks), torch.as_tensor(offsets)
         k, v = k.to(self.dtype), v.to(self.dtype)
         for tier, (first, n, pools) in self.tiers.items():
             rows = ((blocks_t >= first) & (blocks_t < first + n)).nonzero().squeeze(1)
@@ -106,24 +106,33 @@ class KVCache:
 
     def chunks(self, table: list[int], n_tokens: int) -> list[Chunk]:
         """Positions 0 .. n_tokens-1 of a sequence as chunks of at most chunk_blocks blocks, grouped by tier
-        (attention does not care about the order of keys)."""
+        (attention does not care about the order of keys). Where compute reads a tier in place, a chunk is also a
+        run of consecutive block ids, so that it is one view of the pool: a sequence that starts with blocks
+        another one cached has a break in its ids there, and a chunk across it would need a copy on the KV
+        thread. (That copy cost more than itself: the thread's first torch op gives it an OpenMP team of its own,
+        and with more OpenMP threads than cores libgomp stops spin-waiting, so every parallel region after it
+        woke its workers from sleep. A 16k-token prompt on a 2-layer model, 2 threads: 0.62 s, 1.1-1.3 s once
+        the KV thread had copied anything, prefix cache or not.)"""
         bs = self.block_size
         used = table[:-(-n_tokens // bs)]
         out = []
         for tier, (first, n, _) in self.tiers.items():
-            mine = [j for j, b in enumerate(used) if first <= b < first + n]
-            for c in range(0, len(mine), self.chunk_blocks):
-                part = mine[c:c + self.chunk_blocks]
+            in_place, parts = self._in_place(tier), []
+            for j in (j for j, b in enumerate(used) if first <= b < first + n):
+                gap = in_place and parts and used[j] != used[parts[-1][-1]] + 1
+                if not parts or len(parts[-1]) == self.chunk_blocks or gap:
+                    parts.append([])
+                parts[-1].append(j)
+            for part in parts:
                 # Only the sequence's last block is partial, and it is the last block of its chunk.
                 valid = sum(min(bs, n_tokens - j * bs) for j in part)
                 pos = (torch.tensor(part)[:, None] * bs + torch.arange(bs)).flatten()[:valid]
                 out.append(Chunk(tier, first, [used[j] - first for j in part], valid, pos))
         return out
 
-    def read(self, layer: int, table: list[int], n_tokens: int):
-        """Yield (k, v, positions) covering positions 0 .. n_tokens-1 of a sequence: k, v [t, kv_heads, head_dim] on
-        the device in the compute dtype, valid until the next chunk is asked for; positions on the CPU."""
-        chunks = self.chunks(table, n_tokens)
+    def read(self, layer: int, chunks: list[Chunk]):
+        """Yield (k, v, positions) of each chunk (from `chunks`) of a sequence: k, v [t, kv_heads, head_dim] on the
+        device in the compute dtype, valid until the next chunk is asked for; positions on the CPU."""
         pending = self._start(layer, chunks[0], 0) if chunks else None
         try:
             for c, chunk in enumerate(chunks):
@@ -141,9 +150,7 @@ class KVCache:
         else a Future of their copy into buffer `buf`."""
         ids, (_, _, pools) = chunk.ids, self.tiers[chunk.tier]
         kpool, vpool = pools[layer]
-        in_place = ((chunk.tier == "device" or self.device.type == "cpu") and self.dtype == self.compute_dtype
-                    and ids == list(range(ids[0], ids[0] + len(ids))))
-        if not in_place:
+        if not self._in_place(chunk.tier):
             return self.thread.submit(self._copy, chunk.tier, kpool, vpool, ids, buf, self.free[buf],
                                       self.stats.phase)
         if chunk.tier != "device":  # read by the attention kernel itself, so no time of its own
@@ -153,6 +160,10 @@ class KVCache:
             for start in (ids[0], n + ids[0]):  # the K run, then the V run
                 self.maps[layer].will_need(start * self.block_bytes, (start + len(ids)) * self.block_bytes)
         return kpool[ids[0]:ids[0] + len(ids)], vpool[ids[0]:ids[0] + len(ids)]
+
+    def _in_place(self, tier: str) -> bool:
+        """Whether compute reads the tier's pools where they are (a chunk of consecutive blocks as one view)."""
+        return (tier == "device" or self.device.type == "cpu") and self.dtype == self.compute_dtype
 
     def _copy(self, tier: str, kpool, vpool, ids: list[int], buf: int, free, phase: str):
         """On the KV thread: gather (and upcast) the blocks into buffer `buf`; on CUDA, through the relay buffer."""

@@ -4,8 +4,9 @@ On CUDA the budget is device memory. On the CPU device it is the memory for resi
 and working buffers; "host" there is the same RAM, so auto placement streams from disk instead (memory-mapped:
 the page cache the kernel may reclaim, not the budget).
 
-Weights and KV are stored in the checkpoint's dtype (or the one asked for); compute runs in the fastest dtype that
-is exact enough on the device: the stored one where the hardware has it, else float32.
+Weights and KV are stored in the checkpoint's dtype (or the one asked for); compute runs in the dtype the compute
+policy picks (compute.py). make_plan is a function of its inputs: the model, the options and the Machine (free
+RAM and disk, the compute policy), which the caller reads with Machine.here.
 """
 import math
 import shutil
@@ -16,13 +17,14 @@ from pathlib import Path
 import psutil
 import torch
 
-from .config import EngineError, ModelConfig
-from .model import NARROW_ROWS
+from .compute import Compute, choose
+from .config import DTYPES, EngineError, ModelConfig
+from .engine_config import EngineConfig
 from .placement import LOGIT_ROWS
 from .units import fmt_bytes, parse_size
 from .weights import LayerLayout
 
-MODES = ("auto", "gpu", "cpu", "disk")
+RAM_SHARE = 0.8  # of the RAM available, the most host-memory tiers may take
 TIER_OF_MODE = {"gpu": "device", "cpu": "host", "disk": "disk"}
 
 
@@ -32,6 +34,7 @@ class Plan:
     dtype: torch.dtype  # weights as stored and streamed
     compute_dtype: torch.dtype
     compute_reason: str
+    narrow_rows: int  # passes of fewer rows multiply by the weights as stored (compute.Compute)
     kv_dtype: torch.dtype
     budget: int | None
     context: int
@@ -94,21 +97,24 @@ class Plan:
         return "\n".join(lines)
 
 
-def compute_dtype_for(device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, str]:
-    """The fastest dtype that computes exactly enough on the device, and why."""
-    name = str(dtype).removeprefix("torch.")
-    if dtype == torch.float32:
-        return dtype, "the stored dtype"
-    if device.type != "cpu":
-        return dtype, f"the stored dtype ({device.type} multiplies {name} natively)"
-    native = (torch.cpu._is_avx512_bf16_supported() if dtype == torch.bfloat16
-              else torch.cpu._is_amx_fp16_supported())
-    if native:
-        return dtype, f"the stored dtype (this CPU has {name} instructions)"
-    return torch.float32, (f"this CPU has no {name} instructions (its {name} matmuls are emulated, several times "
-                           f"slower than float32), so each layer is upcast per use into a reused float32 buffer; "
-                           f"passes of fewer than {NARROW_ROWS} rows (decode) multiply by the {name} weights as stored, "
-                           f"memory-bound and accumulating in float32")
+@dataclass(frozen=True)
+class Machine:
+    """What a plan depends on besides the model and the options, read once by the caller (Machine.here), so
+    that one input gives one plan."""
+    ram: int  # bytes of RAM available
+    disk: int  # bytes free on the filesystem of disk_at
+    disk_at: Path  # the offload dir, or the folder a temporary one would be made in
+    compute: Compute  # the compute policy's choice for the model's stored dtype on the device
+
+    @classmethod
+    def here(cls, cfg: ModelConfig, config: EngineConfig) -> "Machine":
+        where = Path(config.offload_dir or tempfile.gettempdir()).absolute()
+        probe = where
+        while not probe.exists():
+            probe = probe.parent
+        stored = DTYPES[config.dtype] if config.dtype else cfg.dtype
+        compute = choose(torch.device(config.device), stored, config.compute_dtype and DTYPES[config.compute_dtype])
+        return cls(psutil.virtual_memory().available, shutil.disk_usage(probe).free, where, compute)
 
 
 def working_bytes(cfg: ModelConfig, compute: torch.dtype, rows: int, chunk: int, kv_tokens: int, mlp_rows: int,
@@ -129,27 +135,23 @@ def working_bytes(cfg: ModelConfig, compute: torch.dtype, rows: int, chunk: int,
     return whole + qkv + attention + 3 * mlp_rows * cfg.intermediate_size * e + batch * cfg.vocab_size * 4 + head
 
 
-def make_plan(cfg: ModelConfig, *, device="cpu", dtype: torch.dtype | None = None, vram_budget=None,
-              context: int = 4096, batch: int = 1, weights: str = "auto", kv: str = "auto", offload_dir=None,
-              block_size: int | None = None, prefill_chunk: int | None = None, pack_weights: bool = False,
-              compute_dtype: torch.dtype | None = None, kv_dtype: torch.dtype | None = None) -> Plan:
+def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
     """Place weights and KV within the budget. Priority for device memory under "auto": decoder layers (each
     resident layer is one less to stream per token), then KV blocks, then the embedding table (a lookup reads
     only a few rows from disk). Raises EngineError when even the minimum does not fit."""
-    device, dtype, budget = torch.device(device), dtype or cfg.dtype, _budget(vram_budget)
-    compute, why = (compute_dtype, "asked for") if compute_dtype else compute_dtype_for(device, dtype)
-    kv_dtype = kv_dtype or compute
+    device, budget = torch.device(config.device), _budget(config.vram_budget)
+    dtype = DTYPES[config.dtype] if config.dtype else cfg.dtype
+    compute, kv_dtype = machine.compute.dtype, DTYPES[config.kv_dtype] if config.kv_dtype else machine.compute.dtype
+    context, batch = config.context_for(cfg.max_position_embeddings), config.max_batch
+    weights, kv, prefill_chunk = config.weights, config.kv, config.prefill_chunk
     if device.type == "cuda" and compute != dtype:
         raise EngineError(f"on CUDA compute runs in the stored dtype ({dtype}), not {compute}: pass dtype instead")
-    for name, mode in (("weights", weights), ("kv", kv)):
-        if mode not in MODES:
-            raise EngineError(f"{name}='{mode}': expected one of {', '.join(MODES)}")
     # Streamed data lives in pinned host memory on CUDA when RAM allows; on CPU host memory *is* the budget.
     slow = "host" if device.type == "cuda" else "disk"
-    ram = psutil.virtual_memory().available * 0.8
+    ram = machine.ram * RAM_SHARE
     limit = math.inf if budget is None else budget
 
-    block_size = block_size or 256
+    block_size = config.block_size
     L, layer, slot = cfg.num_layers, LayerLayout.of(cfg, dtype).nbytes, LayerLayout.of(cfg, compute).nbytes
     # A CPU reads every tier in place (host memory, mapped files) and upcasts through one buffer; on CUDA a layer
     # needs a ring slot unless it is resident in the compute dtype.
@@ -212,24 +214,19 @@ def make_plan(cfg: ModelConfig, *, device="cpu", dtype: torch.dtype | None = Non
     else:
         kv_blocks = {TIER_OF_MODE[kv]: need_blocks}
 
-    disk_bytes = kv_blocks.get("disk", 0) * block_bytes + (tiers.count("disk") * layer if pack_weights else 0)
-    if disk_bytes:
-        where = Path(offload_dir or tempfile.gettempdir()).absolute()
-        probe = where
-        while not probe.exists():
-            probe = probe.parent
-        available = shutil.disk_usage(probe).free
-        if available < disk_bytes * 1.05:
-            raise EngineError(f"offload dir {where}: needs {fmt_bytes(disk_bytes)} on disk, "
-                              f"only {fmt_bytes(available)} free on its filesystem")
-    return Plan(device=device, dtype=dtype, compute_dtype=compute, compute_reason=why, kv_dtype=kv_dtype,
+    disk_bytes = kv_blocks.get("disk", 0) * block_bytes + (tiers.count("disk") * layer if config.pack_weights else 0)
+    if disk_bytes and machine.disk < disk_bytes * 1.05:
+        raise EngineError(f"offload dir {machine.disk_at}: needs {fmt_bytes(disk_bytes)} on disk, "
+                          f"only {fmt_bytes(machine.disk)} free on its filesystem")
+    return Plan(device=device, dtype=dtype, compute_dtype=compute, compute_reason=machine.compute.reason,
+                narrow_rows=machine.compute.narrow_rows, kv_dtype=kv_dtype,
                 budget=budget, context=context, batch=batch, block_size=block_size, prefill_chunk=chunk,
                 step_tokens=chunk if resident == L else batch * context, kv_chunk_blocks=kv_chunk, mlp_rows=mlp_rows,
                 n_slots=slots, slot_bytes=slot,
                 layer_tiers=tiers, embed_tier=embed_tier, kv_blocks=kv_blocks, layer_bytes=layer,
                 globals_bytes=lm_head + (embed if embed_tier == "device" else 0),
                 working_bytes=work, block_bytes=block_bytes, disk_bytes=disk_bytes,
-                offload_dir=Path(offload_dir) if offload_dir else None)
+                offload_dir=config.offload_dir)
 
 
 def _budget(size) -> int | None:

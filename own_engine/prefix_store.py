@@ -3,7 +3,8 @@
 One file per block, named by its key (block_manager.block_hash), holding its K and V in every layer. The manifest
 lists the blocks and is keyed by everything that changes their bytes: the model's files, the KV and compute dtypes,
 the block size. A manifest that cannot be read, or was written for another key, is rebuilt (its blocks removed),
-never trusted; a block file of the wrong size is dropped.
+never trusted; a block file of the wrong size is dropped. The folder is one the engine made (owned.claim): a
+`prefix_cache_dir` holding the user's files is worked in beside them, in a subfolder, never emptied.
 """
 import json
 import shutil
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import torch
 
+from . import owned
+
 FORMAT = 1
 
 
 class PrefixStore:
     def __init__(self, directory: Path, key: dict, block_shape: tuple[int, ...], dtype: torch.dtype):
-        self.dir, self.shape, self.dtype = Path(directory), block_shape, dtype
+        self.dir, self.shape, self.dtype = owned.claim(directory, "prefix_cache_dir"), block_shape, dtype
         self.nbytes = torch.Size(block_shape).numel() * dtype.itemsize
         self.key = {"format": FORMAT, **key}
         self.manifest = self.dir / "manifest.json"

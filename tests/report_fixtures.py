@@ -52,9 +52,9 @@ class ResultsBuilder:
             device: str = "cpu", resources: dict[str, Any] | None = None, timeline: dict[str, Any] | None = None,
             request_errors: dict[int, str] | None = None, failed: str | None = None,
             load_time_s: float = 2.0, rep_scale: list[float] | None = None,
-            logical_io: dict[str, Any] | None = None) -> dict[str, Any]:
+            logical_io: dict[str, Any] | None = None, client_lag_s: float = 0.0) -> dict[str, Any]:
         """One cell whose requests take `ttft_s` to the first token and `tpot_s` per token after it; `rep_scale`
-        slows each repetition by its factor."""
+        slows each repetition by its factor; each request left `client_lag_s` after its scheduled time."""
         name = workload["name"]
         cid = cell_id(model, backend, name)
         self.backends[backend] = kind
@@ -66,6 +66,8 @@ class ResultsBuilder:
             self.cells.append(cell | {"status": "failed", "error": failed, "metrics": None, "repetitions": []})
             return self.cells[-1]
         records = self.records(workload, ttft_s, tpot_s, request_errors or {}, rep_scale)
+        for r in records:
+            r.t_scheduled = r.t_send - client_lag_s
         d = self.out / "cells" / cid
         d.mkdir(parents=True, exist_ok=True)
         (d / "requests.jsonl").write_text("".join(r.to_json() + "\n" for r in records))

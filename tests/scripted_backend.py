@@ -47,6 +47,9 @@ class ScriptedOptions(BaseModel):
     # Serve this many requests at once and queue the rest inside, first come first served, as an engine with that many
     # batch slots: latency rises with the load (a capacity search's knee). Each request holds its slot until done.
     slots: int | None = None
+    # Write CELL_DIR/affinity.json at each request: the CPUs of the event loop's thread, of an engine thread (the
+    # default executor) and of the launched server, and the thread count the worker gave the engine.
+    record_affinity: bool = False
 
 
 @register
@@ -111,6 +114,12 @@ class ScriptedBackend(Backend):
                 f.write(json.dumps({"id": request.id, "temperature": request.temperature, "seed": request.seed,
                                     "start": start, "prompt": request.prompt,
                                     "prompt_tokens": len(request.prompt_token_ids)}) + "\n")
+        if o.record_affinity:
+            (self.ctx.dir / "affinity.json").write_text(json.dumps({
+                "loop": sorted(os.sched_getaffinity(0)),
+                "engine_thread": sorted(await asyncio.to_thread(os.sched_getaffinity, 0)),
+                "server": sorted(os.sched_getaffinity(self.server.proc.pid)) if self.server else None,
+                "engine_threads": self.ctx.engine_threads()}))
         if o.hang_while_exists is not None and Path(o.hang_while_exists).exists():
             await asyncio.sleep(3600)
         if o.busy_prefill:

@@ -8,18 +8,21 @@ they guard against (a new connection per request, a blocked loop, a stream stamp
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from backends.base import Request, RequestSent, TokenEvent, Usage
 from backends.openai_backend import OpenAIClient, OpenAIOptions
-from harness.calibrate import calibrate, scripted_server
-from harness.config.scenario import SLO, PoissonLoad
+from harness.calibrate import BEHAVIOURS, Behaviour, calibrate, scripted_server
+from harness.config.scenario import SLO, ConcurrencyLoad, PoissonLoad
 from harness.records import ClientClock, RequestRecord
-from harness.results.metrics import reduce_cell
+from harness.results.metrics import reduce_cell, stats
 from harness.run.clients import measure_offset, to_cell_clock
 from harness.run.eventloop import LoopLagProbe
+from harness.run.loadgen import run_load
+from harness.run.worker import measure
 from tests.conftest import scenario_dict
 
 TTFT_MS, ITL_MS = 5.0, 2.0
@@ -114,9 +117,11 @@ async def test_http2_needs_h2_or_says_so(server):
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
-    """One `bench calibrate` run: concurrency 4 (100 requests) and Poisson 20 req/s (60 requests)."""
+    """One `bench calibrate` run against a server without TCP_NODELAY: concurrency 4 (100 requests) and Poisson
+    20 req/s (60 requests)."""
     out = tmp_path_factory.mktemp("calibrate")
-    return calibrate(out, rates=[20.0], concurrencies=[4], seconds=3.0, ttft_ms=TTFT_MS, itl_ms=ITL_MS), out
+    return calibrate(out, rates=[20.0], concurrencies=[4], seconds=3.0, ttft_ms=TTFT_MS, itl_ms=ITL_MS,
+                     behaviours=["nagle"]), out
 
 
 def test_connections_are_reused(calibration):
@@ -140,16 +145,126 @@ def test_the_client_reports_its_rates_and_lags(calibration):
     r20 = next(p for p in points if p.nominal_rate == 20.0)
     assert r20.offered_rate == pytest.approx(20.0, rel=1e-6)  # the schedule is rescaled to the nominal rate
     assert r20.achieved_rate == pytest.approx(20.0, rel=0.05) and r20.server_rate == pytest.approx(20.0, rel=0.05)
-    cells = {c["workload"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+    cells = {c["workload"]: c for c in json.loads((out / "nagle" / "results.json").read_text())["cells"]}
     m = cells["rate-20"]["metrics"]
     assert m["nominal_rate_rps"] == 20.0 and m["dispatch_lag_ms"]["count"] == 60 and m["loop_lag_ms"]["count"] > 50
     assert m["dispatch_lag_ms"]["p50"] < 5 and m["dispatch_lag_ms"]["min"] >= 0
     assert cells["concurrency-4"]["metrics"]["offered_rate_rps"] is None  # a closed loop offers no rate
-    records = [json.loads(line) for line in (out / cells["rate-20"]["requests_file"]).read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "nagle" / cells["rate-20"]["requests_file"]).read_text()
+               .splitlines()]
     assert all(r["t_scheduled"] is not None and r["t_send"] >= r["t_scheduled"] for r in records)
     calibration_file = json.loads((out / "calibration.json").read_text())
     assert calibration_file["server"] == {"ttft_ms": TTFT_MS, "itl_ms": ITL_MS}
-    assert [p["load"] for p in calibration_file["points"]] == ["rate 20", "concurrency 4"]
+    assert calibration_file["behaviours"] == {"nagle": {"nodelay": False, "coalesce": 1, "keepalive_requests": None,
+                                                        "late_headers": False}}
+    assert [(p["server"], p["load"]) for p in calibration_file["points"]] == [("nagle", "rate 20"),
+                                                                              ("nagle", "concurrency 4")]
+
+
+def test_calibrate_refuses_an_unknown_server_behaviour():
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    r = CliRunner().invoke(app, ["calibrate", "--behaviour", "nagel"])
+    assert r.exit_code == 2 and "--behaviour: unknown 'nagel'; known: nodelay, nagle" in r.output
+
+
+@pytest.mark.slow
+def test_calibrate_writes_under_results_not_into_the_working_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["calibrate", "--concurrency", "1", "--seconds", "0.5", "--behaviour", "nodelay"])
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+    assert (tmp_path / "results" / "calibrate" / "calibration.json").is_file()
+
+
+# ---- every way a server writes ------------------------------------------------------------------------------------
+
+async def drive(url: str, load, n: int, prompt: str = "hi there", max_tokens: int = 32) -> list[RequestRecord]:
+    """n requests under `load` through the client and the worker's own measure(), in this process."""
+    client = OpenAIClient(OpenAIOptions(), "completions", "scripted", exact_length=True)
+    await client.connect(url + "/v1")
+    await client.open_connections(4)
+    backend = SimpleNamespace(generate=client.stream)
+    try:
+        async def send(i: int, t_scheduled: float) -> RequestRecord:
+            return await measure(backend, Request(i, prompt, [1], max_tokens=max_tokens), 0, False, t_scheduled)
+
+        httpx.post(url + "/scripted/reset")
+        return await run_load(load, list(range(n)), send, seed=1)
+    finally:
+        await client.close()
+
+
+def errors(records: list[RequestRecord], url: str) -> tuple[float, float]:
+    """The client's TTFT p50 minus the server's (ms), and its TPOT p50 over the server's (relative)."""
+    assert all(r.ok for r in records), [r.error for r in records if not r.ok][:3]
+    truth = server_stats(url)
+    assert truth["requests"] == len(records)
+    ttft = stats([r.ttft * 1e3 for r in records])["p50"] - stats(truth["ttft_ms"])["p50"]
+    tpot = stats([r.tpot * 1e3 for r in records])["p50"] / stats(truth["tpot_ms"])["p50"] - 1
+    return ttft, tpot
+
+
+@pytest.fixture(scope="module", params=list(BEHAVIOURS))
+def behaving(request, tmp_path_factory):
+    with scripted_server(tmp_path_factory.mktemp(request.param), TTFT_MS, ITL_MS,
+                         behaviour=BEHAVIOURS[request.param]) as url:
+        yield request.param, url
+
+
+@pytest.mark.parametrize("load, n", [(PoissonLoad(type="poisson", rate=80), 120),
+                                     (ConcurrencyLoad(type="concurrency", concurrency=4), 60)],
+                         ids=["poisson-80", "concurrency-4"])
+async def test_ttft_and_tpot_are_the_servers_however_it_writes(behaving, load, n):
+    """Without TCP_NODELAY a server's first token waited for our delayed ACK of its headers on kept-alive
+    connections: +34 ms of TTFT and TPOT 30% low from 40 req/s up, until the client re-armed TCP_QUICKACK on every
+    read. Tokens written together, connections closed after 3 requests, headers sent with the first token: the
+    client reads what the server wrote."""
+    name, url = behaving
+    ttft_error, tpot_error = errors(await drive(url, load, n), url)
+    assert abs(ttft_error) < 2.0, (name, ttft_error)
+    assert abs(tpot_error) < 0.01, (name, tpot_error)
+    if name == "keepalive-close":  # every third request on a fresh connection
+        assert server_stats(url)["connections"] >= n // 3
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """Nagle on, and a fast stream, so that 4k-token answers take a second."""
+    with scripted_server(tmp_path_factory.mktemp("long"), TTFT_MS, 0.25, behaviour=Behaviour(nodelay=False)) as url:
+        yield url
+
+
+@pytest.mark.parametrize("tokens", [32_768, 131_072])
+async def test_long_prompts_arrive_without_a_stall(long_server, tokens):
+    """Request bodies of 0.16 and 0.64 MB: written in one call and read to the end, the client's TTFT stays the
+    server's, upload included (a client once collapsed at 50k-token contexts on a 64 KB read buffer, vLLM issue
+    39963). One at a time: two at once, the scripted server reading and parsing one 0.64 MB body stamps the other's
+    arrival late, an error of the reference, not of the client."""
+    prompt = " ".join(f"w{k % 1000}" for k in range(tokens))
+    t0 = time.perf_counter()
+    records = await drive(long_server, ConcurrencyLoad(type="concurrency", concurrency=1), 8, prompt, 16)
+    assert time.perf_counter() - t0 < 5
+    ttft_error, _ = errors(records, long_server)
+    assert abs(ttft_error) < 2.0
+    assert server_stats(long_server)["prompt_tokens"] == [tokens] * 8
+
+
+async def test_long_answers_arrive_without_a_stall(long_server):
+    """4,096-token answers (~500 KB of SSE each), two at a time: every token counted, no stall."""
+    t0 = time.perf_counter()
+    records = await drive(long_server, ConcurrencyLoad(type="concurrency", concurrency=2), 4, max_tokens=4096)
+    assert time.perf_counter() - t0 < 6  # 2 × ~1.1 s of stream at 0.25 ms a token
+    assert [r.n_out for r in records] == [4096] * 4 and all(sum(r.chunk_tokens) == 4096 for r in records)
+    ttft_error, tpot_error = errors(records, long_server)
+    # a stalled read would stretch the stream by far more; 2%: a busy machine delays a last read by a few ms
+    assert abs(ttft_error) < 2.0 and abs(tpot_error) < 0.02
 
 
 # ---- the client reports on itself ---------------------------------------------------------------------------------
@@ -190,6 +305,30 @@ def test_a_client_that_falls_behind_is_marked_client_limited():
     # under a concurrency cap the harness held requests back on purpose: not the client's doing
     assert not reduce_cell([record(i, i / 100, i * 0.0001) for i in range(100)], 1, SLO(), 1.0, load,
                            capped=True)["client_limited"]
+
+
+def test_latency_from_the_schedule_is_read_where_the_client_fell_behind():
+    """Coordinated omission: latencies from the actual send hide a client that sent late; beside them, the same from
+    the scheduled send (vLLM's e2el_including_client_queue). Where they differ beyond noise, verdicts read these."""
+    from harness.results.catalogue import verdict_name
+
+    load = PoissonLoad(type="poisson", rate=100.0)
+    on_time = reduce_cell([record(i, i / 100, 0.0002) for i in range(100)], 1, SLO(), 1.0, load)
+    m = on_time["metrics"]
+    assert m["ttft_ms"]["p50"] == pytest.approx(5.0)
+    assert m["ttft_including_client_queue_ms"]["p50"] == pytest.approx(5.2)
+    assert m["e2el_including_client_queue_ms"]["p50"] == pytest.approx(m["e2el_ms"]["p50"] + 0.2)
+    assert on_time["client_queue_shift"] == []  # a timer's jitter is no queue
+    behind = reduce_cell([record(i, i / 100, i * 0.001) for i in range(100)], 1, SLO(), 1.0, load)
+    m = behind["metrics"]
+    assert m["ttft_ms"]["p50"] == pytest.approx(5.0)  # from the send, the engine looks as fast as ever
+    assert m["ttft_including_client_queue_ms"]["p50"] == pytest.approx(5.0 + 49.5)
+    assert behind["client_queue_shift"][0].startswith("TTFT from the schedule p50 54.5 ms is outside the 95% CI of "
+                                                      "TTFT p50 from the send [5.0, 5.0] ms")
+    assert len(behind["client_queue_shift"]) == 4  # TTFT and E2E latency, p50 and p99
+    assert verdict_name("ttft_ms.p50", True) == "ttft_including_client_queue_ms.p50"
+    assert verdict_name("e2el_ms", True) == "e2el_including_client_queue_ms"
+    assert verdict_name("tpot_ms.p50", True) == "tpot_ms.p50" and verdict_name("ttft_ms.p50", False) == "ttft_ms.p50"
 
 
 def test_a_blocked_worker_loop_is_reported_in_the_results(tiny_model, write_scenario, tmp_path):

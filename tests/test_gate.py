@@ -22,6 +22,7 @@ from harness.records import CellResult, RequestRecord
 from harness.results.metrics import PERCENTILE_METHOD, median_over_repetitions, reduce_repetition, token_sources
 from harness.results.store import ResultsStore
 from harness.config.scenario import SLO
+from tests.conftest import scenario_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,6 +150,19 @@ def test_beyond_threshold_but_not_significant_is_inconclusive():
     out = judge(rule, base, cur[::-1], None, None, load_policy(None).bootstrap)
     assert out["ratio"] == pytest.approx(1.15)
     assert out["verdict"] == "inconclusive" and "not significantly" in out["note"]
+
+
+def test_cis_that_do_not_overlap_are_never_called_not_significant():
+    """The medians' CIs are apart (worse than the baseline beyond noise) but the change is not significantly beyond
+    the 10% tolerated: inconclusive, and the note says which of the two fell short."""
+    policy = load_policy(None)
+    rng = np.random.default_rng(0)
+    base, cur = np.round(100 * rng.lognormal(0, 0.02, 12), 1), np.round(114 * rng.lognormal(0, 0.08, 12), 1)
+    out = judge(policy.metrics["e2el_ms"], base, cur, None, None, policy.bootstrap)
+    assert out["ci_current"][0] > out["ci_baseline"][1] and out["verdict"] == "inconclusive"
+    assert "worse than the baseline beyond noise (their CIs do not overlap)" in out["note"]
+    assert "not significantly beyond the 10% the policy tolerates" in out["note"]
+    assert not out["note"].endswith("but not significantly")  # what it said before, of CIs apart
 
 
 def test_a_change_at_the_threshold_fails_at_most_about_alpha_of_the_time():
@@ -418,6 +432,7 @@ def test_mann_whitney_with_unreachable_alpha_is_inconclusive(tmp_path):
     ("metrics:\n  itl_ms: {direction: lower, threshold: 1.1, samples: per_request}\n", "metrics: 'itl_ms' has no per-request"),
     ("metrics:\n  latency: {direction: lower, threshold: 1.1}\n", "metrics: unknown metric 'latency'"),
     ("inconclusive: maybe\nmetrics: {}\n", "inconclusive: Input should be 'pass' or 'fail'"),
+    ("on_unstable: rerun 0\nmetrics: {}\n", "on_unstable: String should match pattern"),
     ("- just a list\n", "expected a mapping with `metrics`"),
     ("metrics: [\n", "not valid YAML"),
 ])
@@ -434,6 +449,8 @@ def test_bad_policy_exit_2_naming_file_and_field(tmp_path, text, expected):
 def test_packaged_policy_is_valid_and_gates_the_documented_metrics():
     policy = load_policy(None)
     assert list(policy.metrics) == ["ttft_ms", "tpot_ms", "e2el_ms", "output_throughput_tok_s", "request_throughput_rps"]
+    assert (policy.on_unstable, policy.reruns, policy.busy_cpu_percent) == ("inconclusive", 0, 25)
+    assert load_policy(ROOT / "scenarios/ci-gate-policy.yaml").reruns == 2  # CI runs a busy cell again, twice
     assert policy.metrics["ttft_ms"].samples == "per_request"
     assert policy.metrics["output_throughput_tok_s"].samples == "per_repetition"
 
@@ -472,9 +489,15 @@ def test_baseline_update_then_gate(tmp_path):
     slow = synth_run(tmp_path / "slow", 2, factors={"hf": 1.2})
     assert gate("--baseline", baseline, "--current", slow).exit_code == 1
 
-    # Updating replaces the baseline: the slow run is now the yardstick, and the old one is gone.
+    # A baseline is every build's yardstick: updating it with the defaults is refused, naming the one there.
+    refused = CliRunner().invoke(app, ["baseline", "update", str(slow / "results.json"), "--name", "ci",
+                                       "--dir", str(store)])
+    assert refused.exit_code == 2 and "--force" in refused.output, refused.output
+    assert f"baseline {store / 'ci'} exists (stored {meta['stored']}" in " ".join(refused.output.split())
+    assert json.loads((baseline / "baseline.json").read_text()) == meta  # untouched
+    # With --force it replaces the baseline: the slow run is now the yardstick, and the old one is gone.
     assert CliRunner().invoke(app, ["baseline", "update", str(slow / "results.json"), "--name", "ci",
-                                    "--dir", str(store)]).exit_code == 0
+                                    "--dir", str(store), "--force"]).exit_code == 0
     assert sorted(p.name for p in store.iterdir()) == ["ci"]
     assert gate("--baseline", baseline, "--current", slow, "--out", tmp_path / "g").exit_code == 0
     assert all(r["ratio"] == 1 for r in json.loads((tmp_path / "g/gate.json").read_text())["rows"])
@@ -558,9 +581,103 @@ def test_an_unstable_cell_is_flagged_in_the_gate(tmp_path):
     assert "unstable in the current run" in (cur / "gate.md").read_text()
 
 
+def busy(data: dict, cell: int, other_cpu: float) -> None:
+    """Mark a cell of results.json unstable, with other processes using other_cpu% of a core in its last repetition
+    (as the runner records it: the resource monitor's measure, and its note)."""
+    c = data["cells"][cell]
+    c["unstable"] = (f"repetitions disagree beyond max_repetition_cv 0.25: TTFT p50 6.7 / 14.7 / 95.0 ms (CV 1.1); "
+                     f"meanwhile other processes on the machine used {other_cpu:.0f}% of a core on average")
+    c["resources"] = {"whole": {"other_cpu_percent": other_cpu / 2},
+                      "repetitions": [{"other_cpu_percent": 2.0}, {"other_cpu_percent": other_cpu}]}
+
+
+def test_a_busy_machine_is_not_a_regression(tmp_path):
+    """ci-gate under one busy core: own 3x slower and unstable while other processes used 89% of a core. The gate
+    says the machine was busy, judges none of own's metrics, and the build goes as on_unstable says; the same
+    slowdown on a quiet machine is a regression."""
+    base = synth_run(tmp_path / "base", 0, backends=("hf", "own"))
+    cur = synth_run(tmp_path / "cur", 1, backends=("hf", "own"), factors={"own": 3.0})
+    edit_results(cur, lambda d: busy(d, 1, 89.0))
+    result = gate("--baseline", base, "--current", cur, "--reference", "hf")
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output  # on_unstable: inconclusive, and inconclusive: pass
+    assert "the machine was busy, not a regression: tiny__own__short not judged" in out and "FAIL" not in out
+    rows = json.loads((cur / "gate.json").read_text())["rows"]
+    assert {r["verdict"] for r in rows} == {"busy"}
+    assert all("up to 89% of a core" in r["note"] for r in rows)
+    strict = tmp_path / "strict.yaml"
+    strict.write_text((ROOT / "harness/analyze/gate_policy.yaml").read_text().replace("on_unstable: inconclusive",
+                                                                                      "on_unstable: fail"))
+    result = gate("--baseline", base, "--current", cur, "--reference", "hf", "--policy", strict)
+    assert result.exit_code == 1 and "the machine was busy" in result.output and "regression" not in \
+        json.loads((cur / "gate.json").read_text())["rows"][0]["verdict"]
+    # Unstable on a quiet machine: the code, not the machine.
+    edit_results(cur, lambda d: busy(d, 1, 3.0))
+    result = gate("--baseline", base, "--current", cur, "--reference", "hf")
+    assert result.exit_code == 1 and "gate FAIL" in result.output
+
+
+def test_on_unstable_rerun_runs_the_busy_cell_again_and_judges_that(write_scenario, tiny_model, tmp_path):
+    """on_unstable: rerun 1 — the gate runs the busy cell again (bench run --rerun, the other cells untouched) and
+    judges the new run."""
+    backends = [{"name": "a", "kind": "scripted", "options": {"ttft_s": 0.005, "itl_s": 0.001}},
+                {"name": "b", "kind": "scripted", "options": {"ttft_s": 0.005, "itl_s": 0.001}}]
+    path = write_scenario(scenario_dict(tiny_model, backends, [
+        {"name": "w", "input_tokens": 16, "output_tokens": 8, "num_requests": 12, "warmup_requests": 1}]))
+    base, cur = tmp_path / "base", tmp_path / "cur"
+    for out in (base, cur):
+        assert CliRunner().invoke(app, ["run", str(path), "--out", str(out)]).exit_code == 0
+    edit_results(cur, lambda d: busy(d, 0, 95.0))
+    untouched = json.loads((cur / "results.json").read_text())["cells"][1]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("on_unstable: rerun 1\nmetrics: {ttft_ms: {direction: lower, threshold: 1.5}}\n")
+    result = gate("--baseline", base, "--current", cur, "--policy", policy)
+    assert result.exit_code == 0, result.output
+    after = json.loads((cur / "results.json").read_text())["cells"]
+    assert after[0]["unstable"] is None and "max_rss_bytes" in after[0]["resources"]["whole"]  # measured anew
+    assert after[1] == untouched  # only the busy cell ran again
+    gate_json = json.loads((cur / "gate.json").read_text())
+    assert {r["verdict"] for r in gate_json["rows"]} <= {"pass", "improvement", "inconclusive"}
+    assert any(n.startswith(f"on_unstable rerun 1: re-ran {after[0]['id']} (re-run 1 of 1)")
+               for n in gate_json["notes"]), gate_json["notes"]
+
+
 def test_ci_gates_without_allow_env_change():
     for path in (ROOT / ".ci/run", ROOT / ".github/workflows/perf-gate.yml"):
         commands = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
         text = "\n".join(commands)
         assert "bench gate" in text and "--allow-env-change" not in text, path
         assert "ci-gate-policy.yaml" in text or "$POLICY" in text, path
+
+
+def test_a_client_that_fell_behind_is_judged_from_the_schedule(tmp_path):
+    """The engine answered as fast as in the baseline, but the client sent every request 30 ms late: from the send
+    nothing changed; from the scheduled send (the client's own queue, as its users waited) TTFT and E2E latency
+    regressed, and a cell whose latencies moved beyond noise that way is judged on those."""
+    base = synth_run(tmp_path / "base", 0)
+    cur = synth_run(tmp_path / "cur", 0)
+    requests = cur / "cells/tiny__hf__short/requests.jsonl"
+    late = [json.loads(line) | {"t_scheduled": json.loads(line)["t_send"] - 0.030}
+            for line in requests.read_text().splitlines()]
+    requests.write_text("".join(json.dumps(r) + "\n" for r in late))
+    assert gate("--baseline", base, "--current", cur).exit_code == 0  # from the send: the same
+    shift = "TTFT from the schedule p50 42.0 ms is outside the 95% CI of TTFT p50 from the send [11.8, 12.3] ms"
+    edit_results(cur, lambda d: d["cells"][0].update(client_queue_shift=[shift]))
+    result = gate("--baseline", base, "--current", cur)
+    assert result.exit_code == 1, result.output
+    rows = {r["metric"]: r for r in json.loads((cur / "gate.json").read_text())["rows"]}
+    for metric in ("ttft_ms", "e2el_ms"):
+        assert rows[metric]["verdict"] == "regression"
+        assert f"judged as {metric.removesuffix('_ms')}_including_client_queue_ms" in rows[metric]["note"]
+    assert rows["tpot_ms"]["verdict"] != "regression" and "judged as" not in (rows["tpot_ms"]["note"] or "")
+
+
+def test_baseline_update_never_replaces_a_folder_that_is_not_a_baseline(tmp_path):
+    """Issue 25: the harness deletes only what it created; a folder of the user's named like the baseline stays."""
+    src = synth_run(tmp_path / "run", 0)
+    theirs = tmp_path / "baselines" / "ci"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.md").write_text("mine")
+    result = CliRunner().invoke(app, ["baseline", "update", str(src), "--name", "ci", "--dir", str(tmp_path / "baselines")])
+    assert result.exit_code == 2 and "is not a baseline" in result.output
+    assert [p.name for p in theirs.iterdir()] == ["notes.md"]

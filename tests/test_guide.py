@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -177,6 +178,20 @@ def test_cli_guide_formats(swept, tmp_path):
     assert r.exit_code == 2 and "expected a file name ending in .md or .html" in r.output
 
 
+def test_the_guide_goes_beside_its_results_not_into_the_working_folder(swept, tmp_path, monkeypatch):
+    results = tmp_path / "run"
+    shutil.copytree(swept, results)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    r = CliRunner().invoke(app, ["guide", str(results)])
+    assert r.exit_code == 0, r.output
+    assert (results / "guide.md").is_file() and f"wrote {results / 'guide.md'}" in r.output
+    r = CliRunner().invoke(app, ["guide", str(results), str(swept)])  # several runs: under results/
+    assert r.exit_code == 0, r.output
+    assert [p.relative_to(work).as_posix() for p in work.rglob("*")] == ["results", "results/guide.md"]
+
+
 @pytest.mark.slow
 def test_guide_from_quickstart(quickstart_results, tmp_path):
     data = json.loads((quickstart_results / "results.json").read_text())
@@ -216,24 +231,70 @@ def test_use_cases_name_their_question_and_long_prompts_rank_on_prefill():
     assert all(u.question.endswith("?") for u in cases.values())
 
 
-def test_ties_within_noise_are_ties(tmp_path):
-    """a and b differ by 1% with overlapping CIs: a tie, whatever the medians say; c is clearly slower."""
+def test_a_tie_is_decided_by_the_tighter_interval_never_the_wider(tmp_path):
+    """Values whose CIs overlap the best's are a tie, decided by the worse bound: a wide interval that merely overlaps
+    a narrow one never ranks level with it, whether its median is worse (chat-dataset's llamacpp-server: TTFT p99
+    1,311 ms [15.2–9,202.5] against own's 33.8 ms) or better."""
+    assert normalized({"own": 33.8, "llama": 1311.0}, "lower",
+                      intervals={"own": (30.1, 38.0), "llama": (15.2, 9202.5)}) == {"own": 1.0, "llama": 38.0 / 9202.5}
+    wide_but_lower = normalized({"own": 12.0, "llama": 9.6}, "lower",
+                                intervals={"own": (11.0, 13.0), "llama": (5.0, 60.0)})
+    assert wide_but_lower == {"own": 1.0, "llama": 13.0 / 60.0}
+    assert normalized({"a": 277.0, "b": 290.0}, "higher", intervals={"a": (270.0, 285.0), "b": (150.0, 400.0)}) == \
+        {"a": 1.0, "b": 150.0 / 270.0}
+    # Two tight intervals that overlap: nearly level, the surer one first.
+    near = normalized({"a": 10.0, "b": 10.1}, "lower", intervals={"a": (9.5, 10.6), "b": (9.6, 10.7)})
+    assert near["a"] == 1.0 and near["b"] == pytest.approx(10.6 / 10.7)
+
     b = ResultsBuilder(tmp_path / "r", repetitions=3)
     w = workload("w", input_tokens=256)
-    b.add("a", w, 0.050, 0.010, rep_scale=[1.0, 1.06, 0.95])
-    b.add("b", w, 0.0505, 0.0101, rep_scale=[0.96, 1.05, 1.0])
+    b.add("a", w, 0.050, 0.010, rep_scale=[1.0, 1.02, 0.99])  # tight
+    b.add("b", w, 0.049, 0.0099, rep_scale=[0.8, 1.2, 1.0])  # a better median, a wide interval
     b.add("c", w, 0.100, 0.020, rep_scale=[1.0, 1.02, 0.99])
-    assert normalized({"a": 10.0, "b": 10.1}, "lower", intervals={"a": (9.5, 10.6), "b": (9.6, 10.7)}) == \
-        {"a": 1.0, "b": 1.0}
     rules = tmp_path / "rules.yaml"
     rules.write_text("use_cases: [{id: fast, title: Fast, question: 'Which is fastest?', "
                      "weights: {ttft_p50_ms: 1, tpot_p50_ms: 1}}]")
     fast = next(u for u in build_guide(load_runs([b.write()]), load_rules([rules])).use_cases if u.id == "fast")
     scores = {r.values[1]: float(r.values[2]) for r in fast.ranking.rows}
-    assert scores["a"] == scores["b"] == 1.0 and scores["c"] < 0.6
-    assert "a tie within noise with" in fast.recommendation and fast.recommended
+    assert scores["a"] == 1.0 > scores["b"] > scores["c"], scores
+    assert fast.recommendation.startswith("a:") and fast.recommended
     # The intervals are shown, so the reader sees why.
     assert any("[" in str(v) for r in fast.details.rows for v in r.values)
+
+
+def test_the_guide_never_recommends_an_unstable_cell(tmp_path):
+    """chat-dataset's guide recommended llamacpp-server although its cell was unstable: an unstable cell is left
+    out, as the report's verdict leaves it out, and the reader is told why."""
+    b = ResultsBuilder(tmp_path / "r", repetitions=3)
+    w = workload("w", input_tokens=256)
+    b.add("noisy", w, 0.020, 0.005, rep_scale=[1.0, 3.0, 0.5])  # the fastest median, repetitions that disagree
+    b.add("steady", w, 0.050, 0.010, rep_scale=[1.0, 1.01, 0.99])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("use_cases: [{id: fast, title: Fast, question: 'Which is fastest?', "
+                     "weights: {ttft_p50_ms: 1, tpot_p50_ms: 1}}]")
+    fast = next(u for u in build_guide(load_runs([b.write()]), load_rules([rules])).use_cases if u.id == "fast")
+    assert fast.recommendation.startswith("steady:"), fast.recommendation
+    assert any(x.startswith("noisy at w: left out, unstable: repetitions disagree") for x in fast.excluded)
+    assert any("noisy at w is left out: it is unstable" in x for x in fast.cautions)
+    assert next(r for r in fast.details.rows if r.values[1] == "noisy").mark == "unstable"
+
+
+def test_a_recommendation_states_its_margins_with_cis_tails_included(tmp_path):
+    """The margins over the runner-up on every metric of the use case and the TTFT p99 it does not weight, each
+    with both CIs and whether the difference is beyond noise; a tail worse beyond noise is a caution."""
+    b = ResultsBuilder(tmp_path / "r", repetitions=3)
+    w = workload("w", input_tokens=256, concurrency=2)
+    b.add("fast", w, 0.020, 0.010, rep_scale=[1.0, 1.01, 0.99])
+    b.add("slow", w, 0.040, 0.020, rep_scale=[1.0, 1.01, 0.99])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("use_cases: [{id: thr, title: Throughput, question: 'Which serves most?', "
+                     "weights: {output_throughput_tok_s: 1}}]")
+    thr = next(u for u in build_guide(load_runs([b.write()]), load_rules([rules])).use_cases if u.id == "thr")
+    rec = thr.recommendation
+    assert rec.startswith("fast:") and "against slow (95% CIs)" in rec
+    assert "output tok/s " in rec and "% higher, beyond noise" in rec
+    assert "TTFT p99 " in rec and "% lower, beyond noise" in rec and rec.count("[") >= 4
+    assert not any("beyond noise" in c for c in thr.cautions)  # the winner's tail is not worse
 
 
 def test_no_recommendation_looks_different(swept, tmp_path):

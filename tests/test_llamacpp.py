@@ -333,7 +333,8 @@ def test_mode_selects_the_variant_and_its_options(tiny_model, write_scenario):
                               ({"server_args": ["-v"]}, "backends[0].options.server_args: unknown key"),
                               ({"mode": "server", "prefix_reuse": True},
                                "backends[0].options.prefix_reuse: unknown key"),
-                              ({"mode": "served"}, "backends[0].options.mode: expected in_process or server")):
+                              ({"mode": "served"},
+                               "backends[0].options.mode: expected in_process or server or llama_server")):
         b = {"name": "x", "kind": "llama_cpp", "options": options}
         with pytest.raises(ScenarioError, match=re.escape(expected)):
             load_scenario(write_scenario(scenario_dict(tiny_model, [b])))
@@ -344,7 +345,7 @@ def test_an_unknown_mode_is_a_clean_error(tiny_model, write_scenario):
     path = write_scenario(scenario_dict(tiny_model, [b]))
     r = subprocess.run([sys.executable, "-m", "harness.cli", "validate", str(path)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "backends[0].options.mode: expected in_process or server" in " ".join(r.stderr.split())
+    assert "backends[0].options.mode: expected in_process or server or llama_server" in " ".join(r.stderr.split())
 
 
 def test_server_body_biases_eos_away_and_leaves_the_user_the_last_word(tiny_model, tmp_path):
@@ -366,6 +367,48 @@ def test_server_body_biases_eos_away_and_leaves_the_user_the_last_word(tiny_mode
     body = backend.client.body(request)
     assert body["logit_bias"] == {"1": EOS_BIAS, "4": EOS_BIAS} and "min_tokens" not in body
     assert "logit_bias" not in backend.client.body(Request(0, "hi", [1, 2], max_tokens=8, ignore_eos=False))
+
+
+@needs_llama
+def test_the_server_flag_allowlist_is_the_servers_own_less_where_it_listens():
+    """SERVER_FLAGS is every flag of the installed llama_cpp.server but those that choose where it listens (or read
+    a file that could) and those the harness sets from the scenario: a new version's flags show up here."""
+    from llama_cpp.server.settings import Settings
+
+    from backends.llamacpp_backend import SERVER_FLAGS
+
+    assert {f"--{n}" for n in Settings.model_fields} - set(SERVER_FLAGS) == {
+        "--host", "--port", "--ssl_keyfile", "--ssl_certfile", "--model", "--model_alias"}
+    assert set(SERVER_FLAGS) <= {f"--{n}" for n in Settings.model_fields}  # --config_file is added by its main()
+
+
+@needs_llama
+async def test_an_api_key_reaches_the_server_through_its_environment_not_its_command_line(tiny_model, tiny_gguf,
+                                                                                          tmp_path, monkeypatch):
+    """Issue 25: server_args became command-line flags, readable by every local user in /proc/*/cmdline."""
+    import httpx
+    import psutil
+
+    from backends.base import CellContext, ModelInfo
+    from backends.llamacpp_backend import LlamaCppServerBackend
+    from harness.core.spec import BackendSpec
+
+    secret = "sk-LlamaServerKey42"
+    monkeypatch.setenv("BENCH_TEST_KEY", secret)
+    spec = BackendSpec(name="s", kind="llama_cpp", options={
+        "mode": "server", "gguf": str(tiny_gguf), "server_args": ["--n_ubatch", "64", "--api_key", secret],
+        "api_key_env": "BENCH_TEST_KEY", "startup_timeout_s": 60})
+    served = LlamaCppServerBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
+    await served.start()
+    try:
+        procs = [psutil.Process(served.server.pgid), *psutil.Process(served.server.pgid).children(recursive=True)]
+        cmdlines = [" ".join(p.cmdline()) for p in procs]
+        assert "--n_ubatch 64" in cmdlines[0] and not any(secret in c for c in cmdlines)
+        assert httpx.get(served.server.url + "/v1/models").status_code == 401  # the key is in force
+        assert (await served.client.http.get(served.client.base_url + "/models")).status_code == 200
+    finally:
+        await served.stop()
+    assert secret not in (tmp_path / "llama_server.log").read_text()
 
 
 # ---- VRAM budget → layers on the GPU ------------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 request body of the client it shares with the served engines."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from harness.run.runner import Runner
 from harness.config.load import load_scenario
-from tests.conftest import bench_serve, scenario_dict
+from tests.conftest import bench_serve, free_port, scenario_dict
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +85,29 @@ def test_client_body_adapted_by_the_engine_then_extra_body():
                     "min_tokens": 8, "top_k": 40}
     chat = OpenAIClient(OpenAIClientOptions(), "chat", "m", exact_length=False).body(request)
     assert chat["messages"] == [{"role": "user", "content": "hi"}] and "ignore_eos" not in chat and "prompt" not in chat
+
+
+@pytest.mark.slow
+def test_bench_serve_says_where_it_listens_and_when_it_stopped(tiny_model):
+    """The lines a user of `bench serve` waits for: listening on (once the engine is loaded and the port bound),
+    and at SIGINT what it served, before it exits."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "serve", "--backend", "scripted", "--model",
+                             str(tiny_model), "--port", str(port), "--option", "ttft_s=0.001"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert lines[0].startswith("loading the scripted engine on") and lines[1].startswith(
+            f"listening on http://127.0.0.1:{port} (openai protocol; the scripted engine on {tiny_model.name})"), lines
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, rest  # interrupted, as every command says it
+    assert "stopped: 1 request(s) served (0 failed), 3 tokens generated; the engine is unloaded" in rest
+

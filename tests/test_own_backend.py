@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from backends.base import cpu_affinity
+from harness.run import affinity
 from harness.run.runner import Runner
 from harness.config.load import load_scenario
 from tests.conftest import scenario_dict
@@ -27,7 +29,8 @@ def outputs(tmp_path, cell):
 def test_every_placement_gives_hf_greedy_tokens_and_counts_its_bytes(write_scenario, tiny_model, tmp_path):
     backends = [{"name": "hf", "kind": "transformers"},
                 {"name": "own", "kind": "own", "options": {"max_batch": 2}},
-                {"name": "own-disk", "kind": "own", "options": {"weights": "disk", "kv": "disk", "block_size": 16}}]
+                {"name": "own-disk", "kind": "own", "options": {"weights": "disk", "kv": "disk", "block_size": 16,
+                                                                "num_threads": 1}}]
     code, cells = run_cells(write_scenario, tiny_model, tmp_path, backends)
     assert code == 0, {k: c["error"] for k, c in cells.items()}
     reference = outputs(tmp_path, cells["hf"])
@@ -41,6 +44,16 @@ def test_every_placement_gives_hf_greedy_tokens_and_counts_its_bytes(write_scena
     assert streamed > 0 and disk["logical_io"]["decode_bound"]["ratio_to_bound"] > 0
     assert disk["resources"]["whole"]["max_offload_dir_bytes"] > 0  # the KV blocks on disk, measured from outside
     assert "decode/disk->host" not in cells["own"]["logical_io"]["transfers"]  # resident: nothing streamed
+    # What decides CPU speed, as the engine's process reports it (the gate compares it): the threads torch uses,
+    # idle OpenMP threads that sleep rather than spin (a spinning pair collapsed on a shared core), the CPUs allowed.
+    # The worker keeps a CPU for its load generator (resources.isolate_client): the engine gets the rest, and as many
+    # threads unless told otherwise.
+    engine_cpus = affinity.plan(True).engine_cpus or cpu_affinity()
+    for name, threads in (("own", len(engine_cpus)), ("own-disk", 1)):
+        engine = cells[name]["engine"]
+        assert engine["torch_threads"] == threads and engine["omp_wait_policy"] == "PASSIVE", engine
+        assert engine["cpu_affinity"] == engine_cpus and engine["max_batch"] >= 1
+    assert cells["hf"]["engine"]["torch_threads"] == len(engine_cpus)
 
 
 def test_a_budget_too_small_fails_the_cell_clearly(write_scenario, tiny_model, tmp_path):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from harness.analyze.guide import write_guide
 from harness.config.load import load_scenario
 from harness.config.scenario import SLO
 from harness.measure.phases import request_phases, subtract, union
@@ -41,9 +42,11 @@ def test_sampled_requests_reach_the_engine_with_their_temperature(write_scenario
 def test_phases_under_concurrency_come_from_the_requests(write_scenario, tiny_model, tmp_path):
     # Two waves of 4 concurrent requests: each spends 0.3 s in prefill (spinning a CPU) and 0.25 s decoding
     # (sleeping), all 4 together, so prefill lasts 0.6 s in all and decode 0.5 s, whatever their interleaving.
+    # The spinning threads on every CPU (not isolated from the load generator's): up to 200% of a core on 2 CPUs.
     out, cell = run_one(write_scenario, tiny_model, tmp_path,
                         {"ttft_s": 0.3, "itl_s": 0.05, "busy_prefill": True},
-                        {"output_tokens": 6, "num_requests": 8, "load": {"type": "concurrency", "concurrency": 4}})
+                        {"output_tokens": 6, "num_requests": 8, "load": {"type": "concurrency", "concurrency": 4}},
+                        resources={"isolate_client": False})
     phases = cell.resources["phases"]
     assert set(phases) >= {"load", "prefill", "decode"}
     assert phases["prefill"]["duration_s"] == pytest.approx(0.6, rel=0.25)
@@ -57,14 +60,29 @@ def test_phases_under_concurrency_come_from_the_requests(write_scenario, tiny_mo
 
 
 def test_max_concurrency_is_honoured_by_queueing(write_scenario, tiny_model, tmp_path):
+    """4 users at once on a backend that serves 1: the harness queues 3, and each one's latency counts its wait from
+    when its user offered it (the load asked for is the same for every backend); the results say so beside it."""
     out, cell = run_one(write_scenario, tiny_model, tmp_path, {"ttft_s": 0.02, "itl_s": 0.01, "max_concurrency": 1},
                         {"output_tokens": 3, "load": {"type": "concurrency", "concurrency": 4}})
-    assert cell.concurrency_cap is not None
+    assert cell.concurrency_cap is not None and cell.concurrency_cap.queue_in_latency
     assert (cell.concurrency_cap.requested, cell.concurrency_cap.max_concurrency) == (4, 1)
     records = sorted(read_requests(cell.requests_path(out)), key=lambda r: r.t_send)
     assert len(records) == 4
     for a, b in zip(records, records[1:]):
         assert b.t_send >= a.chunk_times[-1], "a second request was sent while the first was in flight"
+    # All 4 were offered at once; 3 waited for the one slot, their TTFT from the offer.
+    assert records[0].t_queued is None and all(r.t_queued is not None for r in records[1:])
+    assert all(abs(r.t_queued - records[0].t_send) < 0.02 for r in records[1:])
+    for k, r in enumerate(records):
+        assert r.ttft == pytest.approx(r.t_send - (r.t_queued or r.t_send) + r.served_ttft)
+        assert r.ttft >= k * 0.04  # each waited for the k served before it (20 ms + 2 × 10 ms each)
+    assert cell.metrics["ttft_ms"]["p50"] > 50  # the waits (20, 60, 100, 140 ms), not the engine's 20 ms alone
+    served = "served 1 at a time (asked 4)"
+    assert served in (out / "summary.md").read_text()
+    report = (out / "report.md").read_text()
+    assert f"s ({served})" in report and "count the wait for a free slot" in report
+    guide = write_guide([out], out / "guide.md").read_text()
+    assert f"s ({served})" in guide and f"{served}, its latencies count the wait" in guide
 
 
 def test_poisson_arrivals_are_queued_too(write_scenario, tiny_model, tmp_path):

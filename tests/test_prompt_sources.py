@@ -104,6 +104,19 @@ def test_drawn_lengths_are_recorded_per_request(tokenizer):
     assert len({e.max_tokens for e in entries}) > 5 and all(1 <= e.max_tokens <= 50 for e in entries)
 
 
+def test_every_repetition_draws_the_same_lengths(tokenizer):
+    """A length distribution is drawn once for a repetition and repeated for every repetition (in the same order),
+    so the spread between repetitions measures the machine, not the draw; the texts still differ (no prefix cache
+    may make a later repetition faster). The warm-up, of another length, has its own draw."""
+    w = workload(input_tokens={"dist": "lognormal", "mean": 40, "std": 20, "min": 8, "max": 120},
+                 output_tokens={"dist": "uniform", "min": 1, "max": 64}, num_requests=10, warmup_requests=2)
+    entries = make_prompts(tokenizer, w, 2 + 3 * 10, seed=0)
+    reps = [entries[2 + 10 * k: 2 + 10 * (k + 1)] for k in range(3)]
+    lengths = [[(len(e.token_ids), e.max_tokens) for e in rep] for rep in reps]
+    assert lengths[0] == lengths[1] == lengths[2] and len(set(lengths[0])) > 5
+    assert len({e.text for rep in reps for e in rep}) == 30
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"dist": "normal", "mean": 10, "std": 2}, "needs max"),
     ({"dist": "uniform", "min": 30, "max": 20}, "below min"),

@@ -296,3 +296,20 @@ def test_a_node_killed_mid_cell_retries_it_elsewhere(cluster, write_scenario, ti
     assert killed and cell.ok and len(cell.attempts) == 2
     assert cell.attempts[0]["status"] == "failed" and cell.attempts[0]["ray_node_id"] == killed[0]
     assert cell.node["ray_node_id"] != killed[0] and cell.metrics["completed"] == 8
+
+
+def test_secrets_reach_a_node_only_through_its_own_environment(cluster, write_scenario, tiny_model, tmp_path):
+    """Issue 25: the whole unmasked scenario was pickled into each task's arguments, which Ray's dashboard and state
+    API show. A task gets the scenario masked and takes each secret from the node's environment: these nodes were
+    started without the variable, so the cell fails saying which one to set, and the secret is nowhere."""
+    import os
+
+    secret = "tok-RayTaskArgument99"
+    assert "BENCH_RAY_TOKEN" not in os.environ
+    backend = scripted("s") | {"options": {"env": {"BENCH_RAY_TOKEN": secret}}}
+    path = write_scenario(scenario_dict(tiny_model, [backend], [{"name": "w", "input_tokens": 8, "output_tokens": 2,
+                                                                 "num_requests": 2, "warmup_requests": 0}]))
+    assert run(path, tmp_path / "ray", executor(max_retries=0)) == 1
+    (cell,) = load_run(tmp_path / "ray").cells
+    assert not cell.ok and "set: BENCH_RAY_TOKEN" in cell.error
+    assert not [p for p in (tmp_path / "ray").rglob("*") if p.is_file() and secret in p.read_text(errors="replace")]

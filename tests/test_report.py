@@ -240,6 +240,32 @@ def test_cli_report(swept, tmp_path):
     assert r.exit_code == 2
 
 
+def test_report_removes_only_the_plots_it_wrote(swept, tmp_path):
+    """Issue 25: `bench report RUN --out site` deleted every *.png in site/plots/ that this report did not draw.
+    Now it removes only what its manifest says an earlier report wrote there, and refuses (exit 2) to replace a
+    file of the user's that has the name of one of its plots."""
+    from harness.core.files import WRITTEN
+
+    plots = tmp_path / "site" / "plots"
+    plots.mkdir(parents=True)
+    (plots / "holiday.png").write_bytes(b"mine")
+    write_report([swept], tmp_path / "site", ["md"])
+    ours = json.loads((plots / WRITTEN).read_text())["files"]
+    assert ours and "holiday.png" not in ours and all((plots / name).is_file() for name in ours)
+    (plots / "stale.png").write_bytes(b"an earlier report's")
+    (plots / WRITTEN).write_text(json.dumps({"files": [*ours, "stale.png"]}))
+    write_report([swept], tmp_path / "site", ["md"])
+    assert not (plots / "stale.png").exists() and (plots / "holiday.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in plots.iterdir()) == sorted([*ours, "holiday.png", WRITTEN])
+
+    taken = tmp_path / "taken" / "plots"
+    taken.mkdir(parents=True)
+    (taken / ours[0]).write_bytes(b"mine too")
+    r = CliRunner().invoke(app, ["report", str(swept), "--out", str(tmp_path / "taken"), "--format", "md"])
+    assert r.exit_code == 2 and "were not written by bench report" in r.output and "Traceback" not in r.output
+    assert (taken / ours[0]).read_bytes() == b"mine too" and len(list(taken.iterdir())) == 1
+
+
 def verdict_cpu_results(out: Path) -> Path:
     """fast beats slow clearly on TTFT; twin ties fast on TPOT within noise; shaky is unstable; dead failed; own-disk
     streamed its offloaded weights from the page cache."""
@@ -286,6 +312,27 @@ def test_the_report_opens_with_who_wins(tmp_path):
     assert stable.sections[0].name == "short"
 
 
+def test_a_verdict_reads_latency_from_the_schedule_where_the_client_fell_behind(tmp_path):
+    """late-client's engine answers in 30 ms, but its client sent every request 40 ms late: from the scheduled send
+    (as its users waited) it takes 70 ms, and the verdict says fast wins."""
+    from harness.analyze.report import Labels, Numbers, verdict
+
+    b = ResultsBuilder(tmp_path / "r", repetitions=3)
+    w = workload("short", num_requests=8)
+    b.add("fast", w, 0.05, 0.010, resources=resources(None), rep_scale=[1.0, 1.04, 0.97])
+    b.add("late-client", w, 0.03, 0.010, resources=resources(None), rep_scale=[1.0, 1.03, 0.98], client_lag_s=0.04)
+    runs = load_runs([b.write()])
+    late = next(c for c in runs[0].cells if c.backend == "late-client")
+    assert late.cell.client_queue_shift and late.metric("ttft_ms", "p50") == pytest.approx(30, rel=0.05)
+    assert late.metric("ttft_including_client_queue_ms", "p50") == pytest.approx(70, rel=0.05)
+    ttft = verdict(runs[0].cells, "ttft_ms.p50", Numbers(runs), Labels(runs[0].cells).backend)
+    assert ttft.winner == "fast" and ttft.kind == "beyond", ttft
+    report = build_report(runs)
+    assert any("late-client: its TTFT and E2E latency are read from the scheduled send time" in n
+               for n in report.verdict.notes)
+    assert any("moved its latencies beyond noise (coordinated omission)" in n for n in report.sections[0].notes)
+
+
 def test_verdict_comes_first_and_setup_last(tmp_path):
     out = tmp_path / "out"
     write_report([verdict_cpu_results(tmp_path / "r")], out)
@@ -304,3 +351,36 @@ def test_verdict_comes_first_and_setup_last(tmp_path):
     html = (out / "report.html").read_text()
     assert 'class="mark unstable"' in html and "shaky is unstable: repetitions disagree" in html
     assert 'class="v-undecided"' in html and '<span class="ci">[' in html
+
+
+def test_lengths_stated_as_measured_beside_the_settings_and_a_distribution_in_words(tmp_path):
+    """chat-dataset's report said "1024 input tokens, 128 output tokens" of caps; the requests had 18-44 input tokens.
+    A distribution printed as a raw dict."""
+    from harness.analyze.report import describe_workload
+
+    w = workload("w", input_tokens=256, output_tokens=16)
+    b = ResultsBuilder(tmp_path / "r")
+    b.add("hf", w, 0.05, 0.01)
+    (section,) = build_report(load_runs([b.write()])).sections
+    assert "measured per request: input tokens exactly 256, output tokens exactly 16" in section.description
+    spec = {"name": "w", "input_tokens": 1024, "output_tokens": 128, "num_requests": 16,
+            "prompts": {"type": "file", "path": "chat.json", "output_from": "data", "truncate": True}}
+    text = describe_workload(spec)
+    assert text.startswith("input tokens cut at 1024, output tokens from the data, else 128, 16 requests"), text
+    dist = describe_workload({"name": "w", "input_tokens": 64, "num_requests": 4,
+                              "output_tokens": {"dist": "lognormal", "mean": 64.0, "std": 32.0, "min": 8, "max": 512}})
+    assert "lognormal, mean 64, std 32, 8–512 output tokens" in dist and "{" not in dist
+
+
+def test_a_shared_prefix_shorter_than_the_engines_block_says_why_nothing_was_reused(tmp_path):
+    w = workload("w") | {"prompts": {"type": "shared_prefix", "prefixes": 2, "prefix_tokens": 48}}
+    b = ResultsBuilder(tmp_path / "r")
+    for backend, reused in (("own", 0), ("other", 96)):
+        cell = b.add(backend, w, 0.05, 0.01)
+        cell["engine"]["block_size"] = 256
+        cell["prefix_reuse"] = {"reused_tokens": reused, "source": "engine", "prompt_tokens": 8 * 64}
+    table = build_report(load_runs([b.write()])).prefix_reuse
+    rows = {r.values[3]: r.values for r in table.rows}
+    assert rows["own"][6] == "0%" and "the shared prefix (48 tokens) is shorter than the engine's KV block (256 " \
+                                      "tokens), and it reuses whole blocks only" in rows["own"][7]
+    assert "shorter" not in rows["other"][7]  # it reused some: no such reason

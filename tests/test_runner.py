@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.llama_server import find_binary
 from harness.run.runner import Runner
 from harness.config.load import load_scenario
 from tests.conftest import scenario_dict
@@ -32,7 +33,12 @@ def test_quickstart_end_to_end(quickstart_results):
     data = results(out)
     assert data["schema_version"] == 1 and data["environment"]["python"]
     assert data["environment"]["packages"]["torch"] and data["environment"]["cpu"]["logical_cores"] >= 1
+    ran = [c for c in data["cells"] if c["status"] != "skipped"]
     for cell in data["cells"]:
+        if cell["status"] == "skipped":  # optional: llama-server, where scripts/install-llama-server.sh has not run
+            assert cell["backend"] == "llama-server" and find_binary() is None
+            assert "scripts/install-llama-server.sh builds it" in cell["error"]
+            continue
         assert cell["status"] == "ok", cell["error"]
         m = cell["metrics"]
         for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
@@ -40,6 +46,8 @@ def test_quickstart_end_to_end(quickstart_results):
         assert m["output_throughput_tok_s"] > 0 and m["errors"] == 0
         assert m["total_output_tokens"] == 16 * 64 and cell["token_counts"]["exact_output_length"]
         assert len(cell["repetitions"]) == 3
+        # the load generator on a CPU of its own wherever there are two (resources.isolate_client)
+        assert cell["cpu_isolation"]["isolated"] == (len(os.sched_getaffinity(0)) >= 2)
         res = cell["resources"]
         assert res["whole"]["max_rss_bytes"] > 10 * 2**20 and set(res["phases"]) >= {"load", "prefill", "decode"}
         assert res["sample_interval_ms"] == 20 and res["page_cache"] in ("warm", "cold", "partial")
@@ -49,8 +57,31 @@ def test_quickstart_end_to_end(quickstart_results):
     summary = (out / "summary.md").read_text()
     assert all(c["backend"] in summary for c in data["cells"])
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
-    assert {c["backend"] for c in data["cells"]} >= {"hf", "own", "own-disk", "llamacpp", "llamacpp-server", "vllm"}
-    assert len((out / "requests.jsonl").read_text().splitlines()) == 16 * 3 * len(data["cells"])
+    assert {c["backend"] for c in data["cells"]} >= {"hf", "own", "own-disk", "llamacpp", "llama-server", "vllm"}
+    assert len((out / "requests.jsonl").read_text().splitlines()) == 16 * 3 * len(ran)
+    # llama-server's 4 slots serve the load's 4 users at once; transformers serves 1, the others queued (and timed).
+    cells = {c["backend"]: c for c in ran}
+    assert cells["hf"]["concurrency_cap"] == {"requested": 4, "max_concurrency": 1, "queue_in_latency": True}
+    if "llama-server" in cells:
+        assert cells["llama-server"]["concurrency_cap"] is None and cells["llama-server"]["engine"]["parallel"] == 4
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(write_scenario, tiny_model, tmp_path):
+    """A CI log gets a line per cell start and end and per cell done (rich's bar would print nothing until the
+    end there), with the requests done so far."""
+    import io
+
+    from rich.console import Console
+
+    log = io.StringIO()
+    path = write_scenario(scenario_dict(tiny_model, [SCRIPTED]))
+    assert Runner(load_scenario(path), str(path), tmp_path / "out", console=Console(file=log, width=200)).run() == 0
+    lines = log.getvalue().splitlines()
+    cell = results(tmp_path / "out")["cells"][0]["id"]
+    started = next(i for i, line in enumerate(lines) if line.startswith(f"{cell}: started, 0/4 requests"))
+    ended = next(i for i, line in enumerate(lines) if line.startswith(f"{cell}: ended, 4/4 requests"))
+    done = next(i for i, line in enumerate(lines) if line.startswith("cells: 1/1 cells done"))
+    assert started < ended < done
 
 
 def test_a_crashing_cell_does_not_stop_the_others(write_scenario, tiny_model, tmp_path):

@@ -54,6 +54,23 @@ def test_wrong_type(write_scenario, tiny_model):
     expect_error(write_scenario(scenario_dict(tiny_model, [HF], wl)), "workloads[0].input_tokens", "integer")
 
 
+def test_a_union_says_one_thing_the_branch_that_fits_the_values_type(write_scenario, tiny_model):
+    """input_tokens is a number, a length distribution or a list (a sweep): a bad distribution gets the
+    distribution's complaint alone, not "should be a valid integer ... or ... or should be a valid list"; a value
+    no member takes gets one line of what would be."""
+    wl = [{"name": "w", "input_tokens": {"dist": "uniform", "min": 32, "max": 8}, "output_tokens": 8,
+           "num_requests": 2},
+          {"name": "w2", "input_tokens": "lots", "output_tokens": 4, "num_requests": 2,
+           "load": {"type": "concurrency", "concurrency": "four"}}]
+    code, out = bench("validate", write_scenario(scenario_dict(tiny_model, [HF], wl)))
+    lines = {line.split(": ", 1)[0].strip(): line.split(": ", 1)[1] for line in out.splitlines()[1:] if ": " in line}
+    assert code == 2 and lines["workloads[0].input_tokens"].startswith("max (8) is below min (32)"), out
+    assert lines["workloads[1].input_tokens"].startswith(
+        "expected an integer or a length distribution ({dist: ..., ...}) or a list (a sweep over its values)")
+    assert lines["workloads[1].load.concurrency"].startswith("expected an integer or a list")
+    assert "valid integer" not in out and "valid list" not in out and "Traceback" not in out
+
+
 def test_output_tokens_are_required_unless_a_trace_gives_them(write_scenario, tiny_model):
     wl = [{"name": "w", "input_tokens": 8, "num_requests": 1, "load": {"type": "concurrency", "concurrency": 2}}]
     expect_error(write_scenario(scenario_dict(tiny_model, [HF], wl)), "workloads[0]: output_tokens is required with "

@@ -73,3 +73,119 @@ async def test_leftover_groups_of_a_killed_worker_are_killed(tmp_path):
     assert server.exited() == -signal.SIGKILL
     assert not (tmp_path / GROUPS_FILE).exists()
     assert kill_leftover_groups(tmp_path) == []
+
+
+# ---- issue 25: where a server listens, what its log and its record say -----------------------------------------------
+
+LISTENER = """
+import http.server, os, socket, sys
+host = os.environ.get("HOST", "127.0.0.1")  # as llama_cpp.server and uvicorn do
+print("non-default args: {'api_key': '%s'}, token %s" % (sys.argv[2], os.environ.get("HF_TOKEN")), flush=True)
+if sys.argv[3] == "extra":  # a second socket, on every interface
+    extra = socket.socket(); extra.bind(("0.0.0.0", 0)); extra.listen()
+http.server.HTTPServer((host, int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+
+def listener(secret: str = "none", extra: str = "no", tag: str = ""):
+    return lambda port: [sys.executable, "-c", LISTENER, str(port), secret, extra, tag]  # tag: to find it
+
+
+def listening_addresses(server) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(server.pgid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
+
+
+async def test_an_inherited_host_variable_cannot_move_the_bind(tmp_path, monkeypatch):
+    """With nothing in the scenario, HOST=0.0.0.0 in the environment made llama_cpp.server listen on every
+    interface: launch removes the variables servers take their bind from."""
+    for name in ("HOST", "PORT", "CONFIG_FILE", "HOSTNAME", "LLAMA_ARG_HOST", "UVICORN_HOST"):
+        monkeypatch.setenv(name, "0.0.0.0")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/user/1/docker.sock")  # where docker is, not where we listen
+    server = await launch("web", listener(), tmp_path, "/", timeout_s=30)
+    try:
+        assert listening_addresses(server) == {"127.0.0.1"}
+    finally:
+        server.stop()
+
+    from harness.core.processes import server_environment
+
+    env = server_environment({"PORT": "80", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert not {"HOST", "PORT", "CONFIG_FILE", "HOSTNAME", "LLAMA_ARG_HOST", "UVICORN_HOST"} & set(env)
+    assert env["DOCKER_HOST"].startswith("unix://") and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+async def test_a_server_listening_beyond_loopback_is_stopped_and_named(tmp_path):
+    import psutil
+
+    with pytest.raises(BackendError, match=r"web listens beyond loopback, on 0\.0\.0\.0:\d+ \(pid \d+ python"):
+        await launch("web", listener(extra="extra", tag=str(tmp_path)), tmp_path, "/", timeout_s=30)
+    time.sleep(0.2)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in (p.info["cmdline"] or [])
+                and p.status() != psutil.STATUS_ZOMBIE]
+    assert not (tmp_path / GROUPS_FILE).exists()
+
+
+async def test_the_server_log_is_masked_as_it_is_written(tmp_path):
+    """vLLM logs its non-default args (an api_key among them) into its log, which the cell folder keeps."""
+    server = await launch("web", listener(secret="sk-ArgvSecret123"), tmp_path, "/", timeout_s=30,
+                          env={"HF_TOKEN": "hf_EnvironmentSecret456"})
+    server.stop()
+    log = (tmp_path / "web.log").read_text()
+    assert "non-default args: {'api_key': '***'}, token ***" in log
+    assert "ArgvSecret" not in log and "EnvironmentSecret" not in log
+
+
+async def test_the_cleanup_command_runs_however_the_server_ends(tmp_path):
+    """A docker client killed after a timeout left its container running: the container's removal is the
+    server's cleanup, run on stop, on a failed start, and by the runner for a worker that was killed."""
+    done = tmp_path / "cleaned"
+    cleanup = [sys.executable, "-c", f"open({str(done)!r}, 'a').write('x')"]
+    server = await launch("web", http_server, tmp_path, "/", timeout_s=30, cleanup=cleanup)
+    server.stop()
+    assert done.read_text() == "x"
+
+    def silent(port: int) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    with pytest.raises(BackendError, match="not ready"):
+        await launch("slow", silent, tmp_path, "/", timeout_s=1, cleanup=cleanup)
+    assert done.read_text() == "xx"
+
+    await launch("web", http_server, tmp_path, "/", timeout_s=30, cleanup=cleanup)  # its worker "dies"
+    assert json.loads((tmp_path / GROUPS_FILE).read_text())["cleanup"] == cleanup
+    assert len(kill_leftover_groups(tmp_path)) == 1 and done.read_text() == "xxx"
+
+
+def test_a_damaged_groups_record_is_skipped_with_a_warning(tmp_path, capsys):
+    """A partial line made every --resume after it raise a traceback; a pgid of 0 would signal our own group."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        from harness.core.processes import record_group
+
+        record_group(tmp_path, proc.pid, "sleeper", sys.executable)
+        with (tmp_path / GROUPS_FILE).open("a") as f:
+            f.write('{"pgid": 0, "create_time": null, "name": "x", "argv0": "x"}\n[1, 2]\n{"pgid": 12')
+        assert kill_leftover_groups(tmp_path) == [proc.pid]
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+    warnings = capsys.readouterr().err
+    assert warnings.count("skipped a damaged line") == 3 and GROUPS_FILE in warnings
+    assert not (tmp_path / GROUPS_FILE).exists()
+
+
+def test_server_args_pass_an_allowlist_spelled_in_full():
+    from harness.core.processes import check_server_args
+
+    allowed = ("--n_ctx", "--n_gpu_layers", "--verbose", "-c")
+    ok = ["--n_ctx", "512", "--n_gpu_layers", "-1", "--verbose", "--n_ctx=8", "-c", "16"]
+    assert check_server_args(ok, allowed, "srv") == ok
+    for bad in (["--n_ct", "5"], ["--n_ctx", "5", "--host", "0.0.0.0"], ["--hos=0.0.0.0"], ["-h"], ["model.gguf"],
+                ["--n_ctx", "--", "--host", "x"]):
+        with pytest.raises(ValueError, match="is not a srv option"):
+            check_server_args(bad, allowed, "srv")

@@ -91,8 +91,9 @@ def test_launch_command_from_the_scenario_and_budget():
     assert argv == ["text-generation-launcher", "--model-id", "/models/llama", "--max-input-tokens", "4096",
                     "--max-total-tokens", "8192", "--quantize", "awq", "--cuda-memory-fraction", "0.1",
                     "--hostname", "127.0.0.1", "--port", "8123", "--max-concurrent-requests", "64"]
-    docker = launch_command(TGILaunch(via="docker", image="tgi:3"), Path("/models/llama"), 9000, None)
-    assert docker[:8] == ["docker", "run", "--rm", "--gpus", "all", "--shm-size", "1g", "-p"]
+    docker = launch_command(TGILaunch(via="docker", image="tgi:3"), Path("/models/llama"), 9000, None, "c1")
+    assert docker[:12] == ["docker", "run", "--rm", "--name", "c1", "--label", "llmbench=tgi", "--gpus", "all",
+                           "--shm-size", "1g", "-p"]
     assert "127.0.0.1:9000:80" in docker and "/models/llama:/data/model:ro" in docker
     assert docker[docker.index("tgi:3") + 1:] == ["--model-id", "/data/model", "--port", "80"]
 
@@ -104,3 +105,54 @@ def test_tgi_needs_url_or_launch(write_scenario, tiny_model):
 
     r = CliRunner().invoke(app, ["validate", str(write_scenario(scenario_dict(tiny_model, [{"name": "t", "kind": "tgi"}])))])
     assert r.exit_code == 2 and "backends[0]" in r.output and "options.launch" in r.output
+
+
+FAKE_DOCKER = """
+import os, signal, subprocess, sys, time
+state, args = os.environ["FAKE_DOCKER_STATE"], sys.argv[1:]
+if args[0] == "run":
+    name = args[args.index("--name") + 1] if "--name" in args else f"unnamed-{os.getpid()}"
+    # the container runs under the docker daemon, outside the client's process group
+    container = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    open(os.path.join(state, name), "w").write(str(container.pid))
+    time.sleep(120)  # the client waits on its container
+elif args[:2] == ["rm", "--force"]:
+    os.kill(int(open(os.path.join(state, args[2])).read()), signal.SIGKILL)
+    open(os.path.join(state, args[2] + ".removed"), "w").close()
+"""
+
+
+async def test_a_docker_container_is_named_and_removed_when_the_launch_fails(tiny_model, tmp_path, monkeypatch):
+    """Issue 25: `docker run --rm` without a name: killing the docker client after a timeout left the container
+    running and holding the GPU. No docker here: a stand-in `docker` starts its "container" outside the client's
+    process group, as the daemon does."""
+    import psutil
+    import sys
+
+    from backends.base import BackendError, CellContext, ModelInfo
+    from backends.tgi_backend import TGIBackend
+    from harness.core.spec import BackendSpec
+
+    bin_dir, state = tmp_path / "bin", tmp_path / "containers"
+    bin_dir.mkdir()
+    state.mkdir()
+    (bin_dir / "docker").write_text(f"#!{sys.executable}\n{FAKE_DOCKER}")
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_DOCKER_STATE", str(state))
+    spec = BackendSpec(name="t", kind="tgi", options={"launch": {"via": "docker", "startup_timeout_s": 2}})
+    backend = TGIBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
+    try:
+        with pytest.raises(BackendError, match="not ready after 2 s"):
+            await backend.start()
+        (name,) = [p.name for p in state.iterdir() if not p.name.endswith(".removed")]
+        assert name.startswith("llmbench-tgi-") and (state / f"{name}.removed").exists()
+        pid = int((state / name).read_text())
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        for p in state.iterdir():
+            if not p.name.endswith(".removed"):
+                try:
+                    psutil.Process(int(p.read_text())).kill()
+                except psutil.NoSuchProcess:
+                    pass

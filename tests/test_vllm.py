@@ -265,3 +265,32 @@ def test_a_relative_python_keeps_the_venv_symlink(tiny_model, write_scenario, tm
     path = write_scenario(scenario_dict(tiny_model, [{"name": "v", "kind": "vllm", "python": "../venv/bin/python"}]),
                           name="scenarios/s.yaml")
     assert load_scenario(path).backends[0].python == venv_python
+
+
+async def test_secret_engine_args_reach_the_server_through_its_environment(tiny_model, tmp_path, monkeypatch):
+    """Issue 25: engine_args such as api_key and hf_token became command-line flags, readable by every local user in
+    /proc/*/cmdline (and logged by vLLM among its non-default args). They go to the variables vLLM reads them from
+    (what the launcher does with argv and env: test_servers.py)."""
+    from backends.base import CellContext, ModelInfo
+    from backends.vllm_backend import VLLMServerBackend
+    from harness.core import processes
+    from harness.core.spec import BackendSpec
+
+    started = {}
+
+    async def launch(name, argv_for_port, cell_dir, ready_path, timeout_s, env=None, **kw):
+        started.update(argv=argv_for_port(8000), env=env)
+        raise BackendError("not started: the test only looks at how")
+
+    monkeypatch.setattr(processes, "launch", launch)
+    spec = BackendSpec(name="v", kind="vllm", options={"engine_args": {
+        "api_key": "sk-VllmKey1", "hf_token": "hf_VllmToken2", "max_num_batched_tokens": 64}})
+    backend = VLLMServerBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
+    backend.memory = {"gpu_memory_utilization": None, "from": "vLLM's default"}
+    with pytest.raises(BackendError, match="not started"):
+        await backend._launch()
+    assert not any("Vllm" in a for a in started["argv"]) and "--max-num-batched-tokens" in started["argv"]
+    assert "--api-key" not in started["argv"] and "--hf-token" not in started["argv"]
+    assert started["env"]["VLLM_API_KEY"] == "sk-VllmKey1" and started["env"]["HF_TOKEN"] == "hf_VllmToken2"
+    with pytest.raises(ValueError, match="a secret would be on the server's command line"):
+        VLLMServerBackend.Options.model_validate({"engine_args": {"ssl_keyfile_password": "x"}})

@@ -21,13 +21,20 @@ META_FILE = "baseline.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def store_baseline(results: Path, directory: Path, name: str | None = None) -> Path:
-    """Copy RESULTS (a results.json or its folder) to DIRECTORY/NAME, replacing an older baseline of that name."""
+def store_baseline(results: Path, directory: Path, name: str | None = None, force: bool = False) -> Path:
+    """Copy RESULTS (a results.json or its folder) to DIRECTORY/NAME; an older baseline of that name (a committed
+    one, the yardstick of every build) is replaced only with `force`."""
     run = load_run(results)
     source = results if results.is_dir() else results.parent
     name = name or run.scenario.get("name", "")
     if not NAME.fullmatch(name):
         raise ResultsError(f"--name: expected letters, digits, '_', '.' or '-' (a folder name), got {name!r}")
+    if (directory / name).exists() and not (directory / name / META_FILE).is_file():
+        raise ResultsError(f"--dir/--name: {directory / name} exists and is not a baseline (no {META_FILE}): it is "
+                           f"never replaced; choose another name")
+    if (directory / name / META_FILE).is_file() and not force:
+        raise ResultsError(f"--name: baseline {directory / name} exists ({describe(directory / name)}); every gate "
+                           f"judges against it, so it is replaced only with --force")
     ok = [c for c in run.cells if c.ok]
     if not ok:
         raise ResultsError(f"{source}: no cell finished ok, nothing worth a baseline")
@@ -66,3 +73,12 @@ def store_baseline(results: Path, directory: Path, name: str | None = None) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def describe(baseline: Path) -> str:
+    """"stored 2026-01-01T00:00:00+00:00 at git abc123 from /path/results", as its baseline.json says."""
+    try:
+        meta = json.loads((baseline / META_FILE).read_text())
+    except (OSError, ValueError):
+        return f"its {META_FILE} cannot be read"
+    return f"stored {meta.get('stored')} at git {meta.get('git_sha')} from {meta.get('source')}"

@@ -2,7 +2,9 @@
 
 A metric regresses only when the current run is beyond the policy's threshold AND significantly so: the one-sided
 test asks whether the current samples exceed `threshold × baseline`, not merely the baseline, so noise alone (or a
-small real change the policy tolerates) never fails a build. Pure functions of results files: no engine runs here.
+small real change the policy tolerates) never fails a build. A cell whose repetitions disagree while other processes
+kept the machine busy is not judged: the gate says the machine was busy, and with `on_unstable: rerun N` it runs that
+cell again (`bench run --rerun`), the one time it runs an engine; otherwise a pure function of results files.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import itertools
 import json
 import math
 import re
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 from rich.markup import escape
@@ -26,10 +29,11 @@ from rich.text import Text
 from scipy.stats import mannwhitneyu
 
 from harness.analyze.baselines import META_FILE
-from harness.config.load import format_validation_error
+from harness.config.load import format_validation_error, load_yaml_file
+from harness.core.files import atomic_write
 from harness.core.spec import Strict
 from harness.records import CellResult, RequestRecord, ResultsError, load_run, read_requests
-from harness.results.catalogue import CATALOGUE, gate_metric_names
+from harness.results.catalogue import CATALOGUE, gate_metric_names, verdict_name
 from harness.results.markdown import md_escape, md_table
 
 DEFAULT_POLICY = Path(__file__).with_name("gate_policy.yaml")
@@ -85,6 +89,14 @@ class Policy(Strict):
     reference: str | None = Field(None, description="normalize every metric by this backend's, same run, model, workload")
     environment: EnvironmentPolicy = Field(default_factory=EnvironmentPolicy)
     inconclusive: Literal["pass", "fail"] = "pass"
+    on_unstable: str = Field("inconclusive", pattern=r"^(rerun [1-9][0-9]*|fail|inconclusive)$", description=(
+        "a current cell whose repetitions disagree while other processes kept the machine busy (busy_cpu_percent): "
+        "`rerun N` runs it again, up to N times, into the current results (bench run --rerun) and judges the first "
+        "run that is not both; `inconclusive` judges none of its metrics and says the machine was busy (the build "
+        "then goes as `inconclusive` says); `fail` fails the build, saying the same"))
+    busy_cpu_percent: float = Field(25.0, gt=0, description="other processes' CPU use (% of one core, averaged over a "
+                                                            "repetition, hypervisor steal included) from which the "
+                                                            "machine counts as busy")
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     metrics: dict[str, MetricRule] = Field(min_length=1)
 
@@ -104,17 +116,14 @@ class Policy(Strict):
     def on_inconclusive(self, metric: str) -> str:
         return self.metrics[metric].inconclusive or self.inconclusive
 
+    @property
+    def reruns(self) -> int:
+        return int(self.on_unstable.split()[1]) if self.on_unstable.startswith("rerun") else 0
+
 
 def load_policy(path: Path | None) -> Policy:
     source = path or DEFAULT_POLICY
-    try:
-        data = yaml.safe_load(source.read_text())
-    except FileNotFoundError:
-        raise GateError(f"{source}: no such policy file") from None
-    except OSError as e:
-        raise GateError(f"{source}: cannot read the policy file: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise GateError(f"{source}: not valid YAML: {e}") from None
+    data = load_yaml_file(source, "policy", GateError)  # the scenario's limits: size, aliases, depth, UTF-8
     if not isinstance(data, dict):
         raise GateError(f"{source}: expected a mapping with `metrics` (and optionally reference, inconclusive, "
                         f"bootstrap), got {type(data).__name__}")
@@ -271,6 +280,22 @@ def default_action(d: EnvDifference, policy: Policy) -> Literal["refuse", "warn"
     return "refuse"
 
 
+# ---- a busy machine -----------------------------------------------------------------------------------------------
+
+def busy_machine(cell: CellResult | None, policy: Policy) -> str | None:
+    """Why the cell's numbers say more about the machine than the code: its repetitions disagree (unstable) while
+    other processes used at least busy_cpu_percent of a core in one of them (the resource monitor's measure)."""
+    if cell is None or not cell.ok or not cell.unstable:
+        return None
+    resources = cell.resources or {}
+    loads = [(r.get("other_cpu_percent") or 0) + (r.get("steal_percent") or 0)
+             for r in [*(resources.get("repetitions") or []), resources.get("whole") or {}]]
+    worst = max(loads, default=0)
+    if worst < policy.busy_cpu_percent:
+        return None
+    return f"{cell.id} is unstable while other processes used up to {worst:.0f}% of a core"
+
+
 # ---- the statistics -----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -287,7 +312,7 @@ class Row:
     ci_current: list[float] | None = None
     n_baseline: int = 0
     n_current: int = 0
-    verdict: Literal["pass", "regression", "improvement", "inconclusive"] = "pass"
+    verdict: Literal["pass", "regression", "improvement", "inconclusive", "busy"] = "pass"
     fails_build: bool = False
     note: str = ""
 
@@ -346,7 +371,11 @@ def judge(rule: MetricRule, base: np.ndarray, cur: np.ndarray, base_ref: np.ndar
     if beyond and significant:
         return {**out, "verdict": "regression" if worse else "improvement"}
     if beyond and worse:
-        return {**out, "verdict": "inconclusive", "note": "beyond the threshold, but not significantly"}
+        # CIs that do not overlap are a difference beyond noise: what falls short is the tolerance, not the evidence.
+        apart = cc[0] > cb[1] if lower else cc[1] < cb[0]
+        why = (f"worse than the baseline beyond noise (their CIs do not overlap), but not significantly beyond the "
+               f"{abs(rule.threshold - 1):.0%} the policy tolerates" if apart else "but not significantly")
+        return {**out, "verdict": "inconclusive", "note": f"beyond the threshold, {why}"}
     return {**out, "verdict": "pass"}
 
 
@@ -357,7 +386,7 @@ class GateReport:
     baseline: str
     current: str
     reference: str | None
-    verdict: Literal["pass", "fail"] = "pass"
+    verdict: Literal["pass", "fail", "busy"] = "pass"
     exit_code: int = 0
     rows: list[Row] = field(default_factory=list)
     environment_differences: list[str] = field(default_factory=list)
@@ -410,14 +439,27 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
         report.notes += [f"{c.id} is unstable in the {name} run: {c.unstable}"
                          for name, c in (("baseline", b_cell), ("current", c_cell)) if c.unstable]
         missing = ref is not None and any(rc is None or not rc.ok for rc in ref_cells)
+        # A cell (or the reference it is divided by) unstable on a busy machine measured the machine: not judged.
+        if busy := busy_machine(c_cell, policy) or busy_machine(ref_cells[1], policy):
+            report.rows += [Row(c_cell.id, metric, threshold=rule.threshold, test=rule.test, verdict="busy",
+                                fails_build=policy.on_unstable == "fail" or policy.on_inconclusive(metric) == "fail",
+                                note=f"not judged, the machine was busy: {busy}")
+                            for metric, rule in policy.metrics.items()]
+            continue
+        # Where either run's client fell behind beyond noise, both are judged on latency from the scheduled send.
+        shifted = bool(b_cell.client_queue_shift or c_cell.client_queue_shift)
         for metric, rule in policy.metrics.items():
+            basis = verdict_name(metric, shifted)
             if missing:
                 row = Row(c_cell.id, metric, threshold=rule.threshold, test=rule.test, verdict="inconclusive",
                           note=f"no ok reference cell {key[0]}/{ref}/{key[2]} in both runs")
             else:
-                refs = [run.samples(rc, metric, rule) if rc else None for run, rc in zip((base, cur), ref_cells)]
-                row = Row(c_cell.id, metric, **judge(rule, base.samples(b_cell, metric, rule),
-                                                        cur.samples(c_cell, metric, rule), *refs, policy.bootstrap))
+                refs = [run.samples(rc, basis, rule) if rc else None for run, rc in zip((base, cur), ref_cells)]
+                row = Row(c_cell.id, metric, **judge(rule, base.samples(b_cell, basis, rule),
+                                                        cur.samples(c_cell, basis, rule), *refs, policy.bootstrap))
+            if basis != metric:
+                row.note = "; ".join(filter(None, [row.note, f"judged as {basis}: the client's own queue moved the "
+                                                             f"latency beyond noise"]))
             row.fails_build = row.verdict == "regression" or (
                 row.verdict == "inconclusive" and policy.on_inconclusive(metric) == "fail")
             if unstable:
@@ -429,6 +471,8 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
         raise GateError("nothing to compare: " + "; ".join(report.notes))
     if any(r.fails_build for r in report.rows):
         report.verdict, report.exit_code = "fail", 1
+    if any(r.verdict == "busy" for r in report.rows) and not any(r.verdict == "regression" for r in report.rows):
+        report.verdict = "busy"  # what it says, whatever the build does (policy: on_unstable, inconclusive)
     return report
 
 
@@ -454,8 +498,13 @@ def _cells(r: Row) -> list[str]:
 
 
 def _headline(report: GateReport) -> str:
-    counts = {v: sum(r.verdict == v for r in report.rows) for v in ("regression", "inconclusive", "improvement", "pass")}
+    counts = {v: sum(r.verdict == v for r in report.rows)
+              for v in ("regression", "busy", "inconclusive", "improvement", "pass")}
     summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    if report.verdict == "busy":
+        cells = sorted({r.cell for r in report.rows if r.verdict == "busy"})
+        return (f"gate: the machine was busy, not a regression: {', '.join(cells)} not judged "
+                f"({'the build fails' if report.exit_code else 'the build passes'}); {summary}")
     return f"gate {report.verdict.upper()}: {summary}"
 
 
@@ -472,7 +521,8 @@ def _preamble(report: GateReport) -> list[str]:
     return lines
 
 
-VERDICT_STYLE = {"regression": "bold red", "inconclusive": "yellow", "improvement": "green", "pass": ""}
+VERDICT_STYLE = {"regression": "bold red", "busy": "yellow", "inconclusive": "yellow", "improvement": "green",
+                 "pass": ""}
 
 
 def print_report(report: GateReport, console: Console) -> None:
@@ -510,9 +560,38 @@ def run_gate(baseline: Path, current: Path, policy_file: Path | None = None, all
         policy.reference = reference
     base, cur = Run(baseline), Run(current)
     report = compare(base, cur, policy, allow_env_change)
+    console = console or Console(width=200)
+    for attempt in range(1, policy.reruns + 1):
+        busy = sorted({r.cell for r in report.rows if r.verdict == "busy"})
+        if not busy:
+            break
+        why = rerun(cur, busy, console)
+        if why is not None:
+            report.notes.append(f"on_unstable {policy.on_unstable}: cannot re-run {', '.join(busy)}: {why}")
+            break
+        cur = Run(current)
+        report = compare(base, cur, policy, allow_env_change)
+        report.notes.append(f"on_unstable {policy.on_unstable}: re-ran {', '.join(busy)} (re-run {attempt} of "
+                            f"{policy.reruns}) because the machine was busy")
     out = out or cur.folder
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gate.json").write_text(report.to_json())
-    (out / "gate.md").write_text(to_markdown(report))
-    print_report(report, console or Console(width=200))
+    atomic_write(out / "gate.json", report.to_json())
+    atomic_write(out / "gate.md", to_markdown(report))
+    print_report(report, console)
     return report.exit_code
+
+
+def rerun(cur: Run, cell_ids: list[str], console: Console) -> str | None:
+    """Run the cells again into the current results (`bench run SCENARIO --out CURRENT --rerun ID...`, whose other
+    cells stay); None when it ran, else why it could not."""
+    scenario = Path(cur.result.scenario_file or "")
+    if not scenario.is_file():
+        return f"its scenario file {str(scenario)!r} (results.json's scenario_file) is not found from here"
+    argv = [sys.executable, "-m", "harness.cli", "run", str(scenario), "--out", str(cur.folder)]
+    for cell in cell_ids:
+        argv += ["--rerun", cell]
+    console.print(f"the machine was busy: re-running {', '.join(cell_ids)}", highlight=False, markup=False)
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode not in (0, 1):  # 1: a cell failed, which the gate judges
+        return f"bench run exited {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}"
+    return None

@@ -13,10 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from harness.analyze.report import Row, Table, render
+from harness.analyze.report import Row, Table, describe_workload, measured_lengths, render
+from harness.config.load import load_yaml_file
+from harness.core.files import atomic_write
 from harness.core.spec import Strict
 from harness.records import ResultsError
 from harness.results.runs import METRICS, CellView, Run, fmt_interval, fmt_value, load_runs
@@ -28,10 +29,14 @@ SCORING = (  # shown in every guide, one line each
     "Each weighted metric is normalized among the backends that fit there: value / best when higher is better, "
     "best / value when lower is better, so the best gets 1.",
     "Values below a metric's resolution count as equal to it (error rate 0.1 %, TTFT p99 spread 0.01).",
-    "Ties within noise are ties: a value whose 95% confidence interval overlaps the best's counts as the best "
-    "(normalized 1), so noise never decides a ranking.",
+    "A tie within noise is decided by the tighter interval, never by the wider one: among the values whose 95% "
+    "confidence intervals overlap the best's, the one whose worse bound is best is normalized 1, and each other by "
+    "its worse bound against that one's, so a wide interval that merely overlaps the best never ranks level with it.",
     "score = Σ weight × normalized / Σ weight, over the metrics measured for every fitting backend there.",
-    "A cell that failed or breaks a constraint (or whose constraint cannot be checked) scores 0 there.",
+    "A cell that failed or breaks a constraint (or whose constraint cannot be checked) scores 0 there; so does an "
+    "unstable one (its repetitions disagree), left out as the report's verdict leaves it out.",
+    "A backend that serves fewer requests at once than the load asks is compared under the same load: the harness "
+    "queues the rest, and its latencies count the wait.",
     "A backend's rank is its mean score over the workloads it was measured on.",
 )
 
@@ -125,12 +130,7 @@ def load_rules(extra: list[Path] | None = None) -> list[UseCase]:
     merged: dict[str, UseCase] = {}
     for path in [RULES_FILE, *(extra or [])]:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise RulesError(f"{path}: cannot read the rules file: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            raise RulesError(f"{path}: not valid YAML: {e}") from None
+        data = load_yaml_file(path, "rules", RulesError)  # the scenario's limits: size, aliases, depth, UTF-8
         try:
             rules = Rules.model_validate(data)
         except ValidationError as e:
@@ -223,19 +223,26 @@ def why_nothing_selected(cells: list[CellView], s: Select) -> list[str]:
 
 def normalized(values: dict[str, float], better: str, floor: float = 0.0,
                intervals: dict[str, tuple[float, float] | None] | None = None) -> dict[str, float]:
-    """1 for the best value, the ratio to it for the others; values under `floor` count as `floor`, and a value
-    whose CI overlaps the best one's CI counts as the best (a tie within noise)."""
+    """1 for the best value, the ratio to it for the others; values under `floor` count as `floor`. Values whose CIs
+    overlap the best one's are a tie within noise, decided by the tighter interval: the one whose worse bound is best
+    leads (1), and each other is normalized by its worse bound against the leader's."""
+    lower = better == "lower"
+
+    def ratio(ref: float, v: float) -> float:  # how close v comes to ref, at most 1
+        if lower:
+            return min(1.0, ref / v) if v > 0 else 1.0
+        return min(1.0, v / ref) if ref > 0 else 1.0
+
     values = {k: max(v, floor) for k, v in values.items()}
     intervals = intervals or {}
-    best = (max if better == "higher" else min)(values, key=values.get)
-    if (top := intervals.get(best)) is not None:
-        values = {k: values[best] if (ci := intervals.get(k)) and ci[0] <= top[1] and top[0] <= ci[1] else v
-                  for k, v in values.items()}
-    if better == "higher":
-        top = max(values.values())
-        return {k: (v / top if top > 0 else 1.0) for k, v in values.items()}
-    low = min(values.values())
-    return {k: (low / v if v > 0 else 1.0) for k, v in values.items()}
+    best = (min if lower else max)(values, key=values.get)
+    top = intervals.get(best)
+    if top is None:
+        return {k: ratio(values[best], v) for k, v in values.items()}
+    tied = {k: max(ci[1] if lower else ci[0], floor) for k in values
+            if (ci := intervals.get(k)) is not None and ci[0] <= top[1] and top[0] <= ci[1]}
+    leader = (min if lower else max)(tied, key=tied.get)
+    return {k: ratio(tied[leader], tied[k]) if k in tied else ratio(values[leader], v) for k, v in values.items()}
 
 
 def score_condition(entries: list[Entry], weights: dict[str, float]) -> list[str]:
@@ -260,6 +267,43 @@ def score_condition(entries: list[Entry], weights: dict[str, float]) -> list[str
     for e in fitting:
         e.score, e.used = total[e.candidate] / wsum, used
     return left_out
+
+
+def spread(entries: list[Entry]) -> float:
+    """The mean relative width of the 95% CIs behind a backend's scores: the tighter, the surer its numbers."""
+    widths = [(ci[1] - ci[0]) / abs(v) for e in entries if e.misfit is None for m in e.used
+              if (ci := METRICS[m].interval(e.cell)) and (v := METRICS[m].get(e.cell))]
+    return sum(widths) / len(widths) if widths else float("inf")
+
+
+def margin_metrics(u: UseCase, entries: list[Entry]) -> list[str]:
+    """What a recommendation states its margins on: the use case's metrics, then the tails it has not weighted
+    (the p99 of each weighted latency, and TTFT p99), where both entries have them."""
+    tails = [name.replace("_p50_", "_p99_") for name in u.weights if name.endswith("_p50_ms")] + ["ttft_p99_ms"]
+    names = list(dict.fromkeys([*u.weights, *(c.metric for c in u.constraints), *tails]))
+    return [m for m in names if m in METRICS and all(METRICS[m].get(e.cell) is not None for e in entries)]
+
+
+def margin(m, a: CellView, b: CellView) -> str:
+    """"output tok/s 277 [270–280] vs 236 [230–240], 17% higher, beyond noise"."""
+    va, vb = m.get(a), m.get(b)
+    if vb == va or not vb:
+        diff = "equal" if vb == va else ""
+    else:
+        ratio = va / vb
+        diff = f"{abs(ratio - 1) * 100:.0f}% {'higher' if ratio > 1 else 'lower'}"
+    ca, cb = m.interval(a), m.interval(b)
+    noise = ("no CI" if ca is None or cb is None
+             else "within noise" if ca[0] <= cb[1] and cb[0] <= ca[1] else "beyond noise")
+    return f"{m.label} {with_interval(m, a)} vs {with_interval(m, b)}" + "".join(f", {x}" for x in (diff, noise) if x)
+
+
+def worse_beyond_noise(m, a: CellView, b: CellView) -> bool:
+    """a is worse than b on m, and their 95% CIs do not overlap."""
+    ca, cb = m.interval(a), m.interval(b)
+    if ca is None or cb is None:
+        return False
+    return ca[0] > cb[1] if m.better == "lower" else ca[1] < cb[0]
 
 
 def metric_summary(e: Entry, names: list[str]) -> str:
@@ -363,8 +407,9 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
 
     entries = []
     for c in relevant:
-        misfit = f"failed: {c.error_line or c.status}" if not c.ok else \
-            next((why for con in u.constraints if (why := con.check(c))), None)
+        misfit = (f"failed: {c.error_line or c.status}" if not c.ok
+                  else f"left out, unstable: {c.unstable}" if c.unstable
+                  else next((why for con in u.constraints if (why := con.check(c))), None))
         entries.append(Entry(names.candidate(c), (c.model, c.workload), c, misfit))
     by_cond: dict[tuple[str, str], list[Entry]] = defaultdict(list)
     for e in entries:
@@ -388,7 +433,8 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
         top = max((e.score for e in scored), default=None)
         wins.update(e.candidate for e in scored if e.score >= top - 1e-9)  # a tie is a win for each
     mean = {k: sum(e.score or 0.0 for e in es) / len(es) for k, es in per_cand.items()}
-    order = sorted(per_cand, key=lambda k: (-mean[k], -wins[k], k))
+    # Level on score and wins: the tighter intervals rank first, never the wider ones.
+    order = sorted(per_cand, key=lambda k: (-mean[k], -wins[k], spread(per_cand[k]), k))
     ranking = Table(["rank", "backend", "mean score", "workloads measured", "workloads won", "fits"],
                     [Row([str(i + 1), k, f"{mean[k]:.3f}", str(len(per_cand[k])), str(wins[k]),
                           f"{sum(e.misfit is None for e in per_cand[k])} of {len(per_cand[k])}"],
@@ -396,6 +442,7 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
                      for i, k in enumerate(order)])
 
     evidence: list[str] = []
+    cautions: list[str] = []
     if all(e.misfit is not None for e in entries):
         recommendation = "No recommendation: no measured backend meets this use case's constraints (see below)."
     elif all(e.score is None for e in entries if e.misfit is None):
@@ -410,7 +457,9 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
         for e in sorted(by_cond[key], key=lambda e: -(e.score or 0)):
             evidence.append(f"{e.candidate} at {names.condition(key)}: "
                             + (f"score {e.score:.2f}; {metric_summary(e, shown)}" if e.misfit is None
-                               else f"does not fit: {e.misfit}") + f" ({e.ref})")
+                               else f"does not fit: {e.misfit}") + f" ({e.ref})"
+                            + (f"; {e.cell.served_at_once}, its latencies count the wait" if e.cell.served_at_once
+                               else ""))
         if len(per_cand) == 1:
             recommendation = (f"{best}: the only backend measured for this use case (mean score {mean[best]:.2f}); "
                               "there is nothing to compare it against.")
@@ -419,8 +468,19 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
             tied = [k for k in order[1:] if mean[best] - mean[k] < 0.005]
             recommendation = (f"{best}: mean score {mean[best]:.2f}, first on {wins[best]} of the "
                               f"{len(per_cand[best])} workload(s) it was measured on; "
-                              + (f"a tie within noise with {', '.join(tied)}: choose among them on other grounds."
+                              + (f"level with {', '.join(tied)} (ranked first by its tighter intervals)."
                                  if tied else f"next: {runner} at {mean[runner]:.2f}."))
+        winner = next((e for e in by_cond[key] if e.candidate == best and e.misfit is None), None)
+        rival = max((e for e in by_cond[key] if e.candidate != best and e.misfit is None),
+                    key=lambda e: e.score or 0, default=None)
+        if winner is not None and rival is not None:
+            compared = margin_metrics(u, [winner, rival])
+            recommendation += (f" At {names.condition(key)}, against {rival.candidate} (95% CIs): "
+                               + "; ".join(margin(METRICS[m], winner.cell, rival.cell) for m in compared) + ".")
+            cautions += [f"{best}'s {METRICS[m].label} is worse than {rival.candidate}'s beyond noise at "
+                         f"{names.condition(key)}: {margin(METRICS[m], winner.cell, rival.cell)}"
+                         for m in compared if m not in u.weights and worse_beyond_noise(METRICS[m], winner.cell,
+                                                                                         rival.cell)]
         misfits = sum(e.misfit is not None for e in per_cand[best])
         if misfits:
             recommendation += f" It does not fit on {misfits} of them: see when the answer changes."
@@ -440,15 +500,17 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     prepared = "load_time_s" in metric_cols and any(e.cell.cell.prepare_time_s for e in entries)
     details = Table(["workload", "backend", "score", *(METRICS[m].label for m in metric_cols),
                      *(["one-off preparation (not in load time)"] if prepared else []), "cell", "run"],
-                    [Row([names.condition(key), e.candidate,
+                    [Row([names.condition(key),
+                          e.candidate + (f" ({e.cell.served_at_once})" if e.cell.served_at_once else ""),
                           f"{e.score:.3f}" if e.score is not None else "n/a",
                           *(with_interval(METRICS[m], e.cell) for m in metric_cols),
                           *([fmt_value(e.cell.cell.prepare_time_s, "s")] if prepared else []),
                           e.cell.id, e.cell.run.label],
-                         "does not fit" if e.misfit else "unstable" if e.cell.unstable else None)
+                         "unstable" if e.cell.unstable else "does not fit" if e.misfit else None)
                      for key, es in by_cond.items() for e in sorted(es, key=lambda e: -(e.score or 0))])
-    cautions = [f"{e.candidate} at {names.condition(e.condition)} is unstable (its repetitions disagree), so its "
-                f"numbers are not typical: {e.cell.unstable} ({e.ref})" for e in entries if e.cell.unstable]
+    cautions += [f"{e.candidate} at {names.condition(e.condition)} is left out: it is unstable (its repetitions "
+                 f"disagree), so its numbers are not typical: {e.cell.unstable} ({e.ref})"
+                 for e in entries if e.cell.unstable]
     if prepared:
         cautions.append("Load time excludes one-off preparation that later runs reuse (a GGUF conversion, cached): "
                         "it is shown beside it in the table below.")
@@ -469,6 +531,18 @@ class GuideData:
     generated: str
     runs: Table
     use_cases: list[UseCaseResult]
+    workloads: Table = field(default_factory=lambda: Table([], []))
+
+
+def workloads_table(cells: list[CellView]) -> Table:
+    """Each workload as set and as sent: a file's prompts are cut at input_tokens and its replies run as long as
+    the data's, so the settings are caps; the lengths the requests really had are measured beside them."""
+    groups: dict[tuple[str, str], list[CellView]] = defaultdict(list)
+    for c in cells:
+        groups[(c.run.label, c.workload)].append(c)
+    rows = [[workload, run, describe_workload(cs[0].workload_spec), measured_lengths(cs) or "nothing completed"]
+            for (run, workload), cs in groups.items()]
+    return Table.of(["workload", "run", "settings", "measured per request"], rows)
 
 
 def build_guide(runs: list[Run], use_cases: list[UseCase]) -> GuideData:
@@ -481,6 +555,7 @@ def build_guide(runs: list[Run], use_cases: list[UseCase]) -> GuideData:
                       [[r.label, str(r.path), str(r.environment.get("hostname") or "?"), str(len(r.cells))]
                        for r in runs]),
         use_cases=[evaluate(u, cells) for u in use_cases],
+        workloads=workloads_table(cells),
     )
 
 
@@ -492,5 +567,5 @@ def write_guide(results: list[Path | str], out: Path | str, rules: list[Path] | 
         raise ResultsError(f"--out {out}: expected a file name ending in .md or .html")
     data = build_guide(load_runs(list(results)), load_rules(rules))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(data, f"guide.{fmt}.j2", fmt, scoring=SCORING))
+    atomic_write(out, render(data, f"guide.{fmt}.j2", fmt, scoring=SCORING))
     return out

@@ -21,17 +21,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import jinja2
+import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
 from harness.analyze import plots
 from harness.analyze.capacity import capacity_notes
 from harness.analyze.plots import Plot
-from harness.results.catalogue import CATALOGUE, headline_label, split_name
+from harness.core.files import atomic_write, replace_written
+from harness.results.catalogue import CATALOGUE, headline_label, split_name, verdict_name
 from harness.results.frame import frame_of
 from harness.results.markdown import md_escape
 from harness.results.runs import METRICS, CellView, Run, fmt_interval, fmt_value, load_runs
-from harness.results.summary import numbers_basis
+from harness.results.summary import numbers_basis, queued
 from own_engine.units import fmt_bytes
 
 FORMATS = ("md", "html")
@@ -161,33 +163,88 @@ def describe_load(load: Any) -> str:
     if kind == "concurrency":
         return f"concurrency {load.get('concurrency')}"
     if kind == "poisson":
-        return f"Poisson arrivals at {load.get('rate')} req/s"
+        burst = load.get("burstiness", 1)
+        text = (f"Poisson arrivals at {load.get('rate')} req/s" if burst == 1 else
+                f"gamma arrivals (burstiness {burst:g}) at {load.get('rate')} req/s")
+        if ramp := load.get("ramp_up"):
+            text += (f", ramped up {ramp.get('strategy', 'linear')}ly from {ramp.get('start_rate'):g} req/s over "
+                     f"{ramp.get('duration_s'):g} s")
+        return text + stop_text(load)
     if kind == "trace":
-        return f"trace replay of {Path(str(load.get('path'))).name} at speed ×{load.get('speedup', 1)}"
+        return (f"trace replay of {Path(str(load.get('path'))).name} at speed ×{load.get('speedup', 1)}"
+                + stop_text(load))
     if kind == "capacity":
         return f"capacity search over the {load.get('search', 'rate')}, attainment {load.get('attainment', 0.99)}"
     return str(kind)
 
 
-WORKLOAD_KEYS = ("name", "input_tokens", "output_tokens", "num_requests", "load", "warmup_requests")
+def stop_text(load: dict[str, Any]) -> str:
+    stop = load.get("oversaturation_stop")
+    return "" if not stop else (f", stopped once over-saturated (after {stop.get('min_s', 5):g} s at the "
+                                f"earliest)")
+
+
+def steady_state_text(window: dict[str, Any] | None) -> str | None:
+    if not window:
+        return None
+    return (f"metrics over the steady state: requests scheduled in the first {window.get('skip_start_s', 0):g} s "
+            f"and the last {window.get('skip_end_s', 0):g} s of each repetition left out")
+
+
+WORKLOAD_KEYS = ("name", "input_tokens", "output_tokens", "num_requests", "load", "warmup_requests", "steady_state")
+
+
+def describe_length(v: Any) -> str:
+    """A length setting: a number, or a distribution in words ("lognormal, mean 64, std 32, 8–512")."""
+    if not isinstance(v, dict):
+        return str(v)
+    if v.get("dist") == "fixed":
+        return f"{v.get('mean'):g}"
+    parts = [f"{k} {v[k]:g}" for k in ("mean", "std") if isinstance(v.get(k), (int, float))]
+    return ", ".join([f"{v.get('dist')}", *parts, f"{v.get('min', 1)}–{v.get('max')}"])
 
 
 def describe_workload(w: dict[str, Any]) -> str:
     if not w:
         return "workload settings not recorded"
+    prompts = w.get("prompts") or {}
+    inputs, outputs = w.get("input_tokens"), w.get("output_tokens")
     if (w.get("load") or {}).get("type") == "trace":  # its rows give the lengths; the workload's are not used
         lengths = ["the trace’s own input and output tokens"]
     else:
-        inputs = w.get("input_tokens")
-        lengths = [f"{inputs if inputs is not None else 'the prompts’ own'} input tokens",
-                   f"{w.get('output_tokens')} output tokens"]
+        # A file's prompts are cut at input_tokens (truncate) and its replies' lengths come first: the settings are
+        # caps and defaults there, not the lengths sent (the measured ones are stated beside them).
+        lengths = [f"input tokens cut at {describe_length(inputs)}" if prompts.get("truncate")
+                   else "the prompts’ own input tokens" if inputs is None or prompts.get("type") == "file"
+                   else f"{describe_length(inputs)} input tokens",
+                   f"output tokens from the data, else {describe_length(outputs)}"
+                   if prompts.get("output_from") == "data" else f"{describe_length(outputs)} output tokens"]
     parts = [*lengths, f"{w.get('num_requests')} requests", describe_load(w.get("load"))]
     if w.get("warmup_requests") is not None:
         parts.append(f"{w['warmup_requests']} warm-up")
+    if window := steady_state_text(w.get("steady_state")):
+        parts.append(window)
     # Settings added after this was written (sweeps, prompt sources) still show, as they are.
     parts += [f"{k}: {json.dumps(v)}" for k, v in w.items()
               if k not in WORKLOAD_KEYS and v not in (None, {}, []) and v != {"type": "synthetic"}]
     return ", ".join(parts)
+
+
+def length_range(values: list[int]) -> str:
+    """"p50 25 (18–44)", or "exactly 128" when every request had it."""
+    if min(values) == max(values):
+        return f"exactly {values[0]}"
+    return f"p50 {np.percentile(values, 50):g} ({min(values)}–{max(values)})"
+
+
+def measured_lengths(cells: list[CellView]) -> str | None:
+    """The input and output lengths the cells' requests really had (pooled over the cells that completed)."""
+    done = [r for c in cells if c.ok for r in c.records if r.ok]
+    inputs = [r.input_tokens for r in done if r.input_tokens is not None]
+    if not done:
+        return None
+    return ", ".join(([f"input tokens {length_range(inputs)}"] if inputs else [])
+                     + [f"output tokens {length_range([r.n_out for r in done])}"])
 
 
 def scenario_rows(run: Run) -> list[tuple[str, str]]:
@@ -226,6 +283,11 @@ class Labels:
 
     def backend(self, c: CellView) -> str:
         return " ".join([c.backend] + ([c.model] if self.models else []) + ([f"@{c.run.label}"] if self.runs else []))
+
+    def served(self, c: CellView) -> str:
+        """The backend, and how many it served at once where that is fewer than the load asked: a reader must see
+        which cells held requests in a queue (their latencies count the wait, so all compare under one load)."""
+        return self.backend(c) + (f" ({c.served_at_once})" if c.served_at_once else "")
 
     def series(self, c: CellView, *, without: str | None = None) -> str:
         """The backend and the cell's sweep point, less the swept setting `without`."""
@@ -386,6 +448,11 @@ def client_text(c: CellView) -> str:
         rates = f"{fmt_value(m['offered_rate_rps'], 'req/s')} offered, " + rates
     lags = [f"{label} p99 {fmt_value((m.get(key) or {}).get('p99'), 'ms')}"
             for key, label in (("dispatch_lag_ms", "dispatch lag"), ("loop_lag_ms", "loop lag"))]
+    if (scheduled := (m.get("e2el_including_client_queue_ms") or {}).get("p99")) is not None:
+        lags.append(f"E2E latency p99 {fmt_value(scheduled, 'ms')} from the schedule, "
+                    f"{fmt_value((m.get('e2el_ms') or {}).get('p99'), 'ms')} from the send")
+    if c.cell.cpu_isolation is not None:
+        lags.append(c.cell.cpu_isolation.describe())
     return ", ".join([rates, *lags]) + (" — client limited" if c.cell.client_limited else "")
 
 
@@ -406,19 +473,29 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
     headers += ["status"] + [h for h, _ in columns]
     rows = []
     for c in cells:
-        values = [c.backend] + ([c.model] if labels.models else []) + [show(k, c.sweep.get(k)) for k in sweep_keys]
+        values = [c.backend + (f" ({c.served_at_once})" if c.served_at_once else "")]
+        values += ([c.model] if labels.models else []) + [show(k, c.sweep.get(k)) for k in sweep_keys]
         values += ([c.run.label] if labels.runs else []) + [c.status] + [f(c, numbers) for _, f in columns]
         rows.append(Row(values, row_mark(c), c.id))
+    notes += [f"{labels.series(c)}: {queued(c.cell)}" for c in cells if c.served_at_once]
     notes += [f"{labels.series(c)} is unstable: {c.unstable}" for c in cells if c.unstable]
     notes += [f"{labels.series(c)} is client limited (its numbers describe the load generator more than the "
               f"engine; bench calibrate measures this machine's): {'; '.join(c.cell.client_limited_reasons)}"
               for c in cells if c.ok and c.cell.client_limited]
+    notes += [f"{labels.series(c)}: the client's own queue moved its latencies beyond noise (coordinated omission), "
+              f"so verdicts read them from the scheduled send: {'; '.join(c.cell.client_queue_shift)}"
+              for c in cells if c.ok and c.cell.client_queue_shift]
+    notes += [f"{labels.series(c)} stopped early, {why}" for c in cells if c.ok for why in c.cell.oversaturation]
+    notes += [f"{labels.series(c)}: {c.metric('outside_steady_state'):.0f} requests per repetition (median) outside "
+              f"the steady state, left out of its metrics" for c in cells if c.ok and c.metric("outside_steady_state")]
     notes += [n for c in cells if c.ok and (n := page_cache_note(c, labels.series(c)))]
     notes += capacity_notes(cells, labels.series)
     # The scenario's own definition of the workload, before any sweep expanded it.
     spec = next((w for c in cells for w in c.run.scenario.get("workloads", []) if w.get("name") == name),
                 next((c.workload_spec for c in cells if c.workload_spec), {}))
     description = describe_workload(spec)
+    if measured := measured_lengths(cells):
+        description += f"; measured per request: {measured}"
     if sweep_keys:
         values = {k: dict.fromkeys(show(k, c.sweep[k]) for c in cells if k in c.sweep) for k in sweep_keys}
         swept = ", ".join(f"{k} ∈ {{{', '.join(vs)}}}" for k, vs in values.items())
@@ -458,7 +535,7 @@ def verdict(cells: list[CellView], name: str, numbers: Numbers, label: Callable[
     """The best ok cell on one headline metric; beyond noise when its 95% CI and the runner-up's do not overlap.
     Unstable cells (repetitions that disagree) are left out of the comparison; an unstable best decides nothing."""
     m = CATALOGUE[split_name(name)[0]]
-    measured = [(c, *numbers.get(c, name)) for c in cells if c.ok]
+    measured = [(c, *numbers.get(c, verdict_name(name, bool(c.cell.client_queue_shift)))) for c in cells if c.ok]
     measured = sorted([x for x in measured if x[1] is not None], key=lambda x: x[1] if m.better == "lower" else -x[1])
     if not measured:
         return None
@@ -502,8 +579,12 @@ def verdict_table(cells: list[CellView], labels: Labels, numbers: Numbers) -> Ve
     rows = []
     for (model, workload), cs in groups.items():
         rows.append(([workload] + ([model] if labels.models else []),
-                     [verdict(cs, n, numbers, labels.backend) for n in names]))
-    notes = [f"{labels.series(c)} failed: {c.error_line or c.status}" for c in cells if not c.ok]
+                     [verdict(cs, n, numbers, labels.served) for n in names]))
+    notes = [f"{labels.series(c)} {c.status}: {c.error_line or c.status}" for c in cells if not c.ok]
+    notes += [f"{labels.series(c)}: {queued(c.cell)}" for c in cells if c.served_at_once]
+    notes += [f"{labels.series(c)}: its TTFT and E2E latency are read from the scheduled send time, the client's "
+              f"own queue included ({'; '.join(c.cell.client_queue_shift)})"
+              for c in cells if c.ok and c.cell.client_queue_shift]
     notes += [f"{labels.series(c)} is unstable (its repetitions disagree): its medians are not typical values"
               for c in cells if c.unstable]
     headers = ["workload"] + (["model"] if labels.models else []) + [metric_header(n) for n in names]
@@ -586,11 +667,22 @@ def prefix_reuse_table(runs: list[Run]) -> Table | None:
             rows.append([r.label, c.model, c.workload, c.backend,
                          f"{reuse.reused_tokens:,}" if measured else "not reported",
                          f"{sent:,}" if sent is not None else "–",
-                         f"{reuse.reused_tokens / sent:.0%}" if measured and sent else "–", reuse.source])
+                         f"{reuse.reused_tokens / sent:.0%}" if measured and sent else "–",
+                         reuse.source + (f"; {why}" if (why := why_no_reuse(CellView(r, c))) else "")])
     if not rows:
         return None
     return Table.of(["run", "model", "workload", "backend", "prompt tokens reused", "prompt tokens sent", "share",
                      "counted by"], rows)
+
+
+def why_no_reuse(c: CellView) -> str | None:
+    """Why an engine that reuses whole KV blocks reused nothing of a shared prefix shorter than one block."""
+    prefix, block, reuse = c.spec_value("prompts.prefix_tokens"), c.cell.engine.get("block_size"), c.cell.prefix_reuse
+    if not (reuse and reuse.reused_tokens == 0 and isinstance(prefix, int)
+            and isinstance(block, int) and prefix < block):
+        return None
+    return (f"0 reused: the shared prefix ({prefix} tokens) is shorter than the engine's KV block ({block} tokens), "
+            f"and it reuses whole blocks only (a smaller options.block_size would let it)")
 
 
 def build_report(runs: list[Run]) -> ReportData:
@@ -669,20 +761,14 @@ def write_report(results: list[Path | str], out_dir: Path | str, formats: Iterab
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if "md" in formats:
-        plot_dir = out_dir / "plots"
-        plot_dir.mkdir(exist_ok=True)
-        drawn = [p for p in all_plots(data) if p.png]
-        for old in plot_dir.glob("*.png"):
-            if old.stem not in {p.slug for p in drawn}:
-                old.unlink()
-        for p in drawn:
-            (plot_dir / f"{p.slug}.png").write_bytes(p.png)
+        # Plots of an earlier report that this one does not draw go; nothing else in plots/ is ever touched.
+        replace_written(out_dir / "plots", {f"{p.slug}.png": p.png for p in all_plots(data) if p.png}, "bench report")
         path = out_dir / "report.md"
-        path.write_text(render(data, "report.md.j2", "md", image=lambda p: Markup(f"plots/{p.slug}.png")))
+        atomic_write(path, render(data, "report.md.j2", "md", image=lambda p: Markup(f"plots/{p.slug}.png")))
         written.append(path)
     if "html" in formats:
         path = out_dir / "report.html"
-        path.write_text(render(data, "report.html.j2", "html"))
+        atomic_write(path, render(data, "report.html.j2", "html"))
         written.append(path)
     return written
 

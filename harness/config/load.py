@@ -3,10 +3,12 @@ Every user mistake raises ScenarioError naming the file and the field."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import yaml
@@ -28,23 +30,70 @@ _UNION_MEMBER = re.compile(r"^(int|float|str|bool|list\[.*\]|constrained-.*|func
 
 
 def _loc(loc: tuple) -> str:
-    out = ""
+    out, previous = "", None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         elif _UNION_MEMBER.match(part) or (part in ("sequential", "concurrency", "poisson", "trace", "capacity",
                                                     "synthetic", "file", "document", "shared_prefix", "conversation")
-                                           and out.endswith(("load", "prompts"))):
-            continue  # pydantic's union tags add noise to the path the user sees
+                                           and previous in ("load", "prompts")):
+            pass  # pydantic's union tags add noise to the path the user sees (the tag only: load.concurrency stays)
         else:
             out += f".{part}" if out else str(part)
+        previous = part
     return out or "(top level)"
 
 
+_BRANCH_KINDS = (("list[", "list", "a list (a sweep over its values)"), ("bool", "bool", "true or false"),
+                 ("int", "int", "an integer"), ("float", "float", "a number"), ("str", "str", "a string"))
+
+
+_MODEL_WORDS = {"LengthDist": "a length distribution ({dist: ..., ...})",
+                "ThinkTime": "a think-time distribution ({dist: ..., ...})"}
+
+
+def _branch(tag: str) -> tuple[str, str]:
+    """(the JSON type a union member takes, how to say it): 'constrained-int' → an integer, a model → a mapping."""
+    for marker, kind, words in _BRANCH_KINDS:
+        if tag.startswith(marker) or tag.removeprefix("constrained-").startswith(marker):
+            return kind, words
+    model = tag.rsplit(", ", 1)[-1].rstrip("]")
+    return "dict", _MODEL_WORDS.get(model, f"a mapping ({model})")
+
+
+def _kind(value: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}.get(type(value), "?")
+
+
+def union_errors(errors: list[dict]) -> list[dict]:
+    """Of the errors of a value that matches none of a union's members, those of the member that takes the value's
+    type (a mapping → the mapping's own complaint, not "should be a valid integer"); where no member takes it, one
+    error listing what would have been taken."""
+    groups: dict[tuple, list[tuple[int, dict]]] = {}
+    for e in errors:
+        at = next((i for i, p in enumerate(e["loc"]) if isinstance(p, str) and _UNION_MEMBER.match(p)), None)
+        groups.setdefault(e["loc"][:at] if at is not None else e["loc"], []).append((at, e))
+    out = []
+    for where, members in groups.items():
+        if members[0][0] is None or len({e["loc"][at] for at, e in members}) < 2:
+            out += [e for _, e in members]
+            continue
+        value = next((e["input"] for at, e in members if len(e["loc"]) == at + 1), None)
+        fits = [e for at, e in members if _branch(e["loc"][at])[0] in (_kind(value), "float" if _kind(value) == "int"
+                                                                         else None)]
+        if fits:
+            out += fits
+        else:
+            taken = dict.fromkeys(_branch(e["loc"][at])[1] for at, e in members)
+            out.append({"loc": where, "type": "union", "msg": f"expected {' or '.join(taken)}", "input": value})
+    return out
+
+
 def format_validation_error(source: str, err: ValidationError, prefix: str = "") -> str:
-    """One line per field: 'file: field: what was expected (got ...)'; union alternatives joined with 'or'."""
+    """One line per field: 'file: field: what was expected (got ...)'; of a union's members, the one that takes the
+    value's type says what is wrong (union_errors)."""
     problems: dict[str, list[str]] = {}
-    for e in err.errors():
+    for e in union_errors(err.errors()):
         where = _loc(tuple(e["loc"]))
         where = f"{prefix}.{where}" if prefix and where != "(top level)" else (prefix or where)
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
@@ -59,6 +108,8 @@ def format_validation_error(source: str, err: ValidationError, prefix: str = "")
 
 MAX_DEPTH = 64  # nested mappings and lists, aliases expanded; real scenarios use fewer than 10
 MAX_VALUES = 100_000  # values once every alias is expanded where it is used: an alias bomb is refused, not expanded
+MAX_EXPANDED_BYTES = 8 * 2**20  # the text of every value, aliases expanded: a long string aliased a thousand times
+MAX_FILE_BYTES = 8 * 2**20  # a scenario, gate policy or guide rules file; prompts and traces live in files of their own
 MAX_INT_CHARS = 30  # an integer literal longer than this is no count, size or seed anyone means
 
 
@@ -108,9 +159,11 @@ _LimitedLoader.add_constructor("tag:yaml.org,2002:int", _LimitedLoader.construct
 
 
 def _check_expansion(root: yaml.Node) -> None:
-    """Refuse an alias that contains itself, and a document whose aliases expand beyond MAX_VALUES values or
-    MAX_DEPTH levels. Sizes are counted per distinct node (memoized), so an alias bomb costs linear time here."""
+    """Refuse an alias that contains itself, and a document whose aliases expand beyond MAX_VALUES values,
+    MAX_EXPANDED_BYTES of text or MAX_DEPTH levels. Sizes are counted per distinct node (memoized), so an alias bomb
+    costs linear time here."""
     size: dict[int, int] = {}
+    nbytes: dict[int, int] = {}
     depth: dict[int, int] = {}
     open_nodes: set[int] = set()  # the path from the root: an alias back into it is recursive
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
@@ -122,9 +175,13 @@ def _check_expansion(root: yaml.Node) -> None:
         if finished:
             open_nodes.discard(key)
             size[key] = 1 + sum(size[id(c)] for c in children)
+            nbytes[key] = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(nbytes[id(c)]
+                                                                                            for c in children)
             depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
-            if size[key] > MAX_VALUES or depth[key] > MAX_DEPTH:
-                what = f"more than {MAX_VALUES:,} values" if size[key] > MAX_VALUES else f"more than {MAX_DEPTH} levels"
+            what = (f"more than {MAX_VALUES:,} values" if size[key] > MAX_VALUES else
+                    f"more than {MAX_EXPANDED_BYTES // 2**20} MiB of text" if nbytes[key] > MAX_EXPANDED_BYTES else
+                    f"more than {MAX_DEPTH} levels" if depth[key] > MAX_DEPTH else None)
+            if what:
                 raise yaml.composer.ComposerError(None, None, f"with its aliases expanded this is {what}",
                                                   node.start_mark)
         elif key in open_nodes:
@@ -149,23 +206,40 @@ def load_yaml(text: str):
         loader.dispose()
 
 
+def load_yaml_file(path: Path, what: str, error: type[UserError] = UserError):
+    """A YAML file (a scenario, gate policy, guide rules) read and parsed within the limits above: at most
+    MAX_FILE_BYTES, UTF-8 text, load_yaml. Every problem raises `error` naming the file and `what` it should be."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise error(f"{str(path)[:200]}: no such {what} file") from None
+    except OSError as e:
+        raise error(f"{str(path)[:200]}: cannot read the {what} file: {e.strerror or e}") from None
+    except ValueError:  # a NUL byte in the path
+        raise error(f"{str(path)[:200]!r}: not a usable file name (it holds a NUL byte)") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise error(f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB: not a {what} file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}): not a {what} file") from None
+    try:
+        return load_yaml(text)
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tagged or timestamp-like value that is none (2001-02-30)
+        raise error(f"{path}: not valid YAML: {e}") from None
+
+
 def load_scenario(path: Path | str) -> Scenario:
     """Parse and fully validate a scenario; every user mistake raises ScenarioError naming file and field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise ScenarioError(f"{path}: no such scenario file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ScenarioError(f"{str(path)[:200]}: cannot read the scenario: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        data = load_yaml(text)
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tagged or timestamp-like value that is none (2001-02-30)
-        raise ScenarioError(f"{path}: not valid YAML: {e}") from None
+    data = load_yaml_file(path, "scenario", ScenarioError)
     if data is None:
         raise ScenarioError(f"{path}: the file is empty; expected a mapping with name, models, backends, workloads")
     if not isinstance(data, dict):
         raise ScenarioError(f"{path}: the top level must be a mapping (name, models, backends, ...), got a {type(data).__name__}")
+    if (where := _nul_byte(data)) is not None:
+        raise ScenarioError(f"{path}: {where or '(a key)'}: holds a NUL byte, which no file name, URL or option can")
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as e:
@@ -180,6 +254,20 @@ def load_scenario(path: Path | str) -> Scenario:
     except PromptCheckError as e:
         raise ScenarioError(str(e)) from None
     return scenario
+
+
+def _nul_byte(data, where: str = "") -> str | None:
+    """Where the first string holding a NUL byte is (the operating system refuses it in paths and arguments)."""
+    if isinstance(data, str):
+        return where if "\0" in data else None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and "\0" in key:
+            return where
+        inner = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+        if (found := _nul_byte(value, inner)) is not None:
+            return found
+    return None
 
 
 def _resolve_paths(scenario: Scenario, base: Path) -> None:
@@ -202,6 +290,8 @@ def _check_backends(scenario: Scenario, source: str) -> None:
         if m.path is not None and not _is_file(m.path / "config.json", f"{source}: models.{name}.path"):
             raise ScenarioError(f"{source}: models.{name}.path: expected an HF model folder with config.json, "
                                 f"but {m.path} {'has none' if m.path.is_dir() else 'does not exist'}")
+        if m.path is not None:
+            _check_model_config(m.path / "config.json", f"{source}: models.{name}.path")
     for i, b in enumerate(scenario.backends):
         where = f"{source}: backends[{i}]"
         try:
@@ -241,6 +331,20 @@ def _check_traces(scenario: Scenario, source: str) -> None:
         if len(rows) < most:
             raise ScenarioError(f"{where}: the trace has {len(rows)} rows, fewer than num_requests ({most}): each "
                                 f"repetition replays the first num_requests rows")
+
+
+def _check_model_config(path: Path, where: str) -> None:
+    """Every engine reads config.json as a JSON object (an HF config): anything else is refused here, not met as a
+    traceback in a worker."""
+    try:
+        config = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ScenarioError(f"{where}: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ScenarioError(f"{where}: {path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ScenarioError(f"{where}: {path}: expected a JSON object (an HF model config), got a "
+                            f"{type(config).__name__}")
 
 
 def _is_file(path: Path, where: str) -> bool:

@@ -58,6 +58,8 @@ def model_context(scenario: Scenario, model: str) -> tuple[int, str] | None:
     except (OSError, ValueError):
         return None
     for c in (config, config.get("text_config") or {}):
+        if not isinstance(c, dict):
+            continue
         for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
             if isinstance(c.get(key), int):
                 return c[key], f"{key} in {spec.path / 'config.json'}"

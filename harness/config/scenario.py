@@ -20,6 +20,7 @@ from harness.config.conversation import ConversationPrompts
 from harness.config.generators import Generators, senders
 from harness.config.prompts import (DocumentPrompts, FilePrompts, LengthDist, SharedPrefixPrompts,
                                     SyntheticPrompts, length_bounds)
+from harness.config.shapes import OversaturationStop, RampUp, SteadyState
 from harness.core.spec import NAME_MAX, BackendSpec, Resources, Strict
 
 
@@ -104,16 +105,37 @@ class ConcurrencyLoad(Strict):
         return self
 
 
-class PoissonLoad(Generators):
-    """Open loop: requests arrive at exponential intervals with mean 1/rate, whatever completes."""
+OVERSATURATION_DESCRIPTION = ("end a repetition once the engine is over-saturated (GuideLLM's stop): the requests in "
+                              "flight and their TTFT both keep rising; one load generator only")
+
+
+class OneGenerator:
+    """A check for the open loops: an over-saturation stop is decided by the worker's own load generator."""
+
+    @model_validator(mode="after")
+    def _one_generator(self):
+        if self.oversaturation_stop is not None and senders(self) > 1:
+            raise ValueError("oversaturation_stop is decided by one load generator: it needs clients: 1 and no "
+                             "generators")
+        return self
+
+
+class PoissonLoad(OneGenerator, Generators):
+    """Open loop: requests arrive at random intervals of mean 1/rate (exponential: a Poisson process; gamma with
+    burstiness), whatever completes."""
     type: Literal["poisson"]
     rate: PositiveRate | list[PositiveRate] = Field(description="requests per second; a list sweeps")
     _sweep = field_validator("rate")(sweep_values)
+    burstiness: PositiveRate = Field(1.0, description="gaps drawn from a gamma distribution of this shape (vLLM's "
+                                     "--burstiness): 1 a Poisson process, below 1 burstier, above 1 more regular")
+    ramp_up: RampUp | None = Field(None, description="climb to the rate from ramp_up.start_rate over "
+                                   "ramp_up.duration_s, linearly or exponentially")
+    oversaturation_stop: OversaturationStop | None = Field(None, description=OVERSATURATION_DESCRIPTION)
     clients: Positive = Field(1, description=CLIENTS_DESCRIPTION)
     max_duration_s: PositiveRate | None = Field(None, description=MAX_DURATION_DESCRIPTION)
 
 
-class TraceLoad(Generators):
+class TraceLoad(OneGenerator, Generators):
     """Open loop replaying a recorded trace (mooncake JSONL: timestamp ms, input_length, output_length, hash_ids):
     request j of each repetition leaves at row j's time, with row j's lengths; rows sharing a hash_id share that
     block of prompt. num_requests rows are replayed (the first ones)."""
@@ -121,6 +143,7 @@ class TraceLoad(Generators):
     path: Path = Field(description="the trace, a JSONL file; relative to the scenario file")
     speedup: PositiveRate = Field(1.0, description="replay this many times faster (2: half the gaps)")
     block_tokens: Positive = Field(512, description="tokens of prompt per hash_id block")
+    oversaturation_stop: OversaturationStop | None = Field(None, description=OVERSATURATION_DESCRIPTION)
     max_duration_s: PositiveRate | None = Field(None, description=MAX_DURATION_DESCRIPTION)
 
 
@@ -167,6 +190,9 @@ class Workload(Strict):
     prompts: PromptSource = Field(default_factory=SyntheticPrompts)
     max_error_rate: float | None = Field(None, ge=0, le=1, description="this workload's cells fail when more of "
                                          "their requests fail; default: the scenario's max_error_rate")
+    steady_state: SteadyState | None = Field(None, description="metrics over the middle of each repetition only: "
+                                             "requests scheduled in its first skip_start_s or last skip_end_s "
+                                             "seconds are left out")
 
     _sweep = field_validator("input_tokens", "output_tokens", "num_requests")(sweep_values)
 

@@ -79,3 +79,13 @@ class CellContext:
     dir: Path
     seed: int = 0
     vram_budget: int | None = None
+    # The most requests the load keeps in flight at once (a closed loop's concurrency, 1 when sequential); None for
+    # an open loop or a capacity search, which have no fixed bound. A server sizes its slots by it.
+    concurrency: int | None = None
+    # The CPUs the engine runs on when the worker keeps one for its load generator (resources.isolate_client); None:
+    # every CPU. An engine sizes its thread pools by it (engine_threads).
+    engine_cpus: list[int] | None = None
+
+    def engine_threads(self) -> int | None:
+        """Threads for an engine whose user did not say: one per CPU it was given; None where it was not isolated."""
+        return len(self.engine_cpus) if self.engine_cpus else None

@@ -1,33 +1,51 @@
 """Processes the harness starts, written once for every served engine (llama.cpp, vLLM, TGI, our own).
 
-`launch` picks a free port on 127.0.0.1, starts the server (an argv list, never a shell) in its own session with its
-output in a log file in the cell's folder, and polls a readiness URL until it answers 200 from a port the launched
-process tree listens on, while checking that the process is still alive; any failure raises BackendError with the
+`launch` picks a free port on 127.0.0.1, starts the server (an argv list, never a shell) in its own session, with
+the variables that could move its bind (HOST, PORT, CONFIG_FILE, ...) removed from its environment and its output
+masked (harness/core/redact.py) into a log file in the cell's folder, and polls a readiness URL until it answers 200
+from a port the launched process tree listens on, while checking that the process is still alive. Once ready, no
+process of its group may listen beyond loopback (psutil), or it is stopped. Any failure raises BackendError with the
 tail of the log and leaves no process behind.
-`Server.stop` tears down the whole process group, SIGTERM first, SIGKILL after a grace period.
+`Server.stop` tears down the whole process group, SIGTERM first, SIGKILL after a grace period, then runs the server's
+cleanup command, if any (`docker rm -f NAME`: a container outlives the docker client that started it).
+`check_server_args` is the allowlist through which a backend takes extra server flags from a scenario.
 
-Every launched group is also recorded in the cell's `process_groups.jsonl` (removed again on a clean stop), so that
-the runner can kill what a worker left behind when the worker itself was killed (`kill_leftover_groups`). The runner
+Every launched group is also recorded in the cell's `process_groups.jsonl` (rewritten atomically; removed again on a
+clean stop), so that the runner can kill what a worker left behind when the worker itself was killed
+(`kill_leftover_groups`, which skips a damaged line with a warning). The runner
 records the worker's own group there too, and kills whatever is listed again before a resumed run reuses the folder;
 a worker whose runner is gone stops what it launched itself (`stop_launched`).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import fcntl
+import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from harness.core.errors import BackendError
+from harness.core.files import atomic_write
+from harness.core.redact import Redactor
 
 GROUPS_FILE = "process_groups.jsonl"
+# Variables servers read their bind from: uvicorn under llama_cpp.server (HOST, PORT, or a CONFIG_FILE naming
+# them), llama.cpp's llama-server (LLAMA_ARG_HOST, LLAMA_ARG_PORT), TGI's launcher (HOSTNAME, PORT).
+LISTEN_VARIABLES = re.compile(r"HOST|PORT|HOSTNAME|CONFIG_FILE|LLAMA_ARG_HOST|LLAMA_ARG_PORT|UVICORN_.*")
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -49,6 +67,42 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def check_server_args(argv: list[str], allowed: Iterable[str], engine: str) -> list[str]:
+    """For a validator of extra server argv: every option in argv must be one of `allowed` (`--flag`, `-f`), spelled
+    in full, as `--flag value...`, `--flag=value` or a bare `--flag`. It is checked by parsing argv with a parser that
+    knows those flags only and takes no abbreviations, so no spelling the engine's own parser would take for another
+    flag (`--hos` for --host under argparse, `--config_file`) gets through. Returns argv; raises ValueError naming
+    the first argument refused."""
+    parser = argparse.ArgumentParser(prog=engine, add_help=False, allow_abbrev=False, exit_on_error=False)
+    for flag in allowed:
+        parser.add_argument(flag, nargs="*")
+    try:
+        _, refused = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError as e:
+        refused = [str(e)]
+    if refused:
+        raise ValueError(f"{refused[0]!r:.80} is not a {engine} option the harness passes on (allowed: "
+                         f"{', '.join(sorted(allowed))}); where the server listens is the harness's: 127.0.0.1 at a "
+                         f"port it picks")
+    return list(argv)
+
+
+def secrets_to_environment(argv: list[str], variables: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """argv less the flags of `variables` (flag: the variable the server also reads it from) and their values, and
+    those values as variables: every local user can read a command line (/proc/PID/cmdline), only its owner a
+    process's environment. `--flag value` and `--flag=value` alike."""
+    kept: list[str] = []
+    env: dict[str, str] = {}
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in variables:
+            env[variables[flag]] = value if eq else next(args, "")
+        else:
+            kept.append(arg)
+    return kept, env
 
 
 def refuse_listen_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -83,6 +137,8 @@ class Server:
     port: int
     log_path: Path
     cell_dir: Path
+    cleanup: list[str] | None = None  # run after the group is stopped (`docker rm -f NAME`)
+    log_pump: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def pgid(self) -> int:
@@ -104,6 +160,8 @@ class Server:
             return None
 
     def log_tail(self, lines: int = 30) -> str:
+        if self.log_pump is not None and self.exited() is not None:
+            self.log_pump.join(timeout=2.0)  # a dead server's last lines are still on their way into the log
         return log_tail(self.log_path, lines)
 
     def exit_reason(self) -> str | None:
@@ -121,43 +179,71 @@ class Server:
         return f"{self.name} {how}; last lines of {self.log_path}:\n{self.log_tail()}"
 
     def stop(self, grace_s: float = 10.0) -> None:
-        stop_process_group(self.proc, grace_s)
-        _launched.pop(self.pgid, None)
+        self.halt(grace_s)
         _forget_group(self.cell_dir, self.pgid)
+
+    def halt(self, grace_s: float) -> None:
+        """Stop the group and run the cleanup command, touching none of the cell's files."""
+        stop_process_group(self.proc, grace_s)
+        run_cleanup(self.cleanup)
+        _launched.pop(self.pgid, None)
+        if self.log_pump is not None:
+            self.log_pump.join(timeout=5.0)
+
+
+def run_cleanup(argv: list[str] | None) -> None:
+    """A server's cleanup command; its failure (no docker any more, a container already gone) changes nothing."""
+    if not argv:
+        return
+    try:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 # The servers this process launched and has not stopped yet, for a worker whose runner is gone: it stops them
 # without touching the cell's files, which a resumed run may own by then.
-_launched: dict[int, subprocess.Popen] = {}
+_launched: dict[int, Server] = {}
 
 
 def stop_launched(grace_s: float) -> None:
     """Stop every server group this process launched and has not stopped (SIGTERM, SIGKILL after grace_s)."""
-    for proc in list(_launched.values()):
-        stop_process_group(proc, grace_s)
+    for server in list(_launched.values()):
+        server.halt(grace_s)
+
+
+def server_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment less the variables that could move a server's bind (LISTEN_VARIABLES), plus
+    `env` (the backend's own, checked the same way)."""
+    merged = {**os.environ, **(env or {})}
+    return {k: v for k, v in merged.items() if not LISTEN_VARIABLES.fullmatch(k.upper())}
 
 
 async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir: Path, ready_path: str,
                  timeout_s: float, env: dict[str, str] | None = None, ready: Callable[[int, str], bool] | None = None,
-                 poll_s: float = 0.25) -> Server:
+                 poll_s: float = 0.25, cleanup: list[str] | None = None) -> Server:
     """Start `argv_for_port(port)` and wait until GET http://127.0.0.1:port{ready_path} answers 200 (or `ready(status,
-    body)` says so). Output goes to CELL_DIR/NAME.log; `env` is added to this process's environment."""
+    body)` says so), then check that nothing of it listens beyond loopback. Output goes, masked, to
+    CELL_DIR/NAME.log; `env` is added to this process's environment (server_environment); `cleanup` is run after the
+    group is stopped, however it is stopped (a worker killed too: it is recorded with the group)."""
     import httpx
 
     port = free_port()
     argv = argv_for_port(port)
     log_path = cell_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})}, start_new_session=True)
-        except OSError as e:
-            raise BackendError(f"cannot start {name} ({argv[0]}): {e}") from None
-    server = Server(name, proc, port, log_path, cell_dir)
-    _launched[server.pgid] = proc
-    record_group(cell_dir, server.pgid, name, argv[0])
-    deadline = time.monotonic() + timeout_s
+    server_env = server_environment(env)
     try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=server_env, start_new_session=True)
+    except OSError as e:
+        raise BackendError(f"cannot start {name} ({argv[0]}): {e}") from None
+    server = Server(name, proc, port, log_path, cell_dir, cleanup)
+    _launched[server.pgid] = server
+    try:
+        server.log_pump = _masked_log(proc.stdout, log_path.open("wb"), Redactor({"argv": argv}, environ=server_env))
+        record_group(cell_dir, server.pgid, name, argv[0], cleanup)
+        deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
             while True:
                 if server.exited() is not None:
@@ -166,13 +252,19 @@ async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir:
                     r = await client.get(server.url + ready_path)
                     # Another process may have taken the port between free_port and the bind: only ours counts.
                     if (ready or _status_ok)(r.status_code, r.text) and _listens(server.proc.pid, port):
-                        return server
+                        break
                 except httpx.TransportError:
                     pass  # not listening yet
                 if time.monotonic() > deadline:
                     raise BackendError(f"{name} was not ready after {timeout_s:g} s (GET {ready_path}); "
                                        f"last lines of {log_path}:\n{server.log_tail()}")
                 await asyncio.sleep(poll_s)
+        beyond = listening_beyond_loopback(server.pgid)
+        if beyond:
+            raise BackendError(f"{name} listens beyond loopback, on {', '.join(beyond)}: stopped, the harness serves "
+                               f"on 127.0.0.1 only (look at the server's arguments, its config files and the "
+                               f"environment; {name}.log may say where it took the address from)")
+        return server
     except BaseException:
         # A timeout, a dead server or the worker being interrupted: nothing may outlive the launch. Stopped
         # synchronously, because an await here could itself be cancelled.
@@ -180,8 +272,55 @@ async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir:
         raise
 
 
+def _masked_log(pipe: IO[bytes], log: IO[bytes], redact: Redactor) -> threading.Thread:
+    """Copy the server's output into its log line by line, each through the Redactor (secrets the server prints,
+    vLLM's non-default args say, never reach the file). The pipe is drained to its end even when the log cannot be
+    written (a full disk), so the server never blocks on its output."""
+
+    def pump() -> None:
+        with pipe, log:
+            for line in iter(pipe.readline, b""):
+                try:
+                    log.write(redact(line.decode(errors="replace")).encode())
+                    log.flush()
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=pump, name="server-log", daemon=True)
+    thread.start()
+    return thread
+
+
 def _status_ok(status: int, body: str) -> bool:
     return status == 200
+
+
+def _group_processes(pgid: int) -> list:
+    """The live processes of a process group, and the descendants of its leader (which could have left it)."""
+    import psutil
+
+    procs = {}
+    try:
+        leader = psutil.Process(pgid)
+        procs = {p.pid: p for p in [leader, *leader.children(recursive=True)]}
+    except psutil.NoSuchProcess:
+        pass
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                procs.setdefault(p.pid, p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return list(procs.values())
+
+
+def _connections(proc) -> list:
+    import psutil
+
+    try:
+        return proc.net_connections(kind="inet") if hasattr(proc, "net_connections") else proc.connections("inet")
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
 
 
 def _listens(pid: int, port: int) -> bool:
@@ -193,37 +332,106 @@ def _listens(pid: int, port: int) -> bool:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return False
-    for proc in procs:
-        try:
-            conns = proc.net_connections(kind="tcp") if hasattr(proc, "net_connections") else proc.connections("tcp")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
-            return True
-    return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+               for proc in procs for c in _connections(proc))
+
+
+def listening_beyond_loopback(pgid: int) -> list[str]:
+    """Where processes of the group listen, or wait for datagrams, on an address other than loopback: "0.0.0.0:8080
+    (pid 12 python3)" each."""
+    import psutil
+
+    found = []
+    for proc in _group_processes(pgid):
+        for c in _connections(proc):
+            listening = c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)
+            if listening and c.laddr and not _is_loopback(c.laddr.ip):
+                try:
+                    who = proc.name()
+                except psutil.Error:
+                    who = "?"
+                found.append(f"{c.laddr.ip}:{c.laddr.port} (pid {proc.pid} {who})")
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 # ---- the record of launched groups, for cleaning up after a killed worker ------------------------------------------
 
-def record_group(cell_dir: Path, pgid: int, name: str, argv0: str) -> None:
+def record_group(cell_dir: Path, pgid: int, name: str, argv0: str, cleanup: list[str] | None = None) -> None:
     """Add a process group (its leader's pid, in a session of its own) to the cell's record: the runner kills what
-    is recorded there after the worker ends, and before the cell's folder is used again."""
+    is recorded there after the worker ends, and before the cell's folder is used again, and runs its cleanup."""
     try:
         created = _create_time(pgid)
     except ProcessLookupError:
         created = None
-    with (cell_dir / GROUPS_FILE).open("a") as f:
-        f.write(json.dumps({"pgid": pgid, "create_time": created, "name": name, "argv0": argv0}) + "\n")
+    entry = {"pgid": pgid, "create_time": created, "name": name, "argv0": argv0}
+    with _locked(cell_dir):
+        _write_groups(cell_dir, [*read_groups(cell_dir), entry | ({"cleanup": cleanup} if cleanup else {})])
 
 
 def _forget_group(cell_dir: Path, pgid: int) -> None:
+    with _locked(cell_dir):
+        _write_groups(cell_dir, [e for e in read_groups(cell_dir) if e["pgid"] != pgid])
+
+
+@contextlib.contextmanager
+def _locked(cell_dir: Path) -> Iterator[None]:
+    """The runner and its worker both rewrite the record: one at a time (a lock on the cell's folder), or one of
+    them would write back a copy without the other's entry."""
+    fd = os.open(cell_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_groups(cell_dir: Path, entries: list[dict]) -> None:
     path = cell_dir / GROUPS_FILE
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["pgid"] != pgid]
-        if keep:
-            path.write_text("".join(line + "\n" for line in keep))
+    if entries:
+        atomic_write(path, "".join(json.dumps(e) + "\n" for e in entries))
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_groups(cell_dir: Path) -> list[dict]:
+    """The recorded groups; a line that is not a whole record (a crash mid-write of an older version, a disk error)
+    is skipped with a warning on stderr, never trusted: a pgid of 0 or 1 would signal this process's group or every
+    process."""
+    path = cell_dir / GROUPS_FILE
+    try:
+        lines = path.read_bytes().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        print(f"warning: {path}: cannot read it ({e.strerror or e}): its process groups are not cleaned up",
+              file=sys.stderr)
+        return []
+    entries = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            valid = (isinstance(entry, dict) and type(entry.get("pgid")) is int and entry["pgid"] > 1
+                     and isinstance(entry.get("create_time"), (int, float, type(None)))
+                     and _is_argv(entry.get("cleanup", [])))
+        except ValueError:
+            valid = False
+        if valid:
+            entries.append(entry)
         else:
-            path.unlink()
+            print(f"warning: {path}:{n}: skipped a damaged line ({line[:80]!r})", file=sys.stderr)
+    return entries
+
+
+def _is_argv(value) -> bool:
+    return isinstance(value, list) and all(isinstance(a, str) for a in value)
 
 
 def _create_time(pid: int) -> float:
@@ -236,7 +444,8 @@ def _create_time(pid: int) -> float:
 
 
 def kill_leftover_groups(cell_dir: Path) -> list[int]:
-    """SIGKILL the process groups a worker recorded and never stopped; returns the groups signalled.
+    """SIGKILL the process groups a worker recorded and never stopped, and run their cleanup commands; returns the
+    groups signalled.
 
     A pid cannot be reused while it still names a live process group, so a group whose leader is gone but which still
     has members is ours; a live leader must also have the recorded start time (otherwise the pid was reused)."""
@@ -244,20 +453,22 @@ def kill_leftover_groups(cell_dir: Path) -> list[int]:
     if not path.is_file():
         return []
     killed = []
-    for line in path.read_text().splitlines():
-        if not line:
-            continue
-        entry = json.loads(line)
-        pgid = entry["pgid"]
+    with _locked(cell_dir):
+        entries = read_groups(cell_dir)
+        path.unlink(missing_ok=True)
+    for entry in entries:
+        pgid, created = entry["pgid"], entry.get("create_time")
+        if pgid == os.getpgrp():
+            continue  # never this process's own group, whatever the record says
         try:
-            if entry["create_time"] is not None and abs(_create_time(pgid) - entry["create_time"]) > 0.01:
-                continue  # the pid now belongs to another process
+            ours = created is None or abs(_create_time(pgid) - created) <= 0.01  # else the pid was reused
         except ProcessLookupError:
-            pass  # the leader is gone; its group may still have members
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-            killed.append(pgid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    path.unlink()
+            ours = True  # the leader is gone; its group may still have members
+        if ours:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+                killed.append(pgid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        run_cleanup(entry.get("cleanup"))  # a named container is ours whatever became of the client's pid
     return killed

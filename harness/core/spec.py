@@ -26,6 +26,10 @@ class Resources(Strict):
     vram_budget: str | None = Field(None, description="e.g. 8GiB; each backend maps it to its engine's setting")
     sample_interval_ms: float = Field(20.0, gt=0)
     drop_page_cache: bool = False
+    isolate_client: bool = Field(True, description="on a machine with 2 CPUs or more, pin the load generator to its "
+                                 "own CPU (one per client process, at most half of them) and the engine, its server "
+                                 "processes and threads to the rest, thread counts to match; false: both share every "
+                                 "CPU")
 
     @field_validator("vram_budget")
     @classmethod
@@ -53,6 +57,8 @@ class BackendSpec(Strict):
     api: Literal["completions", "chat"] = "completions"
     python: Path | None = Field(None, description="run this backend's worker with another interpreter (its own venv)")
     models: list[str] | None = Field(None, description="restrict this backend to these models")
+    optional: bool = Field(False, description="run it where its engine is installed; elsewhere its cells are recorded "
+                           "as skipped, with why and how to install it, and do not fail the run (false: they fail)")
     resources: Resources | None = None
     placement: Placement = Field(default_factory=Placement, description="with --executor ray: the resources each "
                                  "cell's Ray task needs (docs/scale-out.md); ignored by a local run")

@@ -11,7 +11,7 @@ import numpy as np
 
 from harness.config.conversation import ConversationPrompts, ThinkTime
 from harness.inputs.exact import Exact
-from harness.inputs.lengths import draw_lengths
+from harness.inputs.lengths import draw_lengths, same_each_repetition
 from harness.records import PromptEntry
 
 ROLES = {"user": "User", "assistant": "Assistant", "system": "System"}
@@ -42,9 +42,11 @@ def conversation_entries(exact: Exact, source: ConversationPrompts, segments: li
     order (the last one shorter when the turns run out)."""
     out: list[PromptEntry] = []
     session = 0
+    # Every repetition has the same sessions' turn counts and pauses (harness/inputs/lengths.py).
+    all_turns = same_each_repetition(lambda n: draw_lengths(source.turns, n, rng), segments)
+    all_thinks = same_each_repetition(lambda n: draw_think(source.think_time_s, n, rng), segments)
     for seg in segments:
-        turns = draw_lengths(source.turns, len(seg), rng)
-        thinks = draw_think(source.think_time_s, len(seg), rng)
+        turns, thinks = all_turns[seg.start:seg.stop], all_thinks[seg.start:seg.stop]
         i = n = 0
         while i < len(seg):
             for turn in range(min(turns[n], len(seg) - i)):

@@ -3,8 +3,9 @@ num_requests), built with the model's own tokenizer from the workload's prompt s
 Two runs with the same seed send the same prompts to every backend.
 
 Every repetition gets fresh prompts (fresh documents and prefixes too): a prefix cache must not make later
-repetitions look faster. Lengths drawn from a distribution are drawn here, seeded, and kept in the file (the prompt's
-own token_ids, and max_tokens).
+repetitions look faster. Lengths drawn from a distribution are drawn here, seeded, once for a repetition and the same
+for every repetition (their spread then measures the machine, not the draw), and kept in the file (the prompt's own
+token_ids, and max_tokens).
 
 They are built in a subprocess of the runner (`python -m harness.inputs.prompts`), under the cell's timeout once the
 tokenizer is loaded: the runner never loads a tokenizer, so it stays small, and a huge num_requests cannot stall it
@@ -24,7 +25,7 @@ from harness.core.files import atomic_write
 from harness.inputs import documents
 from harness.inputs.exact import Exact, PromptError
 from harness.inputs.files import DataFileError, Row, read_rows
-from harness.inputs.lengths import draw_lengths
+from harness.inputs.lengths import draw_lengths, same_each_repetition
 from harness.inputs.conversation import conversation_entries
 from harness.inputs.trace import trace_prompts
 from harness.records import PROMPT_FILE, PromptEntry
@@ -47,15 +48,20 @@ def make_prompts(tokenizer, workload: Workload, count: int, seed: int) -> list[P
     source = workload.prompts
     if isinstance(workload.load, TraceLoad):  # the trace gives each request's lengths and send time
         return trace_prompts(exact, workload.load, workload.warmup_requests, workload.num_requests, count, seed)
+    segs = segments(workload, count)
+
+    def lengths(value) -> list[int]:
+        return same_each_repetition(lambda n: draw_lengths(value, n, lengths_rng), segs)
+
     if source.type == "file":
-        entries = _from_file(exact, workload, count, lengths_rng)
+        entries = _from_file(exact, workload, count, lengths(workload.input_tokens) if source.truncate else None)
     else:
-        inputs = draw_lengths(workload.input_tokens, count, lengths_rng)
+        inputs = lengths(workload.input_tokens)
         build = {"synthetic": _synthetic, "document": _documents, "shared_prefix": _shared_prefix,
                  "conversation": _conversation}[source.type]
         entries = build(exact, workload, count, inputs)
     if isinstance(workload.output_tokens, LengthDist):
-        for e, n in zip(entries, draw_lengths(workload.output_tokens, count, lengths_rng)):
+        for e, n in zip(entries, lengths(workload.output_tokens)):
             if e.max_tokens is None:  # a length from the data comes first
                 e.max_tokens = n
     return entries
@@ -123,14 +129,13 @@ def _documents(exact: Exact, workload: Workload, count: int, inputs: list[int]) 
     return out
 
 
-def _from_file(exact: Exact, workload: Workload, count: int, lengths_rng) -> list[PromptEntry]:
-    """The file's rows in order, from the top again once they run out."""
+def _from_file(exact: Exact, workload: Workload, count: int, limits: list[int] | None) -> list[PromptEntry]:
+    """The file's rows in order, from the top again once they run out; each cut to its limit (truncate)."""
     source = workload.prompts
     try:
         rows = read_rows(Path(source.path))
     except DataFileError as e:
         raise PromptError(f"prompts.path: {e}") from None
-    limits = draw_lengths(workload.input_tokens, count, lengths_rng) if source.truncate else None
     out = []
     for i in range(count):
         row = rows[i % len(rows)]

@@ -16,15 +16,9 @@ from harness.records import CapacityResult, CapacityStep, CapacityStepResult, Re
 from harness.results.metrics import meets_slo, rate, stats
 
 
-def as_waited(r: RequestRecord) -> RequestRecord:
-    """The record timed from the request's arrival: a wait in the harness's queue for a backend's max_concurrency is
-    a wait in the engine's queue to its user, so the slo counts it."""
-    return replace(r, t_send=r.t_queued) if r.t_queued is not None else r
-
-
 def met_slo(records: list[RequestRecord], slo: SLO) -> int:
-    """How many of the records met the slo, timed from their arrival."""
-    return sum(r.ok and meets_slo(as_waited(r), slo) for r in records)
+    """How many of the records met the slo, timed from their arrival (RequestRecord.t_offered)."""
+    return sum(r.ok and meets_slo(r, slo) for r in records)
 
 
 def step_passes(met: int, requests: int, attainment: float) -> bool:
@@ -51,7 +45,7 @@ def reduce_capacity(records: list[RequestRecord], steps: list[CapacityStep], loa
     results = []
     for s in steps:
         mine = [r for r in records if r.repetition == s.step]
-        done = [as_waited(r) for r in mine if r.ok]
+        done = [r for r in mine if r.ok]
         ci = binomtest(s.met, s.sent).proportion_ci(0.95, method="wilson") if s.sent else None
         ttft = stats([r.ttft * 1e3 for r in done])
         tpot = stats([r.tpot * 1e3 for r in done if r.tpot is not None])

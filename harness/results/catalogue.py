@@ -38,10 +38,25 @@ CATALOGUE: dict[str, Metric] = {m.key: m for m in [
     # that took them as independent would call noise significant; it is gated per repetition (itl_ms.p50) instead.
     Metric("itl_ms", "ITL", "ms", "lower", "distribution", "{:.2f}"),
     Metric("e2el_ms", "E2E latency", "ms", "lower", "distribution", "{:.1f}", per_request="e2el", short="E2E"),
+    # From the scheduled send time (vLLM's e2el_including_client_queue): the client's own lateness included. Where they
+    # differ from the two above beyond noise (CellResult.client_queue_shift), verdicts read these (verdict_name).
+    Metric("ttft_including_client_queue_ms", "TTFT from the schedule", "ms", "lower", "distribution", "{:.1f}",
+           per_request="ttft_including_client_queue", short="TTFT (sched.)"),
+    Metric("e2el_including_client_queue_ms", "E2E latency from the schedule", "ms", "lower", "distribution",
+           "{:.1f}", per_request="e2el_including_client_queue", short="E2E (sched.)"),
     Metric("prefill_tps", "prefill tok/s", "tok/s", "higher", "distribution", "{:.1f}"),
     Metric("decode_tps", "decode tok/s", "tok/s", "higher", "distribution", "{:.1f}"),
+    # What was sent and answered, per request: a workload's lengths are often caps or draws (a file's prompts cut at
+    # input_tokens, replies as long as the data's), so reports state the lengths measured beside the settings.
+    Metric("input_len", "input tokens per request", "tokens", None, "distribution", "{:.0f}", gates=False,
+           short="input tokens"),
+    Metric("output_len", "output tokens per request", "tokens", None, "distribution", "{:.0f}", gates=False,
+           short="output tokens"),
     Metric("duration_s", "duration", "s", None, "scalar", "{:.2f}", gates=False),
     Metric("completed", "completed", "count", None, "scalar", "{:.0f}", gates=False),
+    # A workload's steady_state window leaves its ramp-up and drain out of every metric: how many requests it left.
+    Metric("outside_steady_state", "requests outside the steady state", "count", None, "scalar", "{:.0f}",
+           gates=False),
     Metric("errors", "errors", "count", "lower", "scalar", "{:.0f}"),
     Metric("error_rate", "error rate", "ratio", "lower", "scalar", "{:.3g}", floor=1e-3),
     Metric("total_input_tokens", "input tokens", "tokens", None, "scalar", "{:.0f}", gates=False),
@@ -76,7 +91,10 @@ PER_REPETITION_SCALARS = tuple(k for k, m in CATALOGUE.items() if m.scope == "sc
 
 # The statistics every cell gives a 95% confidence interval and a coefficient of variation across repetitions for,
 # named as in results.json's `ci` and `cv` (DISTRIBUTION.STAT, or the scalar's key).
-HEADLINE = tuple([f"{k}.{s}" for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms") for s in ("p50", "p90", "p99")]
+# A latency from the send, and the same from the scheduled send.
+INCLUDING_CLIENT_QUEUE = {"ttft_ms": "ttft_including_client_queue_ms", "e2el_ms": "e2el_including_client_queue_ms"}
+HEADLINE = tuple([f"{k}.{s}" for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", *INCLUDING_CLIENT_QUEUE.values())
+                  for s in ("p50", "p90", "p99")]
                  + ["request_throughput_rps", "output_throughput_tok_s", "total_token_throughput_tok_s", "goodput_rps"])
 # The ones whose disagreement across repetitions makes a cell `unstable`: the typical values, not the tails
 # (a p99 of a few requests is itself noisy) and not goodput (a count of requests meeting an SLO can be 0).
@@ -88,6 +106,15 @@ def split_name(name: str) -> tuple[str, str | None]:
     """'ttft_ms.p50' -> ('ttft_ms', 'p50'); 'goodput_rps' -> ('goodput_rps', None)."""
     key, _, stat = name.partition(".")
     return key, stat or None
+
+
+def verdict_name(name: str, client_queue_shift: bool) -> str:
+    """The statistic a verdict reads for `name` ("ttft_ms.p50") of a cell: the same from the scheduled send when the
+    client's own queue shifted its latencies beyond noise (a client that fell behind hides the wait otherwise)."""
+    key, stat = split_name(name)
+    if not client_queue_shift or key not in INCLUDING_CLIENT_QUEUE:
+        return name
+    return INCLUDING_CLIENT_QUEUE[key] + (f".{stat}" if stat else "")
 
 
 def headline_label(name: str) -> str:

@@ -2,7 +2,8 @@
 
     to_dataframe(paths)                    one tidy row per cell × metric × statistic, with its 95% CI and its
                                            coefficient of variation across repetitions where the cell has them
-    to_dataframe(paths, level="requests")  one row per measured request, with its TTFT, TPOT and E2E latency
+    to_dataframe(paths, level="requests")  one row per measured request, with its TTFT, TPOT and E2E latency (from
+                                           its offer: queued_ms, a wait for the backend's max_concurrency, inside)
 
 The metrics and their units come from the catalogue (harness/results/catalogue.py); cell-scope metrics (load time,
 peak VRAM, ...) are read as the guide and the report read them (harness/results/runs.py).
@@ -15,6 +16,7 @@ from typing import Literal
 
 import pandas as pd
 
+from harness.core.files import atomic_path
 from harness.results.catalogue import CATALOGUE, STATISTICS
 from harness.results.runs import CELL_READERS, CellView, Run, load_runs
 
@@ -23,7 +25,8 @@ FORMATS = ("csv", "parquet", "jsonl")
 IDENTITY = ["run", "results_file", "cell", "model", "backend", "workload", "base_workload", "status", "unstable"]
 STATISTIC_COLUMNS = [*IDENTITY, "metric", "statistic", "value", "ci_low", "ci_high", "cv", "unit", "better"]
 REQUEST_COLUMNS = ["run", "cell", "model", "backend", "workload", "repetition", "request", "ok", "error", "ttft_ms",
-                   "tpot_ms", "e2el_ms", "input_tokens", "output_tokens", "chunks", "finish_reason", "t_send"]
+                   "tpot_ms", "e2el_ms", "queued_ms", "input_tokens", "output_tokens", "chunks", "finish_reason",
+                   "t_send"]
 
 
 def _identity(c: CellView) -> dict:
@@ -51,7 +54,9 @@ def statistic_rows(c: CellView) -> list[dict]:
         for stat, v in items:
             name = f"{key}.{stat}" if stat else key
             ci = c.cell.interval(name)
-            rows.append({**ident, **common, "statistic": stat, "value": v, "ci_low": ci[0] if ci else None,
+            # A count of samples is a number of requests (or gaps), not a quantity in the metric's unit.
+            unit = {"unit": None, "better": None} if stat == "count" else {}
+            rows.append({**ident, **common, **unit, "statistic": stat, "value": v, "ci_low": ci[0] if ci else None,
                          "ci_high": ci[1] if ci else None, "cv": c.cell.cv.get(name)})
     return rows
 
@@ -60,7 +65,10 @@ def request_rows(c: CellView) -> list[dict]:
     ident = {k: v for k, v in _identity(c).items() if k in REQUEST_COLUMNS}
     return [{**ident, "repetition": r.repetition, "request": r.id, "ok": r.ok, "error": r.error,
              "ttft_ms": r.ttft * 1e3 if r.ok else None, "tpot_ms": r.tpot * 1e3 if r.ok and r.tpot else None,
-             "e2el_ms": r.e2el * 1e3 if r.ok else None, "input_tokens": r.input_tokens,
+             "e2el_ms": r.e2el * 1e3 if r.ok else None,
+             # the wait for a backend's max_concurrency, inside ttft_ms and e2el_ms (which count from the offer)
+             "queued_ms": (r.t_send - r.t_queued) * 1e3 if r.t_queued is not None else None,
+             "input_tokens": r.input_tokens,
              "output_tokens": r.n_out if r.ok else r.output_tokens, "chunks": len(r.chunk_times),
              "finish_reason": r.finish_reason, "t_send": r.t_send} for r in c.records]
 
@@ -96,11 +104,12 @@ def export(paths: list[Path], out: Path, fmt: str) -> list[Path]:
     for level in LEVELS:
         frame = frame_of(runs, level)
         path = out / f"{level}.{fmt}"
-        if fmt == "csv":
-            frame.to_csv(path, index=False)
-        elif fmt == "parquet":
-            frame.to_parquet(path, index=False)
-        else:
-            frame.to_json(path, orient="records", lines=True)
+        with atomic_path(path) as tmp:
+            if fmt == "csv":
+                frame.to_csv(tmp, index=False)
+            elif fmt == "parquet":
+                frame.to_parquet(tmp, index=False)
+            else:
+                frame.to_json(tmp, orient="records", lines=True)
         written.append(path)
     return written

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from harness.config.scenario import MIN_REPETITIONS, SLO, Load, PoissonLoad
+from harness.config.shapes import SteadyState
 from harness.records import RequestRecord
-from harness.results.catalogue import CATALOGUE, HEADLINE, STABILITY, headline_label, split_name
+from harness.results.catalogue import CATALOGUE, HEADLINE, INCLUDING_CLIENT_QUEUE, STABILITY, headline_label, split_name
 
 PERCENTILE_METHOD = "linear"  # numpy.percentile's method; stored in results so numbers can be reproduced
 PERCENTILES = (50, 90, 95, 99)
@@ -25,6 +26,9 @@ PERCENTILES = (50, 90, 95, 99)
 ACHIEVED_RATE_FLOOR = 0.95
 DISPATCH_LAG_P99_LIMIT_MS = 10.0
 LOOP_LAG_P99_LIMIT_MS = 5.0
+# A latency from the schedule this much above the one from the send at least, and outside its 95% CI, before a verdict
+# reads it instead: the event loop's timers fire up to a millisecond late in every client, which is no queue.
+CLIENT_QUEUE_NOISE_MS = 1.0
 
 
 def stats(values: list[float]) -> dict[str, float | int | None]:
@@ -80,8 +84,9 @@ def client_limits(rep: dict[str, Any], capped: bool) -> list[str]:
 
 
 def reduce_repetition(records: list[RequestRecord], slo, load: Load | None = None,
-                      loop_lag_ms: list[float] | None = None) -> dict[str, Any]:
-    """Metrics of one repetition's measured requests (warm-up already excluded)."""
+                      loop_lag_ms: list[float] | None = None, outside_steady_state: int = 0) -> dict[str, Any]:
+    """Metrics of one repetition's measured requests (warm-up already excluded; `outside_steady_state` more were
+    left out by the workload's steady_state window)."""
     done = [r for r in records if r.ok]
     n_errors = len(records) - len(done)
     itl = [(b - a) * 1e3 for r in done for a, b in zip(r.chunk_times, r.chunk_times[1:])]
@@ -97,8 +102,12 @@ def reduce_repetition(records: list[RequestRecord], slo, load: Load | None = Non
         "tpot_ms": stats([r.tpot * 1e3 for r in done if r.tpot is not None]),
         "itl_ms": stats(itl),
         "e2el_ms": stats([r.e2el * 1e3 for r in done]),
-        "prefill_tps": stats([r.input_tokens / r.ttft for r in done if r.input_tokens and r.ttft > 0]),
+        "ttft_including_client_queue_ms": stats([r.ttft_including_client_queue * 1e3 for r in done]),
+        "e2el_including_client_queue_ms": stats([r.e2el_including_client_queue * 1e3 for r in done]),
+        "prefill_tps": stats([r.input_tokens / r.served_ttft for r in done if r.input_tokens and r.served_ttft > 0]),
         "decode_tps": stats([(r.n_out - 1) / (r.e2el - r.ttft) for r in done if r.n_out > 1 and r.e2el > r.ttft]),
+        "input_len": stats([r.input_tokens for r in done if r.input_tokens is not None]),
+        "output_len": stats([r.n_out for r in done]),
         "duration_s": duration,
         "completed": len(done),
         "errors": n_errors,
@@ -109,6 +118,7 @@ def reduce_repetition(records: list[RequestRecord], slo, load: Load | None = Non
         "output_throughput_tok_s": per_s(n_out),
         "total_token_throughput_tok_s": per_s(n_in + n_out),
         "goodput_rps": per_s(sum(meets_slo(r, slo) for r in done)) if has_slo else None,
+        "outside_steady_state": outside_steady_state,
         **client_metrics(records, load, loop_lag_ms),
     }
 
@@ -186,7 +196,9 @@ def bootstrap_repetition(records: list[RequestRecord], rep: dict[str, Any], slo:
     out: dict[str, np.ndarray] = {}
     qs = (50, 90, 99)
     for key, values in (("ttft_ms", [r.ttft * 1e3 for r in done]), ("e2el_ms", [r.e2el * 1e3 for r in done]),
-                        ("tpot_ms", [r.tpot * 1e3 for r in done if r.tpot is not None])):
+                        ("tpot_ms", [r.tpot * 1e3 for r in done if r.tpot is not None]),
+                        ("ttft_including_client_queue_ms", [r.ttft_including_client_queue * 1e3 for r in done]),
+                        ("e2el_including_client_queue_ms", [r.e2el_including_client_queue * 1e3 for r in done])):
         if len(values) < 2:
             continue
         # One-token outputs have no TPOT: the requests that have one are resampled among themselves.
@@ -298,15 +310,45 @@ def too_many_errors(records: list[RequestRecord], max_error_rate: float) -> str 
             f"max_error_rate {max_error_rate:g}); first errors: {first}")
 
 
+def client_queue_shift(metrics: dict[str, Any], ci: dict[str, list[float]]) -> list[str]:
+    """Where a latency from the scheduled send lies outside the 95% CI of the same latency from the actual send (at
+    p50 or p99), and CLIENT_QUEUE_NOISE_MS above it: the client's own queue moved it beyond noise, and a verdict
+    reads it instead. [] when not."""
+    shifts = []
+    for key, with_queue in INCLUDING_CLIENT_QUEUE.items():
+        for stat in ("p50", "p99"):
+            v, sent = (metrics.get(with_queue) or {}).get(stat), (metrics.get(key) or {}).get(stat)
+            interval = ci.get(f"{key}.{stat}")
+            if (v is not None and sent is not None and interval and v - sent > CLIENT_QUEUE_NOISE_MS
+                    and not interval[0] <= v <= interval[1]):
+                shifts.append(f"{CATALOGUE[with_queue].label} {stat} {v:.1f} ms is outside the 95% CI of "
+                              f"{CATALOGUE[key].label} {stat} from the send [{interval[0]:.1f}, {interval[1]:.1f}] ms")
+    return shifts
+
+
+def in_steady_state(records: list[RequestRecord], window: SteadyState | None) -> list[RequestRecord]:
+    """A repetition's requests scheduled inside its steady-state window: from window.skip_start_s after its first
+    scheduled send to window.skip_end_s before its last (all of them without a window)."""
+    if window is None or not records:
+        return records
+    due = [r.t_due for r in records]
+    start, end = min(due) + window.skip_start_s, max(due) - window.skip_end_s
+    return [r for r in records if start <= r.t_due <= end]
+
+
 def reduce_cell(records: list[RequestRecord], repetitions: int, slo: SLO, max_cv: float, load: Load | None = None,
-                loop_lag_ms: list[list[float]] | None = None, capped: bool = False) -> dict[str, Any]:
+                loop_lag_ms: list[list[float]] | None = None, capped: bool = False,
+                steady_state: SteadyState | None = None) -> dict[str, Any]:
     """A finished cell's numbers: each repetition's metrics and CIs, their medians, the cell's CIs and variation
     across repetitions, whether the repetitions disagree, where the token counts came from, and whether the client
-    set the pace (`loop_lag_ms`: per repetition, from the worker; `capped`: a concurrency cap held requests back)."""
+    set the pace (`loop_lag_ms`: per repetition, from the worker; `capped`: a concurrency cap held requests back).
+    With a `steady_state` window, each repetition's metrics are those of its requests inside it."""
     rng = np.random.default_rng(CI_SEED)
-    by_rep = [[r for r in records if r.repetition == i] for i in range(repetitions)]
+    every = [[r for r in records if r.repetition == i] for i in range(repetitions)]
+    by_rep = [in_steady_state(rs, steady_state) for rs in every]
     lags = loop_lag_ms or []
-    reps = [reduce_repetition(rs, slo, load, lags[i] if i < len(lags) else None) for i, rs in enumerate(by_rep)]
+    reps = [reduce_repetition(rs, slo, load, lags[i] if i < len(lags) else None, len(every[i]) - len(rs))
+            for i, rs in enumerate(by_rep)]
     limits = [f"{why}{f' (repetition {i})' if len(reps) > 1 else ''}"
               for i, rep in enumerate(reps) for why in client_limits(rep, capped)]
     replicates = [bootstrap_repetition(rs, rep, slo, rng) for rs, rep in zip(by_rep, reps)]
@@ -318,4 +360,5 @@ def reduce_cell(records: list[RequestRecord], repetitions: int, slo: SLO, max_cv
     return {"metrics": {**metrics, "ttft_p99_cv": cv.get("ttft_ms.p99")}, "repetitions": reps, "ci": ci,
             "ci_method": method, "cv": cv, "unstable": instability(reps, cv, max_cv),
             "percentile_method": PERCENTILE_METHOD, "token_counts": token_sources(records),
-            "client_limited": bool(limits), "client_limited_reasons": limits}
+            "client_limited": bool(limits), "client_limited_reasons": limits,
+            "client_queue_shift": client_queue_shift(metrics, ci)}

@@ -104,6 +104,12 @@ class CellView:
         return self.cell.unstable if self.ok else None
 
     @property
+    def served_at_once(self) -> str | None:
+        """"served 1 at a time (asked 4)" for a backend that serves fewer requests at once than the load asks."""
+        cap = self.cell.concurrency_cap
+        return cap.describe() if cap is not None and self.ok else None
+
+    @property
     def base_workload(self) -> str:
         return self.cell.base_workload or self.workload
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from harness.core.errors import UserError
-from harness.core.files import atomic_write
+from harness.core.files import atomic_write, make_folder, remove_folder
 from harness.core.processes import kill_leftover_groups
 from harness.core.redact import Redactor
 from harness.measure import environment
@@ -83,9 +82,9 @@ class ResultsStore:
         write into the new try's files."""
         d = self.out / "cells" / cell_id
         kill_leftover_groups(d)
-        shutil.rmtree(d, ignore_errors=True)
         try:
-            d.mkdir(parents=True)
+            remove_folder(d, also_ours_if="cell.json")  # never a folder of the user's that --out happened to hold
+            make_folder(d)
         except OSError as e:
             raise OutputError(f"cannot create {d}: {e.strerror or e}") from None
         return d

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from harness.core.files import atomic_write
 from harness.records import CellResult, RunResult
 from harness.results.catalogue import CATALOGUE, HEADLINE, SUMMARY_COLUMNS, column_header
 from harness.results.markdown import md_escape, md_table
@@ -46,6 +47,14 @@ def value(c: CellResult, key: str, stat: str | None, interval: str) -> str:
         return f"{text} [{CATALOGUE[key].format(ci[0])}–{CATALOGUE[key].format(ci[1])}]"
     half = max(ci[1] - v, v - ci[0]) / v * 100 if v else 0.0
     return f"{text} ±{'<1' if half < 1 else f'{half:.0f}'}%"
+
+
+def queued(c: CellResult) -> str:
+    """What a cell whose backend serves fewer at once than the load asks measured (the load asked is the same)."""
+    cap = c.concurrency_cap
+    how = ("its TTFT and E2E latency count the wait for a free slot, as its users would wait" if cap.queue_in_latency
+           else "these older results time its latencies after that wait: not comparable with the others")
+    return f"{cap.describe()}; the harness queued the rest, and {how}"
 
 
 def names(run: RunResult) -> tuple[list[str], list[list[str]]]:
@@ -89,14 +98,19 @@ def print_summary(run: RunResult, console: Console) -> None:
         # Nothing wraps or shortens: a sweep label is part of the name, and a CI belongs beside its value.
         table.add_column(escape(h), justify="left" if i < n_names else "right", no_wrap=True)
     for c, r in zip(run.cells, body):
-        table.add_row(*map(escape, r), style="red" if not c.ok else "yellow" if c.unstable else None)
+        table.add_row(*map(escape, r), style="dim" if c.status == "skipped" else "red" if not c.ok
+                      else "yellow" if c.unstable else None)
     console.print(table)
     for c in run.cells:
-        if not c.ok:
+        if c.status == "skipped":
+            console.print(f"{escape(c.id)} skipped: {escape(c.error_line or '')}", highlight=False)
+        elif not c.ok:
             console.print(f"[red]{escape(c.id)} failed:[/red] {escape(c.error_line or '')}", highlight=False)
         elif c.unstable:
             console.print(f"[yellow]{escape(c.id)} {UNSTABLE_MARK} unstable:[/yellow] {escape(c.unstable)}",
                           highlight=False)
+        if c.ok and c.concurrency_cap is not None:
+            console.print(f"{escape(c.id)}: {escape(queued(c))}", highlight=False)
         if c.ok and c.client_limited:
             console.print(f"[yellow]{escape(c.id)} client limited:[/yellow] "
                           f"{escape('; '.join(c.client_limited_reasons))}", highlight=False)
@@ -112,13 +126,18 @@ def write_summary(run: RunResult, path: Path) -> None:
         lines += ["", "## Unstable cells", "", "Their repetitions disagree: the medians above may be no one's typical "
                   "value.", ""]
         lines += [f"- `{md_escape(c.id)}`: {md_escape(c.unstable)}" for c in unstable]
+    capped = [c for c in run.cells if c.ok and c.concurrency_cap is not None]
+    if capped:
+        lines += ["", "## Backends that serve fewer at once than asked", ""]
+        lines += [f"- `{md_escape(c.id)}`: {md_escape(queued(c))}" for c in capped]
     limited = [c for c in run.cells if c.ok and c.client_limited]
     if limited:
         lines += ["", "## Client-limited cells", "", "The load generator could not keep its schedule: these numbers "
                   "describe the client more than the engine (`bench calibrate` measures this machine's client).", ""]
         lines += [f"- `{md_escape(c.id)}`: {md_escape('; '.join(c.client_limited_reasons))}" for c in limited]
-    failed = [c for c in run.cells if not c.ok]
-    if failed:
-        lines += ["", "## Failed cells", ""]
-        lines += [f"- `{md_escape(c.id)}`: {md_escape(c.error_line or '')}" for c in failed]
-    path.write_text("\n".join(lines) + "\n")
+    for status, title in (("failed", "Failed cells"), ("skipped", "Skipped cells (optional engines not installed)")):
+        cells = [c for c in run.cells if c.status == status]
+        if cells:
+            lines += ["", f"## {title}", ""]
+            lines += [f"- `{md_escape(c.id)}`: {md_escape(c.error_line or '')}" for c in cells]
+    atomic_write(path, "\n".join(lines) + "\n")

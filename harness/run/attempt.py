@@ -12,6 +12,7 @@ from typing import Any
 
 from harness.config.scenario import Cell
 from harness.core.errors import BackendError
+from harness.core.files import atomic_write
 from harness.core.redact import Redactor
 from harness.measure.environment import node
 from harness.run.plan import CellPlanner
@@ -36,6 +37,7 @@ def attempt_cell(planner: CellPlanner, cell: Cell, cell_dir: Path, timeout_s: fl
         plan = planner.plan(cell)
     except BackendError as e:
         return Attempt(error=str(e), node=where)
-    (cell_dir / "cell.json").write_text(json.dumps(redact(plan.model_dump(mode="json")), indent=1))
-    exit_code, log_tail = run_worker(plan.backend.python, cell_dir, timeout_s, on_request_done, plan.model_dump_json())
+    atomic_write(cell_dir / "cell.json", json.dumps(redact(plan.model_dump(mode="json")), indent=1))
+    exit_code, log_tail = run_worker(plan.backend.python, cell_dir, timeout_s, on_request_done, plan.model_dump_json(),
+                                     redact)
     return Attempt(exit_code=exit_code, log_tail=log_tail, node=where, prompts_file=plan.prompts_file)

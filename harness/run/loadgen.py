@@ -2,7 +2,9 @@
 replayed trace's (open loop). A capacity search (harness/run/capacity.py) runs one of these per step.
 
 A backend that serves fewer requests at once than the load asks (Capabilities.max_concurrency) gets them queued here:
-at most that many are in flight, the others wait their turn, and the worker records the cap in the results.
+at most that many are in flight, the others wait their turn (open and closed loops alike: the load offered is the
+same for every backend), each request's wait is recorded (t_queued) and counted in its latency, and the worker
+records the cap in the results.
 
 Every request is handed to `send` with the time it was meant to leave (its scheduled time, on the cell's clock
 `harness.core.events.now`): the reducer reports the dispatch lag (schedule → send) and the achieved rate from it.
@@ -26,6 +28,7 @@ from typing import TypeVar
 import numpy as np
 
 from harness.config.scenario import CapacityLoad, ConcurrencyLoad, Load, PoissonLoad, TraceLoad
+from harness.config.shapes import RampUp
 from harness.core.events import now
 
 R = TypeVar("R")
@@ -33,9 +36,9 @@ T = TypeVar("T")
 
 MAX_OPEN_CONNECTIONS = 256
 
-# When a request of an open loop arrived, if it then waited for the backend's max_concurrency: read by `send` (in the
-# request's own task) to record it, since that wait is what a user of the engine would wait (a capacity search's slo
-# counts it), though it is not the client's dispatch lag.
+# When a request arrived (open loop) or its user offered it (closed loop), if it then waited for the backend's
+# max_concurrency: read by `send` (in the request's own task) to record it, since that wait is what a user of the
+# engine would wait (its latencies count it), though it is not the client's dispatch lag.
 QUEUED_AT: ContextVar[float | None] = ContextVar("QUEUED_AT", default=None)
 
 
@@ -53,16 +56,41 @@ class ClientShare:
         return width // self.count + (1 if self.index < width % self.count else 0)
 
 
-def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
-    """Send times (s, from the start) of n requests with exponential gaps of mean 1/rate; seeded, so reproducible.
+def poisson_offsets(n: int, rate: float, seed: int, burstiness: float = 1.0,
+                    ramp_up: RampUp | None = None) -> list[float]:
+    """Send times (s, from the start) of n requests at `rate`; seeded, so reproducible. Gaps are exponential (a
+    Poisson process), or gamma-distributed of shape `burstiness` (vLLM's: below 1 burstier, above 1 more regular).
 
     Rescaled so the last request leaves at (n - 1) / rate, as vLLM's client rescales its schedule: the schedule
-    offers exactly `rate` whatever the seed (unscaled, "rate 40" offered 37-44 req/s over 100 requests)."""
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
-    offsets = np.concatenate([[0.0], np.cumsum(gaps[1:])])[:n]
+    offers exactly `rate` whatever the seed (unscaled, "rate 40" offered 37-44 req/s over 100 requests). With a
+    `ramp_up`, the same arrivals are spread by the rising rate instead (time-rescaling: a process of unit rate
+    mapped through the inverse of the cumulative rate)."""
+    rng = np.random.default_rng(seed)
+    # burstiness 1 keeps the exponential draws, so a seed sends the schedule it always sent
+    gaps = rng.exponential(1.0, size=n) if burstiness == 1 else rng.gamma(burstiness, 1.0 / burstiness, size=n)
+    units = np.concatenate([[0.0], np.cumsum(gaps[1:])])[:n]
     if n > 1:
-        offsets *= (n - 1) / rate / offsets[-1]
-    return offsets.tolist()
+        units *= (n - 1) / units[-1]
+    return [_ramp_time(u, rate, ramp_up) for u in units.tolist()] if ramp_up else (units / rate).tolist()
+
+
+def _ramp_time(arrivals: float, rate: float, ramp: RampUp) -> float:
+    """When the cumulative rate of a ramp reaches `arrivals`: the rate climbs from ramp.start_rate to `rate` over
+    ramp.duration_s (linearly, or by a constant factor per second), then holds."""
+    r0, span = ramp.start_rate, ramp.duration_s
+    if r0 == rate:
+        return arrivals / rate
+    if ramp.strategy == "linear":
+        slope = (rate - r0) / span
+        during = r0 * span + slope * span ** 2 / 2
+        if arrivals <= during:  # r0 t + slope t² / 2 = arrivals
+            return (-r0 + math.sqrt(r0 * r0 + 2 * slope * arrivals)) / slope
+    else:
+        k = math.log(rate / r0) / span
+        during = r0 * math.expm1(k * span) / k
+        if arrivals <= during:  # r0 (e^(k t) - 1) / k = arrivals
+            return math.log1p(k * arrivals / r0) / k
+    return span + (arrivals - during) / rate
 
 
 OPEN_LOOPS = (PoissonLoad, TraceLoad)
@@ -122,10 +150,12 @@ def trace_rate(arrivals: list[float]) -> float | None:
 
 async def run_load(load: Load, items: list[T], send: Callable[[T, float], Awaitable[R]], seed: int = 0,
                    max_concurrency: int | None = None, share: ClientShare = ClientShare(),
-                   t0: float | None = None, arrivals: list[float] | None = None) -> list[R | None]:
+                   t0: float | None = None, arrivals: list[float] | None = None,
+                   stopped: Callable[[], bool] | None = None) -> list[R | None]:
     """Send this client's share of the items under the load pattern, from t0 (default: now); `send(item,
-    t_scheduled)`. `arrivals`: a trace's send times (s after t0), one per item. Results come back in item order;
-    None for an item not sent before max_duration_s."""
+    t_scheduled)`. `arrivals`: a trace's send times (s after t0), one per item. `stopped`: once it says so, an open
+    loop sends nothing more (an over-saturation stop). Results come back in item order; None for an item not sent
+    before max_duration_s or the stop."""
     mine = share.items(items)
     t0 = now() if t0 is None else t0
     deadline = t0 + load.max_duration_s if load.max_duration_s is not None else math.inf
@@ -136,6 +166,8 @@ async def run_load(load: Load, items: list[T], send: Callable[[T, float], Awaita
             if t > deadline:
                 return None
             await sleep_until(t)
+            if stopped is not None and stopped():
+                return None
             if gate is None:
                 return await send(item, t)
             queued = gate.locked()
@@ -150,12 +182,13 @@ async def run_load(load: Load, items: list[T], send: Callable[[T, float], Awaita
                 raise ValueError("a trace load needs one arrival time per item")
             offsets = share.items(arrivals)
         else:
-            offsets = share.items(poisson_offsets(len(items), load.rate, seed))
+            offsets = share.items(poisson_offsets(len(items), load.rate, seed, load.burstiness, load.ramp_up))
         return list(await asyncio.gather(*(at(t0 + o, it) for o, it in zip(offsets, mine))))
 
     width = share.width(load_width(load))
-    if max_concurrency is not None:
-        width = min(width, max_concurrency)
+    # Every user of the closed loop offers its next request as soon as its last one ended; a backend serving fewer at
+    # once gets them queued, and the wait is in the request's latency (t_queued), as a user of that engine waits.
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency is not None and max_concurrency < width else None
     results: list[R | None] = [None] * len(mine)
     queue = iter(enumerate(mine))
 
@@ -164,7 +197,13 @@ async def run_load(load: Load, items: list[T], send: Callable[[T, float], Awaita
         for i, item in queue:  # a shared iterator: each worker takes the next item as soon as it is free
             if now() > deadline:
                 return
-            results[i] = await send(item, now())
+            if gate is None:
+                results[i] = await send(item, now())
+                continue
+            offered, queued = now(), gate.locked()
+            async with gate:
+                QUEUED_AT.set(offered if queued else None)  # this task's next request may not wait
+                results[i] = await send(item, now())
 
     await asyncio.gather(*(worker() for _ in range(min(width, len(mine)))))
     return results

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from harness.core.processes import kill_leftover_groups, log_tail, record_group, stop_process_group
+from harness.core.redact import Redactor
 
 
 class Interrupted(Exception):
@@ -47,15 +48,16 @@ def interruptible() -> Iterator[None]:
 
 
 def run_worker(python: Path | None, cell_dir: Path, timeout_s: float, on_request_done: Callable[[], None],
-               plan_json: str) -> tuple[int | str, str]:
+               plan_json: str, redact: Redactor) -> tuple[int | str, str]:
     """(exit code, or why it has none; the tail of its log). The worker runs the installed package, or the source
     tree it was started from, with `python -m`: an engine venv (`python:`) has llmbench installed too. It reads its
-    plan from its stdin: cell.json has the secrets masked."""
+    plan from its stdin: cell.json has the secrets masked, and so has worker.log, every line of which (stdout and
+    stderr, a traceback quoting a token included) passes through `redact`."""
     log_path = cell_dir / "worker.log"
     argv = [str(python or sys.executable), "-u", "-m", "harness.run.worker", str(cell_dir)]
     with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
         try:
             # Recorded like the servers: a resumed run kills it before reusing the folder, should it outlive this
             # runner.
@@ -70,8 +72,12 @@ def run_worker(python: Path | None, cell_dir: Path, timeout_s: float, on_request
                 for line in proc.stdout:
                     if line.startswith("{\"done\""):
                         on_request_done()
-                    else:
-                        log.write(line)
+                        continue
+                    try:
+                        log.write(redact(line))
+                        log.flush()
+                    except OSError:
+                        pass  # a full disk: the worker's own writes fail and say so; the pipe is drained still
 
             reader = threading.Thread(target=pump, daemon=True)
             reader.start()

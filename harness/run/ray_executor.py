@@ -8,6 +8,11 @@ at most `--max-parallel` at once. A cell that fails, or whose node dies, is trie
 on another node where one fits, and is then failed. Ctrl-C cancels every task (force: its Ray worker is killed; the
 worker subprocess sees its parent gone and stops its servers, harness/run/worker.py watch_runner).
 
+Ray shows a task's arguments and runtime_env to whoever can reach its dashboard or state API, so neither carries a
+secret: each task gets the scenario masked (harness/core/redact.py), and puts each masked value back from the
+variable of its name in the node's own environment (HF_TOKEN, API_KEY for `--api_key`: set them where the nodes'
+`ray start` runs); a secret-named LLMBENCH_ variable is never forwarded.
+
 Ray is imported here only, and only when this executor runs: a local run never imports it."""
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from rich.progress import Progress
 
 from harness.config.scenario import Cell, Scenario
 from harness.core.errors import UserError, describe
-from harness.core.files import cache_root
+from harness.core.files import atomic_write, cache_root
 from harness.core.processes import GROUPS_FILE
-from harness.core.redact import Redactor
+from harness.core.redact import Redactor, is_secret_name, restore
 from harness.core.spec import BackendSpec, Placement
 from harness.records import CellResult
 from harness.run.attempt import Attempt, attempt_cell
@@ -44,7 +49,7 @@ POLL_S = 0.2  # how often finished tasks are looked for: a sleep in Python, wher
 CANCEL_GRACE_S = 30.0  # for cancelled tasks to stop their workers and servers before they are killed
 LOCK_POLL_S = 0.2
 HEAD_NODE = "node:__internal_head__"
-FORWARDED_ENV = ("LLMBENCH_",)  # the harness's own settings (plugins, cache) reach the tasks
+FORWARDED_ENV = ("LLMBENCH_",)  # the harness's own settings (plugins, cache) reach the tasks, its secrets never
 
 
 class ClusterError(UserError):
@@ -83,7 +88,7 @@ def placement_options(p: Placement) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus, "resources": dict(p.resources)}
     if p.accelerator_type:
         opts["accelerator_type"] = p.accelerator_type
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) and not is_secret_name(k)}
     if env:
         opts["runtime_env"] = {"env_vars": env}
     return opts
@@ -121,11 +126,18 @@ class Shipped:
     prompts: tuple[str, bytes] | None
 
 
-def run_on_node(scenario: Scenario, cell: Cell, holder: str, locks) -> Shipped:
-    """The Ray task, on the node Ray placed it on."""
+def run_on_node(masked: dict[str, Any], cell: Cell, holder: str, locks) -> Shipped:
+    """The Ray task, on the node Ray placed it on: `masked` is the scenario with its secrets masked, put back here
+    from the node's environment."""
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
+    data, missing = restore(masked, os.environ)
+    if missing:
+        return Shipped(Attempt(error=f"the scenario's secrets travel to Ray nodes only through the nodes' own "
+                                     f"environment; on node {node_id} set: {', '.join(sorted(set(missing)))}",
+                               node={"ray_node_id": node_id}), {}, None)
+    scenario = Scenario.model_validate(data)
     # The worker subprocess joins this cluster when its load has generators (harness/run/generators.py).
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
@@ -201,6 +213,7 @@ class RayExecutor:
         # On the head node (Ray's own marker resource): the locks outlive any worker node that dies.
         self.locks = ray.remote(NodeLocks).options(num_cpus=0, resources={HEAD_NODE: 0.001}).remote()
         queue: deque[tuple[Cell, list[dict[str, Any]]]] = deque((c, []) for c in cells)
+        masked = runner.redact(runner.scenario.model_dump(mode="json"))
         pending: dict[Any, InFlight] = {}
         try:
             while queue or pending:
@@ -209,7 +222,7 @@ class RayExecutor:
                     holder = uuid.uuid4().hex
                     self.holders[holder] = cell
                     ref = task.options(**self.options(runner.scenario.backend(cell.backend), tries)).remote(
-                        runner.scenario, cell, holder, self.locks)
+                        masked, cell, holder, self.locks)
                     pending[ref] = InFlight(cell, holder, tries)
                 runner.in_flight = [f.cell for f in pending.values()]
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0)
@@ -224,8 +237,8 @@ class RayExecutor:
                         yield result
                     else:
                         runner.console.print(f"retrying {flight.cell.id} (try {len(flight.tries) + 1} of "
-                                             f"{self.max_retries + 1}): {result.error_line}", highlight=False,
-                                             markup=False)
+                                             f"{self.max_retries + 1}): {runner.redact(result.error_line)}",
+                                             highlight=False, markup=False)
                         queue.append((flight.cell, flight.tries))
         except SystemError as e:
             # Ctrl-C's Interrupted, raised by the signal handler while Ray's C++ code ran, surfaces wrapped in this.
@@ -263,12 +276,12 @@ class RayExecutor:
             cell_dir = runner.store.fresh_cell_dir(cell.id)
             for name, data in shipped.files.items():
                 (cell_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                (cell_dir / name).write_bytes(data)
+                atomic_write(cell_dir / name, data)
             if shipped.prompts is not None:
                 path = runner.out / "prompts" / shipped.prompts[0]
                 if not path.is_file():
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(shipped.prompts[1])
+                    atomic_write(path, shipped.prompts[1])
             result = runner.collect(cell, cell_dir, shipped.attempt)
             flight.tries.append({**shipped.attempt.node, "status": result.status, "error": result.error_line})
         return result.model_copy(update={"attempts": flight.tries})

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from backends.registry import get_backend_class
 from harness.config.load import ScenarioError, check_reachable
 from harness.config.scenario import CapacityLoad, Cell, Scenario
 from harness.core.redact import Redactor
@@ -27,6 +28,7 @@ from harness.run.attempt import Attempt, attempt_cell
 from harness.run.capacity import runs_of
 from harness.run.plan import CellPlanner
 from harness.run.process import Interrupted, describe_exit, interruptible
+from harness.run.progress import LineProgress
 
 
 class Executor(Protocol):
@@ -50,13 +52,22 @@ class LocalExecutor:
 class Runner:
     def __init__(self, scenario: Scenario, source: str, out: Path, only_backends: list[str] | None = None,
                  resume: bool = False, console: Console | None = None, force: bool = False,
-                 executor: Executor | None = None):
+                 executor: Executor | None = None, rerun: list[str] | None = None):
         unknown = set(only_backends or []) - {b.name for b in scenario.backends}
         if unknown:
             raise ScenarioError(f"--backend: unknown backend {', '.join(sorted(unknown))}; "
                                 f"the scenario has {', '.join(b.name for b in scenario.backends)}")
         self.scenario, self.source, self.out = scenario, source, out
         self.cells = scenario.cells(only_backends)
+        if rerun:
+            ids = {c.id for c in self.cells}
+            if unknown := sorted(set(rerun) - ids):
+                raise ScenarioError(f"--rerun: no cell {', '.join(unknown)} in the scenario; its cells: "
+                                    f"{', '.join(sorted(ids))}")
+            if not (out / "results.json").is_file():
+                raise ScenarioError(f"--rerun: {out} holds no results.json to run the cells again into")
+            resume = True
+        self.rerun = set(rerun or [])
         # Without a terminal rich assumes 80 columns, too narrow for the summary table in a CI log.
         self.console = console or Console(width=None if sys.stdout.isatty() else 200)
         # Secrets are masked in every file written (cell.json, results.json, reports): the worker gets its plan whole
@@ -88,13 +99,23 @@ class Runner:
         check_reachable(self.scenario, self.source)
         for warning in self.scenario.warnings():
             self.console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
-        todo = [c for c in self.cells if not self.store.done(c.id)]
-        if len(todo) < len(self.cells):
+        todo = [c for c in self.cells if c.id in self.rerun or not self.rerun and not self.store.done(c.id)]
+        if self.rerun:
+            self.console.print(f"running {', '.join(sorted(self.rerun))} again; the other cells stay as stored")
+        elif len(todo) < len(self.cells):
             self.console.print(f"resume: {len(self.cells) - len(todo)} cell(s) already ok, {len(todo)} to run")
         order = [c.id for c in self.cells]
         self.store.save()  # before the first cell: a run killed during it still leaves a valid results.json
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=self.console, transient=False) as progress:
+        for cell in list(todo):
+            if why := self.not_installed(cell.backend):
+                todo.remove(cell)
+                self.store.put(CellResult(**self.header(cell), status="skipped", error=why), order)
+                self.console.print(f"skipped {cell.id}: {escape(why)}", highlight=False)
+        # Without a terminal (a CI log), rich's bar would say nothing until the end: plain lines instead.
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=self.console, transient=False) if self.console.is_terminal \
+            else LineProgress(self.console)
+        with progress:
             cells_task = progress.add_task("cells", total=len(todo))
             for result in self.executor.results(self, todo, progress):
                 self.store.put(result, order)
@@ -113,7 +134,13 @@ class Runner:
             self.console.print(f"[red]the report could not be written[/red]:\n{escape(done.stderr.strip()[-2000:])}")
         self.console.print(f"results: {self.store.path}\nsummary: {self.out / 'summary.md'}\n"
                            f"report:  {', '.join(report) or 'none'}")
-        return 0 if all(c.ok for c in run.cells) else 1
+        return 0 if all(c.ok or c.status == "skipped" for c in run.cells) else 1
+
+    def not_installed(self, backend: str) -> str | None:
+        """Why an optional backend's engine is not installed here; None when it is, or the backend is not optional
+        (a missing engine then fails its cells, saying the same)."""
+        spec = self.scenario.backend(backend)
+        return get_backend_class(spec.kind, spec.options).missing(spec) if spec.optional else None
 
     def run_cell(self, cell: Cell, progress: Progress) -> CellResult:
         cell_dir = self.store.fresh_cell_dir(cell.id)
@@ -148,7 +175,8 @@ class Runner:
             capacity = reduce_capacity(records, report.capacity_steps, load, self.scenario.slo)
             (records, lags, load), repetitions = operating_point(records, capacity, report.loop_lag_ms), 1
         reduced = reduce_cell(records, repetitions, self.scenario.slo, self.scenario.max_repetition_cv, load, lags,
-                              capped=report.concurrency_cap is not None)
+                              capped=report.concurrency_cap is not None,
+                              steady_state=self.scenario.workload(cell.workload).spec.steady_state)
         if reduced["unstable"] and (note := background_note(report.resources)):
             reduced["unstable"] += f"; meanwhile {note}"
         errors = too_many_errors(records, self.scenario.max_error_rate_of(cell.workload))
@@ -159,7 +187,9 @@ class Runner:
                           capabilities=report.capabilities, concurrency_cap=report.concurrency_cap,
                           requests_file=f"cells/{cell.id}/requests.jsonl", logical_io=report.logical_io or None,
                           server_metrics=report.server_metrics or None, clients=report.clients, node=attempt.node,
-                          not_sent=report.not_sent, capacity=capacity, prefix_reuse=report.prefix_reuse)
+                          not_sent=report.not_sent, capacity=capacity, prefix_reuse=report.prefix_reuse,
+                          oversaturation=[f"repetition {i}: {why}" for i, why in enumerate(report.oversaturation)
+                                          if why], cpu_isolation=report.cpu_isolation)
 
     def header(self, cell: Cell) -> dict:
         """What identifies a cell in results: names, the concrete workload, and the swept values that made it."""

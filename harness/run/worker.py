@@ -46,12 +46,14 @@ from harness.measure.phases import request_phases
 from harness.records import (PROMPT_FILE, CapacityStep, CellPlan, ConcurrencyCap, PromptEntry, RequestRecord, Span,
                              WorkerReport)
 from harness.results.capacity import met_slo, step_passes
+from harness.run import affinity
 from harness.run.clients import GO_AHEAD_S, ClientProcesses, client_start, read_commands
 from harness.run.eventloop import BackgroundWriter, LoopLagProbe
 from harness.run.generators import RayGenerators
 from harness.run.capacity import CapacitySearch, step_load
 from harness.run.conversation import Conversation
 from harness.run.loadgen import QUEUED_AT, ClientShare, connections_needed, load_width, run_load, trace_rate
+from harness.run.saturation import SaturationWatch
 
 # The longest a thread (the record writer, the resource monitor) holds the GIL while the event loop waits for it,
 # down from Python's 5 ms: a chunk arriving meanwhile is stamped that much late.
@@ -104,6 +106,7 @@ class Cell:
         self.engine_gone: str | None = None  # why the engine can serve nothing more (its server died)
         self._failing = False  # the last request failed
         self.prompts: list[PromptEntry] | None = None
+        self.pinning: affinity.Pinning | None = None  # run() plans it before the engine starts
         self.conversation: Conversation | None = None  # prompts: conversation: the sessions' tokenizer and answers
 
     async def measured(self, backend: Backend, request: Request, repetition: int, keep_ids: bool,
@@ -128,9 +131,13 @@ class Cell:
     async def run(self) -> WorkerReport:
         plan, report = self.plan, self.report
         try:
-            ctx = CellContext(dir=self.dir, seed=plan.seed, vram_budget=plan.vram_budget)
-            backend = get_backend_class(plan.backend.kind, plan.backend.options)(
-                plan.backend, ModelInfo(plan.model_name, plan.model_path), ctx)
+            split = affinity.plan(plan.resources.isolate_client, senders(plan.workload.load))
+            self.pinning, report.cpu_isolation = affinity.Pinning(split), split
+            ctx = CellContext(dir=self.dir, seed=plan.seed, vram_budget=plan.vram_budget,
+                              concurrency=load_width(plan.workload.load), engine_cpus=split.engine_cpus or None)
+            cls = get_backend_class(plan.backend.kind, plan.backend.options)
+            os.environ.update(cls.process_environment(plan.backend))  # before the engine's libraries load
+            backend = cls(plan.backend, ModelInfo(plan.model_name, plan.model_path), ctx)
             need = backend.disk_need()
             if need and (problem := check_disk_space(*need)):
                 raise BackendError(f"disk preflight: {problem}")
@@ -203,6 +210,7 @@ class Cell:
         """Start the backend, warm it up, then send each repetition's requests under the load pattern."""
         report, workload, request = self.report, self.plan.workload, self.request
 
+        self.pinning.engine_phase(asyncio.get_running_loop())  # what the engine starts runs on its CPUs
         t0 = now()
         await backend.prepare()
         report.prepare_time_s = now() - t0
@@ -212,10 +220,12 @@ class Cell:
         report.load_time_s = report.load.end - t0
         report.environment = backend.environment()
         report.capabilities = asdict(backend.capabilities)
+        self.pinning.client_phase()  # the event loop, and what it starts from now on, on the load generator's
         limit = backend.capabilities.max_concurrency
         width = load_width(workload.load)
         if limit is not None and (width is None or width > limit):
-            report.concurrency_cap = ConcurrencyCap(requested=width or workload.num_requests, max_concurrency=limit)
+            report.concurrency_cap = ConcurrencyCap(requested=width or workload.num_requests, max_concurrency=limit,
+                                                    queue_in_latency=True)
         if workload.prompts.type == "conversation":  # only these cells load a tokenizer in the worker
             request(0)
             self.conversation = await asyncio.to_thread(Conversation, self.plan.model_path, self.prompts)
@@ -224,8 +234,11 @@ class Cell:
                 self.records.append(rec)
         self.check_engine()
         self.check_owner()
+        redact = Redactor(self.plan.model_dump(mode="json"))
         with (self.dir / "requests.jsonl").open("w") as records_file:
             def write(rec: RequestRecord) -> None:
+                if rec.error:  # an engine's message may quote a secret (a URL's password, a header)
+                    rec.error = redact(rec.error)
                 records_file.write(rec.to_json() + "\n")
                 records_file.flush()
                 try:
@@ -283,8 +296,12 @@ class Cell:
         count = senders(load)
 
         conversation = self.conversation
+        rule = getattr(load, "oversaturation_stop", None)
+        watch = SaturationWatch(rule) if rule is not None else None
 
         async def send(req: Request, t_scheduled: float) -> RequestRecord | None:
+            if watch is not None:
+                watch.sent()
             # A conversation needs each answer's text for the next turn, kept or not.
             rec = await self.measured(backend, req, rep, plan.record_outputs or conversation is not None, t_scheduled)
             if rec is not None:
@@ -293,6 +310,8 @@ class Cell:
                     conversation.note(rec, plan.record_outputs)
                 self.records.append(rec)
                 writer.put(rec)
+            if watch is not None:
+                watch.done(rec)
             return rec
 
         requests = self.repetition_requests(rep)
@@ -312,8 +331,15 @@ class Cell:
         if clients is not None:
             clients.go(rep, t0, [connections_needed(load, limit, latency, ClientShare(k, count))
                                  for k in range(1, count)])
-        sent = await run_load(load, items, send_item, seed=plan.seed + rep, max_concurrency=limit,
-                              share=ClientShare(0, count), t0=t0, arrivals=arrivals)
+        watching = asyncio.create_task(watch.run(t0)) if watch is not None else None
+        try:
+            sent = await run_load(load, items, send_item, seed=plan.seed + rep, max_concurrency=limit,
+                                  share=ClientShare(0, count), t0=t0, arrivals=arrivals,
+                                  stopped=watch.stopped if watch is not None else None)
+        finally:
+            if watching is not None:
+                watching.cancel()
+        report.oversaturation.append(watch.reason if watch is not None else None)
         if conversation is not None:
             sent = [r for turns, session in zip(sent, items) for r in (turns or [None] * len(session))]
         records = [r for r in sent if r is not None]
@@ -385,7 +411,10 @@ def watch_runner() -> None:
 def orphaned(why: str) -> NoReturn:
     """Stop the servers this worker launched (without touching the cell's files), then kill this worker's own group
     (in-process engines' children, load clients) and exit, writing nothing."""
-    print(f"worker: {why}: stopping its servers and exiting", file=sys.stderr, flush=True)
+    try:
+        print(f"worker: {why}: stopping its servers and exiting", file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass  # stderr is a pipe to the runner (which masks it into worker.log), gone with it
     stop_launched(ORPHAN_GRACE_S)
     if os.getpgid(0) == os.getpid():  # the runner starts every worker in a session of its own
         os.killpg(0, signal.SIGKILL)

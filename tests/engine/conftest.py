@@ -71,3 +71,38 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def plan_here(cfg, **options):
+    """make_plan for these options on this machine, as Engine plans."""
+    from own_engine import EngineConfig, Machine, make_plan
+
+    config = EngineConfig(**options)
+    return make_plan(cfg, config, Machine.here(cfg, config))
+
+
+# Instruction-set flags of the kinds of CPU this engine meets (as /proc/cpuinfo lists them, abridged).
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})  # no bf16 instructions
+EPYC = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}  # AMD EPYC (Zen 4)
+XEON_AMX = EPYC | {"avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"}  # Intel Xeon (Sapphire Rapids)
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """fake_cpu(flags, narrow_rows=8): the compute policy sees a CPU with these flags, and its micro-benchmark
+    answers as measured on the AVX2 CPU (a decode step of the 201M benchmark model: 4 rows 118 ms reading bf16 as
+    stored vs 190 ms upcast, 8 rows 191 vs 186). Returns the list of (stored, compute) it was asked to measure."""
+    from own_engine.compute import Crossover
+
+    asked = []
+
+    def fake(flags, narrow_rows=8):
+        def crossover(stored, compute):
+            asked.append((stored, compute))
+            return Crossover(narrow_rows, (4, 8), (0.118, 0.191), (0.190, 0.186), None, False)
+
+        monkeypatch.setattr("own_engine.compute.cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr("own_engine.compute.crossover", crossover)
+        return asked
+
+    return fake

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from own_engine.attention import attend, chunked_attention, part, visible
+from own_engine.batch import slots
 from own_engine.block_manager import BlockManager
 from own_engine.config import ModelConfig
 from own_engine.kv_cache import KVCache
+from own_engine.sequence import Sequence
 from own_engine.stats import EngineStats
 
 
@@ -81,17 +83,17 @@ def test_paged_kv_over_tiers_equals_sdpa(tmp_path, chunk_blocks, dtype):
     kv = KVCache(cfg, {"device": 3, "host": 2, "disk": 4}, block_size=8, chunk_blocks=chunk_blocks, dtype=dtype,
                  compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
     blocks = BlockManager(kv.num_blocks, block_size=8)
-    neighbours = [blocks.add_sequence() for _ in range(2)]
+    neighbours = [Sequence([]) for _ in range(2)]
     for n in neighbours:
         blocks.reserve(n, 8)  # blocks 0 and 1
     blocks.free_sequence(neighbours[0])
-    seq = blocks.add_sequence()
+    seq = Sequence([])
     q, k, v, pos = random_qkv(45, 5, 4, 2)
     k, v = k.to(dtype).float(), v.to(dtype).float()  # what the cache can hold
     for start, n in [(0, 11), (11, 24), (35, 10), (45, 5)]:
         blocks.reserve(seq, start + n)
-        kv.write(1, *blocks.slots(seq, start, n), k[start:start + n], v[start:start + n])
-    assert blocks.tables[seq] == [0, 2, 3, 4, 5, 6, 7]  # device 0 and 2 (not consecutive), host 3-4, disk 5-7
-    got = chunked_attention(q, k[45:], v[45:], pos[45:], kv.read(1, blocks.tables[seq], 45), 16 ** -0.5)
+        kv.write(1, *slots(seq.table, 8, torch.arange(start, start + n)), k[start:start + n], v[start:start + n])
+    assert seq.table == [0, 2, 3, 4, 5, 6, 7]  # device 0 and 2 (not consecutive), host 3-4, disk 5-7
+    got = chunked_attention(q, k[45:], v[45:], pos[45:], kv.read(1, kv.chunks(seq.table, 45)), 16 ** -0.5)
     kv.close()
     torch.testing.assert_close(got, dense(q, k, v, pos[45:], pos), rtol=1e-5, atol=1e-5)

@@ -1,9 +1,12 @@
 import random
 
 import pytest
+import torch
 
 from own_engine import EngineError
+from own_engine.batch import slots
 from own_engine.block_manager import BlockManager
+from own_engine.sequence import Sequence
 
 
 def test_many_sequences_grow_and_free_without_leaks():
@@ -16,28 +19,29 @@ def test_many_sequences_grow_and_free_without_leaks():
         elif live and rng.random() < 0.5:
             seq = rng.choice(list(live))
             new_len = live[seq] + rng.randint(1, 20)
-            if manager.blocks_for(new_len) - len(manager.tables[seq]) <= manager.num_free:
+            if manager.blocks_for(new_len) - len(seq.table) <= manager.num_free:
                 manager.reserve(seq, new_len)
                 live[seq] = new_len
         else:
-            seq = manager.add_sequence()
+            seq = Sequence([])
             live[seq] = rng.randint(1, 40)
             manager.reserve(seq, live[seq])
-        owned = [b for table in manager.tables.values() for b in table]
+        owned = [b for seq in live for b in seq.table]
         assert len(owned) == len(set(owned)) and len(owned) + manager.num_free == 64
-        assert all(len(manager.tables[s]) == manager.blocks_for(n) for s, n in live.items())
+        assert all(len(s.table) == manager.blocks_for(n) for s, n in live.items())
     for seq in list(live):
         manager.free_sequence(seq)
-    assert sorted(manager.free) == list(range(64)) and not manager.tables
+        assert not seq.table
+    assert sorted(manager.free) == list(range(64))
 
 
 def test_refuses_cleanly_when_blocks_run_out():
     manager = BlockManager(num_blocks=4, block_size=8)
-    a, b = manager.add_sequence(), manager.add_sequence()
+    a, b = Sequence([]), Sequence([])
     manager.reserve(a, 20)  # 3 blocks
     with pytest.raises(EngineError, match="out of KV cache blocks"):
         manager.reserve(b, 9)  # 2 blocks, 1 free
-    assert manager.tables[b] == [] and manager.num_free == 1
+    assert b.table == [] and manager.num_free == 1
     manager.reserve(b, 8)
     manager.free_sequence(a)
     manager.free_sequence(b)
@@ -46,7 +50,7 @@ def test_refuses_cleanly_when_blocks_run_out():
 
 def test_fills_the_fastest_tier_first_and_maps_slots():
     manager = BlockManager(num_blocks=10, block_size=4)
-    seq = manager.add_sequence()
+    seq = Sequence([])
     manager.reserve(seq, 10)
-    assert manager.tables[seq] == [0, 1, 2]
-    assert manager.slots(seq, 3, 3) == ([0, 1, 1], [3, 0, 1])
+    assert seq.table == [0, 1, 2]
+    assert [t.tolist() for t in slots(seq.table, 4, torch.arange(3, 6))] == [[0, 1, 1], [3, 0, 1]]

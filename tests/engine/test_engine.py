@@ -6,7 +6,10 @@ from collections import namedtuple
 import pytest
 import torch
 
-from own_engine import Engine, EngineError, ModelConfig, make_plan, probe_bandwidth
+from own_engine import Engine, EngineError, ModelConfig, probe_bandwidth
+from own_engine.compute import cpu_flags
+
+from .conftest import AVX2, EPYC, plan_here
 
 PROMPTS = [[5, 77, 300, 12, 9, 401, 33], list(range(100, 140)), [7, 7, 8]]
 
@@ -62,7 +65,36 @@ def test_offload_files_removed_on_close_unless_kept(tiny_model, tmp_path):
     with Engine.from_pretrained(path, **options, offload_dir=kept) as engine:  # reuses the packed layers
         assert engine.generate(PROMPTS[0], max_new_tokens=5) == first
         assert packed.stat().st_mtime_ns == mtime
-    assert kept.is_dir() and not any(kept.iterdir())  # user's folder stays, our files go
+    assert not kept.exists()  # the engine made it (its marker says so): it goes
+
+
+def test_a_folder_of_the_users_is_worked_in_beside_never_emptied(tiny_model, tmp_path):
+    """Issue 25: an offload_dir or prefix_cache_dir that already holds the user's files, even files named as the
+    engine names its own (weights/, kv/, blocks/, manifest.json), keeps them all: the engine works in a subfolder it
+    makes and marks (own_engine/), and removes only that. A subfolder of that name that is not the engine's is
+    refused."""
+    from own_engine.config import EngineError
+
+    path, _ = tiny_model("llama_bf16")
+    mine = tmp_path / "mine"
+    files = {"weights/layer_000.bin": b"my weights", "kv/layer_000.kv": b"my kv", "blocks/a.kv": b"my block",
+             "manifest.json": b"{}", "notes.txt": b"keep me"}
+    for name, data in files.items():
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_bytes(data)
+    with Engine.from_pretrained(path, weights="disk", kv="disk", dtype="float32", max_context=64, offload_dir=mine,
+                                prefix_cache_dir=mine) as engine:
+        engine.generate(PROMPTS[0], max_new_tokens=3)
+        assert engine.offload_dir == mine / "own_engine" and engine.store.dir == mine / "own_engine"
+    assert {str(p.relative_to(mine)): p.read_bytes() for p in mine.rglob("*") if p.is_file()
+            and "own_engine" not in p.parts} == files
+    assert (mine / "own_engine" / "manifest.json").is_file()  # the prefix store is kept for later runs, not the KV
+    assert not (mine / "own_engine" / "kv").exists()
+
+    (mine / "own_engine").rename(mine / "was_ours")
+    (mine / "own_engine").mkdir()  # the user's own folder of that name
+    with pytest.raises(EngineError, match="offload_dir .*holds files of yours"):
+        Engine.from_pretrained(path, weights="disk", kv="disk", dtype="float32", max_context=64, offload_dir=mine)
 
 
 def test_stats_count_streamed_bytes(tiny_model, tmp_path):
@@ -115,32 +147,32 @@ def test_probe_reports_instead_of_raising(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_compute_dtype_policy(tiny_model, monkeypatch, native):
+def test_compute_dtype_policy(tiny_model, fake_cpu, native):
     """bf16 weights on a CPU without bf16 instructions compute in float32 through one reused upcast buffer; with them,
     or on CUDA, in bf16 in place. The plan says which and why."""
-    monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: native)
+    fake_cpu(EPYC if native else AVX2)
     cfg = ModelConfig.load(tiny_model("llama_bf16")[0])
-    cpu = make_plan(cfg, device="cpu", weights="gpu", context=64)
+    cpu = plan_here(cfg, device="cpu", weights="gpu", max_context=64)
     assert cpu.dtype == torch.bfloat16
     assert cpu.compute_dtype == (torch.bfloat16 if native else torch.float32)
     assert cpu.n_slots == (0 if native else 1) and (cpu.slot_bytes > 1.9 * cpu.layer_bytes) != native
     assert ("no bfloat16 instructions" in cpu.explain()) != native
-    cuda = make_plan(cfg, device="cuda", weights="disk", context=64)
+    cuda = plan_here(cfg, device="cuda", weights="disk", max_context=64)
     assert cuda.compute_dtype == torch.bfloat16 and "compute in bfloat16" in cuda.explain()
     with pytest.raises(EngineError, match="on CUDA compute runs in the stored dtype"):
-        make_plan(cfg, device="cuda", compute_dtype=torch.float32)
+        plan_here(cfg, device="cuda", compute_dtype="float32")
 
 
 @pytest.mark.parametrize("native", [False, True, None], ids=["no-bf16-isa", "bf16-isa", "this-cpu"])
-def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path, monkeypatch, native):
+def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path, fake_cpu, native):
     """On the CPU, layers on disk are memory-mapped: compute reads the safetensors' pages (no ring, no copy) when
     the dtype matches. A bf16 checkpoint computes in bf16 straight from the map on a CPU with bf16 instructions;
     without them it is upcast from the map into one float32 buffer, in the calling thread (no prefetch thread on
     the CPU). Run with the instruction set faked both ways, and on this CPU as its flags say."""
     if native is None:
-        native = torch.cpu._is_avx512_bf16_supported()
+        native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     else:
-        monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: native)
+        fake_cpu(EPYC if native else AVX2)
     path, _ = tiny_model("llama_gqa2")
     with Engine.from_pretrained(path, weights="disk", kv="gpu", offload_dir=tmp_path / "off") as engine:
         layers = engine.model.weights

@@ -6,7 +6,9 @@ from collections import namedtuple
 import pytest
 from safetensors.torch import load_file, save_file
 
-from own_engine import Engine, EngineError, ModelConfig, make_plan, parse_size
+from own_engine import Engine, EngineError, ModelConfig, parse_size
+
+from .conftest import plan_here
 
 
 @pytest.fixture
@@ -111,7 +113,7 @@ def test_bad_options(tiny_model):
     with pytest.raises(EngineError, match="weights='fast'"):
         Engine.from_pretrained(path, weights="fast")
     with pytest.raises(EngineError, match="vram_budget: expected a size like 8GiB"):
-        make_plan(ModelConfig.load(path), vram_budget="lots")
+        plan_here(ModelConfig.load(path), vram_budget="lots")
     assert parse_size("8GiB") == 8 << 30 and parse_size("1.5 GB") == 1_500_000_000 and parse_size(512) == 512
 
 

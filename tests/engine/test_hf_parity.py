@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from own_engine import Engine, ModelConfig, make_plan
+from own_engine import Engine, ModelConfig
 
-from .conftest import MODELS
+from .conftest import MODELS, plan_here
 
 PLACEMENTS = {
     "resident": dict(weights="gpu", kv="gpu"),
@@ -56,11 +56,9 @@ def test_greedy_generation_matches_hf(tiny_model, name, placement, tmp_path):
 def mixed_budget(path, **shape):
     """The smallest budget whose auto plan has resident and streamed layers and KV on the device and on disk."""
     cfg = ModelConfig.load(path)
-    full = make_plan(cfg, context=shape["max_context"], block_size=shape["block_size"],
-                     prefill_chunk=shape["prefill_chunk"], dtype=torch.float32)
+    full = plan_here(cfg, **shape)
     for budget in range(full.device_bytes // 2, full.device_bytes, full.block_bytes):
-        plan = make_plan(cfg, vram_budget=budget, context=shape["max_context"], block_size=shape["block_size"],
-                         prefill_chunk=shape["prefill_chunk"], dtype=torch.float32)
+        plan = plan_here(cfg, vram_budget=budget, **shape)
         if 0 < plan.count("device") < cfg.num_layers and plan.kv_blocks["device"] >= 3:
             return budget, plan
     raise AssertionError("no mixed plan found")

@@ -4,9 +4,11 @@ import time
 
 import torch
 
+from own_engine.batch import slots
 from own_engine.block_manager import BlockManager
 from own_engine.config import ModelConfig
 from own_engine.kv_cache import KVCache
+from own_engine.sequence import Sequence
 from own_engine.stats import EngineStats
 
 CFG = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 64,
@@ -17,11 +19,11 @@ def filled_cache(tmp_path, dtype, counts, n_tokens=40):
     kv = KVCache(CFG, counts, block_size=8, chunk_blocks=1, dtype=dtype, compute_dtype=torch.float32,
                  device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
     blocks = BlockManager(kv.num_blocks, block_size=8)
-    seq = blocks.add_sequence()
+    seq = Sequence([])
     blocks.reserve(seq, n_tokens)
     k = torch.randn(n_tokens, 2, 16).to(dtype).float()
-    kv.write(0, *blocks.slots(seq, 0, n_tokens), k, -k)
-    return kv, blocks.tables[seq], k
+    kv.write(0, *slots(seq.table, 8, torch.arange(n_tokens)), k, -k)
+    return kv, seq.table, k
 
 
 def test_the_next_chunk_is_copied_while_the_current_one_is_used(tmp_path, monkeypatch):
@@ -34,7 +36,7 @@ def test_the_next_chunk_is_copied_while_the_current_one_is_used(tmp_path, monkey
 
     monkeypatch.setattr(kv, "_copy", traced)
     got = []
-    for c, (ck, cv, pos) in enumerate(kv.read(0, table, 40)):
+    for c, (ck, cv, pos) in enumerate(kv.read(0, kv.chunks(table, 40))):
         if c < 4:  # the next chunk's copy starts without waiting for this one to be done with
             deadline = time.monotonic() + 10
             while len(started) < c + 2 and time.monotonic() < deadline:
@@ -50,7 +52,7 @@ def test_the_next_chunk_is_copied_while_the_current_one_is_used(tmp_path, monkey
 def test_in_place_reads_copy_nothing_and_are_counted(tmp_path, monkeypatch):
     kv, table, k = filled_cache(tmp_path, torch.float32, {"device": 2, "disk": 3})
     monkeypatch.setattr(kv, "_copy", lambda *a: (_ for _ in ()).throw(AssertionError("copied")))
-    chunks = list(kv.read(0, table, 40))
+    chunks = list(kv.read(0, kv.chunks(table, 40)))
     assert [len(c[2]) for c in chunks] == [8] * 5
     disk = chunks[2][0]
     assert disk.untyped_storage().data_ptr() == kv.tiers["disk"][2][0][0].untyped_storage().data_ptr()  # the map
@@ -61,9 +63,24 @@ def test_in_place_reads_copy_nothing_and_are_counted(tmp_path, monkeypatch):
 
 def test_a_reader_stopped_early_leaves_no_copy_in_flight(tmp_path):
     kv, table, k = filled_cache(tmp_path, torch.bfloat16, {"device": 5})
-    reader = kv.read(0, table, 40)
+    reader = kv.read(0, kv.chunks(table, 40))
     next(reader)
     reader.close()  # waits for the prefetch of chunk 1 before returning
     assert kv.thread._work_queue.empty()
-    assert [torch.equal(ck, k[pos]) for ck, _, pos in kv.read(0, table, 40)] == [True] * 5
+    assert [torch.equal(ck, k[pos]) for ck, _, pos in kv.read(0, kv.chunks(table, 40))] == [True] * 5
     kv.close()
+
+
+def test_chunks_read_in_place_are_runs_of_consecutive_blocks(tmp_path):
+    """Compute can read a chunk in place only as one view of the pool: where the block ids break (a shared prefix
+    followed by blocks of the sequence's own), a chunk ends; chunks that are copied anyway keep their full size."""
+    table = [0, 1, 4, 5, 6, 2]  # device blocks 0-6 of 8: two runs and a stray block
+    kv = KVCache(CFG, {"device": 8}, block_size=8, chunk_blocks=4, dtype=torch.float32, compute_dtype=torch.float32,
+                 device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
+    assert [c.ids for c in kv.chunks(table, 45)] == [[0, 1], [4, 5, 6], [2]]
+    assert [c.valid for c in kv.chunks(table, 45)] == [16, 24, 5]
+    kv.close()
+    copied = KVCache(CFG, {"device": 8}, block_size=8, chunk_blocks=4, dtype=torch.bfloat16,
+                     compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
+    assert [c.ids for c in copied.chunks(table, 45)] == [[0, 1, 4, 5], [6, 2]]
+    copied.close()

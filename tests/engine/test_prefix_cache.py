@@ -7,6 +7,7 @@ import torch
 
 from own_engine import Engine
 from own_engine.block_manager import BlockManager
+from own_engine.sequence import Sequence
 
 DOC = [(7 * i + 3) % 500 for i in range(70)]  # 4 full blocks of 16 and 6 tokens
 QUESTIONS = [[11, 12, 13], [400, 401, 402, 403, 404]]
@@ -41,12 +42,13 @@ def test_a_second_question_reuses_the_document_and_gets_the_same_tokens(model, u
 def test_a_block_is_shared_by_two_live_sequences(model, uncached):
     with Engine.from_pretrained(model, **OPTIONS) as engine:
         seqs, first = engine.prefill([DOC + QUESTIONS[0]])
-        b = engine.admit(DOC + QUESTIONS[1])
+        b = Sequence(DOC + QUESTIONS[1])
+        engine.admit(b)
         a = seqs[0]
-        shared = engine.blocks.tables[a][:4]
-        assert engine.blocks.tables[b][:4] == shared and engine.blocks.tables[b][4] != engine.blocks.tables[a][4]
+        shared = a.table[:4]
+        assert b.table[:4] == shared and b.table[4] != a.table[4]
         assert all(engine.blocks.refs[block] == 2 for block in shared)
-        logits = engine.forward([(b, len(DOC) + 5 - engine.blocks.computed[b])], "prefill")
+        logits = engine.forward([(b, len(DOC) + 5 - b.computed)], "prefill")
         assert int(logits[0].argmax()) == uncached[1][0] and int(first[0].argmax()) == uncached[0][0]
         engine.release([a])
         assert all(engine.blocks.refs[block] == 1 for block in shared)  # still held by b
@@ -58,20 +60,20 @@ def test_unused_cached_blocks_are_evicted_lru_fastest_tier_first():
     manager = BlockManager(num_blocks=6, block_size=2, tier_sizes=[2, 4])
     docs = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
     for doc in docs[:2]:  # each caches 2 blocks, then finishes
-        seq = manager.add_sequence(doc)
+        seq = Sequence(doc)
         manager.reserve(seq, 4)
         manager.commit(seq, 4)
         manager.free_sequence(seq)
     assert manager.num_free == 6 and len(manager.cached) == 4
     # docs[0] holds blocks 0, 1 (device), docs[1] blocks 2, 3 (disk): two fresh blocks come from the free ones
-    seq = manager.add_sequence(docs[2])
+    seq = Sequence(docs[2])
     manager.reserve(seq, 4)
-    assert manager.tables[seq] == [4, 5] and len(manager.cached) == 4
+    assert seq.table == [4, 5] and len(manager.cached) == 4
     manager.reserve(seq, 6)  # no free block left: evict the LRU cached block of the device tier
-    assert manager.tables[seq][2] == 0
-    hit = manager.add_sequence(docs[0])
+    assert seq.table[2] == 0
+    hit = Sequence(docs[0])
     assert manager.match(hit, 3) == 0  # its first block is gone, so nothing after it can be used
-    reuse = manager.add_sequence(docs[1])
+    reuse = Sequence(docs[1])
     assert manager.match(reuse, 4) == 4 and manager.refs[2] == manager.refs[3] == 1
 
 
@@ -133,3 +135,15 @@ def test_a_full_disk_stops_persisting_not_the_request(model, uncached, tmp_path,
         assert engine.store is None and "No space left" in engine.stats.prefix["store_error"]
         assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
         assert engine.stats.prefix["hit_blocks"] == 4  # the memory cache goes on
+
+
+def test_a_cached_prefix_is_read_in_place_and_starts_no_thread(model, uncached, monkeypatch):
+    """A sequence holding another's cached blocks, then blocks of its own, has a break in its block ids: its KV is
+    read as several in-place chunks, never copied on the KV thread. (A torch op on that thread gave it an OpenMP
+    team of its own, after which every parallel region woke sleeping workers: each later prompt took up to twice as
+    long, with the prefix cache on only. See kv_cache.KVCache.chunks.)"""
+    with Engine.from_pretrained(model, **{**OPTIONS, "prefill_chunk": 128}) as engine:
+        monkeypatch.setattr(engine.kv, "_copy", lambda *a: (_ for _ in ()).throw(AssertionError("copied")))
+        assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12) == uncached[0]
+        assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
+        assert engine.stats.prefix["hit_blocks"] == 4 and not engine.kv.thread._threads

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from own_engine import Engine
-from own_engine.scheduler import GenerationRequest, Scheduler
+from own_engine.scheduler import Scheduler
+from own_engine.sequence import SamplingParams, Sequence
 
 PROMPTS = [list(range(100, 140)), [5, 77, 300, 12, 9, 401, 33], [7, 7, 8, 9, 300, 2, 11, 60, 61, 62, 63, 64] * 3]
 
@@ -34,7 +35,7 @@ def test_requests_joining_mid_decode_get_their_tokens_alone(engine, monkeypatch)
     expected = [alone(engine, p) for p in PROMPTS]
     passes = traced(engine, monkeypatch)
     scheduler = Scheduler(engine)
-    requests = [GenerationRequest(p, 24, ignore_eos=True) for p in PROMPTS]
+    requests = [Sequence(p, SamplingParams(24, ignore_eos=True)) for p in PROMPTS]
     scheduler.add(requests[0])
     for _ in range(8):  # the first request's prompt (5 steps of 8 rows), then decoding
         scheduler.step()
@@ -55,7 +56,7 @@ def test_a_sequence_reaching_eos_leaves_while_the_others_continue(engine):
     eos = expected[1][5]
     stop = expected[1].index(eos)
     engine.config = dataclasses.replace(engine.config, eos_token_ids=(eos,))
-    requests = [GenerationRequest(p, 24, ignore_eos=i != 1) for i, p in enumerate(PROMPTS)]
+    requests = [Sequence(p, SamplingParams(24, ignore_eos=i != 1)) for i, p in enumerate(PROMPTS)]
     finished = []
     scheduler = Scheduler(engine)
     for r in requests:
@@ -74,7 +75,8 @@ def test_preemption_when_blocks_run_out_recomputes_and_changes_no_token(tiny_mod
     with Engine.from_pretrained(path, block_size=16, max_context=96, max_batch=1) as engine:
         expected = [alone(engine, p[:20], n=40) for p in PROMPTS[::2]] + [alone(engine, PROMPTS[1], n=40)]
         engine.max_batch = 3
-        requests = [GenerationRequest(p, 40, ignore_eos=True) for p in (PROMPTS[0][:20], PROMPTS[2][:20], PROMPTS[1])]
+        requests = [Sequence(p, SamplingParams(40, ignore_eos=True))
+                    for p in (PROMPTS[0][:20], PROMPTS[2][:20], PROMPTS[1])]
         scheduler = Scheduler(engine)
         for r in requests:
             scheduler.add(r)
@@ -93,7 +95,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine):
 
 def test_a_cancelled_request_leaves_and_frees_its_blocks(engine):
     scheduler = Scheduler(engine)
-    keep, drop = GenerationRequest(PROMPTS[0], 10, ignore_eos=True), GenerationRequest(PROMPTS[2], 10, ignore_eos=True)
+    params = SamplingParams(10, ignore_eos=True)
+    keep, drop = Sequence(PROMPTS[0], params), Sequence(PROMPTS[2], params)
     scheduler.add(keep)
     scheduler.add(drop)
     for _ in range(7):
@@ -107,7 +110,7 @@ def test_a_cancelled_request_leaves_and_frees_its_blocks(engine):
 
 def test_a_request_larger_than_the_cache_fails_alone(engine):
     scheduler = Scheduler(engine)
-    big, small = GenerationRequest(list(range(90)), 300), GenerationRequest(PROMPTS[1], 5)
+    big, small = Sequence(list(range(90)), SamplingParams(300)), Sequence(PROMPTS[1], SamplingParams(5))
     scheduler.add(big)
     scheduler.add(small)
     while scheduler.busy:
@@ -116,3 +119,27 @@ def test_a_request_larger_than_the_cache_fails_alone(engine):
     with pytest.raises(type(big.error), match="need 25 KV blocks"):
         engine.generate(list(range(90)), max_new_tokens=300)
     assert torch.is_tensor(engine.prefill([PROMPTS[1]])[1])
+
+
+def test_the_serving_loop_takes_sequences_from_any_thread(engine):
+    """Engine.serve(): the scheduler on a thread of its own; sequences submitted from other threads while it runs
+    join between steps and get the tokens they get alone; a cancelled one leaves; close() stops it."""
+    import threading
+
+    expected = [alone(engine, p) for p in PROMPTS]
+    finished = threading.Semaphore(0)
+    seqs = [Sequence(p, SamplingParams(24, ignore_eos=True), on_finish=lambda s: finished.release()) for p in PROMPTS]
+    gone = Sequence(PROMPTS[0], SamplingParams(50, ignore_eos=True), on_finish=lambda s: finished.release(),
+                    on_token=lambda t: setattr(gone, "cancelled", True))
+    loop = engine.serve()
+    try:
+        loop.submit(gone)
+        senders = [threading.Thread(target=loop.submit, args=(s,)) for s in seqs]
+        for sender in senders:
+            sender.start()
+        assert all(finished.acquire(timeout=60) for _ in range(len(seqs) + 1))
+    finally:
+        loop.close()
+    assert [s.output for s in seqs] == expected and not loop.thread.is_alive()
+    assert gone.error is None and len(gone.output) == 1  # cancelled at its first token, it left at the next step
+    assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -89,3 +89,45 @@ def test_a_full_out_folder_is_a_clear_error_and_keeps_what_was_written(bench, wr
     assert [(c.backend, c.status) for c in resumed.cells] == [("first", "ok"), ("filler", "ok")]
     assert resumed.cells[0] == first.cells[0]
     assert not run.wait_gone(5)
+
+
+# Files a crash or a full disk may leave half-written: streams appended as they come (logs, requests.jsonl) and
+# folders built aside and renamed into place whole (models, baselines, a Ray actor's own temporary folder).
+STREAMED_OR_BUILT_ASIDE = {"harness/run/worker.py", "harness/run/process.py", "harness/run/plan.py",
+                           "harness/core/processes.py", "harness/inputs/models.py", "harness/analyze/baselines.py",
+                           "harness/run/generators.py"}
+
+
+def test_every_other_file_is_written_whole_or_not_at_all():
+    """Issue 25: cell.json, summary.md, report.md/html, gate.json/md, the guide and calibration.json were written in
+    place: a crash or a full disk mid-write left half a file. Every file the harness writes goes through
+    harness/core/files.py (a temporary file beside it, fsync, rename) but the ones listed above."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    direct = re.compile(r"\.write_text\(|\.write_bytes\(|\.to_(csv|parquet|json)\((?!tmp\b|\))|open\([^)]*[\"'][wa]b?[\"']")
+    offenders = [f"{p.relative_to(root)}:{n}" for pkg in ("harness", "backends") for p in (root / pkg).rglob("*.py")
+                 if str(p.relative_to(root)) not in STREAMED_OR_BUILT_ASIDE | {"harness/core/files.py"}
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if direct.search(line)]
+    assert not offenders, f"written in place: {offenders}"
+
+
+def test_an_atomic_write_that_fails_keeps_the_old_file_whole(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from harness.core.files import atomic_write
+
+    path = tmp_path / "summary.md"
+    atomic_write(path, "old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    try:
+        atomic_write(path, "new and longer\n" * 1000)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["summary.md"]

@@ -45,6 +45,14 @@ def billion_laughs() -> str:
     return "\n".join(lines) + "\n"
 
 
+NOT_PASSED = "'%s' is not a llama_cpp.server option the harness passes on"
+
+
+def llama_server(tiny_model, *server_args: str) -> dict:
+    return scenario_dict(tiny_model, [{"name": "l", "kind": "llama_cpp", "options": {
+        "mode": "server", "server_args": list(server_args)}}], [dict(W)])
+
+
 def cases(tiny_model) -> dict[str, tuple[str | dict, str]]:
     """name: (the scenario, dict or raw YAML; what the message must say)."""
     m = str(tiny_model)
@@ -75,10 +83,24 @@ def cases(tiny_model) -> dict[str, tuple[str | dict, str]]:
                                 "a sweep needs at least one value"),
         "duplicate keys": (f"name: t\nmodels: {{tiny: {{path: {m}}}}}\nname: u\n", "duplicate key 'name'"),
         "infinite timeout": (base(tiny_model, cell_timeout_s=float("inf")), "finite number"),
-        "llama.cpp --host 0.0.0.0": (scenario_dict(tiny_model, [{"name": "l", "kind": "llama_cpp", "options": {
-            "mode": "server", "server_args": ["--host", "0.0.0.0"]}}], [dict(W)]), "--host cannot be set here"),
-        "llama.cpp --port=80": (scenario_dict(tiny_model, [{"name": "l", "kind": "llama_cpp", "options": {
-            "mode": "server", "server_args": ["--port=80"]}}], [dict(W)]), "--port=80 cannot be set here"),
+        "llama.cpp --host 0.0.0.0": (llama_server(tiny_model, "--host", "0.0.0.0"), NOT_PASSED % "--host"),
+        "llama.cpp --port=80": (llama_server(tiny_model, "--port=80"), NOT_PASSED % "--port=80"),
+        # Issue 25: argparse takes an abbreviation for the flag it abbreviates, and the last value wins.
+        "llama.cpp --hos 0.0.0.0": (llama_server(tiny_model, "--n_ctx", "512", "--hos", "0.0.0.0"),
+                                    NOT_PASSED % "--hos"),
+        "llama.cpp --config_file": (llama_server(tiny_model, "--config_file", "/tmp/any.json"),
+                                    NOT_PASSED % "--config_file"),
+        "llama.cpp -h": (llama_server(tiny_model, "--n_ctx=512", "-h"), NOT_PASSED % "-h"),
+        "llama.cpp a value that is a flag": (llama_server(tiny_model, "--chat_format", "--host=0.0.0.0"),
+                                             NOT_PASSED % "--host=0.0.0.0"),
+        "vLLM engine_args a secret": (scenario_dict(tiny_model, [{"name": "v", "kind": "vllm", "options": {
+            "engine_args": {"ssl_secret": "x"}}}], [dict(W)]), "ssl_secret: a secret would be on the server's command"),
+        "a NUL byte in a path": (scenario_dict(tiny_model, [dict(S)], [{**W, "load": {"type": "trace",
+                                                                                       "path": "/tmp/a\0b"}}]),
+                                 "workloads[0].load.path: holds a NUL byte"),
+        # ~400 KB of YAML that expands to ~100 MB: refused before anything is expanded
+        "alias bytes bomb": ("a: &a '" + "x" * 100_000 + "'\nb: [" + ", ".join(["*a"] * 1000) + "]\n",
+                             "with its aliases expanded this is more than 8 MiB of text"),
         "TGI --hostname": (scenario_dict(tiny_model, [{"name": "t", "kind": "tgi", "options": {"launch": {
             "extra_args": ["--hostname", "0.0.0.0"]}}}], [dict(W)]), "--hostname cannot be set here"),
         "vLLM engine_args host": (scenario_dict(tiny_model, [{"name": "v", "kind": "vllm", "options": {
@@ -237,3 +259,92 @@ def test_fuzz_every_file_validates_or_exits_2_within_2_s(data, tiny_model, tmp_p
     if code == 2:
         assert "error: " in out and str(path) in out.replace("\n", "")
     assert elapsed < 2.0, f"{elapsed:.2f} s for:\n{text[:500]}"
+
+
+# ---- issue 25: tracebacks that became exit 2 ------------------------------------------------------------------------
+
+def command(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+@pytest.fixture(scope="module")
+def small_results(tmp_path_factory):
+    from tests.report_fixtures import ResultsBuilder, workload
+
+    b = ResultsBuilder(tmp_path_factory.mktemp("results") / "run")
+    b.add("a", workload("w", num_requests=4), 0.05, 0.01)
+    return b.write()
+
+
+def test_a_model_config_that_is_not_an_object_is_refused(write_scenario, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for config, needle in (("[1, 2]", "expected a JSON object (an HF model config), got a list"),
+                           ("\xff{", "is not valid JSON")):
+        (model / "config.json").write_bytes(config.encode("latin-1"))
+        path = write_scenario({"name": "t", "models": {"m": {"path": str(model)}}, "backends": [dict(S)],
+                               "workloads": [dict(W)]})
+        code, out, _ = validate(path)
+        assert code == 2 and "models.m.path" in out and needle in out.replace("\n", "") and "Traceback" not in out
+
+
+def test_an_output_folder_that_cannot_be_written_is_exit_2(small_results, tmp_path):
+    """A file where the output folder should be (root ignores permissions, not that)."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("in the way")
+    out = blocked / "out"
+    for args in (("report", small_results, "--out", out), ("guide", small_results, "--out", out / "guide.md"),
+                 ("export", small_results, "--out", out),
+                 ("gate", "--baseline", small_results, "--current", small_results, "--out", out)):
+        code, text = command(*args)
+        assert code == 2 and "cannot write" in text and "Traceback" not in text, (args, text)
+
+
+@pytest.mark.parametrize("content", [b"metrics:\n  ttft_ms.p50: {max_regression: \xff}\n",
+                                     b"metrics: " + b"[" * 3000 + b"]" * 3000 + b"\n",
+                                     b"a: &a '" + b"x" * 100_000 + b"'\nb: [" + b", ".join([b"*a"] * 1000) + b"]\n"])
+def test_policy_and_rules_files_take_the_scenarios_loader_and_limits(small_results, tmp_path, content):
+    """Non-UTF-8, deeply nested and alias-bomb policy (`bench gate --policy`) and rules (`bench guide --rules`)
+    files: exit 2 naming the file, never a traceback or a 100 MB expansion."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    for args in (("gate", "--baseline", small_results, "--current", small_results, "--policy", bad,
+                  "--out", tmp_path / "g"),
+                 ("guide", small_results, "--rules", bad, "--out", tmp_path / "guide.md")):
+        code, text = command(*args)
+        assert code == 2 and str(bad) in text.replace("\n", "") and "Traceback" not in text, (args, text)
+        assert any(n in text for n in ("not UTF-8", "nested deeper", "MiB of text")), text
+
+
+def test_an_offload_dir_whose_subfolder_is_not_ours_is_refused_at_validate(write_scenario, tiny_model, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "own_engine").mkdir(parents=True)
+    (mine / "own_engine" / "thesis.tex").write_text("mine")
+    path = write_scenario(scenario_dict(tiny_model, [{"name": "o", "kind": "own", "options": {
+        "weights": "disk", "offload_dir": str(mine)}}], [dict(W)]))
+    code, out, _ = validate(path)
+    assert code == 2 and "options.offload_dir" in out and "holds files of yours" in out.replace("\n", "")
+    assert (mine / "own_engine" / "thesis.tex").read_text() == "mine"
+
+
+def test_a_run_never_empties_a_folder_of_the_users_under_its_out(write_scenario, tiny_model, tmp_path):
+    """`--out` given by the user may hold anything: the runner replaces a cell's folder only when it made it."""
+    from harness.config.load import load_scenario
+    from harness.core.errors import UserError
+    from harness.run.runner import Runner
+
+    out = tmp_path / "out"
+    theirs = out / "cells" / "tiny__s__w"
+    theirs.mkdir(parents=True)
+    (theirs / "data.csv").write_text("mine")
+    path = write_scenario(scenario_dict(tiny_model, [{**S, "options": {"ttft_s": 0.001, "itl_s": 0.001}}], [dict(W)]))
+    with pytest.raises(UserError, match="was not made by bench, so it is not removed"):
+        Runner(load_scenario(path), str(path), out).run()
+    assert (theirs / "data.csv").read_text() == "mine"
+    (theirs / "data.csv").unlink()
+    theirs.rmdir()
+    assert Runner(load_scenario(path), str(path), out).run() == 0
+    again = Runner(load_scenario(path), str(path), out).store.fresh_cell_dir("tiny__s__w")  # its own: replaced
+    assert again == theirs and [p.name for p in again.iterdir()] == [".llmbench-made"]

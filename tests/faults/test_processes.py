@@ -183,3 +183,17 @@ def test_a_worker_whose_cell_json_names_another_attempt_writes_nothing(tmp_path,
     assert done.returncode == -signal.SIGKILL and "wrote on" not in done.stdout  # it killed its own group
     assert "another attempt" in done.stderr
     assert json.loads((tmp_path / "cell.json").read_text())["attempt"] == "a resumed run's"
+
+
+def test_sigterm_stops_bench_calibrate_and_its_scripted_server(bench, tmp_path):
+    """Issue 25: `bench calibrate` left its scripted server running on SIGTERM. Every command that starts a process
+    takes SIGTERM as `bench run` does: what it started is stopped, exit code 130."""
+    out = tmp_path / "calibrate"
+    run = bench("calibrate", "--rate", "5", "--seconds", "30", "--out", str(out))
+    wait_for(lambda: any(out.rglob("worker.log")), 120, "the first cell's worker")
+    run.sample()  # records the groups of the server and the worker, each in a session of its own
+    assert list(out.rglob("scripted_server.log"))
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 130, run.output
+    assert "interrupted" in run.output and "SIGTERM" in run.output
+    assert not run.wait_gone(10), "the scripted server and the worker must be gone"

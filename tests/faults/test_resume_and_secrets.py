@@ -98,6 +98,73 @@ def test_redaction_rules():
     assert masked["error"] == f"401 for {MASK}: {MASK} rejected"  # found once, masked wherever quoted
 
 
+def test_secrets_are_masked_by_value_and_shape_as_well_as_by_key():
+    """Issue 25: masking went by key name only. A token in a URL's user part or query, in a header string or a
+    NAME=value string was written as is; api_keys, credentials, auth, cookie, passphrase were not masked; a secret
+    of the environment quoted in a message was kept. Issue 29: the masking turned chunk_token_ids into ***."""
+    from harness.core.redact import MASK, Redactor
+
+    redact = Redactor(environ={"HF_TOKEN": "hf_FromTheEnvironment1", "USE_AUTH": "true", "PATH": "/bin"})
+    data = {"url": "https://sk-abcdef123@host/v1", "query": "http://h:8000/v1?api_key=q-secret-1&stream=1",
+            "headers": ["Authorization: Bearer b-secret-2", "Accept: text/event-stream", "X-Api-Key: x-secret-3"],
+            "env_list": ["HF_TOKEN=hf_list_secret4", "OMP_NUM_THREADS=2"],
+            "api_keys": ["k-secret-5", "k-secret-6"], "credentials": {"user": "u-secret-7", "pass": "p-secret-8"},
+            "auth": "a-secret-9", "cookie": "session=c-secret-10", "passphrase": "pp-secret-11",
+            "chunk_token_ids": [[1, 2], [3]], "max_tokens": 5, "token_counts": {"input": "engine"},
+            "log": "non-default args: {'api_key': 'v-secret-12'}; --api-key f-secret-13 --port 80; first token: 12 ms",
+            "error": "401 from http://h/v1 with hf_FromTheEnvironment1; true"}
+    masked = redact(data)
+    assert masked["url"] == f"https://{MASK}@host/v1"
+    assert masked["query"] == f"http://h:8000/v1?api_key={MASK}&stream=1"
+    assert masked["headers"] == [f"Authorization: Bearer {MASK}", "Accept: text/event-stream", f"X-Api-Key: {MASK}"]
+    assert masked["env_list"] == [f"HF_TOKEN={MASK}", "OMP_NUM_THREADS=2"]
+    assert masked["api_keys"] == [MASK, MASK] and masked["credentials"] == {"user": MASK, "pass": MASK}
+    assert masked["auth"] == masked["cookie"] == masked["passphrase"] == MASK
+    assert masked["chunk_token_ids"] == [[1, 2], [3]] and masked["max_tokens"] == 5
+    assert masked["token_counts"] == {"input": "engine"}
+    assert masked["log"] == (f"non-default args: {{'api_key': '{MASK}'}}; --api-key {MASK} --port 80; "
+                             f"first token: 12 ms")
+    assert masked["error"] == f"401 from http://h/v1 with {MASK}; true"  # short flag values are no secrets
+    assert "secret" not in json.dumps(masked)
+
+
+def test_ray_tasks_get_masked_data_and_secrets_from_the_nodes_environment(monkeypatch):
+    """What `--executor ray` hands a task: the scenario masked, and no secret-named LLMBENCH_ variable in runtime_env
+    (both shown by Ray's dashboard and state API); a node puts the secrets back from its own variables
+    (test_ray_scaleout.py runs it on a cluster)."""
+    from harness.core.redact import MASK, Redactor, restore
+    from harness.core.spec import Placement
+    from harness.run.ray_executor import placement_options
+
+    monkeypatch.setenv("LLMBENCH_CACHE", "/cache")
+    monkeypatch.setenv("LLMBENCH_HF_TOKEN", "hf_NeverForwarded1")
+    forwarded = placement_options(Placement())["runtime_env"]["env_vars"]
+    assert forwarded["LLMBENCH_CACHE"] == "/cache" and "LLMBENCH_HF_TOKEN" not in forwarded
+    scenario = {"backends": [{"options": {"env": {"HF_TOKEN": "hf_a1b2c3"}, "server_args": [
+        "--api_key", "sk-123456", "--n_ctx", "8"], "engine_args": {"hf_token": "hf_x9y8z7"}}}],
+        "url": "http://127.0.0.1:8000/v1"}
+    masked = Redactor(environ={})(scenario)
+    assert not [secret for secret in ("hf_a1b2c3", "sk-123456", "hf_x9y8z7") if secret in str(masked)]
+    restored, missing = restore(masked, {"HF_TOKEN": "hf_a1b2c3", "API_KEY": "sk-123456"})
+    assert missing == []  # engine_args.hf_token's variable is HF_TOKEN too
+    assert restored["backends"][0]["options"]["server_args"] == ["--api_key", "sk-123456", "--n_ctx", "8"]
+    assert restored["backends"][0]["options"]["env"] == {"HF_TOKEN": "hf_a1b2c3"}
+    _, missing = restore(masked | {"url": f"http://u:{MASK}@h/v1"}, {})
+    assert set(missing) == {"HF_TOKEN", "API_KEY", "a secret inside 'http://u:***@h/v1'"}
+
+
+def test_a_failing_url_is_printed_without_its_password(write_scenario, tiny_model):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    backend = {"name": "o", "kind": "openai", "url": "http://user:UrlPassword123@127.0.0.1:9/v1"}
+    result = CliRunner().invoke(app, ["validate", str(write_scenario(scenario_dict(tiny_model, [backend])))])
+    out = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 2 and "cannot reach http://user:***@127.0.0.1:9/v1" in out.replace("\n", "")
+    assert "UrlPassword123" not in out
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     from starlette.testclient import TestClient

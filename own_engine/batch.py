@@ -1,0 +1,63 @@
+"""What one forward pass reads, prepared once from its sequences (nano-vllm's Context): the tokens and their
+positions, the rows cut into chunks of at most `chunk_rows`, where each row's K and V go, and for each piece of a
+sequence the KV chunks before it. The model reads this, never the block manager or a Sequence.
+"""
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import Chunk
+from .sequence import Sequence
+
+
+@dataclass
+class Piece:
+    """Consecutive rows of one sequence inside a chunk of the batch."""
+    start: int  # position of its first row = tokens of the sequence already in the cache
+    rows: slice  # rows of the batch
+    cached: list[Chunk]  # the KV of positions 0 .. start-1, as attention reads it
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [rows] token ids
+    positions: torch.Tensor  # [rows], on the CPU
+    block_ids: torch.Tensor  # [rows]: the block each row's K and V go to
+    offsets: torch.Tensor  # [rows]: and the row within it
+    chunks: list[list[Piece]]  # run one after the other through each layer
+    logit_rows: list[int]  # each sequence's last row: the logits wanted
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def slots(table: list[int], block_size: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block id, offset in block) of each of a sequence's positions."""
+    return torch.tensor(table)[positions // block_size], positions % block_size
+
+
+def prepare(work: list[tuple[Sequence, int]], chunk_rows: int, block_size: int,
+            kv_chunks: Callable[[list[int], int], list[Chunk]]) -> Batch:
+    """The batch computing, for each (sequence, n), its next n tokens (their blocks reserved). kv_chunks(table,
+    n_tokens) lists the KV chunks of a sequence's first n_tokens positions (KVCache.chunks)."""
+    chunks, logit_rows, row, room = [[]], [], 0, chunk_rows
+    tokens, positions, block_ids, offsets = [], [], [], []
+    for seq, n in work:
+        start = seq.computed
+        pos = torch.arange(start, start + n)
+        tokens += seq.tokens[start:start + n]
+        positions.append(pos)
+        for part, out in zip(slots(seq.table, block_size, pos), (block_ids, offsets)):
+            out.append(part)
+        at = start
+        while at < start + n:
+            take = min(start + n - at, room)
+            chunks[-1].append(Piece(at, slice(row, row + take), kv_chunks(seq.table, at)))
+            row, at, room = row + take, at + take, room - take
+            if room == 0:
+                chunks.append([])
+                room = chunk_rows
+        logit_rows.append(row - 1)
+    return Batch(torch.tensor(tokens), torch.cat(positions), torch.cat(block_ids), torch.cat(offsets),
+                 [c for c in chunks if c], logit_rows)

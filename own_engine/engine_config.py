@@ -1,0 +1,68 @@
+"""Every option of the engine, its type, its default and its meaning, in one place.
+
+`Engine` takes an EngineConfig (or the same names as keywords), `make_plan` reads one, and the `own` backend's
+options and `bench engine plan` are built from its fields. A caller that wants another default for an option
+redeclares that field with the same annotated type (the `own` backend plans for 8 sequences of 8,192 tokens).
+"""
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import EngineError
+
+DType = Literal["float32", "float16", "bfloat16"]
+Tier = Literal["auto", "gpu", "cpu", "disk"]
+
+MaxContext = Annotated[int | None, Field(gt=0, description="the longest prompt + output a sequence may reach "
+                                                           "(none: the model's max_position_embeddings, at most 4096)")]
+MaxBatch = Annotated[int, Field(gt=0, description="sequences the scheduler runs together (KV is planned for them)")]
+Budget = Annotated[str | int | None, Field(description="device memory the plan may use, e.g. 8GiB (on the CPU "
+                                                       "device: the RAM for resident weights, KV and buffers); "
+                                                       "none: unlimited")]
+OffloadDir = Annotated[Path | None, Field(description="where disk-tier files are written (none: a new temporary "
+                                                      "folder); a folder holding files of yours is worked in beside "
+                                                      "them (its own_engine/ subfolder), never emptied")]
+
+DEFAULT_MAX_CONTEXT = 4096  # max_context none: the model's max_position_embeddings, at most this
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = Field("cpu", description="cpu, cuda, cuda:N")
+    dtype: DType | None = Field(None, description="weights as stored and streamed; none: the checkpoint's")
+    compute_dtype: DType | None = Field(None, description="the dtype compute runs in; none: the compute policy's "
+                                                          "choice for this device (the plan says which and why)")
+    kv_dtype: DType | None = Field(None, description="the KV cache's dtype; none: the compute dtype (read in place)")
+    vram_budget: Budget = None
+    weights: Tier = Field("auto", description="where layer weights live: gpu (resident), cpu (pinned host), disk")
+    kv: Tier = Field("auto", description="where KV blocks live")
+    offload_dir: OffloadDir = None
+    keep_offload: bool = Field(False, description="leave the offload files in place after the engine closes")
+    max_context: MaxContext = None
+    max_batch: MaxBatch = 1
+    block_size: int = Field(256, gt=0, description="tokens per KV block")
+    prefill_chunk: int | None = Field(None, gt=0, description="rows per chunk of a pass over the weights (none: 512, "
+                                                              "halved until the budget fits)")
+    pack_weights: bool | None = Field(None, description="write disk-tier layers into per-layer files under "
+                                                        "offload_dir (none: only when their dtype is converted)")
+    prefix_cache: bool = Field(True, description="reuse the KV of full blocks a prompt shares with earlier ones")
+    prefix_cache_dir: Path | None = Field(None, description="also keep those blocks on disk, for later runs (a "
+                                                            "folder holding files of yours: in its own_engine/ "
+                                                            "subfolder)")
+
+    @classmethod
+    def of(cls, config: "EngineConfig | None" = None, **options) -> "EngineConfig":
+        """config's engine options (a subclass's too, its other fields left out) with `options` replacing them; a
+        bad value is an EngineError naming the option."""
+        try:
+            return cls.model_validate({**(config.model_dump(include=set(cls.model_fields)) if config else {}),
+                                       **options})
+        except ValidationError as e:
+            raise EngineError("; ".join(f"{'.'.join(map(str, err['loc']))}={err.get('input')!r}: "
+                                        f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
+
+    def context_for(self, max_position_embeddings: int) -> int:
+        """Tokens per sequence the plan makes room for."""
+        return self.max_context or min(max_position_embeddings, DEFAULT_MAX_CONTEXT)

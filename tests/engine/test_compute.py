@@ -1,0 +1,89 @@
+"""The compute policy: decided by the CPU's instruction set where that is enough (faked here as each kind of CPU the
+engine meets), else by a micro-benchmark measured once per machine and kept in a cache file."""
+import json
+
+import pytest
+import torch
+
+from own_engine import compute
+from own_engine.compute import Crossover, choose, cpu_flags, crossover, measure
+
+from .conftest import AVX2, EPYC, XEON_AMX
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("flags,stored,asked,expected,narrow,why", [
+    # bf16 instructions: bf16 weights compute as stored, nothing measured
+    (EPYC, torch.bfloat16, None, torch.bfloat16, 0, "this CPU has bfloat16 instructions: avx512_bf16"),
+    (XEON_AMX, torch.bfloat16, None, torch.bfloat16, 0, "bfloat16 instructions: amx_bf16, avx512_bf16"),
+    # none: float32, each layer upcast per use; decode passes read bf16 as stored below the measured crossover
+    (AVX2, torch.bfloat16, None, torch.float32, 8, "no bfloat16 instructions"),
+    (XEON_AMX, torch.float16, None, torch.float32, 8, "no float16 instructions (none of amx_fp16"),
+    # float32 weights: float32, whatever the CPU
+    (EPYC, torch.float32, None, torch.float32, 0, "the stored dtype"),
+    (AVX2, torch.float32, None, torch.float32, 0, "the stored dtype"),
+    # asked: what was asked, with the crossover measured where compute is wider than storage
+    (EPYC, torch.bfloat16, torch.float32, torch.float32, 8, "asked for; passes of fewer than 8 rows"),
+    (AVX2, torch.bfloat16, torch.bfloat16, torch.bfloat16, 0, "asked for"),
+], ids=["epyc-bf16", "xeon-amx-bf16", "avx2-bf16", "xeon-fp16", "epyc-fp32", "avx2-fp32", "epyc-asked-fp32",
+        "avx2-asked-bf16"])
+def test_the_policy_on_each_kind_of_cpu(fake_cpu, flags, stored, asked, expected, narrow, why):
+    measured = fake_cpu(flags)
+    c = choose(CPU, stored, asked)
+    assert (c.dtype, c.narrow_rows) == (expected, narrow) and why in c.reason
+    assert measured == ([(stored, expected)] if narrow else [])  # the benchmark only where flags do not decide
+    if narrow:
+        assert "191.00 ms as stored, 186.00 ms converted" in c.reason  # the figures it decided on, at 8 rows
+
+
+def test_cuda_computes_in_the_stored_dtype(fake_cpu):
+    measured = fake_cpu(AVX2)
+    c = choose(torch.device("cuda"), torch.bfloat16)
+    assert (c.dtype, c.narrow_rows) == (torch.bfloat16, 0) and "cuda multiplies bfloat16 natively" in c.reason
+    assert not measured
+
+
+def test_the_crossover_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path / "cache"))
+    runs = []
+
+    def fake_measure(stored, compute_dtype):
+        runs.append(torch.get_num_threads())
+        return Crossover(4, (2, 4), (0.001, 0.003), (0.002, 0.002), None, False)
+
+    monkeypatch.setattr(compute, "measure", fake_measure)
+    first = crossover(torch.bfloat16, torch.float32)
+    again = crossover(torch.bfloat16, torch.float32)
+    file = tmp_path / "cache" / "own_engine" / "compute.json"
+    assert runs == [1] and not first.cached and again.cached and first.cache == again.cache == str(file)
+    assert (again.narrow_rows, again.as_stored_s) == (4, (0.001, 0.003))
+    [key] = [json.loads(k) for k in json.loads(file.read_text())]
+    assert key["torch"] == torch.__version__ and key["flags"] == sorted(cpu_flags()) and key["threads"] == 1
+    assert key["cpu"] == compute.cpu_model() and (key["stored"], key["compute"]) == ("bfloat16", "float32")
+
+    torch.set_num_threads(2)  # another thread count is another machine, as far as timings go
+    crossover(torch.bfloat16, torch.float32)
+    assert runs == [1, 2] and len(json.loads(file.read_text())) == 2
+
+    file.write_text("{not json")  # a damaged cache is measured over, and rewritten whole
+    assert not crossover(torch.bfloat16, torch.float32).cached and len(runs) == 3
+    assert len(json.loads(file.read_text())) == 1
+
+    monkeypatch.setenv("LLMBENCH_CACHE", str(file))  # a cache that cannot be written: measured, not kept
+    unkept = crossover(torch.bfloat16, torch.float32)
+    assert unkept.cache is None and not unkept.cached and len(runs) == 4
+
+
+def test_the_micro_benchmark_times_both_paths():
+    c = measure(torch.bfloat16, torch.float32)
+    assert c.rows == compute.ROWS and len(c.as_stored_s) == len(c.converted_s) == len(c.rows)
+    assert all(0 < t < 1 for t in c.as_stored_s + c.converted_s)
+    faster = [r for r, stored, converted in zip(c.rows, c.as_stored_s, c.converted_s) if converted < stored]
+    assert c.narrow_rows == (faster[0] if faster else 2 * c.rows[-1])
+
+
+def test_the_flags_are_those_the_harness_records():
+    from harness.measure.environment import cpu_isa
+
+    assert set(cpu_isa()) <= cpu_flags()

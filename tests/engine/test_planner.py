@@ -1,0 +1,78 @@
+"""The plan is a function of the model, the options and the Machine it is handed; the options and their defaults are
+written once (EngineConfig), and the `own` backend and `bench engine plan` are built from them."""
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from own_engine import EngineConfig, EngineError, Machine, ModelConfig, make_plan
+from own_engine.compute import Compute
+
+from .conftest import EPYC
+
+BF16 = Compute(torch.bfloat16, 0, "the stored dtype (faked)")
+
+
+def preset(name: str) -> ModelConfig:
+    from harness.inputs.models import hf_config
+
+    return ModelConfig.from_dict(hf_config(name), source=f"preset {name}")
+
+
+def test_make_plan_reads_nothing_of_the_machine(monkeypatch):
+    cfg, config = preset("llama-3.1-8b"), EngineConfig(device="cuda", vram_budget="8GiB", max_context=100_000)
+    machine = Machine(ram=64 << 30, disk=1 << 40, disk_at=Path("/offload"), compute=BF16)
+
+    def read(*args, **kwargs):
+        raise AssertionError("make_plan read the machine")
+
+    for name in ("psutil.virtual_memory", "shutil.disk_usage", "own_engine.compute.cpu_flags",
+                 "own_engine.compute.crossover", "tempfile.gettempdir"):
+        monkeypatch.setattr(name, read)
+    plan = make_plan(cfg, config, machine)
+    assert plan == make_plan(cfg, config, machine) and plan.compute_reason == "the stored dtype (faked)"
+
+
+def test_the_plan_follows_the_machine_it_is_given():
+    cfg, config = preset("llama-3.1-8b"), EngineConfig(device="cuda", vram_budget="8GiB", max_context=100_000)
+    roomy = make_plan(cfg, config, Machine(ram=256 << 30, disk=1 << 40, disk_at=Path("/offload"), compute=BF16))
+    tight = make_plan(cfg, config, Machine(ram=1 << 30, disk=1 << 40, disk_at=Path("/offload"), compute=BF16))
+    assert set(roomy.layer_tiers) == {"device", "host"} and roomy.kv_blocks.get("host", 0) > 0
+    assert set(tight.layer_tiers) == {"device", "disk"} and tight.kv_blocks.get("disk", 0) > 0  # no RAM to pin
+    with pytest.raises(EngineError, match=r"offload dir /offload: needs .* only 1.00 KiB free on its filesystem"):
+        make_plan(cfg, config, Machine(ram=1 << 30, disk=1024, disk_at=Path("/offload"), compute=BF16))
+
+
+def test_options_and_defaults_are_written_once():
+    from backends.own_backend import OwnOptions
+
+    engine, own = EngineConfig.model_fields, OwnOptions.model_fields
+    assert set(engine) < set(own) and all(own[name].annotation == engine[name].annotation for name in engine)
+    differ = {name for name in engine if own[name].default != engine[name].default}
+    assert differ == {"max_context", "max_batch"} and (OwnOptions().max_context, OwnOptions().max_batch) == (8192, 8)
+    assert EngineConfig().max_batch == 1 and EngineConfig().context_for(131072) == 4096
+    assert EngineConfig(max_context=100).context_for(131072) == 100 and EngineConfig().context_for(1024) == 1024
+    worded = {name for name in engine if own[name].description != engine[name].description}
+    assert worded == {"vram_budget", "offload_dir"}  # the backend fills those in from the scenario and the cell
+    options = OwnOptions(weights="disk", block_size=16, num_threads=2)
+    assert EngineConfig.of(options, max_batch=2) == EngineConfig(weights="disk", block_size=16, max_batch=2,
+                                                                 max_context=8192)
+    with pytest.raises(EngineError, match=r"weights='fast': Input should be 'auto', 'gpu', 'cpu' or 'disk'"):
+        EngineConfig.of(weights="fast")
+
+
+def test_bench_engine_plan_says_what_it_computes_in_and_why(fake_cpu):
+    from harness.cli import app
+
+    fake_cpu(EPYC)
+    run = CliRunner().invoke(app, ["engine", "plan", "--model", "llama-3.1-8b", "--vram-budget", "8GiB"])
+    assert run.exit_code == 0, run.output
+    assert "device cpu," in run.output and "context 4096 tokens x batch 1" in run.output  # EngineConfig's defaults
+    assert "compute in bfloat16: the stored dtype (this CPU has bfloat16 instructions: avx512_bf16)" in run.output
+    assert "read from this machine:" in run.output
+    run = CliRunner().invoke(app, ["engine", "plan", "--model", "llama-3.1-8b", "--max-batch", "2", "--context",
+                                   "1000"])
+    assert run.exit_code == 0 and "context 1000 tokens x batch 2" in run.output
+    bad = CliRunner().invoke(app, ["engine", "plan", "--model", "llama-3.1-8b", "--kv", "tape"])
+    assert bad.exit_code == 2 and "kv='tape'" in bad.output and "Traceback" not in bad.output
