@@ -111,7 +111,8 @@ class TGIBackend(Backend):
             container = container_name() if o.via == "docker" else None
             self.server = await launch("tgi", lambda port: launch_command(o, self.model.path, port, fraction, container),
                                        self.ctx.dir, "/health", o.startup_timeout_s,
-                                       cleanup=container_cleanup(container) if container else None)
+                                       cleanup=container_cleanup(container) if container else None,
+                                       published=container is not None)
             base = self.server.url
         else:
             base = self.spec.url.rstrip("/")

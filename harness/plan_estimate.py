@@ -17,12 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from own_engine.bandwidth import probe_bandwidth
-from own_engine.planner import Machine, Plan
+from own_engine.planner import RAM_SHARE, Machine, Plan
 from own_engine.units import fmt_bytes
-
-# The share of available RAM own_engine.planner.make_plan lets host tiers take (its `machine.ram * 0.8`); the planner
-# should expose it on the Plan, and this read it from there.
-PLANNER_RAM_SHARE = 0.8
 
 
 @dataclass
@@ -87,9 +83,14 @@ def links(plan: Plan, machine: Machine) -> list[Link]:
 
 def estimate(plan: Plan, machine: Machine) -> list[str]:
     """Lines for `bench engine plan`: decode and prefill time, their bottleneck, and the RAM assumed."""
+    if plan.device.type == "cuda" and not torch.cuda.is_available():
+        # Planning for a GPU this machine lacks (sizing a run elsewhere): the placement holds, no time can be measured.
+        return [f"host RAM assumed: {fmt_bytes(machine.ram)} available when planned, of which the plan lets "
+                f"host-memory tiers take {RAM_SHARE:.0%}",
+                "no time estimate: this machine has no CUDA device to measure the GPU's memory, link and matmul speed"]
     measured = links(plan, machine)
     lines = [f"host RAM assumed: {fmt_bytes(machine.ram)} available when planned, of which the plan lets host-memory "
-             f"tiers take {PLANNER_RAM_SHARE:.0%} ({fmt_bytes(machine.ram * PLANNER_RAM_SHARE)}); less RAM at run "
+             f"tiers take {RAM_SHARE:.0%} ({fmt_bytes(machine.ram * RAM_SHARE)}); less RAM at run "
              f"time moves layers and KV to disk"]
     unmeasured = [f"{link.name}: {link.why_unmeasured}" for link in measured if link.seconds is None]
     timed = [link for link in measured if link.seconds is not None]

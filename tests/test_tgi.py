@@ -113,8 +113,15 @@ state, args = os.environ["FAKE_DOCKER_STATE"], sys.argv[1:]
 if args[0] == "run":
     name = args[args.index("--name") + 1] if "--name" in args else f"unnamed-{os.getpid()}"
     # the container runs under the docker daemon, outside the client's process group
-    container = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
-    open(os.path.join(state, name), "w").write(str(container.pid))
+    port = next(a.split(":")[1] for a in args if a.startswith("127.0.0.1:"))
+    serve = os.environ.get("FAKE_DOCKER_SERVES")  # a stand-in TGI answering /health, /info and /metrics
+    code = (f"import sys; sys.argv = ['x', {port!r}]; exec(open({serve!r}).read())" if serve
+            else "import time; time.sleep(120)")
+    # started by a process that exits at once, so it is nobody's child: as under the docker daemon
+    spawn = (f"import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', {code!r}], "
+             "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+    pid = subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True).stdout.strip()
+    open(os.path.join(state, name), "w").write(pid)
     time.sleep(120)  # the client waits on its container
 elif args[:2] == ["rm", "--force"]:
     os.kill(int(open(os.path.join(state, args[2])).read()), signal.SIGKILL)
@@ -149,6 +156,59 @@ async def test_a_docker_container_is_named_and_removed_when_the_launch_fails(tin
         assert name.startswith("llmbench-tgi-") and (state / f"{name}.removed").exists()
         pid = int((state / name).read_text())
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        for p in state.iterdir():
+            if not p.name.endswith(".removed"):
+                try:
+                    psutil.Process(int(p.read_text())).kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+
+FAKE_TGI = """
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"model_id": "fake"}).encode() if self.path == "/info" else b""
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+async def test_a_docker_launch_is_ready_though_the_port_is_published_outside_its_tree(tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    """docker's proxy, not the docker client we start, listens on the published port: readiness used to require our
+    process tree to listen there, so a docker launch could never become ready. The container is removed at stop."""
+    import psutil
+    import sys
+
+    from backends.base import CellContext, ModelInfo
+    from backends.tgi_backend import TGIBackend
+    from harness.core.spec import BackendSpec
+
+    bin_dir, state = tmp_path / "bin", tmp_path / "containers"
+    bin_dir.mkdir()
+    state.mkdir()
+    (bin_dir / "docker").write_text(f"#!{sys.executable}\n{FAKE_DOCKER}")
+    (bin_dir / "docker").chmod(0o755)
+    (tmp_path / "tgi.py").write_text(FAKE_TGI)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_DOCKER_STATE", str(state))
+    monkeypatch.setenv("FAKE_DOCKER_SERVES", str(tmp_path / "tgi.py"))
+    spec = BackendSpec(name="t", kind="tgi", options={"launch": {"via": "docker", "startup_timeout_s": 20},
+                                                      "metrics_interval_s": None})
+    backend = TGIBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
+    try:
+        await backend.start()
+        assert backend.info == {"model_id": "fake"}
+        (name,) = [p.name for p in state.iterdir()]
+        await backend.stop()
+        assert (state / f"{name}.removed").exists()
     finally:
         for p in state.iterdir():
             if not p.name.endswith(".removed"):

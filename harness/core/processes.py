@@ -222,11 +222,13 @@ def server_environment(env: dict[str, str] | None = None) -> dict[str, str]:
 
 async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir: Path, ready_path: str,
                  timeout_s: float, env: dict[str, str] | None = None, ready: Callable[[int, str], bool] | None = None,
-                 poll_s: float = 0.25, cleanup: list[str] | None = None) -> Server:
+                 poll_s: float = 0.25, cleanup: list[str] | None = None, published: bool = False) -> Server:
     """Start `argv_for_port(port)` and wait until GET http://127.0.0.1:port{ready_path} answers 200 (or `ready(status,
     body)` says so), then check that nothing of it listens beyond loopback. Output goes, masked, to
     CELL_DIR/NAME.log; `env` is added to this process's environment (server_environment); `cleanup` is run after the
-    group is stopped, however it is stopped (a worker killed too: it is recorded with the group)."""
+    group is stopped, however it is stopped (a worker killed too: it is recorded with the group). `published`: the
+    port is bound by a process outside the launched tree (docker's proxy publishes a container's port; the argv names
+    127.0.0.1, and a port taken meanwhile makes the client exit), so readiness cannot ask which process listens."""
     import httpx
 
     port = free_port()
@@ -251,7 +253,7 @@ async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir:
                 try:
                     r = await client.get(server.url + ready_path)
                     # Another process may have taken the port between free_port and the bind: only ours counts.
-                    if (ready or _status_ok)(r.status_code, r.text) and _listens(server.proc.pid, port):
+                    if (ready or _status_ok)(r.status_code, r.text) and (published or _listens(server.proc.pid, port)):
                         break
                 except httpx.TransportError:
                     pass  # not listening yet
