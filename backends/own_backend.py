@@ -9,6 +9,9 @@ prefix-cache counts and its preemptions go into the results.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +20,34 @@ from pydantic import Field
 
 from backends.base import BackendError, PrefixReuse, Request, TokenEvent, TorchBackend, Usage, now
 from own_engine.engine_config import Budget, EngineConfig, MaxBatch, MaxContext, OffloadDir
+
+
+# Spins of an idle OpenMP thread before it sleeps, under omp_wait_policy: bounded. Measured on a 2-core Xeon (AMX)
+# VM, 201M bf16 model, one decode step at 512 tokens, 2 threads (ms, quiet / one busy-looping process beside it):
+# passive 31 / 40, 1,000 spins 29 / 42, 5,000 27 / 49, 10,000 24 / 57, libgomp's default (300,000) 23 / 235,
+# active spinning 25 / 490. Each parallel region that finds its threads asleep pays a wake-up (~0.1-0.2 ms in a VM).
+SPIN_COUNT = 5000
+WAIT_ENVIRONMENT = {"bounded": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(SPIN_COUNT)},
+                    "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
+                    "active": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "INFINITE"}}
+
+
+def allowed_cpus() -> int:
+    """How many CPUs this thread may run on (the worker pins the engine's to those it gave it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_count(asked: int | None, given: int | None, allowed: int) -> tuple[int, str | None]:
+    """torch threads for the engine: those asked (num_threads), else one per CPU the worker gave it (`given`), else
+    one per CPU this process may run on (`allowed`); never more than `allowed`, since threads beyond the CPUs wait
+    for each other at every parallel region. Returns (threads, why they were capped, or None)."""
+    want = asked or given or allowed
+    if want <= allowed:
+        return want, None
+    return allowed, f"num_threads {want} capped at {allowed}: the engine may run on {allowed} CPU(s)"
 
 
 class OwnOptions(EngineConfig):
@@ -29,12 +60,17 @@ class OwnOptions(EngineConfig):
     offload_dir: OffloadDir = Field(None, description="where disk-tier files are written (none: a folder in the "
                                                       "cell's folder); a folder holding files of yours is worked in "
                                                       "beside them (its own_engine/ subfolder), never emptied")
-    num_threads: int | None = Field(None, gt=0, description="torch threads (default: torch's, one per core)")
-    omp_wait_policy: Literal["passive", "active"] = Field(
-        "passive", description="how torch's idle OpenMP threads wait: passive sleeps at once; active spins, which on "
-                               "a core another process also uses made decoding 40-100× slower")
-    probe_bandwidth: bool = Field(True, description="after the cell, measure the streaming link's bandwidth to "
-                                                    "report decode time against its bound")
+    num_threads: int | None = Field(None, gt=0, description="torch threads (default: one per CPU the engine may run "
+                                                            "on); more than those CPUs are capped to them, with a "
+                                                            "note in the cell's engine record")
+    omp_wait_policy: Literal["bounded", "passive", "active"] = Field(
+        "bounded", description="how torch's idle OpenMP threads wait for the next parallel region: bounded spins "
+                               f"briefly (GOMP_SPINCOUNT={SPIN_COUNT}), then sleeps; passive sleeps at once (each "
+                               "region then wakes them: slower); active spins, which on a core another process "
+                               "also uses made decoding 10-100× slower")
+    probe_bandwidth: bool = Field(True, description="after the cell, measure the bandwidth of the link decode is "
+                                                    "bound by (the one weights streamed across; on a CPU where "
+                                                    "nothing streamed, memory) to report decode time against it")
 
 
 class OwnBackend(TorchBackend):
@@ -54,7 +90,8 @@ class OwnBackend(TorchBackend):
     @classmethod
     def process_environment(cls, spec) -> dict[str, str]:
         # Read by libgomp when torch loads: a spinning thread whose partner waits for a busy core burns its slice.
-        return {"OMP_WAIT_POLICY": str(spec.options.get("omp_wait_policy", "passive")).upper()}
+        # GOMP_SPINCOUNT is set in every policy: it overrides OMP_WAIT_POLICY, so one inherited cannot change it.
+        return WAIT_ENVIRONMENT[str(spec.options.get("omp_wait_policy", "bounded"))]
 
     def offload_dir(self) -> Path:
         return self.options.offload_dir or self.ctx.dir / "offload"
@@ -64,7 +101,26 @@ class OwnBackend(TorchBackend):
 
     async def start(self) -> None:
         self.engine = await asyncio.to_thread(self._load)
+        self.events_loop = asyncio.get_running_loop()
+        self.pending: list[tuple[asyncio.Queue, Any]] = []  # events the engine thread stamped, not yet delivered
+        self.pending_lock = threading.Lock()
         self.loop = self.engine.serve()
+
+    def deliver(self, queue: asyncio.Queue, item: Any) -> None:
+        """From the engine thread: hand an event to a request's queue. One wake-up of the event loop carries every
+        event of a step (the first schedules the delivery, the others join it): each wake-up takes the GIL from the
+        engine thread in the middle of its next step."""
+        with self.pending_lock:
+            self.pending.append((queue, item))
+            first = len(self.pending) == 1
+        if first:
+            self.events_loop.call_soon_threadsafe(self._deliver_pending)
+
+    def _deliver_pending(self) -> None:
+        with self.pending_lock:
+            items, self.pending = self.pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
     def _load(self):
         import torch
@@ -73,8 +129,10 @@ class OwnBackend(TorchBackend):
         from own_engine.engine import Engine
 
         o = self.options
-        if threads := o.num_threads or self.ctx.engine_threads():  # one per CPU the worker gave the engine
-            torch.set_num_threads(threads)
+        threads, self.threads_note = thread_count(o.num_threads, self.ctx.engine_threads(), allowed_cpus())
+        if self.threads_note:
+            print(f"own engine: {self.threads_note}", file=sys.stderr)
+        torch.set_num_threads(threads)
         try:
             return Engine(self.model.path, o, vram_budget=o.vram_budget or self.ctx.vram_budget,
                           offload_dir=self.offload_dir())
@@ -90,16 +148,15 @@ class OwnBackend(TorchBackend):
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         from own_engine.sequence import SamplingParams, Sequence
 
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def on_token(token: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, TokenEvent(t=now(), n_tokens=1, token_ids=[token]))
+        def on_token(token: int) -> None:  # stamped on the engine thread, as the token is chosen
+            self.deliver(events, TokenEvent(t=now(), n_tokens=1, token_ids=[token]))
 
         params = SamplingParams(request.max_tokens, request.temperature,
                                 seed=request.seed if request.temperature > 0 else None, ignore_eos=request.ignore_eos)
         seq = Sequence(request.prompt_token_ids, params, on_token=on_token,
-                       on_finish=lambda seq: loop.call_soon_threadsafe(events.put_nowait, seq.error))
+                       on_finish=lambda seq: self.deliver(events, seq.error))
         self.loop.submit(seq)
         n = 0
         try:
@@ -120,11 +177,13 @@ class OwnBackend(TorchBackend):
                            + ("" if self.options.prefix_cache else "; prefix_cache: false"))
 
     def logical_io(self) -> dict[str, Any]:
-        """The engine's own byte counts per tier and phase, and decode time against the bound of its slowest link.
+        """The engine's own byte counts per tier and phase, and decode time against the bound of its slowest link:
+        the link weights streamed across, or on a CPU where nothing streamed, memory (the weights and KV a decode
+        step reads in place, over the bandwidth this process's threads read memory at).
 
         The bound's probe runs after the measurement: when it cannot run (a full disk, say) decode_bound says why
         and the cell keeps its results."""
-        from own_engine.bandwidth import probe_bandwidth
+        from own_engine.bandwidth import probe_bandwidth, probe_memory
 
         if getattr(self, "engine", None) is None:
             return {}
@@ -132,8 +191,11 @@ class OwnBackend(TorchBackend):
         tokens, seconds = stats["tokens"].get("decode", 0), stats["phase_seconds"].get("decode", 0.0)
         link = "host->device" if self.engine.device.type == "cuda" else "disk->host"
         streamed = stats["transfers"].get(f"decode/{link}", {}).get("bytes", 0)
+        if not streamed and self.engine.device.type == "cpu":
+            link, streamed = "memory", stats["read_bytes"].get("decode", 0)
         if tokens and streamed and self.options.probe_bandwidth:
-            probe = probe_bandwidth(self.engine.device, directory=self.offload_dir())
+            probe = (probe_memory() if link == "memory" else
+                     probe_bandwidth(self.engine.device, directory=self.offload_dir()))
             bound = {"link": link, "bytes_per_token": streamed / tokens, "measured_s_per_token": seconds / tokens}
             if probe.bytes_per_s:
                 s_per_token = streamed / tokens / probe.bytes_per_s
@@ -155,4 +217,5 @@ class OwnBackend(TorchBackend):
                 "layer_tiers": plan.layer_tiers, "kv_blocks": plan.kv_blocks, "block_size": plan.block_size,
                 "prefill_chunk": plan.prefill_chunk, "step_tokens": plan.step_tokens,
                 "max_batch": self.engine.max_batch, "prefix_cache": self.options.prefix_cache, **self.cpu_settings(),
+                "omp_spin_count": os.environ.get("GOMP_SPINCOUNT"), "threads_note": self.threads_note,
                 "prefix_cache_dir": str(self.options.prefix_cache_dir) if self.options.prefix_cache_dir else None}

@@ -35,11 +35,12 @@ TTFT_TARGET_MS, TPOT_TARGET, RATE_TARGET = 2.0, 0.01, 0.98
 
 
 def server_truth(url: str, n: int) -> dict:
-    from harness.results.metrics import rate, stats
+    from harness.records import Distribution
+    from harness.results.catalogue import rate
 
     s = httpx.get(f"{url}/scripted/stats?last={n}").json()
-    return {"ttft_ms": stats(s["ttft_ms"])["p50"], "tpot_ms": stats(s["tpot_ms"])["p50"], "rate": rate(s["arrivals"]),
-            "requests": len(s["arrivals"])}
+    return {"ttft_ms": Distribution.of(s["ttft_ms"]).p50, "tpot_ms": Distribution.of(s["tpot_ms"]).p50,
+            "rate": rate(s["arrivals"]), "requests": len(s["arrivals"])}
 
 
 def ours(url: str, behaviour: str, load: tuple[str, float], seconds: float, clients: int, server_ms: tuple,

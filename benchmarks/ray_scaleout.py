@@ -65,7 +65,8 @@ def executor_part(model: Path, cell_seconds: float, out: Path) -> dict:
 
 def generator_point(url: str, model: Path, rate: float, seconds: float, generators: int, out: Path) -> dict:
     from harness.records import load_run
-    from harness.results.metrics import rate as rate_of, stats
+    from harness.records import Distribution
+    from harness.results.catalogue import rate as rate_of
 
     n = max(50, math.ceil(rate * seconds))
     load = {"type": "poisson", "rate": rate}
@@ -83,9 +84,10 @@ def generator_point(url: str, model: Path, rate: float, seconds: float, generato
         return {"rate": rate, "generators": generators, "status": f"failed: {cell.error_line}"}
     m = cell.metrics
     server_rate = rate_of(truth["arrivals"])
-    tpot_error_ms = m["tpot_ms"]["p50"] - stats(truth["tpot_ms"])["p50"]
+    tpot_error_ms = m.value("tpot_ms.p50") - Distribution.of(truth["tpot_ms"]).p50
     return {"rate": rate, "generators": generators, "requests": n, "status": "ok", "server_rate": server_rate,
-            "achieved_rate": m["achieved_rate_rps"], "ttft_error_ms": m["ttft_ms"]["p50"] - stats(truth["ttft_ms"])["p50"],
+            "achieved_rate": m.value("achieved_rate_rps"),
+            "ttft_error_ms": m.value("ttft_ms.p50") - Distribution.of(truth["ttft_ms"]).p50,
             "tpot_error_ms": tpot_error_ms,
             "offset_error_ms": max((c.offset_error_s * 1e3 for c in cell.clients), default=0.0),
             "sustained": server_rate is not None and server_rate >= 0.95 * rate and abs(tpot_error_ms) <= 0.5}

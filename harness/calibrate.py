@@ -33,13 +33,16 @@ import socket
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 
 from harness.core.events import now
 from harness.core.files import atomic_write
 from harness.serve import sse, usage_dict
+
+if TYPE_CHECKING:
+    from harness.records import CellResult
 
 MODEL = "scripted"
 TOKEN_IDS = ("honor", "ignore", "reject")
@@ -334,30 +337,30 @@ class Point:
                 and abs(self.ttft_error_ms) <= TTFT_TOLERANCE_MS and abs(self.tpot_error) <= TPOT_TOLERANCE)
 
 
-def point_of(cell, server: dict[str, Any], behaviour: str) -> Point:
-    from harness.results.metrics import rate, stats
+def point_of(cell: CellResult, server: dict[str, Any], behaviour: str) -> Point:
+    from harness.config.scenario import ConcurrencyLoad, PoissonLoad, Workload
+    from harness.records import Distribution, MetricValues
+    from harness.results.catalogue import rate
 
-    m = cell.metrics or {}
-
-    def p50(key: str) -> float | None:
-        return (m.get(key) or {}).get("p50")
+    m = cell.metrics or MetricValues()
 
     def error(key: str) -> float | None:
-        mine, truth = p50(key), stats(server[key])["p50"]
+        mine, truth = m.value(f"{key}.p50"), Distribution.of(server[key]).p50
         return None if mine is None or truth is None else mine - truth
 
-    tpot_truth = stats(server["tpot_ms"])["p50"]
-    load = cell.workload_spec["load"]
+    tpot_truth = Distribution.of(server["tpot_ms"]).p50
+    load = cell.workload_spec.load if isinstance(cell.workload_spec, Workload) else None
+    clients = load.clients if isinstance(load, (PoissonLoad, ConcurrencyLoad)) else 1
     return Point(
         server=behaviour,
-        load=(f"rate {load['rate']:g}" if load["type"] == "poisson" else f"concurrency {load['concurrency']}")
-        + (f" × {load['clients']} clients" if load.get("clients", 1) > 1 else ""),
-        nominal_rate=m.get("nominal_rate_rps"), offered_rate=m.get("offered_rate_rps"),
-        achieved_rate=m.get("achieved_rate_rps"), server_rate=rate(server["arrivals"]), ttft_ms=p50("ttft_ms"),
-        ttft_error_ms=error("ttft_ms"),
-        tpot_error=None if error("tpot_ms") is None or not tpot_truth else error("tpot_ms") / tpot_truth,
-        itl_error_ms=error("itl_ms"), dispatch_lag_p99_ms=(m.get("dispatch_lag_ms") or {}).get("p99"),
-        loop_lag_p99_ms=(m.get("loop_lag_ms") or {}).get("p99"), connections=server["connections"],
+        load=(f"rate {load.rate:g}" if isinstance(load, PoissonLoad) else f"concurrency {load.concurrency}"
+              if isinstance(load, ConcurrencyLoad) else "?") + (f" × {clients} clients" if clients > 1 else ""),
+        nominal_rate=m.value("nominal_rate_rps"), offered_rate=m.value("offered_rate_rps"),
+        achieved_rate=m.value("achieved_rate_rps"), server_rate=rate(server["arrivals"]),
+        ttft_ms=m.value("ttft_ms.p50"), ttft_error_ms=error("ttft_ms"),
+        tpot_error=None if (tpot := error("tpot_ms")) is None or not tpot_truth else tpot / tpot_truth,
+        itl_error_ms=error("itl_ms"), dispatch_lag_p99_ms=m.value("dispatch_lag_ms.p99"),
+        loop_lag_p99_ms=m.value("loop_lag_ms.p99"), connections=server["connections"],
         requests=server["requests"], client_limited=cell.client_limited_reasons,
         status=cell.status if cell.ok else f"failed: {cell.error_line}")
 

@@ -10,15 +10,19 @@ so an old results file (fewer fields) degrades to defaults in one place.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+import numpy as np
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, TypeAdapter,
+                      ValidationError, model_serializer)
 
 from harness.config.scenario import SLO, Cell, Workload
 from harness.core.errors import UserError
-from harness.core.events import PrefixReuse
+from harness.core.events import Capabilities, PrefixReuse
+from harness.core.redact import MASK
 from harness.core.spec import BackendSpec, Resources
 
 SCHEMA_VERSION = 1
@@ -270,6 +274,268 @@ class CapacityResult(BaseModel):
     steps: list[CapacityStepResult] = Field(default_factory=list)
 
 
+# ---- the typed blocks of a CellResult -----------------------------------------------------------------------------
+
+PERCENTILE_METHOD: Final = "linear"  # numpy.percentile's method; stored in results so numbers can be reproduced
+PERCENTILES = (50, 90, 95, 99)
+STATISTICS = ("mean", "std", "min", "p50", "p90", "p95", "p99", "max")
+
+
+class Distribution(BaseModel):
+    """One metric's statistics over one repetition's samples (or, in a cell's `metrics`, each statistic's median
+    over the repetitions). Percentiles are numpy's, PERCENTILE_METHOD."""
+    model_config = ConfigDict(extra="forbid")
+    count: int | float = 0  # a median over repetitions may fall between two counts
+    mean: float | None = None
+    std: float | None = None
+    min: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution:
+        if not values:
+            return cls()
+        a = np.asarray(values, dtype=float)
+        pct = np.percentile(a, PERCENTILES, method=PERCENTILE_METHOD)
+        return cls(count=int(a.size), mean=float(a.mean()), std=float(a.std()), min=float(a.min()),
+                   **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)}, max=float(a.max()))
+
+    def stat(self, name: str) -> float | None:
+        """A statistic by name: count or one of STATISTICS."""
+        if name != "count" and name not in STATISTICS:
+            raise KeyError(f"no statistic {name!r}; expected count or one of {', '.join(STATISTICS)}")
+        v = getattr(self, name)
+        return None if v is None else float(v)
+
+
+MetricValue = Distribution | int | float | None
+
+
+class MetricValues(BaseModel):
+    """Every metric of one repetition, or a cell's medians over its repetitions: a Distribution or a number under
+    each catalogue key (harness/results/catalogue.py, which says which is which), stored flat as results.json has
+    always stored them."""
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, MetricValue] = Field(init=False)
+
+    def keys(self) -> list[str]:
+        return list(self.model_extra or {})
+
+    def raw(self, key: str) -> MetricValue:
+        return (self.model_extra or {}).get(key)
+
+    def distribution(self, key: str) -> Distribution | None:
+        v = self.raw(key)
+        return v if isinstance(v, Distribution) else None
+
+    def value(self, name: str) -> float | None:
+        """A statistic by its one name: "ttft_ms.p50" (a distribution's), "goodput_rps" (a scalar)."""
+        key, _, stat = name.partition(".")
+        v = self.raw(key)
+        if isinstance(v, Distribution):
+            return v.stat(stat) if stat else None
+        return None if v is None or stat else float(v)
+
+
+class Repetition(MetricValues):
+    """One repetition's metrics, with the 95% CIs of its headline statistics (a bootstrap over its requests)."""
+    ci: dict[str, list[float]] = Field(default_factory=dict)
+
+
+class AsGiven(BaseModel):
+    """A block whose producer owns its keys (the resource monitor, an engine, a scraper): the keys readers use are
+    typed fields, any other is kept as an extra, and it is written back with exactly the keys it was given, so a
+    results file round-trips whole (a resumed run rewrites the cells it keeps)."""
+    model_config = ConfigDict(extra="allow")
+
+    @model_serializer(mode="wrap")
+    def _as_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        given = self.model_fields_set | set(self.model_extra or {})
+        return {k: v for k, v in data.items() if k in given}
+
+
+class Background(AsGiven):
+    """What else ran on the machine over a span: other processes' CPU, hypervisor steal (% of one core), load."""
+    other_cpu_percent: float | None = None
+    steal_percent: float | None = None
+    load_avg_max: float | None = None
+
+
+class ResourceBlock(Background):
+    """The resource monitor's numbers over a span: the whole cell, or one phase (docs/resources.md). NVML peaks are
+    above the idle baseline."""
+    max_rss_bytes: int | None = None
+    cpu_percent_mean: float | None = None
+    disk_read_bytes: int | None = None
+    disk_write_bytes: int | None = None
+    device_read_bytes: int | None = None
+    device_write_bytes: int | None = None
+    max_offload_dir_bytes: int | None = None
+    max_global_vram_bytes: int | None = None
+    max_process_vram_bytes: int | None = None
+    max_allocated_bytes: int | None = None
+    max_reserved_bytes: int | None = None
+    gpu_util_mean: float | None = None
+    power_w_mean: float | None = None
+    energy_j: float | None = None
+    duration_s: float | None = None
+
+
+class IdleBaseline(AsGiven):
+    """The machine before the engine started (medians of a few samples): what NVML peaks are stored above."""
+    samples: int | None = None
+    rss_bytes: int | None = None
+    global_vram_bytes: int | None = None
+    process_vram_bytes: int | None = None
+    gpu_util: float | None = None
+    power_w: float | None = None
+
+
+# VRAM measures in order of preference: the backend's own processes, then the whole GPU, then torch's allocator, each
+# with the baseline field it is stored above. Adding the baseline back gives what the card had to hold, which is what
+# `over_budget` compares with the budget (docs/resources.md).
+VRAM_MEASURES = (("max_process_vram_bytes", "process_vram_bytes"), ("max_global_vram_bytes", "global_vram_bytes"),
+                 ("max_reserved_bytes", None), ("max_allocated_bytes", None))
+
+
+class ResourceUsage(AsGiven):
+    """A cell's resources (harness/measure/monitor.py, docs/resources.md)."""
+    repetitions: list[Background] = Field(default_factory=list)  # per repetition: what else ran meanwhile
+    sample_interval_ms: float | None = None
+    samples: int | None = None
+    sampler_cpu_percent: float | None = None
+    baseline: IdleBaseline | None = None
+    unavailable: dict[str, str] = Field(default_factory=dict)  # measure -> why it was not measured
+    page_cache: str | None = None
+    page_cache_resident: float | None = None
+    whole: ResourceBlock | None = None
+    phases: dict[str, ResourceBlock] = Field(default_factory=dict)
+    vram_budget_bytes: int | None = None
+    over_budget: bool | None = None
+
+    def peak_vram(self) -> tuple[int | None, str | None]:
+        """(absolute bytes, measure name) of the first VRAM measure present (VRAM_MEASURES)."""
+        whole = self.whole or ResourceBlock()
+        for measure, base in VRAM_MEASURES:
+            v = getattr(whole, measure)
+            if v is not None:
+                b = getattr(self.baseline, base, None) if base and self.baseline else None
+                return v + (b or 0), measure
+        return None, None
+
+    def why_unavailable(self, *words: str) -> str:
+        """Why the measures named like `words` were not measured, from `unavailable`."""
+        reasons = {why for k, why in self.unavailable.items() if any(w in k.lower() for w in words)}
+        return "; ".join(sorted(reasons)) or "not measured"
+
+
+class EngineInfo(AsGiven):
+    """What a backend says of its engine (Backend.environment()). The keys readers use are typed; the rest is the
+    engine's own settings (versions, launch arguments, a plan's text), open-ended by nature and different for every
+    engine: kept as extras, shown as they are and compared key by key by the gate's environment guard."""
+    engine: str | None = None
+    device: str | None = None  # where it computed: "cpu", "cuda:0", ...
+    dtype: str | None = None
+    compute_dtype: str | None = None
+    gguf_file_type: str | None = None
+    block_size: int | None = None  # the KV block an engine with a prefix cache reuses whole
+    url: str | None = None  # a launched or given server
+
+
+class TokenCounts(BaseModel):
+    """Where a cell's token counts came from (server_usage, engine, client_tokenizer), and whether every output
+    length was forced exact (None: no request completed)."""
+    input: list[str] = Field(default_factory=list)
+    output: list[str] = Field(default_factory=list)
+    exact_output_length: bool | None = None
+
+
+class Transfer(AsGiven):
+    """Bytes the own engine moved over one link in one phase ("decode/disk->host"), as it counts them."""
+    bytes: int = 0
+    seconds: float | None = None
+    in_place_bytes: int | None = None
+    bytes_per_s: float | None = None
+
+
+def _unmasked(v: object) -> object:
+    return None if v == MASK else v
+
+
+# A rate per token: results written before such names were told apart from secrets hold the mask there (not recorded).
+PerToken = Annotated[float | None, BeforeValidator(_unmasked)]
+
+
+class DecodeBound(AsGiven):
+    """Decode seconds per token against the bound of the slowest link: bytes streamed per token over the bandwidth a
+    probe measured after the cell (or why the probe could not run: `probe_error`)."""
+    link: str | None = None
+    bytes_per_token: PerToken = None
+    measured_s_per_token: PerToken = None
+    probe_bytes: int | None = None
+    probe_bytes_per_s: float | None = None
+    bound_s_per_token: PerToken = None
+    ratio_to_bound: float | None = None
+    probe_error: str | None = None
+
+
+class LogicalIO(AsGiven):
+    """The own engine's own byte counts per phase and link (own_engine/stats.py), and its decode time against the
+    bound of its slowest link (`decode_bound`, the probe's numbers, or why it could not run)."""
+    transfers: dict[str, Transfer] = Field(default_factory=dict)
+    phase_seconds: dict[str, float] = Field(default_factory=dict)
+    tokens: dict[str, int] = Field(default_factory=dict)
+    prefix_cache: dict[str, int] = Field(default_factory=dict)
+    preemptions: int | None = None
+    decode_bound: DecodeBound | None = None
+
+    def streamed_from_disk(self) -> int:
+        """Bytes streamed from the disk tier while serving; reading the model at load is not offloading."""
+        return sum(t.bytes for k, t in self.transfers.items()
+                   if k.endswith("/disk->host") and not k.startswith("load/"))
+
+
+class Gauge(BaseModel):
+    max: float
+    mean: float
+    last: float
+
+
+class ServerMetrics(AsGiven):
+    """A server's own Prometheus metrics over the cell (backends/prometheus.py): counters' growth, gauges' max, mean
+    and last value, and the scrapes' timeline."""
+    source: str | None = None
+    interval_s: float | None = None
+    window: str | None = None
+    scrapes: int | None = None
+    counters: dict[str, float] = Field(default_factory=dict)
+    gauges: dict[str, Gauge] = Field(default_factory=dict)
+    timeline: dict[str, list[float | None]] = Field(default_factory=dict)
+    missing: list[str] = Field(default_factory=list)
+    failed_scrapes: int | None = None
+    errors: list[str] = Field(default_factory=list)
+
+
+class NodeInfo(AsGiven):
+    """The machine a cell ran on (harness/measure/environment.py node()); with --executor ray also its Ray node."""
+    hostname: str | None = None
+    gpus: list[str] = Field(default_factory=list)
+    driver: str | None = None
+    ray_node_id: str | None = None
+    ip: str | None = None
+
+
+class NodeAttempt(NodeInfo):
+    """One try of a cell under --executor ray: the node, and how it ended."""
+    status: str | None = None
+    error: str | None = None
+
+
 class CellResult(BaseModel):
     """One cell in results.json (docs/results.md). Fields an older file lacks read as their defaults."""
     model_config = ConfigDict(extra="ignore")
@@ -279,29 +545,33 @@ class CellResult(BaseModel):
     workload: str
     backend_kind: str | None = None
     base_workload: str | None = None
-    sweep: dict[str, Any] = Field(default_factory=dict)
-    workload_spec: dict[str, Any] | None = None
+    # The swept settings that made this cell and their values ({"input_tokens": 1024, "load.concurrency": 4}): a
+    # mapping by nature, its keys the scenario's sweep axes.
+    sweep: dict[str, int | float] = Field(default_factory=dict)
+    # The concrete workload it ran, read through the scenario's own schema (its defaults are the only ones); a stored
+    # workload this version's schema refuses (results of another llmbench) is kept as it was written.
+    workload_spec: Workload | dict[str, Any] | None = Field(None, union_mode="left_to_right")
     status: Literal["ok", "failed", "skipped"]  # skipped: an optional backend whose engine is not installed (error: why)
     error: str | None = None
-    metrics: dict[str, Any] | None = None
-    repetitions: list[dict[str, Any]] = Field(default_factory=list)
+    metrics: MetricValues | None = None  # each statistic's median over the repetitions
+    repetitions: list[Repetition] = Field(default_factory=list)
     # 95% confidence intervals [low, high] of the headline statistics (catalogue.HEADLINE: "ttft_ms.p50", ...)
     ci: dict[str, list[float]] = Field(default_factory=dict)
     ci_method: str | None = None  # "bootstrap over repetitions" (>= 3) or "bootstrap over requests"
     cv: dict[str, float] = Field(default_factory=dict)  # coefficient of variation across repetitions
     unstable: str | None = None  # why the repetitions disagree beyond the scenario's max_repetition_cv
     percentile_method: str | None = None
-    token_counts: dict[str, Any] | None = None
+    token_counts: TokenCounts | None = None
     load_time_s: float | None = None
     prepare_time_s: float | None = None
-    engine: dict[str, Any] = Field(default_factory=dict)
-    capabilities: dict[str, Any] | None = None
+    engine: EngineInfo = Field(default_factory=EngineInfo)
+    capabilities: Capabilities | None = None  # the backend's, as the harness applied them
     concurrency_cap: ConcurrencyCap | None = None
     requests_file: str | None = None
     timeline_file: str | None = None
-    logical_io: dict[str, Any] | None = None
-    server_metrics: dict[str, Any] | None = None
-    resources: dict[str, Any] | None = None
+    logical_io: LogicalIO | None = None
+    server_metrics: ServerMetrics | None = None
+    resources: ResourceUsage | None = None
     over_budget: bool | None = None
     # The load generator could not keep the schedule (achieved rate, dispatch lag, loop lag): why, in words.
     client_limited: bool | None = None
@@ -312,8 +582,8 @@ class CellResult(BaseModel):
     clients: list[ClientClock] = Field(default_factory=list)
     # The machine it ran on (environment.node(): hostname, GPUs, driver; with --executor ray also the Ray node id),
     # and with --executor ray every attempt: the node tried and why it failed.
-    node: dict[str, Any] | None = None
-    attempts: list[dict[str, Any]] = Field(default_factory=list)
+    node: NodeInfo | None = None
+    attempts: list[NodeAttempt] = Field(default_factory=list)
     not_sent: list[int] = Field(default_factory=list)  # per repetition: requests max_duration_s kept from leaving
     # load.oversaturation_stop: "repetition i: why", for each repetition it ended early (GuideLLM's stop)
     oversaturation: list[str] = Field(default_factory=list)

@@ -2,7 +2,8 @@
 never has to be on the device at once. Handles GQA, causal masking and an optional sliding window.
 
 Each chunk goes through a fused kernel (kernels.py); `attend` is the plain-PyTorch definition the tests
-compare the kernels against.
+compare the kernels against. Decoding sequences whose KV is small and read in place attend together, over one
+gather of their KV (KVCache.gather_index), through one kernel call masked per sequence (`gathered_bias`).
 """
 from collections.abc import Iterable
 
@@ -38,15 +39,17 @@ def attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge(out, lse, out2, lse2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial attentions over disjoint key sets; the first must have a finite lse everywhere."""
+    """Combine two partial attentions over disjoint key sets (outputs upcast to float32); the first must have a
+    finite lse everywhere."""
     new = torch.logaddexp(lse, lse2)
-    out = out * torch.exp(lse - new).unsqueeze(-1) + out2 * torch.exp(lse2 - new).unsqueeze(-1)
+    out = out.float() * torch.exp(lse - new).unsqueeze(-1) + out2.float() * torch.exp(lse2 - new).unsqueeze(-1)
     return out, new
 
 
 def part(q, k, v, q_pos, k_pos, scale, window, causal) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Attention of q over one chunk through the fused kernel: (out float32, lse), or None when the sliding window
-    hides the whole chunk. Positions are CPU tensors; a mask is built only for a chunk the window cuts through."""
+    """Attention of q over one chunk through the fused kernel: (out in q's dtype, lse), or None when the sliding
+    window hides the whole chunk. Positions are CPU tensors; a mask is built only for a chunk the window cuts
+    through."""
     bias, empty = None, None
     if window is not None and int(k_pos.min()) <= int(q_pos.max()) - window:
         if int(k_pos.max()) <= int(q_pos.min()) - window:
@@ -55,10 +58,20 @@ def part(q, k, v, q_pos, k_pos, scale, window, causal) -> tuple[torch.Tensor, to
         bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, float("-inf")).to(q.device)
         empty, causal = ~keep.any(1).to(q.device), False
     out, lse = fused_attention(q, k, v, causal, bias, scale)
-    out = out.float()
     if empty is not None:
         out, lse = out.masked_fill(empty[:, None, None], 0), lse.masked_fill(empty[:, None], float("-inf"))
     return out, lse
+
+
+def combine(first: tuple[torch.Tensor, torch.Tensor], rest: Iterable) -> torch.Tensor:
+    """Merge partial attentions (None: a chunk the window hid) into the output, in the first's dtype; a single
+    part is returned as the kernel gave it, with no float32 round trip."""
+    out, lse = first
+    dtype = out.dtype
+    for other in rest:
+        if other is not None:
+            out, lse = merge(out, lse, *other)
+    return out.to(dtype)
 
 
 def chunked_attention(q, k, v, pos, cached: Iterable, scale: float, window: int | None = None) -> torch.Tensor:
@@ -68,9 +81,27 @@ def chunked_attention(q, k, v, pos, cached: Iterable, scale: float, window: int 
     tokens, positions on the CPU. Starting from the new tokens' own part keeps the running lse finite (each
     query sees itself).
     """
-    out, lse = part(q, k, v, pos, pos, scale, window, causal=True)
-    for ck, cv, cpos in cached:
-        other = part(q, ck, cv, pos, cpos, scale, window, causal=False)
-        if other is not None:
-            out, lse = merge(out, lse, *other)
-    return out.to(q.dtype)
+    return combine(part(q, k, v, pos, pos, scale, window, causal=True),
+                   (part(q, ck, cv, pos, cpos, scale, window, causal=False) for ck, cv, cpos in cached))
+
+
+def cached_attention(q, pos, cached: Iterable, scale: float, window: int | None = None) -> torch.Tensor:
+    """Attention of one new token (q [1, H, D] at pos [1]) over cached KV chunks that already hold its own K and V
+    (decode: the layer writes before it reads): no causal part of its own and, when its KV is one chunk, no merge.
+    A chunk the window does not hide wholly has a key the token sees (every cached key is at or before it), so the
+    first part kept starts the merge with a finite lse."""
+    parts = (part(q, ck, cv, pos, cpos, scale, window, causal=False) for ck, cv, cpos in cached)
+    first = next(p for p in parts if p is not None)
+    return combine(first, parts)
+
+
+def gathered_bias(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """The additive mask [B, 1, 1, T] of gathered keys at key_pos [B, T] (-1: padding) for one new token per
+    sequence at q_pos [B]: every real key is at or before its token; the window hides the older ones."""
+    keep = key_pos >= 0
+    if window is not None:
+        keep &= key_pos > q_pos[:, None] - window
+    bias = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
+    return bias[:, None, None].to(device)
+

@@ -1,4 +1,5 @@
-"""How fast the link that streamed weights cross is: the bound a streamed decode is compared with.
+"""How fast the link that streamed weights cross is, or memory where nothing streamed: the bound a decode step is
+compared with.
 
 A probe runs after the measurement it explains, so it must never cost that measurement: it makes its folder,
 fits itself in the free space, and reports why it could not run instead of raising.
@@ -55,6 +56,22 @@ def probe_bandwidth(device="cpu", nbytes: int = 256 << 20, directory=None) -> Pr
     finally:
         if created:
             shutil.rmtree(top, ignore_errors=True)
+
+
+def probe_memory(nbytes: int = 256 << 20) -> Probe:
+    """Bytes/s at which this process's torch threads read host memory: the best of three sums over a buffer far
+    larger than the caches are per core, touched first. What bounds a decode step whose weights and KV are read in
+    place (resident, or a warm page cache). Never raises: a buffer it cannot allocate is a probe_error."""
+    try:
+        buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    except RuntimeError as e:
+        return Probe(None, error=f"memory probe: {e}")
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return Probe(buf.nbytes / best, buf.nbytes)
 
 
 def _probe_file(directory: Path, nbytes: int) -> Probe:

@@ -16,7 +16,10 @@ class Piece:
     """Consecutive rows of one sequence inside a chunk of the batch."""
     start: int  # position of its first row = tokens of the sequence already in the cache
     rows: slice  # rows of the batch
-    cached: list[Chunk]  # the KV of positions 0 .. start-1, as attention reads it
+    # The KV attention reads from the cache: of positions 0 .. start-1, or with `own` (a single row, as in decode)
+    # 0 .. start, its own row included: the layer writes it before it reads, so one pass over the cache does.
+    cached: list[Chunk]
+    own: bool = False
 
 
 @dataclass
@@ -27,14 +30,10 @@ class Batch:
     offsets: torch.Tensor  # [rows]: and the row within it
     chunks: list[list[Piece]]  # run one after the other through each layer
     logit_rows: list[int]  # each sequence's last row: the logits wanted
+    end: int  # one past the highest position
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-def slots(table: list[int], block_size: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block id, offset in block) of each of a sequence's positions."""
-    return torch.tensor(table)[positions // block_size], positions % block_size
 
 
 def prepare(work: list[tuple[Sequence, int]], chunk_rows: int, block_size: int,
@@ -42,22 +41,23 @@ def prepare(work: list[tuple[Sequence, int]], chunk_rows: int, block_size: int,
     """The batch computing, for each (sequence, n), its next n tokens (their blocks reserved). kv_chunks(table,
     n_tokens) lists the KV chunks of a sequence's first n_tokens positions (KVCache.chunks)."""
     chunks, logit_rows, row, room = [[]], [], 0, chunk_rows
-    tokens, positions, block_ids, offsets = [], [], [], []
+    tokens, positions, block_ids = [], [], []
     for seq, n in work:
         start = seq.computed
-        pos = torch.arange(start, start + n)
         tokens += seq.tokens[start:start + n]
-        positions.append(pos)
-        for part, out in zip(slots(seq.table, block_size, pos), (block_ids, offsets)):
-            out.append(part)
+        positions += range(start, start + n)
+        table = seq.table
+        block_ids += (table[p // block_size] for p in range(start, start + n))
         at = start
         while at < start + n:
             take = min(start + n - at, room)
-            chunks[-1].append(Piece(at, slice(row, row + take), kv_chunks(seq.table, at)))
+            own = take == 1
+            chunks[-1].append(Piece(at, slice(row, row + take), kv_chunks(seq.table, at + own), own))
             row, at, room = row + take, at + take, room - take
             if room == 0:
                 chunks.append([])
                 room = chunk_rows
         logit_rows.append(row - 1)
-    return Batch(torch.tensor(tokens), torch.cat(positions), torch.cat(block_ids), torch.cat(offsets),
-                 [c for c in chunks if c], logit_rows)
+    positions_t = torch.tensor(positions)
+    return Batch(torch.tensor(tokens), positions_t, torch.tensor(block_ids), positions_t % block_size,
+                 [c for c in chunks if c], logit_rows, max(positions) + 1)

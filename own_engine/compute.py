@@ -12,7 +12,14 @@ memory-bound product accumulating in float32) beats converting them: it depends 
 kernels (on that AVX2 CPU, a whole decode step: 4 rows 118 ms as stored vs 190 ms upcast, 8 rows 191 vs 186). That
 crossover is measured by a micro-benchmark, once per machine, and cached under $LLMBENCH_CACHE/own_engine (default
 ~/.cache/llmbench/own_engine), keyed by the CPU's model and flags, the torch version and its thread count.
+
+Nor do the flags say which call multiplies a few rows fastest (matmul.linear's forms): on an Intel Xeon with AMX,
+torch 2.13, the decode matmuls of that model in bf16 took 24 ms per step through F.linear, 17-18 ms through torch.mv
+(1 row) or (w @ x.T).T (2-64 rows). A second micro-benchmark times each form at 1 to 64 rows over weights well past
+the L2 cache (as a decode step reads them), per dtype products run in, and is cached the same way. Wider passes
+(prefill) use F.linear: compute-bound, the case oneDNN's GEMM is built for.
 """
+import bisect
 import json
 import os
 import platform
@@ -29,6 +36,9 @@ NATIVE = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # the pass widths the micro-benchmark times
 SHAPE = (2816, 1024)  # one MLP matrix of the 201M benchmark model (benchmarks/engine_cpu.py): out, in features
 REPEATS = 5
+FORM_ROWS = (1, 2, 4, 8, 16, 32, 64)  # the pass widths whose product form is measured
+WORKING_SET = 32 << 20  # bytes of weights each form is timed over: past the L2, as a decode step's weights are
+MARGIN = 1.05  # another form replaces F.linear (or torch.mv) only when this much faster: noise must not flip it
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -76,14 +86,66 @@ class Crossover:
 
 
 @dataclass(frozen=True)
+class MatmulForms:
+    """The forms micro-benchmark's answer for one dtype: at each measured width, the fastest of matmul.FORMS, and
+    the seconds each form took there (None: not a candidate at that width, as torch.mv beyond one row)."""
+    dtype: str
+    rows: tuple[int, ...]
+    best: tuple[str, ...]
+    seconds: dict[str, tuple[float | None, ...]]
+    cache: str | None
+    cached: bool
+
+    def form(self, rows: int) -> str:
+        """The form for a product of `rows` rows: that of the widest measured width not above it; F.linear past
+        the widest."""
+        if rows > self.rows[-1]:
+            return "linear"
+        return self.best[bisect.bisect_right(self.rows, rows) - 1]
+
+    def explain(self) -> str:
+        spans, start = [], 0
+        for j in range(1, len(self.rows) + 1):
+            if j == len(self.rows) or self.best[j] != self.best[start]:
+                low, high = self.rows[start], (self.rows[j] - 1 if j < len(self.rows) else self.rows[-1])
+                rows = f"{low} row" if low == high == 1 else f"{low} rows" if low == high else f"{low}-{high} rows"
+                spans.append(f"{rows} {FORM_NAMES[self.best[start]]}")
+                start = j
+        at = self.rows.index(1)
+        times = ", ".join(f"{FORM_NAMES[f]} {t[at] * 1e3:.2f} ms" for f, t in self.seconds.items() if t[at] is not None)
+        where = ("measured now" if not self.cached else "measured before") + (f", kept in {self.cache}"
+                                                                             if self.cache else "")
+        return (f"{self.dtype}: {'; '.join(spans)}; more F.linear ({where}; 1 row, per {SHAPE[1]}x{SHAPE[0]} "
+                f"matrix over {WORKING_SET >> 20} MiB of them: {times})")
+
+
+FORM_NAMES = {"linear": "F.linear", "gemv": "torch.mv", "wxt": "(w @ x.T).T"}
+
+
+@dataclass(frozen=True)
 class Compute:
     dtype: torch.dtype
     narrow_rows: int  # passes of fewer rows multiply by the weights as stored (0: compute is the stored dtype)
     reason: str
+    forms: tuple[MatmulForms, ...] = ()  # per dtype products run in, measured on this CPU (none: F.linear always)
+
+    def form(self, dtype: torch.dtype, rows: int) -> str:
+        """How a product of `rows` rows with weights in `dtype` is computed (matmul.linear's `form`)."""
+        name = dtype_name(dtype)
+        return next((f.form(rows) for f in self.forms if f.dtype == name), "linear")
 
 
 def choose(device: torch.device, stored: torch.dtype, asked: torch.dtype | None = None) -> Compute:
-    """The dtype compute runs in for weights stored in `stored` on `device` (`asked`, when given), and why."""
+    """The dtype compute runs in for weights stored in `stored` on `device` (`asked`, when given), and why; on a
+    CPU also the form of each product (matmul_forms), for every dtype products run in."""
+    c = _dtype(device, stored, asked)
+    if device.type != "cpu":
+        return c
+    dtypes = [c.dtype] + ([stored] if c.narrow_rows else [])
+    return Compute(c.dtype, c.narrow_rows, c.reason, tuple(matmul_forms(d) for d in dtypes))
+
+
+def _dtype(device: torch.device, stored: torch.dtype, asked: torch.dtype | None) -> Compute:
     name = dtype_name(stored)
     if asked is not None:
         compute, why = asked, "asked for"
@@ -116,13 +178,16 @@ def cache_file() -> Path:
     return root / "own_engine" / "compute.json"
 
 
-def crossover(stored: torch.dtype, compute: torch.dtype) -> Crossover:
-    """The row count below which products read `stored` weights faster as stored than converted to `compute`:
-    from the cache when this machine measured it before, else measured now and kept there (a cache that cannot be
-    read is measured over; one that cannot be written is done without)."""
-    key = {"cpu": cpu_model(), "flags": sorted(cpu_flags()), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "stored": dtype_name(stored), "compute": dtype_name(compute),
-           "shape": list(SHAPE), "rows": list(ROWS)}
+def _machine() -> dict:
+    """What a timing depends on besides its own inputs: another value of any is another machine."""
+    return {"cpu": cpu_model(), "flags": sorted(cpu_flags()), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def _cached(key: dict, measure_now, restore):
+    """A micro-benchmark's answer: from the cache when this machine measured it before (restore(entry, file)),
+    else measure_now() and kept there (a cache that cannot be read is measured over; one that cannot be written is
+    done without: the answer's `cache` is None)."""
     file, entry = cache_file(), json.dumps(key, sort_keys=True)
     try:
         entries = json.loads(file.read_text())
@@ -130,12 +195,10 @@ def crossover(stored: torch.dtype, compute: torch.dtype) -> Crossover:
         entries = {}
     entries = entries if isinstance(entries, dict) else {}
     try:
-        c = entries[entry]
-        return Crossover(int(c["narrow_rows"]), tuple(c["rows"]), tuple(c["as_stored_s"]), tuple(c["converted_s"]),
-                         str(file), True)
-    except (KeyError, TypeError, ValueError):
+        return restore(entries[entry], str(file))
+    except (KeyError, TypeError, ValueError, AttributeError):
         pass
-    measured = measure(stored, compute)
+    measured = measure_now()
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
@@ -143,7 +206,62 @@ def crossover(stored: torch.dtype, compute: torch.dtype) -> Crossover:
         tmp.replace(file)
     except OSError:
         return measured
-    return Crossover(**{**asdict(measured), "cache": str(file)})
+    return type(measured)(**{**asdict(measured), "cache": str(file)})
+
+
+def crossover(stored: torch.dtype, compute: torch.dtype) -> Crossover:
+    """The row count below which products read `stored` weights faster as stored than converted to `compute`,
+    measured once per machine (_cached)."""
+    key = {**_machine(), "stored": dtype_name(stored), "compute": dtype_name(compute), "shape": list(SHAPE),
+           "rows": list(ROWS)}
+    return _cached(key, lambda: measure(stored, compute),
+                   lambda c, file: Crossover(int(c["narrow_rows"]), tuple(c["rows"]), tuple(c["as_stored_s"]),
+                                             tuple(c["converted_s"]), file, True))
+
+
+def matmul_forms(dtype: torch.dtype) -> MatmulForms:
+    """The fastest form of a product with `dtype` weights at each of FORM_ROWS, measured once per machine."""
+    from .matmul import FORMS
+
+    key = {**_machine(), "forms": list(FORMS), "dtype": dtype_name(dtype), "shape": list(SHAPE),
+           "rows": list(FORM_ROWS), "working_set": WORKING_SET}
+    return _cached(key, lambda: measure_forms(dtype),
+                   lambda c, file: MatmulForms(c["dtype"], tuple(c["rows"]), tuple(c["best"]),
+                                               {f: tuple(t) for f, t in c["seconds"].items()}, file, True))
+
+
+def measure_forms(dtype: torch.dtype) -> MatmulForms:
+    """Time each form at each of FORM_ROWS over enough SHAPE matrices to fill WORKING_SET, each matrix read once
+    per pass as a decode step reads its weights; forms interleaved, the best of REPEATS passes each. A form must
+    beat the ones before it in matmul.FORMS (F.linear, the call the engine made before, then torch.mv) by MARGIN."""
+    from .matmul import FORMS, linear
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(SHAPE, generator=gen).to(dtype)
+               for _ in range(max(2, WORKING_SET // (SHAPE[0] * SHAPE[1] * dtype.itemsize)))]
+    seconds = {form: [] for form in FORMS}
+    best = []
+    for rows in FORM_ROWS:
+        x = torch.randn((rows, SHAPE[1]), generator=gen).to(dtype)
+        candidates = [f for f in FORMS if f != "gemv" or rows == 1]
+        times = {f: [] for f in candidates}
+        for repeat in range(REPEATS + 1):
+            for form in candidates if repeat % 2 else candidates[::-1]:
+                start = time.perf_counter()
+                for w in weights:
+                    linear(x, w, None, form)
+                if repeat:  # the first pass: first touch, kernel choice
+                    times[form].append(time.perf_counter() - start)
+        fastest = {f: min(t) / len(weights) for f, t in times.items()}
+        for form in FORMS:
+            seconds[form].append(fastest.get(form))
+        choice = candidates[0]
+        for form in candidates[1:]:
+            if fastest[form] * MARGIN < fastest[choice]:
+                choice = form
+        best.append(choice)
+    return MatmulForms(dtype_name(dtype), FORM_ROWS, tuple(best), {f: tuple(t) for f, t in seconds.items()},
+                       None, False)
 
 
 def measure(stored: torch.dtype, compute: torch.dtype) -> Crossover:

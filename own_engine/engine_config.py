@@ -46,7 +46,9 @@ class EngineConfig(BaseModel):
     prefill_chunk: int | None = Field(None, gt=0, description="rows per chunk of a pass over the weights (none: 512, "
                                                               "halved until the budget fits)")
     pack_weights: bool | None = Field(None, description="write disk-tier layers into per-layer files under "
-                                                        "offload_dir (none: only when their dtype is converted)")
+                                                        "offload_dir, aligned and in the engine dtype (none: on the "
+                                                        "CPU, and wherever the dtype is converted; false: read the "
+                                                        "safetensors in place where the dtype matches)")
     prefix_cache: bool = Field(True, description="reuse the KV of full blocks a prompt shares with earlier ones")
     prefix_cache_dir: Path | None = Field(None, description="also keep those blocks on disk, for later runs (a "
                                                             "folder holding files of yours: in its own_engine/ "

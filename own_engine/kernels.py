@@ -4,7 +4,7 @@ CPU: PyTorch's flash kernel for CPU (blocked online softmax, GQA, causal, additi
 matrix). CUDA: the memory-efficient kernel, which takes every dtype and an additive bias (flash takes no mask).
 Without a mask or causality, the query heads sharing a KV head are folded into that head's query rows: each KV
 head is read once for its whole group (and the CUDA kernel, which wants as many KV heads as query heads, needs no
-expanded copy).
+expanded copy). `decode_attention` runs one decoded token of each of several sequences in one call (CPU).
 """
 import torch
 import torch.nn.functional as F
@@ -44,3 +44,15 @@ def _kernel(q, k, v, causal, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal,
                                                                        scale=scale)[:2]
     return out, lse[..., :q.shape[2]]  # lse rows are padded to a multiple of 32
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One new token per sequence: q [B, H, D] over k, v [B, T, Hkv, D] with an additive bias [B, 1, 1, T] (-inf
+    hides a key: padding, the window), on the CPU. The heads sharing a KV head are folded into its rows, as each
+    sequence has one query row; every sequence must see at least one key. Returns out [B, H, D] in q's dtype."""
+    b, h, d = q.shape
+    hkv = k.shape[2]
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(b, hkv, h // hkv, d), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale)
+    return out.reshape(b, h, d)

@@ -5,16 +5,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import chunked_attention
+from .attention import cached_attention, chunked_attention, gathered_bias
 from .batch import Batch, Piece
 from .config import ModelConfig
+from .kernels import decode_attention
 from .kv_cache import KVCache
+from .matmul import linear
 from .placement import Globals, LayerWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """transformers' LlamaRMSNorm: normalised in float32, rounded to x's dtype, then scaled by the weight."""
+    if x.dtype == weight.dtype == torch.float32:
+        return torch.rms_norm(x, weight.shape, weight, eps)  # the same products, in one call
+    return weight * torch.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -32,79 +36,150 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos and sin [T, head_dim] of each position, computed in float32 as transformers does."""
-    freqs = positions[:, None].float() * inv_freq[None, :]
-    angles = torch.cat((freqs, freqs), -1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+class Rope:
+    """cos and sin of positions [T, head_dim], looked up in tables computed in float32 as transformers does and kept
+    in the compute dtype, grown (doubled) when a pass reaches past them. sin comes with its first half negated, so
+    rotating is x * cos + swap_halves(x) * sin, the products transformers' rotate_half makes."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+        self.inv_freq, self.device, self.dtype = rope_frequencies(cfg).to(device), device, dtype
+        self.cos = self.sin = torch.empty(0, cfg.head_dim, dtype=dtype, device=device)
+
+    def tables(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of `positions` (a CPU tensor, all below `end`)."""
+        if end > len(self.cos):
+            n = max(end, 2 * len(self.cos), 256)
+            freqs = torch.arange(n, device=self.device).float()[:, None] * self.inv_freq[None, :]
+            angles = torch.cat((freqs, freqs), -1)
+            half = freqs.shape[1]
+            self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+            self.sin[:, :half].neg_()
+        index = positions.to(self.device)
+        return self.cos[index], self.sin[index]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos, sin [T, head_dim]."""
+    """x [T, heads, head_dim]; cos, sin [T, head_dim] from Rope.tables."""
     x1, x2 = x.chunk(2, -1)
-    return x * cos[:, None] + torch.cat((-x2, x1), -1) * sin[:, None]
+    return x * cos[:, None] + torch.cat((x2, x1), -1) * sin[:, None]
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b in x's dtype, reading w in its own (a narrow pass: compute.Compute.narrow_rows)."""
-    if w.dtype == x.dtype:
-        return F.linear(x, w, b)
-    return F.linear(x.to(w.dtype), w, b).to(x.dtype)
+# The forms whose product of adjacent weights (weights.fused) gives each output exactly as their separate products:
+# memory-bound row by row. F.linear's GEMM blocks by the matrix's size, so a fused product differs in the last bits
+# (and placements whose weights lie apart, a checkpoint mapped in place, would compute otherwise than resident ones).
+EXACT_FUSED = ("gemv", "wxt")
 
 
-def mlp(x: torch.Tensor, w: dict, rows: int) -> torch.Tensor:
+def mlp(x: torch.Tensor, w: dict, rows: int, form: str) -> torch.Tensor:
     """SwiGLU, `rows` rows at a time so the [rows, intermediate] activations stay bounded."""
-    out = torch.empty_like(x)
-    for r in range(0, x.shape[0], rows):
-        xs = x[r:r + rows]
-        gate = F.silu(linear(xs, w["mlp.gate_proj.weight"]))
-        out[r:r + rows] = linear(gate * linear(xs, w["mlp.up_proj.weight"]), w["mlp.down_proj.weight"])
-    return out
+    if len(x) > rows:
+        out = torch.empty_like(x)
+        for r in range(0, len(x), rows):
+            out[r:r + rows] = mlp(x[r:r + rows], w, rows, form)
+        return out
+    if "gate_up" in w and form in EXACT_FUSED:  # gate and up adjacent in memory: one product (weights.fused)
+        gate_up = linear(x, w["gate_up"], None, form)
+        gate, up = gate_up.chunk(2, -1)
+    else:
+        gate, up = linear(x, w["mlp.gate_proj.weight"], None, form), linear(x, w["mlp.up_proj.weight"], None, form)
+    return linear(F.silu(gate) * up, w["mlp.down_proj.weight"], None, form)
 
 
 class Transformer:
     def __init__(self, cfg: ModelConfig, weights: LayerWeights, globals_: Globals, kv: KVCache, mlp_rows: int,
-                 narrow_rows: int, device: torch.device, compute_dtype: torch.dtype):
-        """narrow_rows: passes of fewer rows multiply by the weights as stored (compute.Compute.narrow_rows)."""
+                 narrow_rows: int, device: torch.device, compute_dtype: torch.dtype, forms):
+        """narrow_rows: passes of fewer rows multiply by the weights as stored (compute.Compute.narrow_rows);
+        forms(dtype, rows): how a product of that many rows is computed (compute.Compute.form)."""
         self.cfg, self.weights, self.globals, self.kv = cfg, weights, globals_, kv
         self.mlp_rows, self.narrow_rows, self.device, self.dtype = mlp_rows, narrow_rows, device, compute_dtype
-        self.inv_freq = rope_frequencies(cfg).to(device)
+        self.forms, self.rope = forms, Rope(cfg, device, compute_dtype)
+        self.split = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]  # q and k columns of qkv
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Run every chunk of the batch through each layer in turn; return float32 logits of its logit rows.
 
         Within a layer the chunks go in order, so a prefill chunk sees the KV its predecessors just wrote.
+        What a chunk needs besides the weights (rope rows, KV slots, matmul forms) is worked out once per pass.
         """
-        positions = batch.positions
-        cos, sin = rope_tables(self.inv_freq, positions.to(self.device), self.dtype)
-        h = self.globals.embed_tokens(batch.tokens.to(self.device))
         narrow = len(batch) < self.narrow_rows
+        weights_dtype = self.weights.layout.dtype if narrow else self.dtype
+        cos, sin = self.rope.tables(batch.positions, batch.end)
+        chunks = []
+        for pieces in batch.chunks:
+            r = slice(pieces[0].rows.start, pieces[-1].rows.stop)
+            chunks.append((r, pieces, batch.positions[r], cos[r], sin[r],
+                           self.kv.slots(batch.block_ids[r], batch.offsets[r]),
+                           self.forms(weights_dtype, r.stop - r.start), self.gathered(pieces)))
+        h = self.globals.embed_tokens(batch.tokens.to(self.device))
         for i in range(self.cfg.num_layers):
             w = self.weights.layer(i, narrow)
-            for chunk in batch.chunks:
-                r = slice(chunk[0].rows.start, chunk[-1].rows.stop)
-                h[r] = self.decoder_layer(i, w, h[r], chunk, positions[r], cos[r], sin[r], batch.block_ids[r],
-                                          batch.offsets[r])
+            if len(chunks) == 1:
+                h = self.decoder_layer(i, w, h, *chunks[0][1:])
+                continue
+            for r, *chunk in chunks:
+                h[r] = self.decoder_layer(i, w, h[r], *chunk)
         x = rms_norm(h[batch.logit_rows], self.globals.norm, self.cfg.rms_norm_eps)
-        return self.globals.logits(x, len(batch.logit_rows) < self.narrow_rows)
+        rows = len(batch.logit_rows)
+        head_narrow = rows < self.narrow_rows
+        return self.globals.logits(x, head_narrow, self.forms(self.globals.lm_head.dtype if head_narrow else self.dtype,
+                                                              rows))
 
-    def decoder_layer(self, i, w, x, pieces: list[Piece], pos, cos, sin, block_ids, offsets) -> torch.Tensor:
+    def gathered(self, pieces: list[Piece]):
+        """For a chunk's decoding pieces whose KV one gather can bring together (KVCache.gather_index): (their
+        indices among the pieces, their rows in the chunk, the gather, its mask); None where they attend apart."""
+        decode = [j for j, p in enumerate(pieces) if p.own]
+        g = self.kv.gather_index([pieces[j].cached for j in decode]) if len(decode) > 1 else None
+        if g is None:
+            return None
+        first, starts = pieces[0].rows.start, [pieces[j].rows.start for j in decode]
+        rows = starts[0] - first
+        rows = slice(rows, rows + len(decode)) if starts == list(range(starts[0], starts[0] + len(decode))) else (
+            torch.tensor(starts, device=self.device) - first)
+        bias = gathered_bias(torch.tensor([pieces[j].start for j in decode]), g.positions, self.cfg.sliding_window,
+                             self.dtype, self.device)
+        return set(decode), rows, g, bias
+
+    def decoder_layer(self, i, w, x, pieces: list[Piece], pos, cos, sin, slots, form, gathered) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
+        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         a = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-        q = linear(a, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")).view(t, cfg.num_heads, -1)
-        k = linear(a, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")).view(t, cfg.num_kv_heads, -1)
-        v = linear(a, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")).view(t, cfg.num_kv_heads, -1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        self.kv.write(i, block_ids, offsets, k, v)
+        if "qkv" in w and form in EXACT_FUSED:  # q, k and v adjacent: one product, one rotation of q and k
+            qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)
+            qk = apply_rope(qkv[:, :sum(self.split)].reshape(t, heads + kv_heads, d), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, sum(self.split):].reshape(t, kv_heads, d)
+        else:
+            q = linear(a, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"), form).reshape(t, heads, d)
+            k = linear(a, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"), form).reshape(t, kv_heads, d)
+            v = linear(a, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"), form).reshape(t, kv_heads, d)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.kv.write(i, slots, k, v)
         if self.kv.dtype != self.dtype:  # attend to what the cache keeps, so where chunks split changes nothing
             k, v = k.to(self.kv.dtype).to(self.dtype), v.to(self.kv.dtype).to(self.dtype)
 
-        attn = torch.empty_like(q)
-        first = pieces[0].rows.start
-        for p in pieces:
+        first, scale = pieces[0].rows.start, d ** -0.5
+        attn = torch.empty(t, heads, d, dtype=q.dtype, device=q.device) if len(pieces) > 1 else None
+        together = set()
+        if gathered is not None:  # the decoding sequences at once, over one gather of their KV
+            together, rows, g, bias = gathered
+            out = decode_attention(q[rows], *self.kv.gather(i, g), bias, scale)
+            if len(together) == len(pieces):
+                attn = out
+            else:
+                attn[rows] = out
+        for j, p in enumerate(pieces):
+            if j in together:
+                continue
             r = slice(p.rows.start - first, p.rows.stop - first)
-            attn[r] = chunked_attention(q[r], k[r], v[r], pos[r], self.kv.read(i, p.cached), cfg.head_dim ** -0.5,
-                                        cfg.sliding_window)
-        x = x + linear(attn.view(t, -1), w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
-        return x + mlp(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, self.mlp_rows)
+            cached = self.kv.read(i, p.cached)
+            if p.own:
+                out = cached_attention(q[r], pos[r], cached, scale, cfg.sliding_window)
+            else:
+                out = chunked_attention(q[r], k[r], v[r], pos[r], cached, scale, cfg.sliding_window)
+            if attn is None:
+                attn = out
+            else:
+                attn[r] = out
+        x = x + linear(attn.reshape(t, -1), w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
+        return x + mlp(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, self.mlp_rows, form)

@@ -14,10 +14,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from .matmul import linear
 from .stats import EngineStats
-from .weights import Checkpoint, Extent, LayerLayout, read_extents
+from .weights import Checkpoint, Extent, LayerLayout, fused, read_extents
 
 LOGIT_ROWS = 4096  # rows of lm_head upcast at a time when compute runs in a wider dtype than storage
 
@@ -35,26 +35,29 @@ class LayerWeights:
             if tier == "disk" and cuda:
                 self.extents[i] = ckpt.packed_extents(packed[i], layout) if i in packed else ckpt.layer_extents(i, layout)
             elif tier == "disk":
-                self.stored[i], self.spans[i] = ckpt.mapped_layer(i, layout, packed.get(i))
+                views, self.spans[i] = ckpt.mapped_layer(i, layout, packed.get(i))
+                self.stored[i] = fused(views)
             else:
                 buf = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=cuda and tier == "host")
                 ckpt.read_layer(i, layout, buf)
                 if tier == "host" and cuda:
                     self.host[i] = buf
                 elif tier == "host":
-                    self.stored[i] = layout.views(buf)
+                    self.stored[i] = fused(layout.views(buf))
                 else:
                     with stats.transfer("host->device", layout.nbytes):
-                        self.stored[i] = layout.views(buf.to(device))
+                        self.stored[i] = fused(layout.views(buf.to(device)))
 
         upcast = compute.dtype != layout.dtype
         # A CPU upcasts in the calling thread: the copy is compute on the same cores, and a second thread doing it
         # meanwhile only oversubscribes them (measured: a batch-8 decode step 367 ms with the thread, 236 without).
-        self.wide = compute.views(torch.empty(compute.nbytes, dtype=torch.uint8)) if upcast and not cuda else None
+        self.wide = None
+        if upcast and not cuda:
+            self.wide = fused(compute.views(torch.empty(compute.nbytes, dtype=torch.uint8)))
         self.streamed = [i for i in range(len(tiers)) if (upcast and cuda) or i not in self.stored]
         n_slots = min(n_slots, len(self.streamed))
         self.slots = [torch.empty(compute.nbytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
-        self.slot_views = [compute.views(s) for s in self.slots]
+        self.slot_views = [fused(compute.views(s)) for s in self.slots]
         # Disk reads on CUDA land in a pinned relay buffer first.
         self.staging = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True) if self.extents else None
         self.copy_stream = torch.cuda.Stream(device) if cuda and self.streamed else None
@@ -74,8 +77,8 @@ class LayerWeights:
                 m.will_need(start, end)
             views, start = self.stored[i], time.perf_counter()
             if self.wide is not None and not narrow:
-                for name, view in views.items():
-                    self.wide[name].copy_(view)
+                for name in self.layout.tensors:
+                    self.wide[name].copy_(views[name])
                 views = self.wide
             if self.tiers[i] != "device":  # read in place by compute, so no time of its own unless upcast here
                 self.stats.record("disk->host" if self.tiers[i] == "disk" else "host->device", self.layout.nbytes,
@@ -111,8 +114,8 @@ class LayerWeights:
         nbytes, tier = self.layout.nbytes, self.tiers[layer]
         if layer in self.stored:  # an upcast from memory compute can address (from the page cache when mapped)
             start = time.perf_counter()
-            for name, view in self.stored[layer].items():
-                self.slot_views[slot][name].copy_(view)
+            for name in self.layout.tensors:
+                self.slot_views[slot][name].copy_(self.stored[layer][name])
             if tier != "device":
                 self.stats.record("disk->host" if tier == "disk" else "host->device", nbytes,
                                   time.perf_counter() - start, phase)
@@ -165,13 +168,13 @@ class Globals:
         self.stats.record("disk->host", rows.nbytes, time.perf_counter() - start)
         return rows.to(self.device, self.compute)
 
-    def logits(self, x: torch.Tensor, narrow: bool) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, narrow: bool, form: str = "linear") -> torch.Tensor:
         """float32 logits of hidden states x [B, hidden] (already normalised); `narrow`: multiply by lm_head as
-        stored rather than upcast slice by slice."""
+        stored rather than upcast slice by slice; `form`: how (model.linear)."""
         if self.buffer is None or narrow:
-            return F.linear(x.to(self.lm_head.dtype), self.lm_head).float()
+            return linear(x.to(self.lm_head.dtype), self.lm_head, None, form).float()
         out = torch.empty((x.shape[0], self.lm_head.shape[0]), dtype=torch.float32, device=self.device)
         for r in range(0, self.lm_head.shape[0], len(self.buffer)):
             rows = self.lm_head[r:r + len(self.buffer)]
-            out[:, r:r + len(rows)] = F.linear(x, self.buffer[:len(rows)].copy_(rows))
+            out[:, r:r + len(rows)] = linear(x, self.buffer[:len(rows)].copy_(rows), None, form)
         return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from .compute import Compute, choose
+from .compute import Compute, MatmulForms, choose
 from .config import DTYPES, EngineError, ModelConfig
 from .engine_config import EngineConfig
 from .placement import LOGIT_ROWS
@@ -35,6 +35,7 @@ class Plan:
     compute_dtype: torch.dtype
     compute_reason: str
     narrow_rows: int  # passes of fewer rows multiply by the weights as stored (compute.Compute)
+    matmul_forms: tuple[MatmulForms, ...]  # how products of few rows are computed, per dtype (compute.Compute)
     kv_dtype: torch.dtype
     budget: int | None
     context: int
@@ -59,6 +60,10 @@ class Plan:
     def count(self, tier: str) -> int:
         return self.layer_tiers.count(tier)
 
+    def form(self, dtype: torch.dtype, rows: int) -> str:
+        """How a product of `rows` rows with weights in `dtype` is computed (matmul.linear's `form`)."""
+        return Compute(self.compute_dtype, self.narrow_rows, self.compute_reason, self.matmul_forms).form(dtype, rows)
+
     @property
     def device_bytes(self) -> int:
         return (self.globals_bytes + self.count("device") * self.layer_bytes + self.n_slots * self.slot_bytes
@@ -74,6 +79,7 @@ class Plan:
             f"device {self.device}, weights stored in {stored}, budget {budget}, "
             f"context {self.context} tokens x batch {self.batch}",
             f"compute in {compute}: {self.compute_reason}",
+            *(f"products by the weights: {f.explain()}" for f in self.matmul_forms),
             f"KV cache in {kv}" + (" (the compute dtype: attention reads it in place)" if kv == compute else
                                    " (upcast as each chunk is read)"),
             f"weights: {self.count('device')} of {len(self.layer_tiers)} layers resident, "
@@ -219,7 +225,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
         raise EngineError(f"offload dir {machine.disk_at}: needs {fmt_bytes(disk_bytes)} on disk, "
                           f"only {fmt_bytes(machine.disk)} free on its filesystem")
     return Plan(device=device, dtype=dtype, compute_dtype=compute, compute_reason=machine.compute.reason,
-                narrow_rows=machine.compute.narrow_rows, kv_dtype=kv_dtype,
+                narrow_rows=machine.compute.narrow_rows, matmul_forms=machine.compute.forms, kv_dtype=kv_dtype,
                 budget=budget, context=context, batch=batch, block_size=block_size, prefill_chunk=chunk,
                 step_tokens=chunk if resident == L else batch * context, kv_chunk_blocks=kv_chunk, mlp_rows=mlp_rows,
                 n_slots=slots, slot_bytes=slot,

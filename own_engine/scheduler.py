@@ -23,6 +23,7 @@ class Scheduler:
         self.eos = set(engine.config.eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.last_pass = 0  # sequences in the last pass over the weights (batch occupancy)
 
     @property
     def busy(self) -> bool:
@@ -45,6 +46,7 @@ class Scheduler:
         for s in [s for s in (*self.running, *self.waiting) if s.cancelled]:
             self._finish(s)
         work = self._schedule()
+        self.last_pass = len(work)
         if not work:
             return
         decoding = all(n == 1 and s.num_output for s, n in work)
@@ -54,11 +56,13 @@ class Scheduler:
             for s, _ in work:
                 self._finish(s, e)
             return
-        for (s, _), row in zip(work, logits):
+        greedy = logits.argmax(-1).tolist()  # one call for the whole pass: most requests are greedy
+        for j, (s, _) in enumerate(work):
             if s.left:
                 continue  # more of its prompt next step
             p = s.params
-            token = int(sample(row[None], p.temperature, p.top_k, p.top_p, s.generator))
+            token = greedy[j] if p.temperature <= 0 else int(sample(logits[j:j + 1], p.temperature, p.top_k, p.top_p,
+                                                                    s.generator))
             s.tokens.append(token)
             if s.on_token:
                 s.on_token(token)

@@ -28,6 +28,7 @@ class EngineStats:
         self.seconds = defaultdict(float)
         self.phase_seconds = defaultdict(float)
         self.tokens = defaultdict(int)
+        self.read_bytes = defaultdict(int)  # per phase: weights and KV compute read, wherever they are (every tier)
         # full KV blocks a new sequence found cached (in memory or in prefix_cache_dir) or had to compute
         self.prefix = {"hit_blocks": 0, "disk_hit_blocks": 0, "miss_blocks": 0, "bytes_reused": 0, "stored_blocks": 0}
         self.preemptions = 0  # sequences the scheduler sent back to wait for lack of KV blocks
@@ -57,6 +58,11 @@ class EngineStats:
             self.phase_seconds[phase] += time.perf_counter() - start
             self.tokens[phase] += tokens
 
+    def count_read(self, nbytes: int):
+        """Bytes of weights and KV one pass read (in the current phase): what bounds it by memory bandwidth."""
+        with self._lock:
+            self.read_bytes[self.phase] += nbytes
+
     def count_prefix(self, hits: int, from_disk: int, misses: int, block_bytes: int):
         with self._lock:
             self.prefix["hit_blocks"] += hits + from_disk
@@ -76,4 +82,5 @@ class EngineStats:
                                       "bytes_per_s": self.timed_bytes[k] / self.seconds[k] if self.seconds[k] else 0.0}
                          for k, b in sorted(self.bytes.items()) for p, d in [k]}
         return {"transfers": transfers, "phase_seconds": dict(self.phase_seconds), "tokens": dict(self.tokens),
-                "prefix_cache": dict(self.prefix), "preemptions": self.preemptions}
+                "read_bytes": dict(self.read_bytes), "prefix_cache": dict(self.prefix),
+                "preemptions": self.preemptions}

@@ -83,6 +83,34 @@ class LayerLayout:
                 for name, (off, shape) in self.tensors.items()}
 
 
+# Tensors that are multiplied by the same input, in the order the model splits their product.
+GROUPS = {"qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+          "qkv_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+          "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
+def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.device == b.device and a.is_contiguous() and b.is_contiguous()
+            and a.shape[1:] == b.shape[1:] and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.nbytes)
+
+
+def fused(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's views plus, for each group of tensors lying back to back in one buffer (q, k and v and their
+    biases; gate and up), one view of the group: one product where there were several, no copy. Our layer layout
+    lays them out so; a checkpoint mapped in place may not (safetensors orders by name: gate and up adjacent, q, k
+    and v not), and then the model multiplies them one by one."""
+    out = dict(views)
+    for name, members in GROUPS.items():
+        parts = [views.get(m) for m in members]
+        if all(t is not None for t in parts) and all(_adjacent(a, b) for a, b in zip(parts, parts[1:])):
+            first = parts[0]
+            out[name] = torch.as_strided(first, (sum(len(t) for t in parts), *first.shape[1:]), first.stride())
+    if "qkv" in out and "self_attn.q_proj.bias" in views and "qkv_bias" not in out:
+        del out["qkv"]  # biases apart: the model adds them one by one
+    return out
+
+
 # One read of a streamed layer: (file descriptor, file offset, byte count, offset in the layer buffer).
 Extent = tuple[int, int, int, int]
 

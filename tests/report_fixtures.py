@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 
+from pydantic import TypeAdapter
+
 from harness.records import RequestRecord
-from harness.results.metrics import reduce_cell
+from harness.results.metrics import CellMetrics, reduce_cell
 from harness.config.scenario import SLO
+
+REDUCED = TypeAdapter(CellMetrics)  # the reducer's blocks as results.json stores them
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -73,7 +77,8 @@ class ResultsBuilder:
         (d / "requests.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
         if timeline:
             (d / "timeline.json").write_text(json.dumps(timeline))
-        cell |= {"status": "ok", "error": None, **reduce_cell(records, self.repetitions, self.slo, 0.25),
+        reduced = REDUCED.dump_python(reduce_cell(records, self.repetitions, self.slo, 0.25), mode="json")
+        cell |= {"status": "ok", "error": None, **reduced,
                  "load_time_s": load_time_s, "engine": {"engine": kind, "device": device},
                  "requests_file": f"cells/{cid}/requests.jsonl", "logical_io": logical_io}
         if resources is not None:

@@ -9,10 +9,11 @@ import sys
 import pytest
 
 from harness.config.scenario import SLO, CapacityLoad
+from harness.core.errors import BackendError
 from harness.records import CapacityStep, RequestRecord
 from harness.results.capacity import met_slo, reduce_capacity
 from harness.run.capacity import CapacitySearch
-from harness.run.loadgen import poisson_offsets
+from harness.run.strategies import poisson_offsets
 from tests.conftest import ROOT, run_scenario, scenario_dict
 
 
@@ -44,6 +45,37 @@ def test_a_search_reports_what_it_knows_when_steps_run_out_or_nothing_passes():
     assert (s.passed, s.failed) == (4.0, None) and len(s.tried) == 3
     s = search(CapacityLoad(type="capacity", start=4.0, tolerance=0.5, max_steps=10), 0.1)
     assert s.passed is None and [v for v, _ in s.tried] == [4.0, 2.0, 1.0, 0.5]
+
+
+async def test_a_capacity_load_drives_its_steps_from_their_outcomes():
+    """The strategy chooses each step from the outcomes before it: every step is a run of its own (Poisson at the
+    step's rate), judged by the slo, and recorded with what it sent; only the first step must have an answer."""
+    from harness.run.strategies import CapacityStrategy, PoissonStrategy, RunOutcome, strategy_for
+
+    load = CapacityLoad(type="capacity", start=2.0, tolerance=0.5, attainment=0.9, max_steps=30)
+    knee, runs = 5.0, []
+
+    async def run(index, strategy, may_all_fail):
+        runs.append((index, strategy, may_all_fail))
+        fast = strategy.rate <= knee  # the engine meets the 50 ms TTFT up to the knee
+        records = [RequestRecord(id=i, repetition=index, t_send=float(index), chunk_times=[index + (0.01 if fast
+                                 else 0.2)], output_tokens=1) for i in range(10)]
+        return RunOutcome(records, not_sent=index % 2, start=float(index), end=index + 1.0)
+
+    strategy = strategy_for(load, SLO(ttft_ms=50))
+    assert isinstance(strategy, CapacityStrategy) and strategy.runs(repetitions=3) == 30
+    steps = await strategy.drive(run, 3, None, "scripted")
+    assert [s.value for s in steps] == [v for v, _ in search(load, knee).tried]  # the search's own choices
+    assert [s.passed for s in steps] == [s.value <= knee for s in steps]
+    assert [(s.step, s.sent, s.met, s.not_sent) for s in steps] == [
+        (i, 10, 10 if s.passed else 0, i % 2) for i, s in enumerate(steps)]
+    assert all(isinstance(st, PoissonStrategy) and st.rate == s.value for (_, st, _), s in zip(runs, steps))
+    assert [may for _, _, may in runs] == [False] + [True] * (len(runs) - 1)
+
+    concurrency = strategy_for(load.model_copy(update={"search": "concurrency"}), SLO(ttft_ms=50))
+    with pytest.raises(BackendError, match="load.search: concurrency needs an engine that serves requests at once; "
+                                           "tgi serves 1 at a time: search the rate instead"):
+        await concurrency.drive(run, 3, 1, "tgi")
 
 
 def test_the_result_states_the_bracket_and_each_steps_attainment_with_its_interval():
@@ -121,7 +153,7 @@ def test_a_concurrency_search_lands_on_the_backends_slots(searched):
     assert cap.capacity_rps == pytest.approx(3 / 0.035, rel=0.35)  # three at a time, 35 ms each
     assert cap.verdict.startswith("holds 3 in flight at the slo") and "fails at 4 in flight" in cap.verdict
     # the cell's metrics are its capacity step's: 24 requests, none of them waiting
-    assert cell.metrics["completed"] == 24 and cell.metrics["ttft_ms"]["p99"] < 40
+    assert cell.metrics.value("completed") == 24 and cell.metrics.value("ttft_ms.p99") < 40
     assert cell.status == "ok"
     report = (out / "report.md").read_text()
     assert "holds 3 in flight" in report and "Capacity search steps: conc" in report
@@ -165,8 +197,9 @@ def test_a_capacity_cells_numbers_are_not_called_medians_over_repetitions():
     from harness.results.summary import numbers_basis
 
     def cell(load):
-        return CellResult(id=load, model="m", backend="b", workload=load, status="ok",
-                          workload_spec={"load": {"type": load}})
+        spec = {"name": load, "input_tokens": 8, "output_tokens": 8, "num_requests": 4,
+                "load": {"type": load, **({"rate": 1.0} if load == "poisson" else {})}}
+        return CellResult(id=load, model="m", backend="b", workload=load, status="ok", workload_spec=spec)
 
     assert numbers_basis("3", [cell("poisson")]) == "medians over 3 repetition(s) of each cell"
     assert numbers_basis("3", [cell("poisson"), cell("capacity")]) == (

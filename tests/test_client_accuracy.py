@@ -17,11 +17,12 @@ from backends.base import Request, RequestSent, TokenEvent, Usage
 from backends.openai_backend import OpenAIClient, OpenAIOptions
 from harness.calibrate import BEHAVIOURS, Behaviour, calibrate, scripted_server
 from harness.config.scenario import SLO, ConcurrencyLoad, PoissonLoad
-from harness.records import ClientClock, RequestRecord
-from harness.results.metrics import reduce_cell, stats
+from harness.records import ClientClock, Distribution, RequestRecord
+from harness.results.metrics import reduce_cell
 from harness.run.clients import measure_offset, to_cell_clock
 from harness.run.eventloop import LoopLagProbe
-from harness.run.loadgen import run_load
+from harness.run.loadgen import Due, run_load
+from harness.run.strategies import strategy_for
 from harness.run.worker import measure
 from tests.conftest import scenario_dict
 
@@ -192,11 +193,11 @@ async def drive(url: str, load, n: int, prompt: str = "hi there", max_tokens: in
     await client.open_connections(4)
     backend = SimpleNamespace(generate=client.stream)
     try:
-        async def send(i: int, t_scheduled: float) -> RequestRecord:
-            return await measure(backend, Request(i, prompt, [1], max_tokens=max_tokens), 0, False, t_scheduled)
+        async def send(i: int, due: Due) -> RequestRecord:
+            return await measure(backend, Request(i, prompt, [1], max_tokens=max_tokens), 0, False, due.t_scheduled)
 
         httpx.post(url + "/scripted/reset")
-        return await run_load(load, list(range(n)), send, seed=1)
+        return await run_load(strategy_for(load), list(range(n)), send, seed=1)
     finally:
         await client.close()
 
@@ -206,8 +207,8 @@ def errors(records: list[RequestRecord], url: str) -> tuple[float, float]:
     assert all(r.ok for r in records), [r.error for r in records if not r.ok][:3]
     truth = server_stats(url)
     assert truth["requests"] == len(records)
-    ttft = stats([r.ttft * 1e3 for r in records])["p50"] - stats(truth["ttft_ms"])["p50"]
-    tpot = stats([r.tpot * 1e3 for r in records])["p50"] / stats(truth["tpot_ms"])["p50"] - 1
+    ttft = Distribution.of([r.ttft * 1e3 for r in records]).p50 - Distribution.of(truth["ttft_ms"]).p50
+    tpot = Distribution.of([r.tpot * 1e3 for r in records]).p50 / Distribution.of(truth["tpot_ms"]).p50 - 1
     return ttft, tpot
 
 
@@ -292,8 +293,8 @@ def test_a_client_that_falls_behind_is_marked_client_limited():
     on_time = [record(i, i / 100, 0.0002) for i in range(100)]
     fine = reduce_cell(on_time, 1, SLO(), 1.0, load, [[0.1] * 100])
     assert fine["client_limited"] is False and fine["client_limited_reasons"] == []
-    assert fine["metrics"]["offered_rate_rps"] == pytest.approx(100) and fine["metrics"]["achieved_rate_rps"] == \
-        pytest.approx(100)
+    assert fine["metrics"].value("offered_rate_rps") == pytest.approx(100) and \
+        fine["metrics"].value("achieved_rate_rps") == pytest.approx(100)
     # each request 1 ms later than the one before: the client sends at ~91 req/s and ends 99 ms behind
     behind = reduce_cell([record(i, i / 100, i * 0.001) for i in range(100)], 1, SLO(), 1.0, load, [[0.1] * 100])
     reasons = behind["client_limited_reasons"]
@@ -315,14 +316,14 @@ def test_latency_from_the_schedule_is_read_where_the_client_fell_behind():
     load = PoissonLoad(type="poisson", rate=100.0)
     on_time = reduce_cell([record(i, i / 100, 0.0002) for i in range(100)], 1, SLO(), 1.0, load)
     m = on_time["metrics"]
-    assert m["ttft_ms"]["p50"] == pytest.approx(5.0)
-    assert m["ttft_including_client_queue_ms"]["p50"] == pytest.approx(5.2)
-    assert m["e2el_including_client_queue_ms"]["p50"] == pytest.approx(m["e2el_ms"]["p50"] + 0.2)
+    assert m.value("ttft_ms.p50") == pytest.approx(5.0)
+    assert m.value("ttft_including_client_queue_ms.p50") == pytest.approx(5.2)
+    assert m.value("e2el_including_client_queue_ms.p50") == pytest.approx(m.value("e2el_ms.p50") + 0.2)
     assert on_time["client_queue_shift"] == []  # a timer's jitter is no queue
     behind = reduce_cell([record(i, i / 100, i * 0.001) for i in range(100)], 1, SLO(), 1.0, load)
     m = behind["metrics"]
-    assert m["ttft_ms"]["p50"] == pytest.approx(5.0)  # from the send, the engine looks as fast as ever
-    assert m["ttft_including_client_queue_ms"]["p50"] == pytest.approx(5.0 + 49.5)
+    assert m.value("ttft_ms.p50") == pytest.approx(5.0)  # from the send, the engine looks as fast as ever
+    assert m.value("ttft_including_client_queue_ms.p50") == pytest.approx(5.0 + 49.5)
     assert behind["client_queue_shift"][0].startswith("TTFT from the schedule p50 54.5 ms is outside the 95% CI of "
                                                       "TTFT p50 from the send [5.0, 5.0] ms")
     assert len(behind["client_queue_shift"]) == 4  # TTFT and E2E latency, p50 and p99

@@ -75,7 +75,7 @@ def test_each_turn_sends_the_history_with_the_real_answers(chatted, tiny_model):
         for a, b in zip(turns, turns[1:]):
             assert b.t_send - a.chunk_times[-1] >= 0.1 - 1e-3
     # the two sessions ran at once (concurrency 2 counts sessions): their first turns left together
-    assert abs(sessions[0][0].t_send - sessions[1][0].t_send) < 0.05 and cell.metrics["completed"] == 6
+    assert abs(sessions[0][0].t_send - sessions[1][0].t_send) < 0.05 and cell.metrics.value("completed") == 6
 
 
 def test_turn_two_carries_turn_ones_real_answer_on_a_real_engine(chatted, tiny_model):
@@ -104,6 +104,45 @@ def test_a_record_keeps_the_answer_only_with_record_outputs(tiny_model):
         conversation.note(rec, keep)
         assert (rec.session, rec.turn) == (4, 1) and conversation.answers[0] == "yes"
         assert (rec.output_text, rec.output_token_ids) == (("yes", [7]) if keep else (None, None))
+
+
+async def test_a_session_is_an_item_whose_turns_follow_the_answers(tiny_model):
+    """A session leaves when its Due says (with the wait for the backend, if it had one); each later turn is due once
+    the answer before it is in and the think time has passed, never waits for the backend again, and carries the
+    answers; a failed turn ends the session, and a turn due after the deadline is not sent."""
+    from harness.core.events import Request, now
+    from harness.run.loadgen import Due
+
+    entries = [PromptEntry(text=f"q{k}", token_ids=[1], messages=[{"role": "user", "content": f"q{k}"}], session=0,
+                           turn=k, think_s=0.05 if k else 0.0) for k in range(3)]
+    conversation = Conversation(tiny_model, entries)
+    sent, failing = [], set()
+
+    async def send(request, due):
+        sent.append((due, now(), request.prompt))
+        rec = RequestRecord(id=request.id, repetition=0, t_send=now(), chunk_times=[now()],
+                            output_text=f"answer {request.id}", error="boom" if request.id in failing else None)
+        conversation.note(rec, keep_outputs=False)
+        return rec
+
+    def session():
+        (one,) = conversation.sessions([Request(id=k, prompt=e.text, prompt_token_ids=e.token_ids, max_tokens=4)
+                                        for k, e in enumerate(entries)])
+        return one
+
+    first = Due(t_scheduled=now(), t_queued=now() - 0.5)
+    records = await session().send(first, send, deadline=now() + 10)
+    assert [r.turn for r in records] == [0, 1, 2] and sent[0][0] == first
+    for (due, t, _), (before, _, _) in zip(sent[1:], sent):
+        assert due.t_queued is None and t >= due.t_scheduled >= before.t_scheduled + 0.05
+    assert "answer 0" in sent[1][2] and "answer 1" in sent[2][2] and "q2" in sent[2][2]  # the real answers in it
+
+    failing.add(1)
+    records = await session().send(Due(now()), send, deadline=now() + 10)
+    assert [r is not None for r in records] == [True, True, False]  # turn 1 failed: nothing to carry into turn 2
+    failing.clear()
+    records = await session().send(Due(now()), send, deadline=now() + 0.01)
+    assert [r is not None for r in records] == [True, False, False]  # turn 1 was due after the deadline
 
 
 def test_sessions_are_cut_from_each_repetitions_turns(write_scenario, tiny_model, tmp_path):

@@ -31,14 +31,14 @@ def test_documents_scenario_runs_small(tmp_path):
     for c in run.cells:
         records = read_requests(c.requests_path(out))
         assert len(records) == 4 and all(r.ok and r.output_text for r in records)
-        assert c.metrics["total_input_tokens"] >= 4 * 290
+        assert c.metrics.value("total_input_tokens") >= 4 * 290
     # Two documents per repetition, each asked twice: the second question reuses the first's blocks.
     cells = {c.backend: c for c in run.cells}
     own = cells["own"]
-    assert own.engine["prefix_cache"] and own.logical_io["prefix_cache"]["hit_blocks"] > 0, own.logical_io
+    assert own.engine.model_extra["prefix_cache"] and own.logical_io.prefix_cache["hit_blocks"] > 0, own.logical_io
     # ... and every engine with a cache says what it reused under the one field: our engine in whole blocks,
     # llama.cpp the document a question shares with the question before; transformers keeps none
-    assert own.prefix_reuse.reused_tokens == own.logical_io["prefix_cache"]["hit_blocks"] * own.engine["block_size"]
+    assert own.prefix_reuse.reused_tokens == own.logical_io.prefix_cache["hit_blocks"] * own.engine.block_size
     assert cells["llamacpp-cache"].prefix_reuse.reused_tokens >= 2 * 250, cells["llamacpp-cache"].prefix_reuse
     assert cells["hf"].prefix_reuse is None
     assert "## Prefix reuse" in (out / "report.md").read_text()

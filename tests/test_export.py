@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 import harness.results
 from harness.analyze.report import build_report
 from harness.cli import app
-from harness.results.catalogue import CATALOGUE, STATISTICS
-from harness.results.runs import fmt_value, load_runs
+from harness.results.catalogue import CATALOGUE, STATISTICS, fmt_value
+from harness.results.runs import load_runs
 from tests.report_fixtures import ResultsBuilder, resources, workload
 
 

@@ -465,7 +465,7 @@ def test_per_request_samples_come_from_request_records(tmp_path):
     expected = [(r["chunk_times"][0] - r["t_send"]) * 1e3 for r in map(json.loads, lines)]
     assert ttft.tolist() == pytest.approx(expected)
     thr = run.samples(cell, "output_throughput_tok_s", policy.metrics["output_throughput_tok_s"])
-    assert thr.tolist() == [rep["output_throughput_tok_s"] for rep in cell.repetitions]
+    assert thr.tolist() == [rep.value("output_throughput_tok_s") for rep in cell.repetitions]
 
 
 # ---- baselines ----------------------------------------------------------------------------------------------------
@@ -549,7 +549,7 @@ def test_gate_passes_the_same_launched_server_scenario_and_fails_a_30pct_slowdow
         return out
 
     first, second = run_with(tmp_path / "first"), run_with(tmp_path / "second")
-    urls = [Run(r).result.cells[0].engine["url"] for r in (first, second)]
+    urls = [Run(r).result.cells[0].engine.url for r in (first, second)]
     assert urls[0] != urls[1]  # a port of its own each time: not an environment difference
     result = gate("--baseline", first, "--current", second)
     assert result.exit_code == 0, result.output

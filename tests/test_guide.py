@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.analyze.guide import RulesError, build_guide, load_rules, normalized, write_guide
-from harness.results.runs import METRICS, fmt_value, load_runs
+from harness.results.catalogue import RANKED, fmt_value
+from harness.results.runs import load_runs
 from harness.config.scenario import SLO
 from tests.report_fixtures import ResultsBuilder, environment, hacked, resources, swept_gpu_results, workload
 
@@ -47,15 +48,15 @@ def test_ranking_matches_the_documented_score(swept, guide):
         if c["workload"].startswith("chat"):
             by_workload[c["workload"]][c["backend"]] = c["metrics"]
     get = {"output_throughput_tok_s": lambda m: m["output_throughput_tok_s"],
-           "goodput_rps": lambda m: m["goodput_rps"], "ttft_p99_ms": lambda m: m["ttft_ms"]["p99"]}
+           "goodput_rps": lambda m: m["goodput_rps"], "ttft_ms.p99": lambda m: m["ttft_ms"]["p99"]}
     scores = defaultdict(list)
     for per_backend in by_workload.values():
         total = defaultdict(float)
         for metric, w in u.weights.items():
             vals = {b: get[metric](m) for b, m in per_backend.items()}
-            best = max(vals.values()) if METRICS[metric].better == "higher" else min(vals.values())
+            best = max(vals.values()) if RANKED[metric].better == "higher" else min(vals.values())
             for b, v in vals.items():
-                total[b] += w * (v / best if METRICS[metric].better == "higher" else best / v)
+                total[b] += w * (v / best if RANKED[metric].better == "higher" else best / v)
         for b, t in total.items():
             scores[b].append(t / sum(u.weights.values()))
     expected = sorted(((sum(s) / len(s), b) for b, s in scores.items()), reverse=True)
@@ -224,9 +225,9 @@ def test_use_cases_name_their_question_and_long_prompts_rank_on_prefill():
     assert {"cpu-chat", "cpu-long-document"} <= set(cases) and "cpu-edge" not in cases
     for case in ("long-document-8gb", "cpu-long-document"):
         weights = cases[case].weights
-        assert set(weights) >= {"ttft_p50_ms", "prefill_tps_p50"}
-        assert max(weights, key=weights.get) == "ttft_p50_ms"  # the wait for the answer to start comes first
-        assert "decode_tps_p50" not in weights and "output_throughput_tok_s" not in weights
+        assert set(weights) >= {"ttft_ms.p50", "prefill_tps.p50"}
+        assert max(weights, key=weights.get) == "ttft_ms.p50"  # the wait for the answer to start comes first
+        assert "decode_tps.p50" not in weights and "output_throughput_tok_s" not in weights
     assert cases["cpu-chat"].select.max_input_tokens < cases["cpu-long-document"].select.min_input_tokens
     assert all(u.question.endswith("?") for u in cases.values())
 
@@ -320,3 +321,15 @@ def test_load_time_excludes_one_off_preparation(tmp_path):
     assert row.values[header.index("load time")] == "1.00 s"
     assert row.values[header.index("one-off preparation (not in load time)")] == "40.00 s"
     assert any("Load time excludes one-off preparation" in c for c in ops.cautions)
+
+
+def test_rules_name_numbers_as_the_catalogue_does_and_the_old_spelling_still_reads(tmp_path):
+    """One name per number (ttft_ms.p99, as results.json's ci and the gate name it); a rule file of an earlier version
+    (ttft_p99_ms, decode_tps_p50) reads as the same statistics."""
+    rules = tmp_path / "old.yaml"
+    rules.write_text("use_cases: [{id: old, title: Old, weights: {ttft_p99_ms: 2, decode_tps_p50: 1}, "
+                     "constraints: [{metric: tpot_p50_ms, max: 50}]}]")
+    (old,) = [u for u in load_rules([rules]) if u.id == "old"]
+    assert old.weights == {"ttft_ms.p99": 2, "decode_tps.p50": 1} and old.constraints[0].metric == "tpot_ms.p50"
+    assert {"ttft_ms.p50", "itl_ms.p99", "decode_tps.p50", "goodput_rps", "peak_vram_bytes"} <= set(RANKED)
+    assert "input_len.p50" not in RANKED  # context, not a merit: nothing to rank by

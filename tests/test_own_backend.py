@@ -20,6 +20,22 @@ def run_cells(write_scenario, tiny_model, tmp_path, backends, **extra):
     return code, cells
 
 
+def serve_one(backend, prompt: list[int], max_tokens: int) -> list:
+    """Start the backend, stream one request through it, stop it: the request's events."""
+    import asyncio
+
+    from backends.base import Request
+
+    async def run():
+        await backend.start()
+        try:
+            return [e async for e in backend.generate(Request(0, "", prompt, max_tokens=max_tokens))]
+        finally:
+            await backend.stop()
+
+    return asyncio.run(run())
+
+
 def outputs(tmp_path, cell):
     lines = (tmp_path / "out" / cell["requests_file"]).read_text().splitlines()
     return {r["id"]: r["output_token_ids"] for r in map(json.loads, lines)}
@@ -52,8 +68,51 @@ def test_every_placement_gives_hf_greedy_tokens_and_counts_its_bytes(write_scena
     for name, threads in (("own", len(engine_cpus)), ("own-disk", 1)):
         engine = cells[name]["engine"]
         assert engine["torch_threads"] == threads and engine["omp_wait_policy"] == "PASSIVE", engine
+        assert engine["omp_spin_count"] == "5000" and engine["threads_note"] is None  # bounded spinning
         assert engine["cpu_affinity"] == engine_cpus and engine["max_batch"] >= 1
     assert cells["hf"]["engine"]["torch_threads"] == len(engine_cpus)
+
+
+def test_threads_follow_the_cpus_the_engine_may_run_on():
+    """One torch thread per CPU the worker gave the engine unless num_threads says otherwise, and never more threads
+    than CPUs (they would wait for each other at every parallel region), with a note saying so."""
+    from backends.own_backend import thread_count
+
+    assert thread_count(None, None, 2) == (2, None)  # not isolated: every CPU it may use
+    assert thread_count(None, 1, 1) == (1, None)  # the worker kept a CPU for its load generator
+    assert thread_count(1, 3, 4) == (1, None)
+    assert thread_count(2, 1, 1) == (1, "num_threads 2 capped at 1: the engine may run on 1 CPU(s)")
+
+
+@pytest.mark.parametrize("policy,environment", [
+    (None, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000"}),
+    ("passive", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}),
+    ("active", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "INFINITE"})])
+def test_the_wait_policy_sets_the_spin_count_too(policy, environment):
+    """GOMP_SPINCOUNT wins over OMP_WAIT_POLICY in libgomp: every policy sets both, so an inherited one changes
+    nothing."""
+    from backends.base import BackendSpec
+    from backends.own_backend import OwnBackend
+
+    options = {} if policy is None else {"omp_wait_policy": policy}
+    assert OwnBackend.process_environment(BackendSpec(name="o", kind="own", options=options)) == environment
+
+
+def test_a_resident_decode_is_compared_with_memory_bandwidth(tiny_model, tmp_path):
+    """Nothing streamed on a CPU: the bound is the weights and KV each decode step reads, over memory bandwidth."""
+    from backends.base import BackendSpec, CellContext, ModelInfo
+    from backends.own_backend import OwnBackend
+
+    backend = OwnBackend(BackendSpec(name="o", kind="own", options={"max_context": 64}), ModelInfo("tiny", tiny_model),
+                         CellContext(dir=tmp_path))
+    serve_one(backend, list(range(5, 25)), 6)
+    io = backend.logical_io()
+    bound = io["decode_bound"]
+    plan = backend.engine.plan
+    weights = plan.count("device") * plan.layer_bytes + backend.engine.model.globals.lm_head.nbytes
+    assert bound["link"] == "memory" and bound["probe_bytes_per_s"] > 0 and bound["ratio_to_bound"] > 0
+    assert weights < bound["bytes_per_token"] < weights * 1.1  # plus the norm and the KV read
+    assert io["read_bytes"]["decode"] == bound["bytes_per_token"] * io["tokens"]["decode"]
 
 
 def test_a_budget_too_small_fails_the_cell_clearly(write_scenario, tiny_model, tmp_path):
@@ -73,26 +132,19 @@ def test_bad_placement_is_a_scenario_error(write_scenario, tiny_model):
 
 
 def test_the_bandwidth_probe_never_costs_the_cell_its_results(tiny_model, tmp_path, monkeypatch):
-    """Weights streamed from disk with KV resident write nothing under offload_dir, so it did not exist when the
-    probe ran after the measurement (FileNotFoundError); and a probe on a full disk must report, not raise."""
-    import asyncio
+    """Weights streamed in place from disk with KV resident write nothing under offload_dir, so it did not exist
+    when the probe ran after the measurement (FileNotFoundError); and a probe on a full disk must report, not
+    raise."""
     import errno
 
-    from backends.base import BackendSpec, CellContext, ModelInfo, Request
+    from backends.base import BackendSpec, CellContext, ModelInfo
     from backends.own_backend import OwnBackend
 
     offload = tmp_path / "offload" / "not-yet"
-    spec = BackendSpec(name="o", kind="own", options={"weights": "disk", "kv": "gpu", "offload_dir": str(offload)})
+    spec = BackendSpec(name="o", kind="own", options={"weights": "disk", "kv": "gpu", "offload_dir": str(offload),
+                                                      "pack_weights": False})
     backend = OwnBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
-
-    async def run():
-        await backend.start()
-        try:
-            return [e async for e in backend.generate(Request(0, "", list(range(5, 25)), max_tokens=6))]
-        finally:
-            await backend.stop()
-
-    events = asyncio.run(run())
+    events = serve_one(backend, list(range(5, 25)), 6)
     assert sum(getattr(e, "n_tokens", 0) for e in events) == 6
     bound = backend.logical_io()["decode_bound"]
     assert bound["ratio_to_bound"] > 0 and bound["probe_bytes"] > 0 and not offload.exists()

@@ -9,7 +9,7 @@ from harness.analyze.guide import write_guide
 from harness.config.load import load_scenario
 from harness.config.scenario import SLO
 from harness.measure.phases import request_phases, subtract, union
-from harness.records import CellPlan, RequestRecord, WorkerReport, load_run, read_requests
+from harness.records import CellPlan, Distribution, RequestRecord, WorkerReport, load_run, read_requests
 from harness.results.catalogue import CATALOGUE, DISTRIBUTIONS, PER_REPETITION_SCALARS
 from harness.results.metrics import reduce_repetition
 from harness.run.runner import Runner
@@ -47,13 +47,13 @@ def test_phases_under_concurrency_come_from_the_requests(write_scenario, tiny_mo
                         {"ttft_s": 0.3, "itl_s": 0.05, "busy_prefill": True},
                         {"output_tokens": 6, "num_requests": 8, "load": {"type": "concurrency", "concurrency": 4}},
                         resources={"isolate_client": False})
-    phases = cell.resources["phases"]
+    phases = cell.resources.phases
     assert set(phases) >= {"load", "prefill", "decode"}
-    assert phases["prefill"]["duration_s"] == pytest.approx(0.6, rel=0.25)
-    assert phases["decode"]["duration_s"] == pytest.approx(0.5, rel=0.25)
+    assert phases["prefill"].duration_s == pytest.approx(0.6, rel=0.25)
+    assert phases["decode"].duration_s == pytest.approx(0.5, rel=0.25)
     # The CPU burnt in prefill lands in prefill: a mark per request would have mixed the two.
-    assert phases["prefill"]["cpu_percent_mean"] > 50, phases
-    assert phases["decode"]["cpu_percent_mean"] < phases["prefill"]["cpu_percent_mean"] / 3, phases
+    assert phases["prefill"].cpu_percent_mean > 50, phases
+    assert phases["decode"].cpu_percent_mean < phases["prefill"].cpu_percent_mean / 3, phases
     timeline = json.loads((out / cell.timeline_file).read_text())
     assert {p[0] for p in timeline["phases"]} >= {"load", "prefill", "decode"}
     assert all(len(p) == 3 and p[2] >= p[1] for p in timeline["phases"])
@@ -76,7 +76,7 @@ def test_max_concurrency_is_honoured_by_queueing(write_scenario, tiny_model, tmp
     for k, r in enumerate(records):
         assert r.ttft == pytest.approx(r.t_send - (r.t_queued or r.t_send) + r.served_ttft)
         assert r.ttft >= k * 0.04  # each waited for the k served before it (20 ms + 2 × 10 ms each)
-    assert cell.metrics["ttft_ms"]["p50"] > 50  # the waits (20, 60, 100, 140 ms), not the engine's 20 ms alone
+    assert cell.metrics.value("ttft_ms.p50") > 50  # the waits (20, 60, 100, 140 ms), not the engine's 20 ms alone
     served = "served 1 at a time (asked 4)"
     assert served in (out / "summary.md").read_text()
     report = (out / "report.md").read_text()
@@ -104,6 +104,6 @@ def test_phase_intervals():
 
 def test_the_catalogue_declares_every_number_the_reducer_computes():
     rep = reduce_repetition([], SLO())
-    assert set(rep) == set(DISTRIBUTIONS) | set(PER_REPETITION_SCALARS)
-    assert all(isinstance(rep[k], dict) for k in DISTRIBUTIONS)
+    assert set(rep.keys()) == set(DISTRIBUTIONS) | set(PER_REPETITION_SCALARS)
+    assert all(isinstance(rep.raw(k), Distribution) for k in DISTRIBUTIONS)
     assert all(m.unit and m.label for m in CATALOGUE.values())

@@ -125,10 +125,10 @@ def test_quickstart_cpu_backends_give_the_same_cells_and_metrics_as_a_local_run(
     assert [c.id for c in remote.cells] == [c.id for c in local.cells] and len(remote.cells) == 2
     nodes = {n.node_id for n in [cluster[1]["node_a"], cluster[1]["node_b"]]}
     for a, b in zip(local.cells, remote.cells):
-        assert b.ok and set(b.metrics) == set(a.metrics) and set(b.ci) == set(a.ci)
-        assert b.metrics["completed"] == a.metrics["completed"] == 4
-        assert b.node["ray_node_id"] in nodes and b.node["hostname"] == a.node["hostname"]
-        assert [t["status"] for t in b.attempts] == ["ok"]
+        assert b.ok and set(b.metrics.keys()) == set(a.metrics.keys()) and set(b.ci) == set(a.ci)
+        assert b.metrics.value("completed") == a.metrics.value("completed") == 4
+        assert b.node.ray_node_id in nodes and b.node.hostname == a.node.hostname
+        assert [t.status for t in b.attempts] == ["ok"]
         # the cell folder came back from the node: the run-level files are built from it as locally
         for name in ("cell.json", "worker.json", "requests.jsonl", "timeline.json", "worker.log"):
             assert (tmp_path / "ray" / "cells" / b.id / name).is_file(), name
@@ -148,12 +148,12 @@ def test_pinned_cells_land_on_their_nodes_and_a_failing_cell_is_retried_on_the_o
     path = write_scenario(scenario_dict(tiny_model, backends))
     assert run(path, tmp_path / "out", executor(max_retries=1)) == 1
     cells = {c.backend: c for c in load_run(tmp_path / "out").cells}
-    assert cells["on-a"].ok and cells["on-a"].node["ray_node_id"] == nodes["node_a"].node_id
-    assert cells["on-b"].ok and cells["on-b"].node["ray_node_id"] == nodes["node_b"].node_id
+    assert cells["on-a"].ok and cells["on-a"].node.ray_node_id == nodes["node_a"].node_id
+    assert cells["on-b"].ok and cells["on-b"].node.ray_node_id == nodes["node_b"].node_id
     bad = cells["bad"]
     assert bad.status == "failed" and bad.error.startswith("scripted start failure")
-    assert [t["status"] for t in bad.attempts] == ["failed", "failed"]
-    assert bad.attempts[0]["ray_node_id"] != bad.attempts[1]["ray_node_id"]  # the retry went to the other node
+    assert [t.status for t in bad.attempts] == ["failed", "failed"]
+    assert bad.attempts[0].ray_node_id != bad.attempts[1].ray_node_id  # the retry went to the other node
     # --resume on the cluster reruns only the failed cell
     flag.unlink()
     assert run(path, tmp_path / "out", executor(), resume=True) == 0
@@ -231,9 +231,9 @@ def test_two_generators_share_a_poisson_load_against_the_scripted_server(cluster
     assert sorted(r.id for r in records) == list(range(1, 41))
     assert {r.client for r in records if r.id % 2} == {0} and {r.client for r in records if r.id % 2 == 0} == {1}
     m = cell.metrics
-    assert m["completed"] == 40 and m["offered_rate_rps"] == pytest.approx(20.0, rel=1e-6)
-    assert m["achieved_rate_rps"] == pytest.approx(20.0, rel=0.05)
-    assert abs(m["ttft_ms"]["p50"] - ttft_ms) < 3 and abs(m["tpot_ms"]["p50"] - itl_ms) < 1
+    assert m.value("completed") == 40 and m.value("offered_rate_rps") == pytest.approx(20.0, rel=1e-6)
+    assert m.value("achieved_rate_rps") == pytest.approx(20.0, rel=0.05)
+    assert abs(m.value("ttft_ms.p50") - ttft_ms) < 3 and abs(m.value("tpot_ms.p50") - itl_ms) < 1
     for k in (0, 1):  # each generator alone measures the server's timing too
         mine = [r for r in records if r.client == k]
         assert abs(statistics.median(r.ttft for r in mine) * 1e3 - ttft_ms) < 3
@@ -294,8 +294,8 @@ def test_a_node_killed_mid_cell_retries_it_elsewhere(cluster, write_scenario, ti
     killer.join()
     (cell,) = load_run(tmp_path / "out").cells
     assert killed and cell.ok and len(cell.attempts) == 2
-    assert cell.attempts[0]["status"] == "failed" and cell.attempts[0]["ray_node_id"] == killed[0]
-    assert cell.node["ray_node_id"] != killed[0] and cell.metrics["completed"] == 8
+    assert cell.attempts[0].status == "failed" and cell.attempts[0].ray_node_id == killed[0]
+    assert cell.node.ray_node_id != killed[0] and cell.metrics.value("completed") == 8
 
 
 def test_secrets_reach_a_node_only_through_its_own_environment(cluster, write_scenario, tiny_model, tmp_path):

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.analyze.report import SUMMARY_COLUMNS, build_report, md_escape, write_report
-from harness.results.runs import fmt_value, load_runs
+from harness.results.catalogue import fmt_value
+from harness.results.runs import load_runs
 from tests.report_fixtures import ResultsBuilder, hacked, resources, swept_gpu_results, workload
 
 pytest_plugins = ["tests.report_fixtures"]
@@ -323,8 +324,8 @@ def test_a_verdict_reads_latency_from_the_schedule_where_the_client_fell_behind(
     b.add("late-client", w, 0.03, 0.010, resources=resources(None), rep_scale=[1.0, 1.03, 0.98], client_lag_s=0.04)
     runs = load_runs([b.write()])
     late = next(c for c in runs[0].cells if c.backend == "late-client")
-    assert late.cell.client_queue_shift and late.metric("ttft_ms", "p50") == pytest.approx(30, rel=0.05)
-    assert late.metric("ttft_including_client_queue_ms", "p50") == pytest.approx(70, rel=0.05)
+    assert late.cell.client_queue_shift and late.metric("ttft_ms.p50") == pytest.approx(30, rel=0.05)
+    assert late.metric("ttft_including_client_queue_ms.p50") == pytest.approx(70, rel=0.05)
     ttft = verdict(runs[0].cells, "ttft_ms.p50", Numbers(runs), Labels(runs[0].cells).backend)
     assert ttft.winner == "fast" and ttft.kind == "beyond", ttft
     report = build_report(runs)
@@ -384,3 +385,20 @@ def test_a_shared_prefix_shorter_than_the_engines_block_says_why_nothing_was_reu
     assert rows["own"][6] == "0%" and "the shared prefix (48 tokens) is shorter than the engine's KV block (256 " \
                                       "tokens), and it reuses whole blocks only" in rows["own"][7]
     assert "shorter" not in rows["other"][7]  # it reused some: no such reason
+
+
+def test_a_verdict_is_data_put_in_words_when_rendered(tmp_path):
+    """The verdict keeps the numbers it was decided on (each backend's value and 95% CI, best first); its kind and
+    its words are derived from them."""
+    from harness.analyze.report import Labels, Numbers, verdict
+    from harness.analyze.verdicts import Verdict
+
+    runs = load_runs([verdict_cpu_results(tmp_path / "r")])
+    cells = [c for c in runs[0].cells if c.backend in ("fast", "twin", "slow")]
+    v = verdict(cells, "ttft_ms.p50", Numbers(runs), Labels(cells).backend)
+    data = v.model_dump()
+    assert data["metric"] == "ttft_ms.p50" and [m["backend"] for m in data["measured"]] == ["fast", "twin", "slow"]
+    assert all(m["ci"] and m["ci"][0] <= m["value"] <= m["ci"][1] for m in data["measured"])
+    again = Verdict.model_validate(data)
+    assert (again.kind, again.detail) == (v.kind, v.detail) == ("beyond", v.detail)
+    assert v.detail.startswith("38% lower than twin") and v.tied == []

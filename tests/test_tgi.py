@@ -129,40 +129,49 @@ elif args[:2] == ["rm", "--force"]:
 """
 
 
-async def test_a_docker_container_is_named_and_removed_when_the_launch_fails(tiny_model, tmp_path, monkeypatch):
-    """Issue 25: `docker run --rm` without a name: killing the docker client after a timeout left the container
-    running and holding the GPU. No docker here: a stand-in `docker` starts its "container" outside the client's
-    process group, as the daemon does."""
-    import psutil
+@pytest.fixture
+def fake_docker(tmp_path, monkeypatch):
+    """A stand-in `docker` on PATH whose containers run outside the client's process tree, as under the daemon;
+    yields the folder where it notes each container's pid (by name) and each removal; kills what is left after."""
+    import os
     import sys
 
-    from backends.base import BackendError, CellContext, ModelInfo
-    from backends.tgi_backend import TGIBackend
-    from harness.core.spec import BackendSpec
+    import psutil
 
     bin_dir, state = tmp_path / "bin", tmp_path / "containers"
     bin_dir.mkdir()
     state.mkdir()
     (bin_dir / "docker").write_text(f"#!{sys.executable}\n{FAKE_DOCKER}")
     (bin_dir / "docker").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_DOCKER_STATE", str(state))
+    yield state
+    for p in state.iterdir():
+        if not p.name.endswith(".removed"):
+            try:
+                psutil.Process(int(p.read_text())).kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+async def test_a_docker_container_is_named_and_removed_when_the_launch_fails(tiny_model, tmp_path, fake_docker):
+    """Issue 25: `docker run --rm` without a name: killing the docker client after a timeout left the container
+    running and holding the GPU. No docker here: a stand-in `docker` starts its "container" outside the client's
+    process group, as the daemon does."""
+    import psutil
+
+    from backends.base import BackendError, CellContext, ModelInfo
+    from backends.tgi_backend import TGIBackend
+    from harness.core.spec import BackendSpec
+
     spec = BackendSpec(name="t", kind="tgi", options={"launch": {"via": "docker", "startup_timeout_s": 2}})
     backend = TGIBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
-    try:
-        with pytest.raises(BackendError, match="not ready after 2 s"):
-            await backend.start()
-        (name,) = [p.name for p in state.iterdir() if not p.name.endswith(".removed")]
-        assert name.startswith("llmbench-tgi-") and (state / f"{name}.removed").exists()
-        pid = int((state / name).read_text())
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    finally:
-        for p in state.iterdir():
-            if not p.name.endswith(".removed"):
-                try:
-                    psutil.Process(int(p.read_text())).kill()
-                except psutil.NoSuchProcess:
-                    pass
+    with pytest.raises(BackendError, match="not ready after 2 s"):
+        await backend.start()
+    (name,) = [p.name for p in fake_docker.iterdir() if not p.name.endswith(".removed")]
+    assert name.startswith("llmbench-tgi-") and (fake_docker / f"{name}.removed").exists()
+    pid = int((fake_docker / name).read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 FAKE_TGI = """
@@ -181,38 +190,20 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 
 async def test_a_docker_launch_is_ready_though_the_port_is_published_outside_its_tree(tiny_model, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       fake_docker, monkeypatch):
     """docker's proxy, not the docker client we start, listens on the published port: readiness used to require our
     process tree to listen there, so a docker launch could never become ready. The container is removed at stop."""
-    import psutil
-    import sys
-
     from backends.base import CellContext, ModelInfo
     from backends.tgi_backend import TGIBackend
     from harness.core.spec import BackendSpec
 
-    bin_dir, state = tmp_path / "bin", tmp_path / "containers"
-    bin_dir.mkdir()
-    state.mkdir()
-    (bin_dir / "docker").write_text(f"#!{sys.executable}\n{FAKE_DOCKER}")
-    (bin_dir / "docker").chmod(0o755)
     (tmp_path / "tgi.py").write_text(FAKE_TGI)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
-    monkeypatch.setenv("FAKE_DOCKER_STATE", str(state))
     monkeypatch.setenv("FAKE_DOCKER_SERVES", str(tmp_path / "tgi.py"))
     spec = BackendSpec(name="t", kind="tgi", options={"launch": {"via": "docker", "startup_timeout_s": 20},
                                                       "metrics_interval_s": None})
     backend = TGIBackend(spec, ModelInfo("tiny", tiny_model), CellContext(dir=tmp_path))
-    try:
-        await backend.start()
-        assert backend.info == {"model_id": "fake"}
-        (name,) = [p.name for p in state.iterdir()]
-        await backend.stop()
-        assert (state / f"{name}.removed").exists()
-    finally:
-        for p in state.iterdir():
-            if not p.name.endswith(".removed"):
-                try:
-                    psutil.Process(int(p.read_text())).kill()
-                except psutil.NoSuchProcess:
-                    pass
+    await backend.start()
+    assert backend.info == {"model_id": "fake"}
+    (name,) = [p.name for p in fake_docker.iterdir()]
+    await backend.stop()
+    assert (fake_docker / f"{name}.removed").exists()

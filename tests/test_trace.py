@@ -12,6 +12,7 @@ from harness.config.scenario import ConcurrencyLoad, PoissonLoad, TraceLoad
 from harness.core.events import now
 from harness.records import PROMPT_FILE, read_requests
 from harness.run.loadgen import run_load
+from harness.run.strategies import strategy_for
 from tests.conftest import ROOT, run_scenario, scenario_dict
 
 SCRIPTED = {"name": "s", "kind": "scripted", "options": {"ttft_s": 0.005, "itl_s": 0.001}}
@@ -152,14 +153,14 @@ def test_a_trace_path_is_relative_to_the_scenario_file(write_scenario, tiny_mode
 async def test_max_duration_stops_sending_and_lets_requests_in_flight_finish(load):
     n, started, finished = 100, [], []
 
-    async def send(i, t_scheduled):
-        started.append(t_scheduled)
+    async def send(i, due):
+        started.append(due.t_scheduled)
         await asyncio.sleep(0.02)
         finished.append(now())
         return i
 
     t0 = now()
-    out = await run_load(load, list(range(n)), send, t0=t0, arrivals=[i / 100 for i in range(n)])
+    out = await run_load(strategy_for(load), list(range(n)), send, t0=t0, arrivals=[i / 100 for i in range(n)])
     sent = [x for x in out if x is not None]
     assert sent == list(range(len(sent)))  # the first ones, in order; the rest not sent
     # 0.2 s at 100 req/s: about 20 (a closed loop of 2 with 20 ms each: about 20 too)
@@ -172,10 +173,11 @@ def test_max_duration_is_recorded_per_repetition(replayed):
     cell = replayed[1]["cut"]
     # two at a time, 12 ms each (5 ms to the first token, 7 more 1 ms apart): about 80 in 0.5 s of the 400
     assert len(cell.not_sent) == 2 and all(200 <= n < 400 for n in cell.not_sent), cell.not_sent
-    assert [r["completed"] for r in cell.repetitions] == [400 - n for n in cell.not_sent]
+    assert [r.value("completed") for r in cell.repetitions] == [400 - n for n in cell.not_sent]
     # the last ones sent finished after the deadline: in flight, they were not cut
     # (the upper bound leaves a busy machine room, yet is far below the 2.4 s of all 400 requests uncut)
-    assert all(0.5 < r["duration_s"] < 0.5 + 1.0 for r in cell.repetitions), [r["duration_s"] for r in cell.repetitions]
+    assert all(0.5 < r.value("duration_s") < 0.5 + 1.0 for r in cell.repetitions), [r.value("duration_s")
+                                                                                   for r in cell.repetitions]
     assert replayed[1]["w"].not_sent == [0, 0]
 
 

@@ -33,13 +33,11 @@ from harness.config.load import format_validation_error, load_yaml_file
 from harness.core.files import atomic_write
 from harness.core.spec import Strict
 from harness.records import CellResult, RequestRecord, ResultsError, load_run, read_requests
-from harness.results.catalogue import CATALOGUE, gate_metric_names, verdict_name
+from harness.results.catalogue import PER_REQUEST, gate_metric_names, verdict_name
 from harness.results.markdown import md_escape, md_table
 
 DEFAULT_POLICY = Path(__file__).with_name("gate_policy.yaml")
 
-# Per-request samples are RequestRecord properties (seconds): the catalogue names which metrics have them.
-PER_REQUEST = {k: m.per_request for k, m in CATALOGUE.items() if m.per_request}
 PER_REPETITION = gate_metric_names()
 
 
@@ -54,7 +52,8 @@ class MetricRule(Strict):
     threshold: float = Field(gt=0, description="tolerated current/baseline ratio: the most for lower (e.g. 1.10), "
                                                "the least for higher (e.g. 0.90)")
     samples: Literal["per_request", "per_repetition"] | None = Field(
-        None, description="default: per_request for ttft_ms, tpot_ms, e2el_ms, else per_repetition")
+        None, description="default: per_request for a metric with one sample per request (ttft_ms, tpot_ms, "
+                          "e2el_ms, ...), else per_repetition")
     test: Literal["mann_whitney", "bootstrap_median_ci"] = "mann_whitney"
     alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the one-sided test")
     min_samples: int = Field(5, ge=2, description="fewer samples on either side: inconclusive")
@@ -164,13 +163,11 @@ class Run:
         return self._records[cell.id]
 
     def samples(self, cell: CellResult, metric: str, rule: MetricRule) -> np.ndarray:
+        """The metric's samples in the cell: one per completed request (the catalogue's extractor), or one per
+        repetition."""
         if rule.samples == "per_request":
-            prop = PER_REQUEST[metric]
-            values = [getattr(r, prop) for r in self.records(cell) if r.ok]
-            return np.array([v * 1e3 for v in values if v is not None], dtype=float)
-        name, _, stat = metric.partition(".")
-        values = [rep.get(name) for rep in cell.repetitions]
-        values = [v.get(stat) if stat and isinstance(v, dict) else v for v in values]
+            return np.array(PER_REQUEST[metric].samples(self.records(cell)), dtype=float)
+        values = [rep.value(metric) for rep in cell.repetitions]
         return np.array([v for v in values if v is not None], dtype=float)
 
 
@@ -241,7 +238,7 @@ def environment_differences(base: Run, cur: Run, keys: list[CellKey], policy: Po
         if comparable(a, versions) != comparable(b, versions):
             diffs.append(EnvDifference(name, a, b))
 
-    def gpu_names(env):
+    def gpu_names(env: dict[str, Any]) -> list[Any]:
         return [d.get("name") for d in (env.get("gpu") or {}).get("devices") or []]
 
     compare("gpu.devices", gpu_names(eb), gpu_names(ec))
@@ -257,7 +254,7 @@ def environment_differences(base: Run, cur: Run, keys: list[CellKey], policy: Po
     seen = set()
     for key in keys:
         backend = key[1]
-        sb, sc = _settings(base.cells[key].engine), _settings(cur.cells[key].engine)
+        sb, sc = (_settings(run.cells[key].engine.model_dump()) for run in (base, cur))
         for k in sorted(sb.keys() | sc.keys()):
             name = f"engine.{backend}.{k}"
             if name not in seen:  # every cell of a backend reports the same engine
@@ -265,7 +262,7 @@ def environment_differences(base: Run, cur: Run, keys: list[CellKey], policy: Po
                 compare(name, sb.get(k), sc.get(k))
     for d in diffs:
         d.action = next((action for pattern, action in policy.environment.on_difference.items()
-                         if fnmatch.fnmatchcase(d.name, pattern)), None) or default_action(d, policy)
+                         if fnmatch.fnmatchcase(d.name, pattern)), default_action(d, policy))
     return diffs
 
 
@@ -287,9 +284,9 @@ def busy_machine(cell: CellResult | None, policy: Policy) -> str | None:
     other processes used at least busy_cpu_percent of a core in one of them (the resource monitor's measure)."""
     if cell is None or not cell.ok or not cell.unstable:
         return None
-    resources = cell.resources or {}
-    loads = [(r.get("other_cpu_percent") or 0) + (r.get("steal_percent") or 0)
-             for r in [*(resources.get("repetitions") or []), resources.get("whole") or {}]]
+    resources = cell.resources
+    spans = [*resources.repetitions, resources.whole] if resources else []
+    loads = [(b.other_cpu_percent or 0) + (b.steal_percent or 0) for b in spans if b is not None]
     worst = max(loads, default=0)
     if worst < policy.busy_cpu_percent:
         return None
@@ -454,9 +451,11 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
                 row = Row(c_cell.id, metric, threshold=rule.threshold, test=rule.test, verdict="inconclusive",
                           note=f"no ok reference cell {key[0]}/{ref}/{key[2]} in both runs")
             else:
-                refs = [run.samples(rc, basis, rule) if rc else None for run, rc in zip((base, cur), ref_cells)]
+                base_ref, cur_ref = (run.samples(rc, basis, rule) if rc else None
+                                     for run, rc in zip((base, cur), ref_cells))
                 row = Row(c_cell.id, metric, **judge(rule, base.samples(b_cell, basis, rule),
-                                                        cur.samples(c_cell, basis, rule), *refs, policy.bootstrap))
+                                                        cur.samples(c_cell, basis, rule), base_ref, cur_ref,
+                                                        policy.bootstrap))
             if basis != metric:
                 row.note = "; ".join(filter(None, [row.note, f"judged as {basis}: the client's own queue moved the "
                                                              f"latency beyond noise"]))

@@ -11,16 +11,19 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from harness.analyze.report import Row, Table, describe_workload, measured_lengths, render
+from harness.analyze.report import Row, Table, describe_workload, measured_lengths, render, setting
+from harness.analyze.verdicts import Comparison, Measured
 from harness.config.load import load_yaml_file
+from harness.config.scenario import ConcurrencyLoad
 from harness.core.files import atomic_write
 from harness.core.spec import Strict
 from harness.records import ResultsError
-from harness.results.runs import METRICS, CellView, Run, fmt_interval, fmt_value, load_runs
+from harness.results.catalogue import RANKED, fmt_value
+from harness.results.runs import CellView, Run, load_runs
 from own_engine.units import parse_size
 
 RULES_FILE = Path(__file__).parent / "guide_rules.yaml"
@@ -47,9 +50,17 @@ class RulesError(ResultsError):
 
 # ---- the rules ---------------------------------------------------------------------------------------------
 
+# How rules named a distribution's statistic before there was one name per number ("ttft_p50_ms", "decode_tps_p50"):
+# still read, as the catalogue's name ("ttft_ms.p50", "decode_tps.p50"), so users' rule files keep working.
+LEGACY_NAMES = {(f"{s.metric.key.removesuffix('_ms')}_{s.stat}_ms" if s.unit == "ms" else f"{s.metric.key}_{s.stat}"):
+                name for name, s in RANKED.items() if s.stat}
+
+
 def _known_metric(name: str) -> str:
-    if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    """The catalogue's name of a statistic a rule names."""
+    name = LEGACY_NAMES.get(name, name)
+    if name not in RANKED:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(RANKED)}")
     return name
 
 
@@ -61,20 +72,23 @@ class Select(Strict):
     min_concurrency: int | None = Field(None, gt=0, description="for closed-loop (concurrency) loads")
 
 
+def _size(v: object) -> object:
+    """A bound in bytes may be written as a size (8GiB)."""
+    return parse_size(v) if isinstance(v, str) else v
+
+
+Bound = Annotated[float | None, BeforeValidator(_size)]
+
+
 class Constraint(Strict):
     metric: str
-    max: float | str | None = None
-    min: float | str | None = None
+    max: Bound = None
+    min: Bound = None
 
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
         return _known_metric(v)
-
-    @field_validator("max", "min")
-    @classmethod
-    def _number(cls, v: float | str | None) -> float | None:
-        return float(parse_size(v)) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _bound(self) -> Constraint:
@@ -83,17 +97,17 @@ class Constraint(Strict):
         return self
 
     def describe(self) -> str:
-        m = METRICS[self.metric]
+        m = RANKED[self.metric]
         bounds = [f"≤ {fmt_value(self.max, m.unit)}" if self.max is not None else "",
                   f"≥ {fmt_value(self.min, m.unit)}" if self.min is not None else ""]
         return f"{m.label} {' and '.join(b for b in bounds if b)}"
 
     def check(self, c: CellView) -> str | None:
         """Why the cell breaks this constraint, or None when it meets it."""
-        m = METRICS[self.metric]
-        v = m.get(c)
+        m = RANKED[self.metric]
+        v = m.value(c.cell)
         if v is None:
-            return f"cannot check {self.describe()}: {m.label} not measured ({m.why_missing(c)})"
+            return f"cannot check {self.describe()}: {m.label} not measured ({m.why_missing(c.cell)})"
         if self.max is not None and v > self.max:
             return f"{m.label} {fmt_value(v, m.unit)} > {fmt_value(self.max, m.unit)}"
         if self.min is not None and v < self.min:
@@ -118,7 +132,7 @@ class UseCase(Strict):
             _known_metric(name)
             if w <= 0:
                 raise ValueError(f"weight of {name} must be > 0, got {w}")
-        return v
+        return {_known_metric(name): w for name, w in v.items()}
 
 
 class Rules(Strict):
@@ -147,20 +161,6 @@ def load_rules(extra: list[Path] | None = None) -> list[UseCase]:
 # ---- evaluating one use case ---------------------------------------------------------------------------------
 
 @dataclass
-class Entry:
-    candidate: str
-    condition: tuple[str, str]  # (model, workload)
-    cell: CellView
-    misfit: str | None  # why it does not fit, or None
-    score: float | None = None
-    used: list[str] = field(default_factory=list)  # metrics that went into the score
-
-    @property
-    def ref(self) -> str:
-        return f"cell {self.cell.id}, run {self.cell.run.label}"
-
-
-@dataclass
 class UseCaseResult:
     id: str
     title: str
@@ -178,20 +178,62 @@ class UseCaseResult:
     cautions: list[str] = field(default_factory=list)  # unstable cells, load time without one-off preparation
 
 
+@dataclass
+class Entry:
+    candidate: str
+    condition: tuple[str, str]  # (model, workload)
+    cell: CellView
+    misfit: str | None  # why it does not fit, or None
+    score: float | None = None
+    used: list[str] = field(default_factory=list)  # metrics that went into the score
+
+    @property
+    def ref(self) -> str:
+        return f"cell {self.cell.id}, run {self.cell.run.label}"
+
+    def value(self, name: str) -> float | None:
+        return RANKED[name].value(self.cell.cell)
+
+    def measured(self, name: str) -> Measured | None:
+        """Its number on a statistic, with the 95% CI, where it has one."""
+        v = self.value(name)
+        if v is None:
+            return None
+        return Measured(backend=self.candidate, value=v, ci=RANKED[name].interval(self.cell.cell),
+                        unstable=bool(self.cell.unstable))
+
+    def shown(self, name: str) -> str:
+        """The number with its 95% CI where the results have one: the reader sees which differences are noise."""
+        m = self.measured(name)
+        return m.text(RANKED[name].unit) if m else fmt_value(None, RANKED[name].unit)
+
+
+def input_tokens(c: CellView) -> int | None:
+    """The cell's prompt length, where its workload sets one (not a distribution, nor a file's own)."""
+    n = c.spec.input_tokens if c.spec else None
+    return n if isinstance(n, int) else None
+
+
+def load_of(c: CellView) -> tuple[str, int | None]:
+    """The cell's load type, and its concurrency where it is a closed loop."""
+    load = c.spec.load if c.spec else None
+    conc = load.concurrency if isinstance(load, ConcurrencyLoad) else None
+    return (load.type if load else "sequential"), (conc if isinstance(conc, int) else None)
+
+
 def selected(c: CellView, s: Select) -> str | None:
     """Why the cell is outside the use case, or None."""
     if s.device != "any" and c.device != s.device:
         return "device"
-    n_in = c.spec_value("input_tokens")
-    if s.min_input_tokens and not (isinstance(n_in, int) and n_in >= s.min_input_tokens):
+    n_in = input_tokens(c)
+    if s.min_input_tokens and not (n_in is not None and n_in >= s.min_input_tokens):
         return "min_input_tokens"
-    if s.max_input_tokens and not (isinstance(n_in, int) and n_in <= s.max_input_tokens):
+    if s.max_input_tokens and not (n_in is not None and n_in <= s.max_input_tokens):
         return "max_input_tokens"
-    load = c.spec_value("load.type") or "sequential"
+    load, conc = load_of(c)
     if s.loads and load not in s.loads:
         return "loads"
-    conc = c.spec_value("load.concurrency")
-    if s.min_concurrency and load == "concurrency" and not (isinstance(conc, int) and conc >= s.min_concurrency):
+    if s.min_concurrency and load == "concurrency" and not (conc is not None and conc >= s.min_concurrency):
         return "min_concurrency"
     return None
 
@@ -205,23 +247,21 @@ def why_nothing_selected(cells: list[CellView], s: Select) -> list[str]:
         seen = Counter(c.device or "unknown" for c in cells)
         out.append(f"no cell ran on a {s.device.upper()} (cells by device: "
                    + ", ".join(f"{k} ×{n}" for k, n in seen.items()) + ")")
-    sizes = sorted({v for c in cells if isinstance(v := c.spec_value("input_tokens"), int)})
+    sizes = sorted({v for c in cells if (v := input_tokens(c)) is not None})
     measured = ", ".join(map(str, sizes)) or "none"
     if s.min_input_tokens and not any(v >= s.min_input_tokens for v in sizes):
         out.append(f"no workload has input_tokens ≥ {s.min_input_tokens} (measured: {measured})")
     if s.max_input_tokens and not any(v <= s.max_input_tokens for v in sizes):
         out.append(f"no workload has input_tokens ≤ {s.max_input_tokens} (measured: {measured})")
     if s.loads or s.min_concurrency:
-        seen_loads = Counter(f"{c.spec_value('load.type') or 'sequential'}"
-                             + (f" {c.spec_value('load.concurrency')}" if c.spec_value("load.concurrency") else "")
-                             for c in cells)
+        seen_loads = Counter(load + (f" {conc}" if conc else "") for load, conc in map(load_of, cells))
         out.append(f"wanted loads {', '.join(s.loads or ['any'])}"
                    + (f" with concurrency ≥ {s.min_concurrency}" if s.min_concurrency else "")
                    + f"; measured: {', '.join(seen_loads) or 'none'}")
     return out or ["no cell matches the use case's selection"]
 
 
-def normalized(values: dict[str, float], better: str, floor: float = 0.0,
+def normalized(values: dict[str, float], better: str | None, floor: float = 0.0,
                intervals: dict[str, tuple[float, float] | None] | None = None) -> dict[str, float]:
     """1 for the best value, the ratio to it for the others; values under `floor` count as `floor`. Values whose CIs
     overlap the best one's are a tie within noise, decided by the tighter interval: the one whose worse bound is best
@@ -235,13 +275,13 @@ def normalized(values: dict[str, float], better: str, floor: float = 0.0,
 
     values = {k: max(v, floor) for k, v in values.items()}
     intervals = intervals or {}
-    best = (min if lower else max)(values, key=values.get)
+    best = (min if lower else max)(values, key=lambda k: values[k])
     top = intervals.get(best)
     if top is None:
         return {k: ratio(values[best], v) for k, v in values.items()}
     tied = {k: max(ci[1] if lower else ci[0], floor) for k in values
             if (ci := intervals.get(k)) is not None and ci[0] <= top[1] and top[0] <= ci[1]}
-    leader = (min if lower else max)(tied, key=tied.get)
+    leader = (min if lower else max)(tied, key=lambda k: tied[k])
     return {k: ratio(tied[leader], tied[k]) if k in tied else ratio(values[leader], v) for k, v in values.items()}
 
 
@@ -253,14 +293,16 @@ def score_condition(entries: list[Entry], weights: dict[str, float]) -> list[str
             e.score = 0.0
     if not fitting:
         return []
-    used = [m for m in weights if all(METRICS[m].get(e.cell) is not None for e in fitting)]
+    used = [m for m in weights if all(e.value(m) is not None for e in fitting)]
     left_out = [m for m in weights if m not in used]
     if not used:
         return left_out
     total = {e.candidate: 0.0 for e in fitting}
     for m in used:
-        norm = normalized({e.candidate: METRICS[m].get(e.cell) for e in fitting}, METRICS[m].better, METRICS[m].floor,
-                          {e.candidate: METRICS[m].interval(e.cell) for e in fitting})
+        s = RANKED[m]
+        measured = [x for e in fitting if (x := e.measured(m)) is not None]
+        norm = normalized({x.backend: x.value for x in measured}, s.better, s.metric.floor,
+                          {x.backend: x.ci for x in measured})
         for k, v in norm.items():
             total[k] += weights[m] * v
     wsum = sum(weights[m] for m in used)
@@ -271,47 +313,29 @@ def score_condition(entries: list[Entry], weights: dict[str, float]) -> list[str
 
 def spread(entries: list[Entry]) -> float:
     """The mean relative width of the 95% CIs behind a backend's scores: the tighter, the surer its numbers."""
-    widths = [(ci[1] - ci[0]) / abs(v) for e in entries if e.misfit is None for m in e.used
-              if (ci := METRICS[m].interval(e.cell)) and (v := METRICS[m].get(e.cell))]
+    widths = [(x.ci[1] - x.ci[0]) / abs(x.value) for e in entries if e.misfit is None for m in e.used
+              if (x := e.measured(m)) and x.ci and x.value]
     return sum(widths) / len(widths) if widths else float("inf")
 
 
 def margin_metrics(u: UseCase, entries: list[Entry]) -> list[str]:
     """What a recommendation states its margins on: the use case's metrics, then the tails it has not weighted
     (the p99 of each weighted latency, and TTFT p99), where both entries have them."""
-    tails = [name.replace("_p50_", "_p99_") for name in u.weights if name.endswith("_p50_ms")] + ["ttft_p99_ms"]
+    tails = [f"{RANKED[name].metric.key}.p99" for name in u.weights
+             if RANKED[name].stat == "p50" and RANKED[name].unit == "ms"] + ["ttft_ms.p99"]
     names = list(dict.fromkeys([*u.weights, *(c.metric for c in u.constraints), *tails]))
-    return [m for m in names if m in METRICS and all(METRICS[m].get(e.cell) is not None for e in entries)]
+    return [m for m in names if m in RANKED and all(e.value(m) is not None for e in entries)]
 
 
-def margin(m, a: CellView, b: CellView) -> str:
-    """"output tok/s 277 [270–280] vs 236 [230–240], 17% higher, beyond noise"."""
-    va, vb = m.get(a), m.get(b)
-    if vb == va or not vb:
-        diff = "equal" if vb == va else ""
-    else:
-        ratio = va / vb
-        diff = f"{abs(ratio - 1) * 100:.0f}% {'higher' if ratio > 1 else 'lower'}"
-    ca, cb = m.interval(a), m.interval(b)
-    noise = ("no CI" if ca is None or cb is None
-             else "within noise" if ca[0] <= cb[1] and cb[0] <= ca[1] else "beyond noise")
-    return f"{m.label} {with_interval(m, a)} vs {with_interval(m, b)}" + "".join(f", {x}" for x in (diff, noise) if x)
-
-
-def worse_beyond_noise(m, a: CellView, b: CellView) -> bool:
-    """a is worse than b on m, and their 95% CIs do not overlap."""
-    ca, cb = m.interval(a), m.interval(b)
-    if ca is None or cb is None:
-        return False
-    return ca[0] > cb[1] if m.better == "lower" else ca[1] < cb[0]
+def comparison(name: str, a: Entry, b: Entry) -> Comparison:
+    """a against b on a statistic both have."""
+    ma, mb = a.measured(name), b.measured(name)
+    assert ma is not None and mb is not None, "compared on a statistic one of them lacks"
+    return Comparison(metric=name, a=ma, b=mb)
 
 
 def metric_summary(e: Entry, names: list[str]) -> str:
-    return ", ".join(f"{METRICS[m].label} {fmt_value(METRICS[m].get(e.cell), METRICS[m].unit)}" for m in names)
-
-
-def fmt_axis(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    return ", ".join(f"{RANKED[m].label} {fmt_value(e.value(m), RANKED[m].unit)}" for m in names)
 
 
 def find_flips(entries: list[Entry], names: Names) -> tuple[list[str], set[str]]:
@@ -319,7 +343,8 @@ def find_flips(entries: list[Entry], names: Names) -> tuple[list[str], set[str]]
     flips, swept = [], set()
     sweep_axes = list(dict.fromkeys(a for e in entries for a in e.cell.sweep))
     for axis in sweep_axes:
-        groups: dict[tuple, dict[Any, list[Entry]]] = defaultdict(lambda: defaultdict(list))
+        groups: dict[tuple[str, str, tuple[tuple[str, str], ...]], dict[Any, list[Entry]]] = \
+            defaultdict(lambda: defaultdict(list))
         for e in entries:
             v = e.cell.sweep.get(axis)
             if v is None:
@@ -342,14 +367,14 @@ def flips_along(axis: str, where: str, points: list[tuple[Any, list[Entry]]]) ->
 
     def winner(es: list[Entry]) -> Entry | None:
         scored = [e for e in es if e.misfit is None and e.score is not None]
-        return max(scored, key=lambda e: e.score) if scored else None
+        return max(scored, key=lambda e: e.score or 0.0) if scored else None
 
     states = [(frozenset(fits(es)), w.candidate if (w := winner(es)) else None) for _, es in points]
     out = []
     for i in range(1, len(points)):
         (v, now), (_, before) = points[i], points[i - 1]
         # "≥ v" only when nothing changes again at larger values measured.
-        at = f"{axis} ≥ {fmt_axis(v)}" if all(st == states[i] for st in states[i:]) else f"{axis} = {fmt_axis(v)}"
+        at = f"{axis} ≥ {setting(v)}" if all(st == states[i] for st in states[i:]) else f"{axis} = {setting(v)}"
         fit_now = fits(now)
         lost = [e for e in now if e.candidate in fits(before) and e.misfit is not None]
         if lost:
@@ -362,13 +387,14 @@ def flips_along(axis: str, where: str, points: list[tuple[Any, list[Entry]]]) ->
             out.append(f"{where}: at {at}, {', '.join(gained)} fit(s) again")
         w0, w1 = winner(before), winner(now)
         prev = next((e for e in now if w0 and e.candidate == w0.candidate and e.misfit is None), None)
-        if w1 and prev and prev.score is not None and w1.candidate != prev.candidate and w1.score > prev.score + 1e-9:
+        if (w0 and w1 and prev and prev.score is not None and w1.candidate != prev.candidate
+                and (w1.score or 0.0) > prev.score + 1e-9):
             out.append(f"{where}: at {at}, {w1.candidate} overtakes {w0.candidate} "
                        f"(score {w1.score:.2f} vs {prev.score:.2f}; {w1.ref} vs {prev.ref})")
     winners = {w for _, w in states if w}
     if not out and len(winners) == 1:
         out.append(f"{where}: {next(iter(winners))} leads at every {axis} measured "
-                   f"({', '.join(fmt_axis(v) for v, _ in points)}); no flip")
+                   f"({', '.join(setting(v) for v, _ in points)}); no flip")
     return out
 
 
@@ -391,7 +417,7 @@ class Names:
 
 def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     names = Names(cells)
-    criteria = [f"{METRICS[m].label} ({METRICS[m].better} is better) × {w:g}" for m, w in u.weights.items()]
+    criteria = [f"{RANKED[m].label} ({RANKED[m].better} is better) × {w:g}" for m, w in u.weights.items()]
     criteria += [f"constraint: {c.describe()}" for c in u.constraints]
     sel = {k: v for k, v in u.select.model_dump().items() if v not in (None, "any")}
     if sel:
@@ -417,9 +443,9 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     not_measured: list[str] = []
     for key, es in by_cond.items():
         for m in score_condition(es, u.weights):
-            lacking = [e for e in es if e.misfit is None and METRICS[m].get(e.cell) is None]
-            why = "; ".join(sorted({METRICS[m].why_missing(e.cell) for e in lacking}))
-            not_measured.append(f"{METRICS[m].label} at {names.condition(key)}: not measured for "
+            lacking = [e for e in es if e.misfit is None and e.value(m) is None]
+            why = "; ".join(sorted({RANKED[m].why_missing(e.cell.cell) for e in lacking}))
+            not_measured.append(f"{RANKED[m].label} at {names.condition(key)}: not measured for "
                                 + ", ".join(f"{e.candidate} ({e.ref})" for e in lacking)
                                 + f" ({why}); left out of the score there")
 
@@ -427,11 +453,11 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     per_cand: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         per_cand[e.candidate].append(e)
-    wins = Counter()
+    wins: Counter[str] = Counter()
     for es in by_cond.values():
-        scored = [e for e in es if e.misfit is None and e.score is not None]
-        top = max((e.score for e in scored), default=None)
-        wins.update(e.candidate for e in scored if e.score >= top - 1e-9)  # a tie is a win for each
+        scored = [(e.candidate, e.score) for e in es if e.misfit is None and e.score is not None]
+        top = max((score for _, score in scored), default=0.0)
+        wins.update(k for k, score in scored if score >= top - 1e-9)  # a tie is a win for each
     mean = {k: sum(e.score or 0.0 for e in es) / len(es) for k, es in per_cand.items()}
     # Level on score and wins: the tighter intervals rank first, never the wider ones.
     order = sorted(per_cand, key=lambda k: (-mean[k], -wins[k], spread(per_cand[k]), k))
@@ -476,11 +502,10 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
         if winner is not None and rival is not None:
             compared = margin_metrics(u, [winner, rival])
             recommendation += (f" At {names.condition(key)}, against {rival.candidate} (95% CIs): "
-                               + "; ".join(margin(METRICS[m], winner.cell, rival.cell) for m in compared) + ".")
-            cautions += [f"{best}'s {METRICS[m].label} is worse than {rival.candidate}'s beyond noise at "
-                         f"{names.condition(key)}: {margin(METRICS[m], winner.cell, rival.cell)}"
-                         for m in compared if m not in u.weights and worse_beyond_noise(METRICS[m], winner.cell,
-                                                                                         rival.cell)]
+                               + "; ".join(comparison(m, winner, rival).text for m in compared) + ".")
+            tails = [comparison(m, winner, rival) for m in compared if m not in u.weights]
+            cautions += [f"{best}'s {c.statistic.label} is worse than {rival.candidate}'s beyond noise at "
+                         f"{names.condition(key)}: {c.text}" for c in tails if c.a_worse_beyond_noise]
         misfits = sum(e.misfit is not None for e in per_cand[best])
         if misfits:
             recommendation += f" It does not fit on {misfits} of them: see when the answer changes."
@@ -498,12 +523,12 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     metric_cols = list(dict.fromkeys([*u.weights, *(c.metric for c in u.constraints)]))
     # Load time leaves out one-off work a later run reuses (a GGUF conversion): shown beside it, not in it.
     prepared = "load_time_s" in metric_cols and any(e.cell.cell.prepare_time_s for e in entries)
-    details = Table(["workload", "backend", "score", *(METRICS[m].label for m in metric_cols),
+    details = Table(["workload", "backend", "score", *(RANKED[m].label for m in metric_cols),
                      *(["one-off preparation (not in load time)"] if prepared else []), "cell", "run"],
                     [Row([names.condition(key),
                           e.candidate + (f" ({e.cell.served_at_once})" if e.cell.served_at_once else ""),
                           f"{e.score:.3f}" if e.score is not None else "n/a",
-                          *(with_interval(METRICS[m], e.cell) for m in metric_cols),
+                          *(e.shown(m) for m in metric_cols),
                           *([fmt_value(e.cell.cell.prepare_time_s, "s")] if prepared else []),
                           e.cell.id, e.cell.run.label],
                          "unstable" if e.cell.unstable else "does not fit" if e.misfit else None)
@@ -517,12 +542,6 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     recommended = not recommendation.startswith("No recommendation")
     return UseCaseResult(u.id, u.title, u.description, criteria, ranking, recommendation, evidence, flips,
                          not_measured, excluded, details, u.question, recommended, cautions)
-
-
-def with_interval(m, c: CellView) -> str:
-    """The value, with its 95% CI where the results have one: the reader sees which differences are noise."""
-    v, ci = m.get(c), m.interval(c)
-    return fmt_value(v, m.unit) + (f" {fmt_interval(ci, m.unit, v)}" if v is not None and ci else "")
 
 
 @dataclass

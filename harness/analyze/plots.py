@@ -8,10 +8,12 @@ as a dollar sign, not parsed as mathtext.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 import matplotlib
 
@@ -19,12 +21,17 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
-from harness.results.runs import METRICS, CellView, Metric  # noqa: E402
+from harness.results.catalogue import Statistic, statistic  # noqa: E402
+from harness.results.runs import CellView  # noqa: E402
 
-STYLE = {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
-         "axes.spines.top": False, "axes.spines.right": False}
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
+STYLE: dict[RcKeyType, Any] = {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+                               "axes.spines.right": False}
 PHASE_COLORS = {"load": "#f2c14e", "prefill": "#f78154", "decode": "#4d9078", "idle": "#b4b8ab"}
 GiB = 2**30
+P = ParamSpec("P")
 
 
 @dataclass
@@ -53,12 +60,12 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def draw(fn):
+def draw(fn: Callable[P, Plot]) -> Callable[P, Plot]:
     """Run a drawing function under the report's style."""
-    def wrapper(*args, **kwargs) -> Plot:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Plot:
         with matplotlib.rc_context(STYLE):
             return fn(*args, **kwargs)
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -95,18 +102,18 @@ def _named(c: CellView, name: str) -> str:
 
 @draw
 def interval_plot(slug: str, title: str, cells: list[CellView], label: Callable[[CellView], str],
-                  metrics: list[Metric]) -> Plot:
+                  metrics: list[Statistic]) -> Plot:
     """One panel per metric: each cell's median as a bar, its 95% CI as the error bar; unstable cells hatched."""
-    metrics = [m for m in metrics if any(m.get(c) is not None for c in cells)]
-    shown = [c for c in cells if any(m.get(c) is not None for m in metrics)]
+    metrics = [m for m in metrics if any(m.value(c.cell) is not None for c in cells)]
+    shown = [c for c in cells if any(m.value(c.cell) is not None for m in metrics)]
     if not shown:
         return Plot(slug, title, note="no completed cell has these metrics")
     fig = _figure(3.2 * len(metrics) + 1.5, 1.0 + 0.38 * len(shown))
     axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False).ravel()
     y = list(range(len(shown)))
     for ax, m in zip(axes, metrics):
-        values = [m.get(c) for c in shown]
-        xerr = _errors([v or 0.0 for v in values], [m.interval(c) if v is not None else None
+        values = [m.value(c.cell) for c in shown]
+        xerr = _errors([v or 0.0 for v in values], [m.interval(c.cell) if v is not None else None
                                                     for c, v in zip(shown, values)])
         bars = ax.barh(y, [math.nan if v is None else v for v in values], xerr=xerr, capsize=3, color="tab:blue",
                        alpha=0.8, error_kw={"elinewidth": 1.2})
@@ -128,23 +135,24 @@ def sweep_plot(slug: str, title: str, axis: str, cells: list[CellView], series: 
               if c.ok and isinstance(c.sweep.get(axis), (int, float))]
     if len({x for _, x, _ in points}) < 2:
         return Plot(slug, title, note=f"fewer than two completed cells at distinct values of {axis}")
-    panels = ("output_throughput_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms")
+    panels = ("output_throughput_tok_s", "ttft_ms.p50", "ttft_ms.p99", "tpot_ms.p50")
     fig = _figure(9, 6)
     axes = fig.subplots(2, 2).ravel()
     xs_all = sorted({x for _, x, _ in points})
     for ax, key in zip(axes, panels):
-        m = METRICS[key]
+        m = statistic(key)
         for name in dict.fromkeys(s for s, _, _ in points):
-            line = sorted(((x, m.get(c), m.interval(c)) for s, x, c in points if s == name and m.get(c) is not None),
-                          key=lambda p: p[0])
+            line = sorted(((x, v, m.interval(c.cell)) for s, x, c in points
+                           if s == name and (v := m.value(c.cell)) is not None), key=lambda p: p[0])
             if not line:
                 continue
             xs, ys, cis = [p[0] for p in line], [p[1] for p in line], [p[2] for p in line]
             drawn = ax.errorbar(xs, ys, yerr=_errors(ys, cis), marker="o", capsize=3, label=text(name))
-            if all(cis):  # the 95% CI as a band along the line
-                ax.fill_between(xs, [ci[0] for ci in cis], [ci[1] for ci in cis], alpha=0.15,
+            band = [ci for ci in cis if ci is not None]
+            if len(band) == len(cis):  # the 95% CI as a band along the line
+                ax.fill_between(xs, [ci[0] for ci in band], [ci[1] for ci in band], alpha=0.15,
                                 color=drawn[0].get_color(), lw=0)
-        over = [(x, m.get(c)) for _, x, c in points if c.over_budget and m.get(c) is not None]
+        over = [(x, v) for _, x, c in points if c.over_budget and (v := m.value(c.cell)) is not None]
         if over:
             ax.scatter([x for x, _ in over], [y for _, y in over], marker="x", s=90, color="red", zorder=4,
                        label="over VRAM budget")
@@ -174,9 +182,9 @@ def pareto_plot(slug: str, title: str, cells: list[CellView], label: Callable[[C
                 group: Callable[[CellView], str]) -> Plot:
     """Output throughput against median end-to-end latency, one colour per group; the front joins the cells
     nothing beats on both."""
-    lat, thr = METRICS["e2el_p50_ms"], METRICS["output_throughput_tok_s"]
-    pts = [(lat.get(c), thr.get(c), text(label(c)), text(group(c))) for c in cells if c.ok]
-    pts = [p for p in pts if p[0] is not None and p[1] is not None]
+    lat, thr = statistic("e2el_ms.p50"), statistic("output_throughput_tok_s")
+    pts = [(x, y, text(label(c)), text(group(c))) for c in cells
+           if c.ok and (x := lat.value(c.cell)) is not None and (y := thr.value(c.cell)) is not None]
     if len(pts) < 2:
         return Plot(slug, title, note="a Pareto front needs at least two completed cells with latency and throughput")
     fig = _figure(8, 4.5)
@@ -185,8 +193,8 @@ def pareto_plot(slug: str, title: str, cells: list[CellView], label: Callable[[C
     for g in dict.fromkeys(p[3] for p in pts):
         mine = [p for p in pts if p[3] == g]
         xs, ys = [p[0] for p in mine], [p[1] for p in mine]
-        ax.errorbar(xs, ys, xerr=_errors(xs, [lat.interval(by_cell[p[2]]) for p in mine]),
-                    yerr=_errors(ys, [thr.interval(by_cell[p[2]]) for p in mine]), fmt="o", capsize=3, zorder=3,
+        ax.errorbar(xs, ys, xerr=_errors(xs, [lat.interval(by_cell[p[2]].cell) for p in mine]),
+                    yerr=_errors(ys, [thr.interval(by_cell[p[2]].cell) for p in mine]), fmt="o", capsize=3, zorder=3,
                     label=g)
     for x, y, name, _ in pts:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -205,7 +213,7 @@ def vram_plot(slug: str, title: str, cells: list[CellView], label: Callable[[Cel
     """Peak VRAM per cell, red when over its budget, with each cell's budget marked."""
     rows = [(text(label(c)), c.peak_vram[0], c.vram_budget, c.over_budget) for c in cells if c.peak_vram[0] is not None]
     if not rows:
-        reasons = sorted({METRICS["peak_vram_bytes"].why_missing(c) for c in cells}) or ["there are no cells"]
+        reasons = sorted({statistic("peak_vram_bytes").why_missing(c.cell) for c in cells}) or ["there are no cells"]
         return Plot(slug, title, note="VRAM was not measured in any cell: " + "; ".join(reasons))
     fig = _figure(8, 1.2 + 0.4 * len(rows))
     ax = fig.subplots()
@@ -230,12 +238,12 @@ def timeline_plot(slug: str, title: str, cell: CellView) -> Plot:
     if not tl:
         return Plot(slug, title, note="no timeline.json for this cell")
     t = tl["t"]
-    series = [("CPU (% of a core)", [("this cell", tl.get("cpu_percent"), 1), ("other processes",
-                                                                             tl.get("other_cpu_percent"), 1)]),
-              ("host RAM (GiB)", [("RSS", tl.get("rss_bytes"), GiB)]),
-              ("disk (MB/s)", [("read", tl.get("disk_read_bps"), 1e6), ("write", tl.get("disk_write_bps"), 1e6)]),
-              ("VRAM (GiB)", [("process", tl.get("process_vram_bytes"), GiB),
-                              ("GPU", tl.get("global_vram_bytes"), GiB)])]
+    series: list[tuple[str, list[tuple[str, Any, float]]]] = [  # (panel, [(line, values, scale)])
+        ("CPU (% of a core)", [("this cell", tl.get("cpu_percent"), 1),
+                               ("other processes", tl.get("other_cpu_percent"), 1)]),
+        ("host RAM (GiB)", [("RSS", tl.get("rss_bytes"), GiB)]),
+        ("disk (MB/s)", [("read", tl.get("disk_read_bps"), 1e6), ("write", tl.get("disk_write_bps"), 1e6)]),
+        ("VRAM (GiB)", [("process", tl.get("process_vram_bytes"), GiB), ("GPU", tl.get("global_vram_bytes"), GiB)])]
     series = [(name, [(n, v, s) for n, v, s in lines if v and len(v) == len(t)]) for name, lines in series]
     series = [(name, lines) for name, lines in series if lines]
     if not series:
@@ -266,16 +274,15 @@ def timeline_plot(slug: str, title: str, cell: CellView) -> Plot:
 def capacity_plot(slug: str, title: str, cells: list[CellView], label: Callable[[CellView], str]) -> Plot:
     """A capacity search's steps per cell: the share of requests that met the slo (95% CI) against the load each
     step offered, filled where the step passed, with the target; and the steps' TTFT p99 beside it."""
-    searched = [c for c in cells if c.cell.capacity and c.cell.capacity.steps]
+    searched = [(c, cap) for c in cells if (cap := c.cell.capacity) is not None and cap.steps]
     if not searched:
         return Plot(slug, title, note="no cell ran a capacity search")
     fig = _figure(10, 4)
     share, ttft = fig.subplots(1, 2)
-    for c in searched:
-        cap = c.cell.capacity
+    for c, cap in searched:
         steps = sorted(cap.steps, key=lambda s: s.value)
         xs, ys = [s.value for s in steps], [s.attainment for s in steps]
-        cis = [tuple(s.attainment_ci) if s.attainment_ci else None for s in steps]
+        cis = [(ci[0], ci[1]) if (ci := s.attainment_ci) else None for s in steps]
         line = share.errorbar(xs, ys, yerr=_errors(ys, cis), capsize=3, label=text(label(c)), alpha=0.8)
         color = line[0].get_color()
         share.scatter(xs, ys, s=40, zorder=3, edgecolors=color,
@@ -284,7 +291,7 @@ def capacity_plot(slug: str, title: str, cells: list[CellView], label: Callable[
                   label=text(label(c)))
         if cap.capacity is not None:
             share.axvline(cap.capacity, color=color, ls=":", lw=1)
-    target = searched[0].cell.capacity
+    target = searched[0][1]
     share.axhline(target.attainment_target, color="black", ls="--", lw=1, label=f"target {target.attainment_target:g}")
     if "ttft_ms" in target.slo:
         ttft.axhline(target.slo["ttft_ms"], color="black", ls="--", lw=1, label="slo TTFT")

@@ -12,13 +12,14 @@ Every number shown carries the cell id and run it came from.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable
 
 import jinja2
 import numpy as np
@@ -28,11 +29,16 @@ from markupsafe import Markup
 from harness.analyze import plots
 from harness.analyze.capacity import capacity_notes
 from harness.analyze.plots import Plot
+from harness.analyze.verdicts import Measured, Verdict
+from harness.config.prompts import FilePrompts, LengthDist, SharedPrefixPrompts
+from harness.config.scenario import CapacityLoad, ConcurrencyLoad, Load, PoissonLoad, TraceLoad, Workload
+from harness.config.shapes import OversaturationStop, SteadyState
 from harness.core.files import atomic_write, replace_written
-from harness.results.catalogue import CATALOGUE, headline_label, split_name, verdict_name
+from harness.results.catalogue import (REQUEST_METRICS, RequestMetric, fmt_interval, fmt_value, headline_label,
+                                       split_name, statistic, verdict_name)
 from harness.results.frame import frame_of
 from harness.results.markdown import md_escape
-from harness.results.runs import METRICS, CellView, Run, fmt_interval, fmt_value, load_runs
+from harness.results.runs import CellView, Run, load_runs, workload_of
 from harness.results.summary import numbers_basis, queued
 from own_engine.units import fmt_bytes
 
@@ -80,15 +86,6 @@ class Section:
     table: Table
     plots: list[Plot] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what a reader must know to read the table right
-
-
-@dataclass
-class Verdict:
-    """The best backend on one metric in one workload, by how much, and whether that is beyond noise."""
-    winner: str
-    value: str
-    detail: str  # "41% lower than own; beyond noise", "tie within noise with own", ...
-    kind: Literal["beyond", "tie", "undecided", "alone"]
 
 
 @dataclass
@@ -156,81 +153,79 @@ def environment_tables(runs: list[Run]) -> tuple[Table, Table | None]:
             Table.of(["setting"] + [r.label for r in runs], diff) if len(runs) > 1 else None)
 
 
-def describe_load(load: Any) -> str:
-    if not isinstance(load, dict):
-        return "sequential"
-    kind = load.get("type", "sequential")
-    if kind == "concurrency":
-        return f"concurrency {load.get('concurrency')}"
-    if kind == "poisson":
-        burst = load.get("burstiness", 1)
-        text = (f"Poisson arrivals at {load.get('rate')} req/s" if burst == 1 else
-                f"gamma arrivals (burstiness {burst:g}) at {load.get('rate')} req/s")
-        if ramp := load.get("ramp_up"):
-            text += (f", ramped up {ramp.get('strategy', 'linear')}ly from {ramp.get('start_rate'):g} req/s over "
-                     f"{ramp.get('duration_s'):g} s")
-        return text + stop_text(load)
-    if kind == "trace":
-        return (f"trace replay of {Path(str(load.get('path'))).name} at speed ×{load.get('speedup', 1)}"
-                + stop_text(load))
-    if kind == "capacity":
-        return f"capacity search over the {load.get('search', 'rate')}, attainment {load.get('attainment', 0.99)}"
-    return str(kind)
+def setting(v: object) -> str:
+    """A setting's value as its user wrote it: 5 for 5.0, 0.25 as 0.25."""
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def stop_text(load: dict[str, Any]) -> str:
-    stop = load.get("oversaturation_stop")
-    return "" if not stop else (f", stopped once over-saturated (after {stop.get('min_s', 5):g} s at the "
-                                f"earliest)")
+def describe_load(load: Load) -> str:
+    if isinstance(load, ConcurrencyLoad):
+        return f"concurrency {load.concurrency}"
+    if isinstance(load, PoissonLoad):
+        text = (f"Poisson arrivals at {setting(load.rate)} req/s" if load.burstiness == 1 else
+                f"gamma arrivals (burstiness {load.burstiness:g}) at {setting(load.rate)} req/s")
+        if ramp := load.ramp_up:
+            text += f", ramped up {ramp.strategy}ly from {ramp.start_rate:g} req/s over {ramp.duration_s:g} s"
+        return text + stop_text(load.oversaturation_stop)
+    if isinstance(load, TraceLoad):
+        return f"trace replay of {load.path.name} at speed ×{load.speedup:g}" + stop_text(load.oversaturation_stop)
+    if isinstance(load, CapacityLoad):
+        return f"capacity search over the {load.search}, attainment {load.attainment}"
+    return load.type
 
 
-def steady_state_text(window: dict[str, Any] | None) -> str | None:
-    if not window:
+def stop_text(stop: OversaturationStop | None) -> str:
+    return "" if stop is None else f", stopped once over-saturated (after {stop.min_s:g} s at the earliest)"
+
+
+def steady_state_text(window: SteadyState | None) -> str | None:
+    if window is None:
         return None
-    return (f"metrics over the steady state: requests scheduled in the first {window.get('skip_start_s', 0):g} s "
-            f"and the last {window.get('skip_end_s', 0):g} s of each repetition left out")
+    return (f"metrics over the steady state: requests scheduled in the first {window.skip_start_s:g} s "
+            f"and the last {window.skip_end_s:g} s of each repetition left out")
 
 
 WORKLOAD_KEYS = ("name", "input_tokens", "output_tokens", "num_requests", "load", "warmup_requests", "steady_state")
 
 
-def describe_length(v: Any) -> str:
+def describe_length(v: int | LengthDist | list[int] | None) -> str:
     """A length setting: a number, or a distribution in words ("lognormal, mean 64, std 32, 8–512")."""
-    if not isinstance(v, dict):
+    if not isinstance(v, LengthDist):
         return str(v)
-    if v.get("dist") == "fixed":
-        return f"{v.get('mean'):g}"
-    parts = [f"{k} {v[k]:g}" for k in ("mean", "std") if isinstance(v.get(k), (int, float))]
-    return ", ".join([f"{v.get('dist')}", *parts, f"{v.get('min', 1)}–{v.get('max')}"])
+    if v.dist == "fixed":
+        return f"{v.mean:g}"
+    parts = [f"{k} {x:g}" for k, x in (("mean", v.mean), ("std", v.std)) if x is not None]
+    return ", ".join([v.dist, *parts, f"{v.min}–{v.max}"])
 
 
-def describe_workload(w: dict[str, Any]) -> str:
-    if not w:
-        return "workload settings not recorded"
-    prompts = w.get("prompts") or {}
-    inputs, outputs = w.get("input_tokens"), w.get("output_tokens")
-    if (w.get("load") or {}).get("type") == "trace":  # its rows give the lengths; the workload's are not used
+def describe_workload(stored: Workload | dict[str, Any] | None) -> str:
+    """A workload's settings in words, read through the scenario's schema (its defaults, not the report's)."""
+    w = workload_of(stored) if stored is not None else None
+    if w is None:
+        return (f"workload settings as stored, not read by this version: {json.dumps(stored)}" if stored
+                else "workload settings not recorded")
+    prompts = w.prompts
+    if w.load.type == "trace":  # its rows give the lengths; the workload's are not used
         lengths = ["the trace’s own input and output tokens"]
     else:
         # A file's prompts are cut at input_tokens (truncate) and its replies' lengths come first: the settings are
         # caps and defaults there, not the lengths sent (the measured ones are stated beside them).
-        lengths = [f"input tokens cut at {describe_length(inputs)}" if prompts.get("truncate")
-                   else "the prompts’ own input tokens" if inputs is None or prompts.get("type") == "file"
-                   else f"{describe_length(inputs)} input tokens",
-                   f"output tokens from the data, else {describe_length(outputs)}"
-                   if prompts.get("output_from") == "data" else f"{describe_length(outputs)} output tokens"]
-    parts = [*lengths, f"{w.get('num_requests')} requests", describe_load(w.get("load"))]
-    if w.get("warmup_requests") is not None:
-        parts.append(f"{w['warmup_requests']} warm-up")
-    if window := steady_state_text(w.get("steady_state")):
+        file = prompts if isinstance(prompts, FilePrompts) else None
+        lengths = [f"input tokens cut at {describe_length(w.input_tokens)}" if file and file.truncate
+                   else "the prompts’ own input tokens" if w.input_tokens is None or file
+                   else f"{describe_length(w.input_tokens)} input tokens",
+                   f"output tokens from the data, else {describe_length(w.output_tokens)}"
+                   if file and file.output_from == "data" else f"{describe_length(w.output_tokens)} output tokens"]
+    parts = [*lengths, f"{w.num_requests} requests", describe_load(w.load), f"{w.warmup_requests} warm-up"]
+    if window := steady_state_text(w.steady_state):
         parts.append(window)
-    # Settings added after this was written (sweeps, prompt sources) still show, as they are.
-    parts += [f"{k}: {json.dumps(v)}" for k, v in w.items()
+    # The other settings the stored workload gives (sampling, prompt sources, ...) show as they are.
+    parts += [f"{k}: {json.dumps(v)}" for k, v in w.model_dump(mode="json", exclude_unset=True).items()
               if k not in WORKLOAD_KEYS and v not in (None, {}, []) and v != {"type": "synthetic"}]
     return ", ".join(parts)
 
 
-def length_range(values: list[int]) -> str:
+def length_range(values: list[float]) -> str:
     """"p50 25 (18–44)", or "exactly 128" when every request had it."""
     if min(values) == max(values):
         return f"exactly {values[0]}"
@@ -240,11 +235,11 @@ def length_range(values: list[int]) -> str:
 def measured_lengths(cells: list[CellView]) -> str | None:
     """The input and output lengths the cells' requests really had (pooled over the cells that completed)."""
     done = [r for c in cells if c.ok for r in c.records if r.ok]
-    inputs = [r.input_tokens for r in done if r.input_tokens is not None]
     if not done:
         return None
+    inputs, outputs = (REQUEST_METRICS[k].samples(done) for k in ("input_len", "output_len"))
     return ", ".join(([f"input tokens {length_range(inputs)}"] if inputs else [])
-                     + [f"output tokens {length_range([r.n_out for r in done])}"])
+                     + [f"output tokens {length_range(outputs)}"])
 
 
 def scenario_rows(run: Run) -> list[tuple[str, str]]:
@@ -300,7 +295,7 @@ class Numbers:
 
     def __init__(self, runs: list[Run]):
         frame = frame_of(runs)
-        self._index: dict[tuple, tuple[float | None, tuple[float, float] | None]] = {}
+        self._index: dict[tuple[str, str, str, str | None], tuple[float | None, tuple[float, float] | None]] = {}
         for r in frame.itertuples(index=False):
             stat = None if pd.isna(r.statistic) else r.statistic
             value = None if pd.isna(r.value) else float(r.value)
@@ -316,7 +311,7 @@ class Numbers:
         if not c.ok:
             return "–"
         v, ci = self.get(c, name)
-        unit = CATALOGUE[split_name(name)[0]].unit
+        unit = statistic(name).unit
         if v is None:
             return fmt_value(None, unit)
         return Num(fmt_value(v, unit), fmt_interval(ci, unit, v) if ci and not c.unstable else None,
@@ -334,20 +329,18 @@ def failures_text(c: CellView) -> str:
     return f"{int(errors)} of {total} requests" + (f": {first}" if first else "")
 
 
-def streamed_from_disk(c: CellView) -> float:
-    """Bytes the engine itself counted as streamed from its disk tier while serving (own engine's logical I/O,
-    "PHASE/disk->host"), 0 when none; reading the model at load is not offloading."""
-    transfers = (c.cell.logical_io or {}).get("transfers") or {}
-    return float(sum(t.get("bytes") or 0 for k, t in transfers.items()
-                     if k.endswith("/disk->host") and not k.startswith("load/")))
+def streamed_from_disk(c: CellView) -> int:
+    """Bytes the engine itself counted as streamed from its disk tier while serving (own engine's logical I/O), 0
+    when none."""
+    return c.cell.logical_io.streamed_from_disk() if c.cell.logical_io else 0
 
 
 def page_cache_note(c: CellView, label: str) -> str | None:
     """A disk-offload cell whose offloaded bytes came from the page cache measured RAM, not the disk."""
-    streamed, read = streamed_from_disk(c), c.whole("disk_read_bytes")
+    streamed, read = streamed_from_disk(c), c.whole.disk_read_bytes
     if not streamed or read is None or read >= 0.1 * streamed:
         return None
-    device = c.whole("device_read_bytes")
+    device = c.whole.device_read_bytes
     return (f"{label}: the engine streamed {fmt_bytes(streamed)} from its disk tier, but its processes read "
             f"{fmt_bytes(read)} from storage (all devices, every process: "
             f"{'n/a' if device is None else fmt_bytes(device)}): the offloaded files were in the page cache, so its "
@@ -366,7 +359,7 @@ def vram_text(c: CellView) -> str:
 
 
 def disk_text(c: CellView) -> str:
-    r, w = c.whole("disk_read_bytes"), c.whole("disk_write_bytes")
+    r, w = c.whole.disk_read_bytes, c.whole.disk_write_bytes
     if r is None and w is None:
         return "n/a"
     streamed = streamed_from_disk(c)
@@ -375,7 +368,7 @@ def disk_text(c: CellView) -> str:
 
 
 def ram_text(c: CellView) -> str:
-    v = METRICS["max_rss_bytes"].get(c)
+    v = c.metric("max_rss_bytes")
     return fmt_bytes(v) if v is not None else "n/a"
 
 
@@ -390,7 +383,7 @@ RESOURCE_COLUMNS: list[tuple[str, str, Callable[[CellView], str], tuple[str, ...
 
 
 def metric_header(name: str) -> str:
-    unit = CATALOGUE[split_name(name)[0]].unit
+    unit = statistic(name).unit
     return f"{headline_label(name)}" + (f" ({unit})" if unit in ("ms",) else "")
 
 
@@ -403,7 +396,8 @@ SUMMARY_COLUMNS: list[tuple[str, Callable[..., Any]]] = [
 
 def unmeasured(cells: list[CellView]) -> tuple[set[str], list[str]]:
     """Resource columns no cell has (left out, said once) and, for columns some cells lack, why they do."""
-    dropped, notes = set(), []
+    dropped: set[str] = set()
+    notes: list[str] = []
     for header, group, text, words in RESOURCE_COLUMNS:
         missing = [c for c in cells if c.ok and text(c) == "n/a"]
         if not missing:
@@ -440,17 +434,17 @@ def row_mark(c: CellView) -> str | None:
 
 def client_text(c: CellView) -> str:
     """What the load generator says about itself: the rate it offered and achieved, how late it sent and ran."""
-    m = c.cell.metrics or {}
-    if not m:
+    m = c.cell.metrics
+    if m is None or not m.keys():
         return "–"
-    rates = fmt_value(m.get("achieved_rate_rps"), "req/s") + " sent"
-    if m.get("offered_rate_rps") is not None:
-        rates = f"{fmt_value(m['offered_rate_rps'], 'req/s')} offered, " + rates
-    lags = [f"{label} p99 {fmt_value((m.get(key) or {}).get('p99'), 'ms')}"
+    rates = fmt_value(m.value("achieved_rate_rps"), "req/s") + " sent"
+    if (offered := m.value("offered_rate_rps")) is not None:
+        rates = f"{fmt_value(offered, 'req/s')} offered, " + rates
+    lags = [f"{label} p99 {fmt_value(m.value(f'{key}.p99'), 'ms')}"
             for key, label in (("dispatch_lag_ms", "dispatch lag"), ("loop_lag_ms", "loop lag"))]
-    if (scheduled := (m.get("e2el_including_client_queue_ms") or {}).get("p99")) is not None:
+    if (scheduled := m.value("e2el_including_client_queue_ms.p99")) is not None:
         lags.append(f"E2E latency p99 {fmt_value(scheduled, 'ms')} from the schedule, "
-                    f"{fmt_value((m.get('e2el_ms') or {}).get('p99'), 'ms')} from the send")
+                    f"{fmt_value(m.value('e2el_ms.p99'), 'ms')} from the send")
     if c.cell.cpu_isolation is not None:
         lags.append(c.cell.cpu_isolation.describe())
     return ", ".join([rates, *lags]) + (" — client limited" if c.cell.client_limited else "")
@@ -465,6 +459,11 @@ def slugify(text: str, taken: set[str]) -> str:
     return slug
 
 
+def request_samples(m: RequestMetric) -> Callable[[CellView], list[float]]:
+    """A cell's per-request samples of `m`, from its requests.jsonl."""
+    return lambda c: m.samples(c.records)
+
+
 def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: set[str], numbers: Numbers) -> Section:
     sweep_keys = list(dict.fromkeys(k for c in cells for k in c.sweep))
     dropped, notes = unmeasured(cells)
@@ -473,11 +472,11 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
     headers += ["status"] + [h for h, _ in columns]
     rows = []
     for c in cells:
-        values = [c.backend + (f" ({c.served_at_once})" if c.served_at_once else "")]
+        values: list[str | Num] = [c.backend + (f" ({c.served_at_once})" if c.served_at_once else "")]
         values += ([c.model] if labels.models else []) + [show(k, c.sweep.get(k)) for k in sweep_keys]
         values += ([c.run.label] if labels.runs else []) + [c.status] + [f(c, numbers) for _, f in columns]
         rows.append(Row(values, row_mark(c), c.id))
-    notes += [f"{labels.series(c)}: {queued(c.cell)}" for c in cells if c.served_at_once]
+    notes += capped_notes(cells, labels)
     notes += [f"{labels.series(c)} is unstable: {c.unstable}" for c in cells if c.unstable]
     notes += [f"{labels.series(c)} is client limited (its numbers describe the load generator more than the "
               f"engine; bench calibrate measures this machine's): {'; '.join(c.cell.client_limited_reasons)}"
@@ -486,34 +485,33 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
               f"so verdicts read them from the scheduled send: {'; '.join(c.cell.client_queue_shift)}"
               for c in cells if c.ok and c.cell.client_queue_shift]
     notes += [f"{labels.series(c)} stopped early, {why}" for c in cells if c.ok for why in c.cell.oversaturation]
-    notes += [f"{labels.series(c)}: {c.metric('outside_steady_state'):.0f} requests per repetition (median) outside "
-              f"the steady state, left out of its metrics" for c in cells if c.ok and c.metric("outside_steady_state")]
+    notes += [f"{labels.series(c)}: {outside:.0f} requests per repetition (median) outside the steady state, left "
+              f"out of its metrics" for c in cells if c.ok and (outside := c.metric("outside_steady_state"))]
     notes += [n for c in cells if c.ok and (n := page_cache_note(c, labels.series(c)))]
     notes += capacity_notes(cells, labels.series)
     # The scenario's own definition of the workload, before any sweep expanded it.
-    spec = next((w for c in cells for w in c.run.scenario.get("workloads", []) if w.get("name") == name),
-                next((c.workload_spec for c in cells if c.workload_spec), {}))
+    spec = next((w for c in cells if (w := c.run.workloads.get(name)) is not None),
+                next((c.workload_spec for c in cells if c.workload_spec is not None), None))
     description = describe_workload(spec)
     if measured := measured_lengths(cells):
         description += f"; measured per request: {measured}"
     if sweep_keys:
-        values = {k: dict.fromkeys(show(k, c.sweep[k]) for c in cells if k in c.sweep) for k in sweep_keys}
-        swept = ", ".join(f"{k} ∈ {{{', '.join(vs)}}}" for k, vs in values.items())
+        swept = ", ".join(f"{k} ∈ {{{', '.join(dict.fromkeys(show(k, c.sweep[k]) for c in cells if k in c.sweep))}}}"
+                          for k in sweep_keys)
         description = f"swept over {swept}; as defined in the scenario: {description}"
     ok = [c for c in cells if c.ok]
     section_plots = [
         plots.interval_plot(slugify(f"medians-{name}", slugs), f"Medians with 95% CIs: {name}", ok, labels.series,
-                            [METRICS[k] for k in ("ttft_p50_ms", "tpot_p50_ms", "output_throughput_tok_s")]),
-        plots.box_plot(slugify(f"ttft-{name}", slugs), f"TTFT per request: {name}", ok, labels.series,
-                       lambda c: [r.ttft * 1e3 for r in c.records if r.ok], "TTFT (ms)"),
-        plots.box_plot(slugify(f"tpot-{name}", slugs), f"TPOT per request: {name}", ok, labels.series,
-                       lambda c: [r.tpot * 1e3 for r in c.records if r.ok and r.tpot is not None], "TPOT (ms)"),
+                            [statistic(k) for k in ("ttft_ms.p50", "tpot_ms.p50", "output_throughput_tok_s")]),
+        *(plots.box_plot(slugify(f"{m.key.removesuffix('_ms')}-{name}", slugs), f"{m.label} per request: {name}",
+                         ok, labels.series, request_samples(m), f"{m.label} ({m.unit})")
+          for m in (REQUEST_METRICS["ttft_ms"], REQUEST_METRICS["tpot_ms"])),
     ]
     for axis in sweep_keys:
         what = "Throughput and latency" if axis.startswith("load.") else "Latency and throughput"
         against = "context length (input_tokens)" if axis == "input_tokens" else axis
         section_plots.append(plots.sweep_plot(slugify(f"sweep-{name}-{axis}", slugs), f"{what} vs {against}: {name}",
-                                              axis, cells, lambda c, a=axis: labels.series(c, without=a)))
+                                              axis, cells, functools.partial(labels.series, without=axis)))
     section_plots.append(plots.pareto_plot(slugify(f"pareto-{name}", slugs), f"Throughput vs latency: {name}",
                                            cells, labels.series, labels.backend))
     if any(c.cell.capacity for c in ok):
@@ -527,61 +525,38 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
 VERDICT_METRICS = ("ttft_ms.p50", "tpot_ms.p50", "e2el_ms.p50", "output_throughput_tok_s", "goodput_rps")
 
 
-def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
 def verdict(cells: list[CellView], name: str, numbers: Numbers, label: Callable[[CellView], str]) -> Verdict | None:
-    """The best ok cell on one headline metric; beyond noise when its 95% CI and the runner-up's do not overlap.
-    Unstable cells (repetitions that disagree) are left out of the comparison; an unstable best decides nothing."""
-    m = CATALOGUE[split_name(name)[0]]
-    measured = [(c, *numbers.get(c, verdict_name(name, bool(c.cell.client_queue_shift)))) for c in cells if c.ok]
-    measured = sorted([x for x in measured if x[1] is not None], key=lambda x: x[1] if m.better == "lower" else -x[1])
+    """The ok cells' numbers on one headline statistic, best first (harness/analyze/verdicts.py decides). A cell
+    whose client's own queue moved its latencies beyond noise is read from the scheduled send."""
+    better = statistic(name).better
+    measured = []
+    for c in cells:
+        v, ci = numbers.get(c, verdict_name(name, bool(c.cell.client_queue_shift))) if c.ok else (None, None)
+        if v is not None:
+            measured.append(Measured(backend=label(c), value=v, ci=ci, unstable=bool(c.unstable)))
     if not measured:
         return None
+    measured.sort(key=lambda x: x.value if better == "lower" else -x.value)
+    return Verdict(metric=name, measured=measured)
 
-    def margin(v: float, other: tuple) -> str:
-        c, rv, _ = other
-        if rv == v:
-            return f"equal to {label(c)}"
-        if m.better == "lower":
-            return f"{(1 - v / rv) * 100:.0f}% lower than {label(c)}" if rv else f"lower than {label(c)}"
-        if not rv:
-            return f"higher than {label(c)}"
-        return f"{v / rv:.1f}× {label(c)}'s" if v / rv >= 2 else f"{(v / rv - 1) * 100:.0f}% higher than {label(c)}"
 
-    (best, v, ci) = measured[0]
-    value = fmt_value(v, m.unit)
-    if best.unstable:
-        ahead = f"{margin(v, measured[1])}; " if len(measured) > 1 else ""
-        return Verdict(label(best), value, f"{ahead}not decided: {label(best)} is unstable", "undecided")
-    rest = [x for x in measured[1:] if not x[0].unstable]
-    left_out = [label(c) for c, _, _ in measured[1:] if c.unstable]
-    aside = f"; {', '.join(left_out)} unstable, left out" if left_out else ""
-    if not rest:
-        return Verdict(label(best), value, f"the only backend measured{aside}", "alone")
-    runner = rest[0]
-    if ci is None or runner[2] is None:
-        return Verdict(label(best), value, f"{margin(v, runner)}; no CI in these results{aside}", "undecided")
-    tied = [label(c) for c, _, cci in rest if cci is not None and overlap(ci, cci)]
-    if tied:
-        return Verdict(label(best), value, f"tie within noise with {', '.join(tied)} ({margin(v, runner)}){aside}",
-                       "tie")
-    return Verdict(label(best), value, f"{margin(v, runner)}; beyond noise{aside}", "beyond")
+def capped_notes(cells: list[CellView], labels: Labels) -> list[str]:
+    """What the cells whose backend serves fewer at once than the load asks measured."""
+    return [f"{labels.series(c)}: {queued(cap)}" for c in cells if c.ok and (cap := c.cell.concurrency_cap)]
 
 
 def verdict_table(cells: list[CellView], labels: Labels, numbers: Numbers) -> VerdictTable:
     """One row per workload (each sweep point is one; per model and run too when there are several)."""
-    groups: dict[tuple, list[CellView]] = defaultdict(list)
+    groups: dict[tuple[str | None, str], list[CellView]] = defaultdict(list)
     for c in cells:
         groups[(c.model if labels.models else None, c.workload)].append(c)
     names = [n for n in VERDICT_METRICS if any(c.ok and numbers.get(c, n)[0] is not None for c in cells)]
     rows = []
     for (model, workload), cs in groups.items():
-        rows.append(([workload] + ([model] if labels.models else []),
+        rows.append(([workload] + ([model] if model is not None else []),
                      [verdict(cs, n, numbers, labels.served) for n in names]))
     notes = [f"{labels.series(c)} {c.status}: {c.error_line or c.status}" for c in cells if not c.ok]
-    notes += [f"{labels.series(c)}: {queued(c.cell)}" for c in cells if c.served_at_once]
+    notes += capped_notes(cells, labels)
     notes += [f"{labels.series(c)}: its TTFT and E2E latency are read from the scheduled send time, the client's "
               f"own queue included ({'; '.join(c.cell.client_queue_shift)})"
               for c in cells if c.ok and c.cell.client_queue_shift]
@@ -626,13 +601,13 @@ def cells_table(cells: list[CellView]) -> Table:
     """Where every number comes from: each cell's results file, engine, token count sources, raw requests."""
     rows = []
     for c in cells:
-        tc = c.cell.token_counts or {}
+        tc = c.cell.token_counts
         tokens = "–"
-        if tc:
-            tokens = f"input: {', '.join(tc.get('input') or ['?'])}; output: {', '.join(tc.get('output') or ['?'])}"
-            exact = tc.get("exact_output_length")
+        if tc is not None:
+            tokens = f"input: {', '.join(tc.input or ['?'])}; output: {', '.join(tc.output or ['?'])}"
+            exact = tc.exact_output_length
             tokens += "; exact output length" if exact else "; output length not forced" if exact is False else ""
-        engine = ", ".join(f"{k}={v}" for k, v in c.cell.engine.items()) or "–"
+        engine = ", ".join(f"{k}={v}" for k, v in c.cell.engine.model_dump().items()) or "–"
         rows.append([c.id, c.run.label, f"{c.backend} ({c.cell.backend_kind or '?'})", c.status,
                      fmt_value(c.cell.load_time_s, "s"), fmt_value(c.cell.prepare_time_s, "s"),
                      c.cell.ci_method or "–", tokens, client_text(c), engine,
@@ -662,12 +637,11 @@ def prefix_reuse_table(runs: list[Run]) -> Table | None:
             reuse = c.prefix_reuse
             if reuse is None:
                 continue
-            sent = reuse.prompt_tokens
-            measured = reuse.reused_tokens is not None
+            sent, reused = reuse.prompt_tokens, reuse.reused_tokens
             rows.append([r.label, c.model, c.workload, c.backend,
-                         f"{reuse.reused_tokens:,}" if measured else "not reported",
+                         f"{reused:,}" if reused is not None else "not reported",
                          f"{sent:,}" if sent is not None else "–",
-                         f"{reuse.reused_tokens / sent:.0%}" if measured and sent else "–",
+                         f"{reused / sent:.0%}" if reused is not None and sent else "–",
                          reuse.source + (f"; {why}" if (why := why_no_reuse(CellView(r, c))) else "")])
     if not rows:
         return None
@@ -677,9 +651,10 @@ def prefix_reuse_table(runs: list[Run]) -> Table | None:
 
 def why_no_reuse(c: CellView) -> str | None:
     """Why an engine that reuses whole KV blocks reused nothing of a shared prefix shorter than one block."""
-    prefix, block, reuse = c.spec_value("prompts.prefix_tokens"), c.cell.engine.get("block_size"), c.cell.prefix_reuse
-    if not (reuse and reuse.reused_tokens == 0 and isinstance(prefix, int)
-            and isinstance(block, int) and prefix < block):
+    prompts = c.spec.prompts if c.spec else None
+    prefix = prompts.prefix_tokens if isinstance(prompts, SharedPrefixPrompts) else None
+    block, reuse = c.cell.engine.block_size, c.cell.prefix_reuse
+    if not (reuse and reuse.reused_tokens == 0 and prefix is not None and block is not None and prefix < block):
         return None
     return (f"0 reused: the shared prefix ({prefix} tokens) is shorter than the engine's KV block ({block} tokens), "
             f"and it reuses whole blocks only (a smaller options.block_size would let it)")

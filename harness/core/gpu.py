@@ -27,8 +27,8 @@ class Nvml:
 
     def __init__(self, indices: Sequence[int] | None = None):
         self.unavailable: dict[str, str] = {}
-        self.handles: list = []
-        self._nv = None  # the pynvml module once nvmlInit() succeeded
+        self.handles: list[Any] = []
+        self._nv: Any = None  # the pynvml module once nvmlInit() succeeded
         self._foreign_pids = False  # NVML listed a pid that does not exist in our PID namespace
         self._matched_pids = False
         try:
@@ -58,7 +58,7 @@ class Nvml:
                 except pynvml.NVMLError as e:
                     self._lose((measure,), f"NVML: {e}")
 
-    def _select(self, indices: Sequence[int] | None) -> list:
+    def _select(self, indices: Sequence[int] | None) -> list[Any]:
         nv = self._nv
         if indices is None:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
@@ -74,13 +74,13 @@ class Nvml:
             self.unavailable.setdefault(m, reason)
 
     def _util(self) -> float:
-        return sum(self._nv.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles) / len(self.handles)
+        return float(sum(self._nv.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles) / len(self.handles))
 
     def _power(self) -> float:
-        return sum(self._nv.nvmlDeviceGetPowerUsage(h) for h in self.handles) / 1000
+        return float(sum(self._nv.nvmlDeviceGetPowerUsage(h) for h in self.handles) / 1000)
 
     def _energy(self) -> int:
-        return sum(self._nv.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles)
+        return int(sum(self._nv.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles))
 
     def _process(self, pids: Collection[int]) -> int:
         used = 0
@@ -97,7 +97,7 @@ class Nvml:
 
     def read(self, pids: Collection[int]) -> GpuReading:
         """One sample; a measure that fails mid-run is marked unavailable from then on."""
-        def get(measure: str, fn: Callable):
+        def get(measure: str, fn: Callable[[], Any]) -> Any:
             if measure in self.unavailable:
                 return None
             try:
@@ -135,7 +135,8 @@ def torch_peak_reader(device: int | None = None) -> Callable[[], tuple[int, int]
     devices = [device] if device is not None else list(range(torch.cuda.device_count()))
 
     def read() -> tuple[int, int]:
-        if not torch.cuda.is_initialized():  # touching the counters would create a CUDA context here
+        # touching the counters would create a CUDA context here; torch leaves is_initialized unannotated
+        if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             return 0, 0
         a = sum(torch.cuda.max_memory_allocated(d) for d in devices)
         r = sum(torch.cuda.max_memory_reserved(d) for d in devices)

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from harness.core.errors import BackendError
 from harness.core.files import atomic_write
@@ -48,7 +48,7 @@ GROUPS_FILE = "process_groups.jsonl"
 LISTEN_VARIABLES = re.compile(r"HOST|PORT|HOSTNAME|CONFIG_FILE|LLAMA_ARG_HOST|LLAMA_ARG_PORT|UVICORN_.*")
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     """Stop proc and every child it started (it must run in its own session: start_new_session=True)."""
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGTERM)
@@ -127,13 +127,13 @@ def free_port() -> int:
     for the port to be its server's, and reports the log of a server that died failing to bind."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 @dataclass
 class Server:
     name: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
     cell_dir: Path
@@ -243,6 +243,7 @@ async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir:
     server = Server(name, proc, port, log_path, cell_dir, cleanup)
     _launched[server.pgid] = server
     try:
+        assert proc.stdout is not None  # stdout=PIPE
         server.log_pump = _masked_log(proc.stdout, log_path.open("wb"), Redactor({"argv": argv}, environ=server_env))
         record_group(cell_dir, server.pgid, name, argv[0], cleanup)
         deadline = time.monotonic() + timeout_s
@@ -297,7 +298,7 @@ def _status_ok(status: int, body: str) -> bool:
     return status == 200
 
 
-def _group_processes(pgid: int) -> list:
+def _group_processes(pgid: int) -> list[Any]:
     """The live processes of a process group, and the descendants of its leader (which could have left it)."""
     import psutil
 
@@ -316,11 +317,11 @@ def _group_processes(pgid: int) -> list:
     return list(procs.values())
 
 
-def _connections(proc) -> list:
+def _connections(proc: Any) -> list[Any]:
     import psutil
 
     try:
-        return proc.net_connections(kind="inet") if hasattr(proc, "net_connections") else proc.connections("inet")
+        return list(proc.net_connections(kind="inet") if hasattr(proc, "net_connections") else proc.connections("inet"))
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return []
 
@@ -393,7 +394,7 @@ def _locked(cell_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_groups(cell_dir: Path, entries: list[dict]) -> None:
+def _write_groups(cell_dir: Path, entries: list[dict[str, Any]]) -> None:
     path = cell_dir / GROUPS_FILE
     if entries:
         atomic_write(path, "".join(json.dumps(e) + "\n" for e in entries))
@@ -401,7 +402,7 @@ def _write_groups(cell_dir: Path, entries: list[dict]) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_groups(cell_dir: Path) -> list[dict]:
+def read_groups(cell_dir: Path) -> list[dict[str, Any]]:
     """The recorded groups; a line that is not a whole record (a crash mid-write of an older version, a disk error)
     is skipped with a warning on stderr, never trusted: a pgid of 0 or 1 would signal this process's group or every
     process."""
@@ -432,7 +433,7 @@ def read_groups(cell_dir: Path) -> list[dict]:
     return entries
 
 
-def _is_argv(value) -> bool:
+def _is_argv(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(a, str) for a in value)
 
 
@@ -440,7 +441,7 @@ def _create_time(pid: int) -> float:
     import psutil
 
     try:
-        return psutil.Process(pid).create_time()
+        return float(psutil.Process(pid).create_time())
     except psutil.NoSuchProcess:
         raise ProcessLookupError(pid) from None
 

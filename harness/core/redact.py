@@ -3,7 +3,8 @@
 A name is secret when its last word ends in TOKEN, KEY(S), SECRET(S), PASSWORD(S), PASSWD, PASSPHRASE,
 AUTHORIZATION, AUTH, CREDENTIAL(S) or COOKIE(S), in any case and any spelling of words (HF_TOKEN, api_key, apiKey,
 x-api-key, DB_PASSWORD, api_keys, credentials); not when its last word says something else (`chunk_token_ids`,
-`token_counts`, `num_key_value_heads`) or only points at a secret (`api_key_env`, `HF_TOKEN_PATH`).
+`token_counts`, `num_key_value_heads`), only points at a secret (`api_key_env`, `HF_TOKEN_PATH`) or is the unit of
+a rate (`bytes_per_token`).
 
 Masked, found by key or by shape:
 - every value under a secret key (strings and numbers, and everything inside a list or mapping under one);
@@ -45,10 +46,11 @@ def _words(name: str) -> list[str]:
 
 def is_secret_name(name: str) -> bool:
     words = _words(name)
-    return bool(words) and words[-1] not in _POINTER_WORDS and words[-1].endswith(_SECRET_WORDS)
+    return (bool(words) and words[-1] not in _POINTER_WORDS and words[-1].endswith(_SECRET_WORDS)
+            and words[-2:-1] != ["PER"])
 
 
-def _entry_name(m: re.Match) -> bool:
+def _entry_name(m: re.Match[str]) -> bool:
     """A `name: value` entry is a header or a mapping's, not prose ("first token: 12 ms"): the name is quoted,
     capitalized (Authorization) or spelled with - or _ (x-api-key, api_key)."""
     name = m["name"]
@@ -85,8 +87,8 @@ class Redactor:
             return self._scrub(data)
         return data
 
-    def _list(self, items: list | tuple) -> list:
-        out: list = []
+    def _list(self, items: list[Any] | tuple[Any, ...]) -> list[Any]:
+        out: list[Any] = []
         flag_before = False
         for item in items:
             if isinstance(item, str) and flag_before:
@@ -118,12 +120,12 @@ class Redactor:
                 text = text.replace(value, MASK)
         return text
 
-    def _userinfo(self, m: re.Match) -> str:
+    def _userinfo(self, m: re.Match[str]) -> str:
         if m["password"] is not None:  # user:password@ - the user is a name, the password the secret
             return f"{m['user']}:{self._mask(m['password']) if m['password'] else ''}@"
         return f"{self._mask(m['user']) if m['user'] else ''}@"  # TOKEN@: the user part is the credential
 
-    def _named(self, m: re.Match, applies: bool) -> str:
+    def _named(self, m: re.Match[str], applies: bool) -> str:
         if not applies or m["value"] == MASK or not is_secret_name(m["name"].lstrip("-")):
             return m[0]
         start, end = m.span("value")
@@ -154,10 +156,11 @@ def restore(data: Any, environ: Mapping[str, str]) -> tuple[Any, list[str]]:
         if isinstance(item, dict):
             return {k: walk(v, str(k)) for k, v in item.items()}
         if isinstance(item, list):
-            out, flag = [], None
+            out: list[Any] = []
+            flag: str | None = None
             for x in item:
-                if x == MASK and (flag or key):
-                    out.append(value(flag or key))
+                if x == MASK and (name := flag or key):
+                    out.append(value(name))
                 elif isinstance(x, str) and x.startswith("-") and x.endswith("=" + MASK):
                     out.append(x.removesuffix(MASK) + value(x.partition("=")[0]))
                 else:

@@ -2,8 +2,10 @@
 
 `harness.results.to_dataframe(paths)` (frame.py) is imported on first use: pandas is not loaded by a worker."""
 
+from typing import Any
 
-def __getattr__(name: str):
+
+def __getattr__(name: str) -> Any:
     if name == "to_dataframe":
         from harness.results.frame import to_dataframe
 

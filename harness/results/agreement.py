@@ -7,13 +7,18 @@ diverge, so each row says which precisions it compares, or that they are unknown
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from scipy.stats import binomtest
 
+from harness.config.scenario import Workload
 from harness.records import Agreement, CellResult, RequestRecord, RunResult, read_requests
 
 FIRST_N = 32
+Outputs = dict[tuple[int, int], RequestRecord]  # a cell's answered requests by (repetition, request id)
+Unit = Literal["tokens", "words"]
 
 # The names engines give one precision, as they write them into their environment.
 _PRECISIONS = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "float16", "half": "float16",
@@ -22,15 +27,14 @@ _PRECISIONS = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "f
 
 def precision(cell: CellResult) -> str | None:
     """The precision the engine computed in, where its environment says."""
-    for key in ("compute_dtype", "dtype", "gguf_file_type"):
-        value = cell.engine.get(key)
-        if isinstance(value, str) and value:
+    for value in (cell.engine.compute_dtype, cell.engine.dtype, cell.engine.gguf_file_type):
+        if value:
             name = value.lower().removeprefix("torch.")
             return _PRECISIONS.get(name, name)
     return None
 
 
-def _outputs(run_dir: Path, cell: CellResult) -> dict[tuple[int, int], RequestRecord]:
+def _outputs(run_dir: Path, cell: CellResult) -> Outputs:
     try:
         records = read_requests(cell.requests_path(run_dir))
     except FileNotFoundError:
@@ -39,7 +43,7 @@ def _outputs(run_dir: Path, cell: CellResult) -> dict[tuple[int, int], RequestRe
             if r.ok and r.repetition >= 0 and (r.output_token_ids or r.output_text)}
 
 
-def _common(a: list, b: list) -> int:
+def _common(a: Sequence[object], b: Sequence[object]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -48,7 +52,7 @@ def _common(a: list, b: list) -> int:
     return n
 
 
-def compare(reference: dict, other: dict, first_n: int = FIRST_N) -> tuple[str, int, int, float] | None:
+def compare(reference: Outputs, other: Outputs, first_n: int = FIRST_N) -> tuple[Unit, int, int, float] | None:
     """(unit, compared, matching, mean common prefix) over the requests both answered; None when none."""
     keys = sorted(reference.keys() & other.keys())
     if not keys:
@@ -56,8 +60,10 @@ def compare(reference: dict, other: dict, first_n: int = FIRST_N) -> tuple[str, 
     by_ids = all(reference[k].output_token_ids and other[k].output_token_ids for k in keys)
     matching, prefixes = 0, []
     for k in keys:
+        a: Sequence[object]
+        b: Sequence[object]
         if by_ids:
-            a, b = reference[k].output_token_ids[:first_n], other[k].output_token_ids[:first_n]
+            a, b = (reference[k].output_token_ids or [])[:first_n], (other[k].output_token_ids or [])[:first_n]
         else:
             a, b = (reference[k].output_text or "").split()[:first_n], (other[k].output_text or "").split()[:first_n]
         common = _common(a, b)
@@ -72,7 +78,8 @@ def agreement(run: RunResult, run_dir: Path, first_n: int = FIRST_N) -> list[Agr
         return []
     groups: dict[tuple[str, str], list[CellResult]] = defaultdict(list)
     for c in run.cells:
-        if c.ok and (c.workload_spec or {}).get("temperature", 0) == 0:
+        spec = c.workload_spec  # None: results that stored no workload, taken as greedy (the default)
+        if c.ok and (spec.temperature == 0 if isinstance(spec, Workload) else spec is None):
             groups[(c.model, c.workload)].append(c)
     rows = []
     for (model, workload), cells in groups.items():

@@ -2,9 +2,10 @@
 requests that met the slo (with its 95% CI) and the latencies behind it; the capacity is the highest passing step,
 stated with the failing step above it, which is the search's uncertainty ("holds 7.5 req/s, fails at 8").
 
-A step passes when at least `attainment` of its requests met the slo, timed from their arrival (a wait in the harness's
-queue for a backend's max_concurrency included); a failed request does not meet it. Requests max_duration_s kept from
-arriving are not counted: they say the step was short, not that the engine failed.
+A step passes when at least `attainment` of its requests met the slo, judged as goodput judges it (catalogue.meets_slo:
+timed from their arrival, a wait in the harness's queue for a backend's max_concurrency included); a failed request
+does not meet it. Requests max_duration_s kept from arriving are not counted: they say the step was short, not that
+the engine failed.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from harness.config.scenario import SLO, CapacityLoad, ConcurrencyLoad, Load, PoissonLoad
-from harness.records import CapacityResult, CapacityStep, CapacityStepResult, RequestRecord
-from harness.results.metrics import meets_slo, rate, stats
+from harness.records import CapacityResult, CapacityStep, CapacityStepResult, Distribution, RequestRecord
+from harness.results.catalogue import PER_REQUEST, SLO_METRICS, meets_slo, rate
 
 
 def met_slo(records: list[RequestRecord], slo: SLO) -> int:
@@ -30,11 +31,10 @@ def slo_dict(slo: SLO) -> dict[str, float]:
 
 
 def describe_slo(slo: SLO) -> str:
-    names = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "e2el_ms": "E2E latency"}
-    return " and ".join(f"{names[k]} ≤ {v:g} ms" for k, v in slo_dict(slo).items())
+    return " and ".join(f"{SLO_METRICS[k].label} ≤ {v:g} ms" for k, v in slo_dict(slo).items())
 
 
-def fmt_value(value: float, search: str) -> str:
+def fmt_load(value: float, search: str) -> str:
     return f"{value:g} req/s" if search == "rate" else f"{value:g} in flight"
 
 
@@ -45,16 +45,14 @@ def reduce_capacity(records: list[RequestRecord], steps: list[CapacityStep], loa
     results = []
     for s in steps:
         mine = [r for r in records if r.repetition == s.step]
-        done = [r for r in mine if r.ok]
         ci = binomtest(s.met, s.sent).proportion_ci(0.95, method="wilson") if s.sent else None
-        ttft = stats([r.ttft * 1e3 for r in done])
-        tpot = stats([r.tpot * 1e3 for r in done if r.tpot is not None])
+        ttft, tpot = (Distribution.of(PER_REQUEST[k].samples(mine)) for k in ("ttft_ms", "tpot_ms"))
         results.append(CapacityStepResult(
             step=s.step, value=s.value, achieved_rate_rps=rate([r.t_send for r in mine]), sent=s.sent,
             not_sent=s.not_sent,
             attainment=s.met / s.sent if s.sent else 0.0,
             attainment_ci=[float(ci.low), float(ci.high)] if ci else None,
-            ttft_p50_ms=ttft["p50"], ttft_p99_ms=ttft["p99"], tpot_p50_ms=tpot["p50"], tpot_p99_ms=tpot["p99"],
+            ttft_p50_ms=ttft.p50, ttft_p99_ms=ttft.p99, tpot_p50_ms=tpot.p50, tpot_p99_ms=tpot.p99,
             passed=s.passed))
     passing = [s.value for s in results if s.passed]
     capacity = max(passing) if passing else None
@@ -82,14 +80,14 @@ def verdict(load: CapacityLoad, slo: SLO, capacity: float | None, fails_at: floa
     """In words, with its uncertainty: the bracket, and whether the passing step passed by more than its noise."""
     at = f"{describe_slo(slo)} for {load.attainment:.0%} of requests"
     if capacity is None:
-        low = fmt_value(fails_at, load.search) if fails_at is not None else "any step"
+        low = fmt_load(fails_at, load.search) if fails_at is not None else "any step"
         return f"holds no load at the slo ({at}): fails already at {low}"
-    bracket = (f", fails at {fmt_value(fails_at, load.search)}" if fails_at is not None
+    bracket = (f", fails at {fmt_load(fails_at, load.search)}" if fails_at is not None
                else ", and no step failed (the search ran out of steps: it may hold more)")
     ci = at_capacity.attainment_ci if at_capacity else None
     margin = (f"; its step's attainment {at_capacity.attainment:.3g} (95% CI {ci[0]:.3g}–{ci[1]:.3g}) passed within "
-              f"noise" if ci and ci[0] < load.attainment else "")
-    return f"holds {fmt_value(capacity, load.search)} at the slo ({at}){bracket}{margin}"
+              f"noise" if at_capacity and ci and ci[0] < load.attainment else "")
+    return f"holds {fmt_load(capacity, load.search)} at the slo ({at}){bracket}{margin}"
 
 
 def operating_point(records: list[RequestRecord], result: CapacityResult,

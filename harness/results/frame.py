@@ -5,22 +5,25 @@
     to_dataframe(paths, level="requests")  one row per measured request, with its TTFT, TPOT and E2E latency (from
                                            its offer: queued_ms, a wait for the backend's max_concurrency, inside)
 
-The metrics and their units come from the catalogue (harness/results/catalogue.py); cell-scope metrics (load time,
-peak VRAM, ...) are read as the guide and the report read them (harness/results/runs.py).
+The metrics, their units, their per-request samples and how cell-scope metrics (load time, peak VRAM, ...) are read
+all come from the catalogue (harness/results/catalogue.py), as the guide and the report read them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 
 from harness.core.files import atomic_path
-from harness.results.catalogue import CATALOGUE, STATISTICS
-from harness.results.runs import CELL_READERS, CellView, Run, load_runs
+from harness.records import STATISTICS
+from harness.results.catalogue import CATALOGUE, PER_REQUEST, Statistic
+from harness.results.runs import CellView, Run, load_runs
 
-LEVELS = ("statistics", "requests")
+Level = Literal["statistics", "requests"]
+LEVELS: tuple[Level, ...] = ("statistics", "requests")
 FORMATS = ("csv", "parquet", "jsonl")
 IDENTITY = ["run", "results_file", "cell", "model", "backend", "workload", "base_workload", "status", "unstable"]
 STATISTIC_COLUMNS = [*IDENTITY, "metric", "statistic", "value", "ci_low", "ci_high", "cv", "unit", "better"]
@@ -29,43 +32,46 @@ REQUEST_COLUMNS = ["run", "cell", "model", "backend", "workload", "repetition", 
                    "t_send"]
 
 
-def _identity(c: CellView) -> dict:
+Row = dict[str, Any]
+
+
+def _identity(c: CellView) -> Row:
     return {"run": c.run.label, "results_file": str(c.run.path), "cell": c.id, "model": c.model, "backend": c.backend,
             "workload": c.workload, "base_workload": c.base_workload, "status": c.status,
             "unstable": c.cell.unstable, **{f"sweep.{k}": v for k, v in c.sweep.items()}}
 
 
-def statistic_rows(c: CellView) -> list[dict]:
+def statistic_rows(c: CellView) -> list[Row]:
     rows = []
     ident = _identity(c)
+    metrics = c.cell.metrics
     for key, m in CATALOGUE.items():
         common = {"metric": key, "unit": m.unit, "better": m.better}
         if m.scope == "distribution":
-            block = c.metrics.get(key)
-            if not isinstance(block, dict):
+            if metrics is None or metrics.distribution(key) is None:
                 continue
-            items = [(s, block.get(s)) for s in ("count", *STATISTICS)]
+            names = [Statistic(m, s) for s in ("count", *STATISTICS)]
         elif m.scope == "scalar":
-            if key not in c.metrics:
+            if metrics is None or key not in metrics.keys():
                 continue
-            items = [(None, c.metrics.get(key))]
+            names = [Statistic(m)]
         else:
-            items = [(None, CELL_READERS[key][0](c))]
-        for stat, v in items:
-            name = f"{key}.{stat}" if stat else key
-            ci = c.cell.interval(name)
+            names = [Statistic(m)]
+        for s in names:
+            ci = s.interval(c.cell)
             # A count of samples is a number of requests (or gaps), not a quantity in the metric's unit.
-            unit = {"unit": None, "better": None} if stat == "count" else {}
-            rows.append({**ident, **common, **unit, "statistic": stat, "value": v, "ci_low": ci[0] if ci else None,
-                         "ci_high": ci[1] if ci else None, "cv": c.cell.cv.get(name)})
+            unit = {"unit": None, "better": None} if s.stat == "count" else {}
+            rows.append({**ident, **common, **unit, "statistic": s.stat, "value": s.value(c.cell),
+                         "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
+                         "cv": c.cell.cv.get(s.name)})
     return rows
 
 
-def request_rows(c: CellView) -> list[dict]:
+def request_rows(c: CellView) -> list[Row]:
     ident = {k: v for k, v in _identity(c).items() if k in REQUEST_COLUMNS}
+    latencies = {k: PER_REQUEST[k] for k in ("ttft_ms", "tpot_ms", "e2el_ms")}
     return [{**ident, "repetition": r.repetition, "request": r.id, "ok": r.ok, "error": r.error,
-             "ttft_ms": r.ttft * 1e3 if r.ok else None, "tpot_ms": r.tpot * 1e3 if r.ok and r.tpot else None,
-             "e2el_ms": r.e2el * 1e3 if r.ok else None,
+             **{k: m.of(r) for k, m in latencies.items()},
              # the wait for a backend's max_concurrency, inside ttft_ms and e2el_ms (which count from the offer)
              "queued_ms": (r.t_send - r.t_queued) * 1e3 if r.t_queued is not None else None,
              "input_tokens": r.input_tokens,
@@ -77,7 +83,8 @@ def frame_of(runs: list[Run], level: Literal["statistics", "requests"] = "statis
     """The frame of runs already loaded (the report builds its tables from it)."""
     if level not in LEVELS:
         raise ValueError(f"level: expected one of {', '.join(LEVELS)}, got {level!r}")
-    make, columns = (statistic_rows, STATISTIC_COLUMNS) if level == "statistics" else (request_rows, REQUEST_COLUMNS)
+    make: Callable[[CellView], list[Row]] = statistic_rows if level == "statistics" else request_rows
+    columns = STATISTIC_COLUMNS if level == "statistics" else REQUEST_COLUMNS
     rows = [row for r in runs for c in r.cells for row in make(c)]
     frame = pd.DataFrame(rows)
     for col in columns:  # the same columns whatever the results hold, even none

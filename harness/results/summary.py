@@ -7,6 +7,7 @@ below the table.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich import box
@@ -14,9 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from harness.config.scenario import Workload
 from harness.core.files import atomic_write
-from harness.records import CellResult, RunResult
-from harness.results.catalogue import CATALOGUE, HEADLINE, SUMMARY_COLUMNS, column_header
+from harness.records import CellResult, ConcurrencyCap, RunResult
+from harness.results.catalogue import CATALOGUE, HEADLINE, SUMMARY_COLUMNS, column_header, fmt_interval
 from harness.results.markdown import md_escape, md_table
 
 # The terminal's columns: the p50s and the throughput a reader compares first, narrow enough for 100 columns.
@@ -33,25 +35,23 @@ def value(c: CellResult, key: str, stat: str | None, interval: str) -> str:
     failed cell, whose surviving requests' numbers would mislead."""
     if not c.ok:
         return "–"
-    m = c.metrics or {}
-    v = m.get(key)
-    v = v.get(stat) if isinstance(v, dict) else v
-    text = CATALOGUE[key].format(v)
     name = f"{key}.{stat}" if stat else key
+    v = c.metrics.value(name) if c.metrics else None
+    m = CATALOGUE[key]
+    text = m.format(v)
     ci = c.interval(name)
     if v is None or interval == "none" or name not in HEADLINE or (ci is None and not c.unstable):
         return text
-    if c.unstable:
+    if c.unstable or ci is None:
         return f"{text} {UNSTABLE_MARK}"
     if interval == "range":
-        return f"{text} [{CATALOGUE[key].format(ci[0])}–{CATALOGUE[key].format(ci[1])}]"
+        return f"{text} {fmt_interval(ci, m.unit, v)}"
     half = max(ci[1] - v, v - ci[0]) / v * 100 if v else 0.0
     return f"{text} ±{'<1' if half < 1 else f'{half:.0f}'}%"
 
 
-def queued(c: CellResult) -> str:
+def queued(cap: ConcurrencyCap) -> str:
     """What a cell whose backend serves fewer at once than the load asks measured (the load asked is the same)."""
-    cap = c.concurrency_cap
     how = ("its TTFT and E2E latency count the wait for a free slot, as its users would wait" if cap.queue_in_latency
            else "these older results time its latencies after that wait: not comparable with the others")
     return f"{cap.describe()}; the harness queued the rest, and {how}"
@@ -64,7 +64,11 @@ def names(run: RunResult) -> tuple[list[str], list[list[str]]]:
     return headers, [([c.model] if several else []) + [c.backend, c.workload, status(c)] for c in run.cells]
 
 
-def rows(run: RunResult, columns=SUMMARY_COLUMNS, interval: str = "range") -> tuple[list[str], list[list[str]]]:
+Columns = Sequence[tuple[str, str | None]]
+
+
+def rows(run: RunResult, columns: Columns = SUMMARY_COLUMNS,
+         interval: str = "range") -> tuple[list[str], list[list[str]]]:
     headers, ids = names(run)
     return (headers + [column_header(k, s) for k, s in columns],
             [row + [value(c, k, s, interval) for k, s in columns] for c, row in zip(run.cells, ids)])
@@ -73,7 +77,7 @@ def rows(run: RunResult, columns=SUMMARY_COLUMNS, interval: str = "range") -> tu
 def numbers_basis(repetitions: str, cells: list[CellResult]) -> str:
     """What a cell's numbers are: medians over the scenario's repetitions, except for a capacity search, which
     runs once (its steps are its runs) and whose numbers are those of the step at its capacity."""
-    searches = sum(((c.workload_spec or {}).get("load") or {}).get("type") == "capacity" for c in cells)
+    searches = sum(isinstance(c.workload_spec, Workload) and c.workload_spec.load.type == "capacity" for c in cells)
     step = "from the step at the search's capacity (one search per cell: repetitions do not apply)"
     if searches and searches == len(cells):
         return step
@@ -110,7 +114,7 @@ def print_summary(run: RunResult, console: Console) -> None:
             console.print(f"[yellow]{escape(c.id)} {UNSTABLE_MARK} unstable:[/yellow] {escape(c.unstable)}",
                           highlight=False)
         if c.ok and c.concurrency_cap is not None:
-            console.print(f"{escape(c.id)}: {escape(queued(c))}", highlight=False)
+            console.print(f"{escape(c.id)}: {escape(queued(c.concurrency_cap))}", highlight=False)
         if c.ok and c.client_limited:
             console.print(f"[yellow]{escape(c.id)} client limited:[/yellow] "
                           f"{escape('; '.join(c.client_limited_reasons))}", highlight=False)
@@ -126,10 +130,10 @@ def write_summary(run: RunResult, path: Path) -> None:
         lines += ["", "## Unstable cells", "", "Their repetitions disagree: the medians above may be no one's typical "
                   "value.", ""]
         lines += [f"- `{md_escape(c.id)}`: {md_escape(c.unstable)}" for c in unstable]
-    capped = [c for c in run.cells if c.ok and c.concurrency_cap is not None]
+    capped = [(c.id, c.concurrency_cap) for c in run.cells if c.ok and c.concurrency_cap is not None]
     if capped:
         lines += ["", "## Backends that serve fewer at once than asked", ""]
-        lines += [f"- `{md_escape(c.id)}`: {md_escape(queued(c))}" for c in capped]
+        lines += [f"- `{md_escape(cell)}`: {md_escape(queued(cap))}" for cell, cap in capped]
     limited = [c for c in run.cells if c.ok and c.client_limited]
     if limited:
         lines += ["", "## Client-limited cells", "", "The load generator could not keep its schedule: these numbers "

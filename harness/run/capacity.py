@@ -1,8 +1,8 @@
-"""The capacity search (`load: {type: capacity}`): which rate or concurrency each step offers, from the passes and
-fails of the steps before it. Bracketing from `start` (doubling while steps pass, halving while they fail), then
+"""The capacity search's steps (`load: {type: capacity}`): which rate or concurrency each step offers, from the passes
+and fails of the steps before it. Bracketing from `start` (doubling while steps pass, halving while they fail), then
 bisection until the highest passing and lowest failing values are at most `tolerance` apart, or `max_steps` ran.
 
-The worker runs each step as a repetition of the one engine start (harness/run/worker.py); whether a step passed is
+harness/run/strategies.py's CapacityStrategy drives the steps in the one engine start, each judged by
 harness/results/capacity.py's `attainment` against the scenario's slo.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from harness.config.scenario import CapacityLoad, ConcurrencyLoad, Load, PoissonLoad
+from harness.config.scenario import CapacityLoad
 
 
 class CapacitySearch:
@@ -29,6 +29,7 @@ class CapacitySearch:
             return self._round(self.load.start)
         lo, hi = self.passed, self.failed
         if hi is None:  # every step passed: no upper bound yet
+            assert lo is not None
             return self._round(lo * 2)
         if lo is None:  # every step failed: look lower, down to the resolution
             half = self._round(hi / 2)
@@ -51,16 +52,3 @@ class CapacitySearch:
 
     def _round(self, value: float) -> float:
         return float(max(1, math.floor(value))) if self.integer else value
-
-
-def step_load(load: CapacityLoad, value: float) -> Load:
-    """The load one step runs: Poisson arrivals at `value` req/s, or `value` requests in flight."""
-    if load.search == "rate":
-        return PoissonLoad(type="poisson", rate=value, max_duration_s=load.max_duration_s)
-    return ConcurrencyLoad(type="concurrency", concurrency=int(value), max_duration_s=load.max_duration_s)
-
-
-def runs_of(load: Load, repetitions: int) -> int:
-    """How many times a cell sends its num_requests: once per repetition, or per capacity step at most (each step
-    gets requests of its own, so no step finds the one before it in a prefix cache)."""
-    return load.max_steps if isinstance(load, CapacityLoad) else repetitions

@@ -2,7 +2,7 @@
 
 The worker is client 0; it starts clients 1..N-1 (`python -m harness.run.worker CELL_DIR --client K N`), each
 attaching a backend of the cell's kind to the engine the worker started (Backend.attach_spec) and sending its
-share of every repetition (loadgen.ClientShare) on its own connections. Each client stamps with its own monotonic
+share of every repetition (strategies.ClientShare) on its own connections. Each client stamps with its own monotonic
 clock; the worker measures each client's offset at start-up (`measure_offset`) and brings its records onto the cell's
 clock (`to_cell_clock`) as they arrive, so the one reducer sees one clock. A version with clients on other machines
 (Ray) reuses `measure_offset`, `to_cell_clock` and ClientClock with its own transport.

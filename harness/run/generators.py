@@ -26,7 +26,7 @@ from harness.core.events import now
 from harness.core.spec import Placement
 from harness.records import CellPlan, ClientClock, RequestRecord
 from harness.run.clients import START_TIMEOUT_S, measure_offset, to_cell_clock
-from harness.run.loadgen import ClientShare
+from harness.run.strategies import ClientShare
 from harness.run.ray_executor import connect, import_ray, placement_options
 
 

@@ -23,7 +23,7 @@ from harness.core.processes import log_tail
 from harness.inputs.models import synthetic_dir
 from harness.inputs.prompts import PromptError
 from harness.records import CellPlan
-from harness.run.capacity import runs_of
+from harness.run.strategies import strategy_for
 from own_engine.units import parse_size
 
 
@@ -77,7 +77,8 @@ class CellPlanner:
         """Built once per model, workload and count (cells that differ in nothing else share them), in a subprocess
         (a tokenizer would make the runner big); named after all that decides them, the input files' sizes and
         times included, so a file another run left is never misread."""
-        count = workload.warmup_requests + workload.num_requests * runs_of(workload.load, self.scenario.repetitions)
+        runs = strategy_for(workload.load).runs(self.scenario.repetitions)  # a capacity search: at most max_steps
+        count = workload.warmup_requests + workload.num_requests * runs
         args = [str(model_path), str(count), str(self.scenario.seed), workload.model_dump_json(exclude_unset=True)]
         # The name (a sweep's, say) decides nothing: workloads that differ only in it share their prompts.
         decides = [args[:3], workload.model_dump(mode="json", exclude={"name", "max_error_rate"}),

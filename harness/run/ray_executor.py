@@ -36,7 +36,7 @@ from harness.core.files import atomic_write, cache_root
 from harness.core.processes import GROUPS_FILE
 from harness.core.redact import Redactor, is_secret_name, restore
 from harness.core.spec import BackendSpec, Placement
-from harness.records import CellResult
+from harness.records import CellResult, NodeAttempt
 from harness.run.attempt import Attempt, attempt_cell
 from harness.run.plan import CellPlanner
 from harness.run.process import Interrupted
@@ -284,4 +284,4 @@ class RayExecutor:
                     atomic_write(path, shipped.prompts[1])
             result = runner.collect(cell, cell_dir, shipped.attempt)
             flight.tries.append({**shipped.attempt.node, "status": result.status, "error": result.error_line})
-        return result.model_copy(update={"attempts": flight.tries})
+        return result.model_copy(update={"attempts": [NodeAttempt.model_validate(t) for t in flight.tries]})

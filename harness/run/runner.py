@@ -17,18 +17,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from backends.registry import get_backend_class
 from harness.config.load import ScenarioError, check_reachable
-from harness.config.scenario import CapacityLoad, Cell, Scenario
+from harness.config.scenario import Cell, Scenario
 from harness.core.redact import Redactor
-from harness.records import CellResult, WorkerReport, load_run, read_requests
-from harness.results.capacity import operating_point, reduce_capacity
+from harness.records import CellResult, ResourceUsage, WorkerReport, load_run, read_requests
 from harness.results.metrics import background_note, reduce_cell, too_many_errors
 from harness.results.store import OutputError, ResultsStore
 from harness.results.summary import print_summary, write_summary
 from harness.run.attempt import Attempt, attempt_cell
-from harness.run.capacity import runs_of
 from harness.run.plan import CellPlanner
 from harness.run.process import Interrupted, describe_exit, interruptible
 from harness.run.progress import LineProgress
+from harness.run.strategies import strategy_for
 
 
 class Executor(Protocol):
@@ -146,7 +145,7 @@ class Runner:
         cell_dir = self.store.fresh_cell_dir(cell.id)
         spec = self.scenario.workload(cell.workload).spec  # a capacity search: at most max_steps runs
         task = progress.add_task(f"  {cell.id}",
-                                 total=spec.num_requests * runs_of(spec.load, self.scenario.repetitions))
+                                 total=spec.num_requests * strategy_for(spec.load).runs(self.scenario.repetitions))
         try:
             attempt = attempt_cell(self.planner, cell, cell_dir, self.scenario.cell_timeout_s,
                                    lambda: progress.advance(task), self.redact)
@@ -168,20 +167,20 @@ class Runner:
             if report is not None and report.resources is not None:
                 failed = failed.model_copy(update=self.measured(cell, report))
             return failed
-        records = read_requests(cell_dir / "requests.jsonl")
-        load, repetitions, lags, capacity = (self.scenario.workload(cell.workload).spec.load,
-                                             self.scenario.repetitions, report.loop_lag_ms, None)
-        if isinstance(load, CapacityLoad):  # the metrics are the capacity step's; every step is in `capacity`
-            capacity = reduce_capacity(records, report.capacity_steps, load, self.scenario.slo)
-            (records, lags, load), repetitions = operating_point(records, capacity, report.loop_lag_ms), 1
-        reduced = reduce_cell(records, repetitions, self.scenario.slo, self.scenario.max_repetition_cv, load, lags,
+        # A capacity search's metrics are its capacity step's, every step in `capacity` (harness/run/strategies.py).
+        view = strategy_for(self.scenario.workload(cell.workload).spec.load, self.scenario.slo).measured(
+            read_requests(cell_dir / "requests.jsonl"), report, self.scenario.repetitions)
+        records, capacity = view.records, view.capacity
+        reduced = reduce_cell(records, view.repetitions, self.scenario.slo, self.scenario.max_repetition_cv,
+                              view.load, view.loop_lag_ms,
                               capped=report.concurrency_cap is not None,
                               steady_state=self.scenario.workload(cell.workload).spec.steady_state)
-        if reduced["unstable"] and (note := background_note(report.resources)):
+        measured = self.measured(cell, report)
+        if reduced["unstable"] and (note := background_note(measured.get("resources"))):
             reduced["unstable"] += f"; meanwhile {note}"
         errors = too_many_errors(records, self.scenario.max_error_rate_of(cell.workload))
         return CellResult(**self.header(cell), status="failed" if errors else "ok", error=errors,
-                          **self.measured(cell, report), **reduced,
+                          **measured, **reduced,
                           load_time_s=report.load_time_s, prepare_time_s=report.prepare_time_s,
                           engine=report.environment,
                           capabilities=report.capabilities, concurrency_cap=report.concurrency_cap,
@@ -201,8 +200,9 @@ class Runner:
     def measured(cell: Cell, report: WorkerReport) -> dict:
         if report.resources is None:
             return {}
-        return {"resources": report.resources, "timeline_file": f"cells/{cell.id}/timeline.json",
-                "over_budget": report.resources.get("over_budget")}
+        usage = ResourceUsage.model_validate(report.resources)
+        return {"resources": usage, "timeline_file": f"cells/{cell.id}/timeline.json",
+                "over_budget": usage.over_budget}
 
     def failed(self, cell: Cell, error: str, node: dict | None = None) -> CellResult:
         return CellResult(**self.header(cell), status="failed", error=error, node=node)

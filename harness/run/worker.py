@@ -28,13 +28,12 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 from backends.base import Backend
 from backends.registry import get_backend_class
 from harness.config.generators import senders
-from harness.config.scenario import CapacityLoad, Load, TraceLoad
 from harness.core.errors import BackendError, describe
 from harness.core.events import CellContext, ModelInfo, Request, RequestSent, TokenEvent, Usage, now
 from harness.core.files import atomic_write
@@ -43,17 +42,15 @@ from harness.core.redact import Redactor
 from harness.measure.disk import check_disk_space, drop_page_cache
 from harness.measure.monitor import ResourceMonitor, over_budget
 from harness.measure.phases import request_phases
-from harness.records import (PROMPT_FILE, CapacityStep, CellPlan, ConcurrencyCap, PromptEntry, RequestRecord, Span,
-                             WorkerReport)
-from harness.results.capacity import met_slo, step_passes
+from harness.records import PROMPT_FILE, CellPlan, ConcurrencyCap, PromptEntry, RequestRecord, Span, WorkerReport
 from harness.run import affinity
 from harness.run.clients import GO_AHEAD_S, ClientProcesses, client_start, read_commands
 from harness.run.eventloop import BackgroundWriter, LoopLagProbe
 from harness.run.generators import RayGenerators
-from harness.run.capacity import CapacitySearch, step_load
-from harness.run.conversation import Conversation
-from harness.run.loadgen import QUEUED_AT, ClientShare, connections_needed, load_width, run_load, trace_rate
+from harness.run.conversation import Conversation, Session
+from harness.run.loadgen import Due, connections_needed, run_load
 from harness.run.saturation import SaturationWatch
+from harness.run.strategies import ClientShare, Paced, RunOutcome, strategy_for
 
 # The longest a thread (the record writer, the resource monitor) holds the GIL while the event loop waits for it,
 # down from Python's 5 ms: a chunk arriving meanwhile is stamped that much late.
@@ -108,6 +105,7 @@ class Cell:
         self.prompts: list[PromptEntry] | None = None
         self.pinning: affinity.Pinning | None = None  # run() plans it before the engine starts
         self.conversation: Conversation | None = None  # prompts: conversation: the sessions' tokenizer and answers
+        self.strategy = strategy_for(self.plan.workload.load, self.plan.slo)  # what is sent when
 
     async def measured(self, backend: Backend, request: Request, repetition: int, keep_ids: bool,
                        t_scheduled: float | None = None) -> RequestRecord | None:
@@ -134,7 +132,7 @@ class Cell:
             split = affinity.plan(plan.resources.isolate_client, senders(plan.workload.load))
             self.pinning, report.cpu_isolation = affinity.Pinning(split), split
             ctx = CellContext(dir=self.dir, seed=plan.seed, vram_budget=plan.vram_budget,
-                              concurrency=load_width(plan.workload.load), engine_cpus=split.engine_cpus or None)
+                              concurrency=self.strategy.width, engine_cpus=split.engine_cpus or None)
             cls = get_backend_class(plan.backend.kind, plan.backend.options)
             os.environ.update(cls.process_environment(plan.backend))  # before the engine's libraries load
             backend = cls(plan.backend, ModelInfo(plan.model_name, plan.model_path), ctx)
@@ -197,9 +195,10 @@ class Cell:
         return Request(id=i, prompt=p.text, prompt_token_ids=p.token_ids, max_tokens=max_tokens,
                        temperature=workload.temperature, seed=self.plan.seed + i)
 
-    def arrivals(self, requests: list[Request], load: Load) -> list[float] | None:
+    def arrivals(self, requests: list[Request]) -> list[float] | None:
         """A replayed trace's send times (s after the repetition's start), one per request; None for other loads."""
-        return [self.prompts[r.id].arrival_s or 0.0 for r in requests] if isinstance(load, TraceLoad) else None
+        times = [t for r in requests if (t := self.prompts[r.id].arrival_s) is not None]
+        return times if times and len(times) == len(requests) else None
 
     def repetition_requests(self, rep: int) -> list[Request]:
         # Fresh prompts per repetition: a prefix cache must not make later repetitions look faster.
@@ -222,7 +221,7 @@ class Cell:
         report.capabilities = asdict(backend.capabilities)
         self.pinning.client_phase()  # the event loop, and what it starts from now on, on the load generator's
         limit = backend.capabilities.max_concurrency
-        width = load_width(workload.load)
+        width = self.strategy.width
         if limit is not None and (width is None or width > limit):
             report.concurrency_cap = ConcurrencyCap(requested=width or workload.num_requests, max_concurrency=limit,
                                                     queue_in_latency=True)
@@ -258,8 +257,9 @@ class Cell:
             report.prefix_reuse = reuse
 
     async def repetitions(self, backend: Backend, writer: BackgroundWriter, limit: int | None) -> None:
-        """Each repetition under the load pattern, this process's share of it and, with load.clients, the other
-        clients' (their records are written as they arrive, and merged here when the repetition ends)."""
+        """Each run the load's strategy drives (its repetitions, or a capacity search's steps), this process's share
+        of it and, with load.clients, the other clients' (their records are written as they arrive, and merged here
+        when the run ends)."""
         plan, report, load = self.plan, self.report, self.plan.workload.load
         count = senders(load)
         latency = max((r.e2el for r in self.records if r.ok), default=None)  # the warm-up's
@@ -278,34 +278,34 @@ class Cell:
             if clients is not None:
                 report.clients = await clients.start()
             with LoopLagProbe(asyncio.get_running_loop()) as probe:
-                if isinstance(load, CapacityLoad):
-                    await self.capacity_search(backend, writer, limit, probe, latency)
-                    return
-                for rep in range(plan.repetitions):
-                    await self.one_run(backend, writer, limit, rep, load, probe, latency, clients)
+                async def run(rep: int, strategy: Paced, may_all_fail: bool) -> RunOutcome:
+                    return await self.one_run(backend, writer, limit, rep, strategy, probe, latency, clients,
+                                              may_all_fail)
+
+                report.capacity_steps = await self.strategy.drive(run, plan.repetitions, limit, plan.backend.kind)
         finally:
             if clients is not None:
                 await asyncio.to_thread(clients.stop)
 
-    async def one_run(self, backend: Backend, writer: BackgroundWriter, limit: int | None, rep: int, load: Load,
-                      probe: LoopLagProbe, latency: float | None, clients: ClientProcesses | None = None,
-                      step_of_search: bool = False) -> list[RequestRecord]:
-        """One repetition (or capacity step) `rep` under `load`: its records; those max_duration_s kept from leaving
-        are counted in the report's not_sent."""
+    async def one_run(self, backend: Backend, writer: BackgroundWriter, limit: int | None, rep: int,
+                      strategy: Paced, probe: LoopLagProbe, latency: float | None,
+                      clients: ClientProcesses | RayGenerators | None, may_all_fail: bool) -> RunOutcome:
+        """One run `rep` (a repetition, or a capacity step) on the strategy's schedule; those max_duration_s or an
+        over-saturation stop kept from leaving are counted in the report's not_sent."""
         plan, report = self.plan, self.report
-        count = senders(load)
+        count = strategy.senders
 
         conversation = self.conversation
-        rule = getattr(load, "oversaturation_stop", None)
-        watch = SaturationWatch(rule) if rule is not None else None
+        watch = SaturationWatch(strategy.stop) if strategy.stop is not None else None
 
-        async def send(req: Request, t_scheduled: float) -> RequestRecord | None:
+        async def send(req: Request, due: Due) -> RequestRecord | None:
             if watch is not None:
                 watch.sent()
             # A conversation needs each answer's text for the next turn, kept or not.
-            rec = await self.measured(backend, req, rep, plan.record_outputs or conversation is not None, t_scheduled)
+            rec = await self.measured(backend, req, rep, plan.record_outputs or conversation is not None,
+                                      due.t_scheduled)
             if rec is not None:
-                rec.t_queued = QUEUED_AT.get()
+                rec.t_queued = due.t_queued
                 if conversation is not None:
                     conversation.note(rec, plan.record_outputs)
                 self.records.append(rec)
@@ -315,25 +315,25 @@ class Cell:
             return rec
 
         requests = self.repetition_requests(rep)
-        items, send_item = requests, send
+        items: list[Request] | list[Session] = requests
+        send_item: Callable[[Any, Due], Awaitable[Any]] = send
         if conversation is not None:  # the load's items are sessions, whose turns go one after another
             items = conversation.sessions(requests)
 
-            async def send_item(session: list[Request], t_scheduled: float) -> list[RequestRecord | None]:
-                return await conversation.run(session, t_scheduled, send, deadline)
+            async def send_item(session: Session, due: Due) -> list[RequestRecord | None]:
+                return await session.send(due, send, deadline)
 
-        arrivals = self.arrivals(requests, load)
-        rate = trace_rate(arrivals) if arrivals else None
-        await backend.open_connections(connections_needed(load, limit, latency, ClientShare(0, count), rate))
+        arrivals = self.arrivals(requests)
+        await backend.open_connections(connections_needed(strategy, limit, latency, ClientShare(0, count), arrivals))
         gc.freeze()  # what exists now is never garbage: a collection during the load need not scan it
         t0 = now() + (GO_AHEAD_S if clients else 0.0)
-        deadline = t0 + (load.max_duration_s or math.inf)
+        deadline = t0 + (strategy.max_duration_s or math.inf)
         if clients is not None:
-            clients.go(rep, t0, [connections_needed(load, limit, latency, ClientShare(k, count))
+            clients.go(rep, t0, [connections_needed(strategy, limit, latency, ClientShare(k, count), arrivals)
                                  for k in range(1, count)])
         watching = asyncio.create_task(watch.run(t0)) if watch is not None else None
         try:
-            sent = await run_load(load, items, send_item, seed=plan.seed + rep, max_concurrency=limit,
+            sent = await run_load(strategy, items, send_item, seed=plan.seed + rep, max_concurrency=limit,
                                   share=ClientShare(0, count), t0=t0, arrivals=arrivals,
                                   stopped=watch.stopped if watch is not None else None)
         finally:
@@ -353,32 +353,10 @@ class Cell:
         report.loop_lag_ms.append(probe.lags(t0, end) + lags)
         self.check_engine()
         report.not_sent.append(sum(r is None for r in sent))
-        # A capacity step past the knee may fail every request; it is a failed step, not a broken engine.
-        if not any(r.ok for r in records) and not (step_of_search and records):
+        if not any(r.ok for r in records) and not (may_all_fail and records):
             raise BackendError(f"every request failed; first error: {records[0].error}" if records else
                                "no request was sent before max_duration_s")
-        return records
-
-    async def capacity_search(self, backend: Backend, writer: BackgroundWriter, limit: int | None,
-                              probe: LoopLagProbe, latency: float | None) -> None:
-        """Each step of the search a repetition of its own at the step's rate or concurrency, judged by the slo
-        (harness/run/capacity.py chooses the steps)."""
-        load, slo, report = self.plan.workload.load, self.plan.slo, self.report
-        if load.search == "concurrency" and limit is not None:
-            # The harness would hold all but `limit` back, and every step would measure the same.
-            raise BackendError(f"load.search: concurrency needs an engine that serves requests at once; "
-                               f"{self.plan.backend.kind} serves {limit} at a time: search the rate instead")
-        search = CapacitySearch(load)
-        while (value := search.next()) is not None:
-            step = len(report.capacity_steps)
-            records = await self.one_run(backend, writer, limit, step, step_load(load, value), probe, latency,
-                                         step_of_search=step > 0)
-            met, not_sent = met_slo(records, slo), report.not_sent[-1]
-            passed = step_passes(met, len(records), load.attainment)
-            span = report.repetitions[-1]
-            report.capacity_steps.append(CapacityStep(step=step, value=value, start=span.start, end=span.end,
-                                                      sent=len(records), not_sent=not_sent, met=met, passed=passed))
-            search.record(value, passed)
+        return RunOutcome(records, report.not_sent[-1], t0, end)
 
     async def stop(self, backend: Backend) -> None:
         try:
@@ -438,7 +416,8 @@ class ClientCell(Cell):
             threading.Thread(target=read_commands, args=(sys.stdin, loop, inbox), daemon=True).start()
         emit = emit or (lambda line: print(line, flush=True))
         writer = BackgroundWriter(lambda item: emit(item if isinstance(item, str) else item.to_json()))
-        plan = self.plan
+        plan, strategy = self.plan, self.strategy
+        assert isinstance(strategy, Paced), "a load with more than one client sends one schedule every repetition"
         spec = plan.backend.model_copy(update=self.attach)
         backend = get_backend_class(spec.kind, spec.options)(
             spec, ModelInfo(plan.model_name, plan.model_path), CellContext(dir=self.dir, seed=plan.seed))
@@ -449,8 +428,8 @@ class ClientCell(Cell):
                 while (cmd := await inbox.get()) is not None and "go" in cmd:
                     rep, t0 = cmd["go"], cmd["t0"]
 
-                    async def send(req: Request, t_scheduled: float, rep=rep) -> RequestRecord | None:
-                        rec = await self.measured(backend, req, rep, plan.record_outputs, t_scheduled)
+                    async def send(req: Request, due: Due, rep=rep) -> RequestRecord | None:
+                        rec = await self.measured(backend, req, rep, plan.record_outputs, due.t_scheduled)
                         if rec is not None:
                             writer.put(rec)
                         return rec
@@ -458,8 +437,8 @@ class ClientCell(Cell):
                     await backend.open_connections(cmd["connections"])
                     gc.freeze()
                     requests = self.repetition_requests(rep)
-                    await run_load(plan.workload.load, requests, send, seed=plan.seed + rep, share=self.share, t0=t0,
-                                   arrivals=self.arrivals(requests, plan.workload.load))
+                    await run_load(strategy, requests, send, seed=plan.seed + rep, share=self.share, t0=t0,
+                                   arrivals=self.arrivals(requests))
                     writer.put(json.dumps({"finished": rep, "loop_lag_ms": probe.lags(t0, now())}))
         except Exception as e:
             writer.put(json.dumps({"failed": str(e) if isinstance(e, BackendError) else describe(e)}))

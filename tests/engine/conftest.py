@@ -89,20 +89,35 @@ XEON_AMX = EPYC | {"avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"}  # Intel X
 
 @pytest.fixture
 def fake_cpu(monkeypatch):
-    """fake_cpu(flags, narrow_rows=8): the compute policy sees a CPU with these flags, and its micro-benchmark
-    answers as measured on the AVX2 CPU (a decode step of the 201M benchmark model: 4 rows 118 ms reading bf16 as
-    stored vs 190 ms upcast, 8 rows 191 vs 186). Returns the list of (stored, compute) it was asked to measure."""
-    from own_engine.compute import Crossover
+    """fake_cpu(flags, narrow_rows=8): the compute policy sees a CPU with these flags, and its micro-benchmarks
+    answer as measured on the AVX2 CPU (a decode step of the 201M benchmark model: 4 rows 118 ms reading bf16 as
+    stored vs 190 ms upcast, 8 rows 191 vs 186) and, for the products' forms, as on the Xeon (torch.mv for 1 row,
+    (w @ x.T).T for 2 to 63). Returns the list of (stored, compute) crossovers it was asked to measure; the forms
+    it was asked for are in its `.forms` (dtypes, in order)."""
+    from own_engine.compute import Crossover, MatmulForms, dtype_name
 
-    asked = []
+    asked, forms = [], []
 
     def fake(flags, narrow_rows=8):
         def crossover(stored, compute):
             asked.append((stored, compute))
             return Crossover(narrow_rows, (4, 8), (0.118, 0.191), (0.190, 0.186), None, False)
 
+        def matmul_forms(dtype):
+            forms.append(dtype)
+            return MatmulForms(dtype_name(dtype), (1, 2, 64), ("gemv", "wxt", "linear"),
+                               {"linear": (4e-4, 4e-4, 5e-4), "gemv": (3e-4, None, None), "wxt": (4e-4, 3e-4, 6e-4)},
+                               None, False)
+
         monkeypatch.setattr("own_engine.compute.cpu_flags", lambda: frozenset(flags))
         monkeypatch.setattr("own_engine.compute.crossover", crossover)
+        monkeypatch.setattr("own_engine.compute.matmul_forms", matmul_forms)
         return asked
 
+    fake.forms = forms
     return fake
+
+
+def slots(table: list[int], block_size: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block id, offset in block) of each of a sequence's positions, as a pass prepares them (batch.prepare)."""
+    return torch.tensor(table)[positions // block_size], positions % block_size

@@ -6,13 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from own_engine.attention import attend, chunked_attention, part, visible
-from own_engine.batch import slots
+from own_engine.attention import attend, cached_attention, chunked_attention, gathered_bias, part, visible
 from own_engine.block_manager import BlockManager
 from own_engine.config import ModelConfig
+from own_engine.kernels import decode_attention
 from own_engine.kv_cache import KVCache
 from own_engine.sequence import Sequence
 from own_engine.stats import EngineStats
+
+from .conftest import slots
 
 
 def dense(q, k, v, pos, kpos, window=None):
@@ -45,6 +47,18 @@ def test_chunked_attention_equals_sdpa(heads, kv_heads, chunk, t_new, window):
     torch.testing.assert_close(got, dense(q, k, v, pos[t_cached:], pos, window), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [7, 71, 200])
+@pytest.mark.parametrize("window", [None, 20])
+def test_a_decoded_token_attends_over_the_cache_holding_its_own_kv(chunk, window):
+    """Decode writes the new token's K and V before it reads: one pass over cached chunks (one kernel call when its
+    KV is one chunk) equals SDPA over every key up to and including its own."""
+    q, k, v, pos = random_qkv(70, 1, 8, 2)
+    cached = [(k[i:i + chunk], v[i:i + chunk], pos[i:i + chunk]) for i in range(0, 71, chunk)]
+    random.Random(chunk).shuffle(cached)  # the chunk holding the token need not come first
+    got = cached_attention(q, pos[70:], cached, 16 ** -0.5, window)
+    torch.testing.assert_close(got, dense(q, k, v, pos[70:], pos, window), rtol=1e-5, atol=1e-5)
+
+
 def test_causal_prefill_without_cache_equals_sdpa():
     q, k, v, pos = random_qkv(0, 40, 8, 2)
     got = chunked_attention(q, k, v, pos, [], 16 ** -0.5)
@@ -62,7 +76,8 @@ def test_fused_kernel_equals_reference(dtype, causal, window):
     out, lse = part(q.to(dtype), k.to(dtype), v.to(dtype), q_pos, k_pos, 16 ** -0.5, window, causal)
     ref_out, ref_lse = attend(q.to(dtype), k.to(dtype), v.to(dtype), visible(q_pos, k_pos, window), 16 ** -0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    assert out.dtype == dtype  # upcast only where parts are merged
+    torch.testing.assert_close(out.float(), ref_out, rtol=tol, atol=tol)
     torch.testing.assert_close(lse, ref_lse, rtol=tol, atol=tol)
     if window and not causal:
         assert lse.isinf().any() and not lse.isinf().all()  # the case above was exercised
@@ -92,8 +107,53 @@ def test_paged_kv_over_tiers_equals_sdpa(tmp_path, chunk_blocks, dtype):
     k, v = k.to(dtype).float(), v.to(dtype).float()  # what the cache can hold
     for start, n in [(0, 11), (11, 24), (35, 10), (45, 5)]:
         blocks.reserve(seq, start + n)
-        kv.write(1, *slots(seq.table, 8, torch.arange(start, start + n)), k[start:start + n], v[start:start + n])
+        rows = slice(start, start + n)
+        kv.write(1, kv.slots(*slots(seq.table, 8, torch.arange(start, start + n))), k[rows], v[rows])
     assert seq.table == [0, 2, 3, 4, 5, 6, 7]  # device 0 and 2 (not consecutive), host 3-4, disk 5-7
     got = chunked_attention(q, k[45:], v[45:], pos[45:], kv.read(1, kv.chunks(seq.table, 45)), 16 ** -0.5)
     kv.close()
     torch.testing.assert_close(got, dense(q, k, v, pos[45:], pos), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_decoding_sequences_attend_together_over_one_gather(tmp_path, window):
+    """Three sequences decoding one token each, their KV in the pool (one starting with blocks another holds, so its
+    KV is two runs), gathered into one batch and attended in one kernel call, padding and window masked: each equals
+    SDPA over its own keys."""
+    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2})
+    kv = KVCache(cfg, {"device": 12}, block_size=8, chunk_blocks=1, dtype=torch.float32, compute_dtype=torch.float32,
+                 device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
+    tables, lengths = [[0, 1, 2], [3, 4], [0, 5, 6, 7]], [20, 9, 30]  # the third shares block 0 with the first
+    qs, expected, reads = [], [], []
+    for b, (table, n) in enumerate(zip(tables, lengths)):
+        q, k, v, pos = random_qkv(n - 1, 1, 4, 2, seed=b)
+        if b == 2:  # block 0 holds the first sequence's keys
+            k[:8], v[:8] = first_kv
+        kv.write(0, kv.slots(*slots(table, 8, pos)), k, v)
+        first_kv = (k[:8], v[:8]) if b == 0 else first_kv
+        qs.append(q)
+        expected.append(dense(q, k, v, pos[-1:], pos, window))
+        reads.append(kv.chunks(table, n))
+    assert [len(r) for r in reads] == [1, 1, 2]
+    g = kv.gather_index(reads)
+    bias = gathered_bias(torch.tensor(lengths) - 1, g.positions, window, torch.float32, torch.device("cpu"))
+    got = decode_attention(torch.cat(qs), *kv.gather(0, g), bias, 16 ** -0.5)
+    kv.close()
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gather_too_large_or_across_tiers_is_not_made(tmp_path):
+    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2})
+    kv = KVCache(cfg, {"device": 4, "disk": 2}, block_size=8, chunk_blocks=1, dtype=torch.float32,
+                 compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
+    assert kv.gather_index([kv.chunks([0], 8), kv.chunks([1, 2], 16)]) is not None
+    assert kv.gather_index([kv.chunks([0], 8), kv.chunks([4], 8)]) is None  # device and disk
+    kv.close()
+    big = KVCache(cfg, {"device": 11}, block_size=4096, chunk_blocks=1, dtype=torch.float32,
+                  compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
+    # K and V of 10 sequences of 4096 tokens, 2 KV heads of 16 float32: 10 MiB, the most a gather copies; 11: none
+    assert big.gather_index([big.chunks([b], 4096) for b in range(10)]) is not None
+    assert big.gather_index([big.chunks([b], 4096) for b in range(11)]) is None
+    big.close()

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from own_engine import EngineError
-from own_engine.batch import slots
 from own_engine.block_manager import BlockManager
 from own_engine.sequence import Sequence
+
+from .conftest import slots
 
 
 def test_many_sequences_grow_and_free_without_leaks():

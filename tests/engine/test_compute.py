@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from own_engine import compute
-from own_engine.compute import Crossover, choose, cpu_flags, crossover, measure
+from own_engine.compute import (Crossover, MatmulForms, choose, cpu_flags, crossover, matmul_forms, measure,
+                                measure_forms)
 
 from .conftest import AVX2, EPYC, XEON_AMX
 
@@ -33,6 +34,9 @@ def test_the_policy_on_each_kind_of_cpu(fake_cpu, flags, stored, asked, expected
     c = choose(CPU, stored, asked)
     assert (c.dtype, c.narrow_rows) == (expected, narrow) and why in c.reason
     assert measured == ([(stored, expected)] if narrow else [])  # the benchmark only where flags do not decide
+    # the products' forms, for every dtype they run in: the compute dtype, and the stored one for narrow passes
+    assert fake_cpu.forms == [expected] + ([stored] if narrow else [])
+    assert [f.dtype for f in c.forms] == [compute.dtype_name(d) for d in fake_cpu.forms]
     if narrow:
         assert "191.00 ms as stored, 186.00 ms converted" in c.reason  # the figures it decided on, at 8 rows
 
@@ -41,7 +45,7 @@ def test_cuda_computes_in_the_stored_dtype(fake_cpu):
     measured = fake_cpu(AVX2)
     c = choose(torch.device("cuda"), torch.bfloat16)
     assert (c.dtype, c.narrow_rows) == (torch.bfloat16, 0) and "cuda multiplies bfloat16 natively" in c.reason
-    assert not measured
+    assert not measured and not fake_cpu.forms and c.form(torch.bfloat16, 1) == "linear"
 
 
 def test_the_crossover_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
@@ -87,3 +91,59 @@ def test_the_flags_are_those_the_harness_records():
     from harness.measure.environment import cpu_isa
 
     assert set(cpu_isa()) <= cpu_flags()
+
+
+def test_each_width_takes_the_form_measured_for_the_widest_width_not_above_it(fake_cpu):
+    fake_cpu(XEON_AMX)
+    c = choose(CPU, torch.bfloat16)
+    assert [c.form(torch.bfloat16, rows) for rows in (1, 2, 3, 63, 64, 65, 512)] == (
+        ["gemv", "wxt", "wxt", "wxt", "linear", "linear", "linear"])
+    assert c.form(torch.float16, 1) == "linear"  # no product runs in a dtype that was not measured
+    line = c.forms[0].explain()
+    assert line.startswith("bfloat16: 1 row torch.mv; 2-63 rows (w @ x.T).T; 64 rows F.linear; more F.linear")
+    assert "torch.mv 0.30 ms" in line
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_form_computes_the_same_product(dtype, rows, bias):
+    from own_engine.matmul import FORMS, linear
+
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 64, generator=gen).to(dtype), torch.randn(48, 64, generator=gen).to(dtype)
+    b = torch.randn(48, generator=gen).to(dtype) if bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    for form in FORMS:
+        got = linear(x, w, b, form)
+        assert got.shape == (rows, 48) and got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=5e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_the_forms_micro_benchmark_times_each_candidate(monkeypatch):
+    monkeypatch.setattr(compute, "FORM_ROWS", (1, 4))
+    monkeypatch.setattr(compute, "WORKING_SET", 1 << 20)
+    f = measure_forms(torch.float32)
+    assert f.rows == (1, 4) and f.dtype == "float32" and not f.cached
+    assert f.seconds["gemv"][1] is None and all(0 < t < 1 for t in f.seconds["linear"] + f.seconds["wxt"])
+    assert f.best[1] != "gemv"  # torch.mv multiplies one row
+    for at, best in enumerate(f.best):  # F.linear unless another form beat it by the margin
+        assert best == "linear" or f.seconds[best][at] * compute.MARGIN < f.seconds["linear"][at]
+
+
+def test_the_forms_are_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path))
+    runs = []
+
+    def fake(dtype):
+        runs.append(dtype)
+        return MatmulForms(compute.dtype_name(dtype), (1,), ("gemv",), {"gemv": (1e-4,)}, None, False)
+
+    monkeypatch.setattr(compute, "measure_forms", fake)
+    first, again = matmul_forms(torch.bfloat16), matmul_forms(torch.bfloat16)
+    assert runs == [torch.bfloat16] and not first.cached and again.cached and again.best == ("gemv",)
+    matmul_forms(torch.float32)
+    assert runs == [torch.bfloat16, torch.float32]
+    keys = [json.loads(k) for k in json.loads((tmp_path / "own_engine" / "compute.json").read_text())]
+    assert [k["dtype"] for k in keys] == ["bfloat16", "float32"] and all(k["threads"] == 1 for k in keys)

@@ -109,7 +109,12 @@ def test_stats_count_streamed_bytes(tiny_model, tmp_path):
         assert stats.bytes[("decode", "disk->host")] >= 9 * layers
         assert stats.bytes[("decode", "host->disk")] == 9 * 5 * engine.config.kv_bytes_per_token(engine.dtype)
         assert stats.bandwidth("disk->host") > 0 and stats.tokens == {"load": 0, "prefill": 40, "decode": 9}
-        assert set(stats.as_dict()) == {"transfers", "phase_seconds", "tokens", "prefix_cache", "preemptions"}
+        assert set(stats.as_dict()) == {"transfers", "phase_seconds", "tokens", "read_bytes", "prefix_cache",
+                                        "preemptions"}
+        # What compute read, wherever it was: every layer and lm_head once per pass, and the KV up to each token.
+        head = engine.model.globals.lm_head.nbytes + engine.model.globals.norm.nbytes
+        kv = engine.config.num_layers * engine.config.kv_bytes_per_token(engine.dtype)
+        assert stats.read_bytes["decode"] == sum(layers + head + (40 + j) * kv for j in range(1, 10))
 
 
 def test_plan_explains_itself(tiny_model):
@@ -165,22 +170,30 @@ def test_compute_dtype_policy(tiny_model, fake_cpu, native):
 
 @pytest.mark.parametrize("native", [False, True, None], ids=["no-bf16-isa", "bf16-isa", "this-cpu"])
 def test_weights_on_disk_are_read_in_place_on_cpu(tiny_model, tmp_path, fake_cpu, native):
-    """On the CPU, layers on disk are memory-mapped: compute reads the safetensors' pages (no ring, no copy) when
-    the dtype matches. A bf16 checkpoint computes in bf16 straight from the map on a CPU with bf16 instructions;
-    without them it is upcast from the map into one float32 buffer, in the calling thread (no prefetch thread on
-    the CPU). Run with the instruction set faked both ways, and on this CPU as its flags say."""
+    """On the CPU, layers on disk are memory-mapped: compute reads their pages (no ring, no copy). By default from
+    per-layer files packed at load (aligned, q, k and v side by side); with pack_weights false from the safetensors
+    themselves when the dtype matches. A bf16 checkpoint computes in bf16 straight from the map on a CPU with bf16
+    instructions; without them it is upcast from the map into one float32 buffer, in the calling thread (no
+    prefetch thread on the CPU). Run with the instruction set faked both ways, and on this CPU as its flags say."""
     if native is None:
         native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     else:
         fake_cpu(EPYC if native else AVX2)
     path, _ = tiny_model("llama_gqa2")
-    with Engine.from_pretrained(path, weights="disk", kv="gpu", offload_dir=tmp_path / "off") as engine:
+    with Engine.from_pretrained(path, weights="disk", kv="gpu", offload_dir=tmp_path / "off",
+                                pack_weights=False) as engine:
         layers = engine.model.weights
         w = layers.layer(0)["mlp.up_proj.weight"]
         mapped = layers.spans[0][0][0].bytes
         assert not layers.slots and layers.pool is None
         assert mapped.data_ptr() <= w.data_ptr() < mapped.data_ptr() + mapped.numel()
         assert not (tmp_path / "off").exists()  # nothing written: the checkpoint is read where it is
+        assert "qkv" not in layers.layer(0)  # q, k and v apart in the safetensors
+    with Engine.from_pretrained(path, weights="disk", kv="gpu", offload_dir=tmp_path / "packed") as engine:
+        layers = engine.model.weights
+        w = layers.layer(0)["qkv"]
+        assert layers.spans[0][0][0].map.size() == engine.plan.layer_bytes and w.data_ptr() % 64 == 0
+        assert (tmp_path / "packed" / "weights" / "layer_000.bin").is_file() and not layers.slots
     path, _ = tiny_model("llama_bf16")
     with Engine.from_pretrained(path, weights="disk", kv="gpu") as engine:
         layers = engine.model.weights

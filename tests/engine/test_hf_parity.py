@@ -8,7 +8,8 @@ from .conftest import MODELS, plan_here
 
 PLACEMENTS = {
     "resident": dict(weights="gpu", kv="gpu"),
-    "weights_disk": dict(weights="disk", kv="gpu"),
+    "weights_disk": dict(weights="disk", kv="gpu"),  # packed into aligned per-layer files (the CPU's default)
+    "weights_disk_in_place": dict(weights="disk", kv="gpu", pack_weights=False),  # the safetensors mapped
     "kv_disk": dict(weights="gpu", kv="disk"),
     "both_disk": dict(weights="disk", kv="disk"),
     "host": dict(weights="cpu", kv="cpu"),

@@ -4,12 +4,13 @@ import time
 
 import torch
 
-from own_engine.batch import slots
 from own_engine.block_manager import BlockManager
 from own_engine.config import ModelConfig
 from own_engine.kv_cache import KVCache
 from own_engine.sequence import Sequence
 from own_engine.stats import EngineStats
+
+from .conftest import slots
 
 CFG = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 64,
                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
@@ -22,7 +23,7 @@ def filled_cache(tmp_path, dtype, counts, n_tokens=40):
     seq = Sequence([])
     blocks.reserve(seq, n_tokens)
     k = torch.randn(n_tokens, 2, 16).to(dtype).float()
-    kv.write(0, *slots(seq.table, 8, torch.arange(n_tokens)), k, -k)
+    kv.write(0, kv.slots(*slots(seq.table, 8, torch.arange(n_tokens))), k, -k)
     return kv, seq.table, k
 
 
@@ -53,8 +54,8 @@ def test_in_place_reads_copy_nothing_and_are_counted(tmp_path, monkeypatch):
     kv, table, k = filled_cache(tmp_path, torch.float32, {"device": 2, "disk": 3})
     monkeypatch.setattr(kv, "_copy", lambda *a: (_ for _ in ()).throw(AssertionError("copied")))
     chunks = list(kv.read(0, kv.chunks(table, 40)))
-    assert [len(c[2]) for c in chunks] == [8] * 5
-    disk = chunks[2][0]
+    assert [len(c[2]) for c in chunks] == [16, 24]  # a run of blocks read in place is one chunk, whatever chunk_blocks
+    disk = chunks[1][0]
     assert disk.untyped_storage().data_ptr() == kv.tiers["disk"][2][0][0].untyped_storage().data_ptr()  # the map
     assert kv.stats.bytes[("load", "disk->host")] == 3 * 2 * 8 * 2 * 16 * 4  # 3 blocks, K and V, float32
     assert ("load", "disk->host") not in kv.stats.seconds
@@ -73,12 +74,14 @@ def test_a_reader_stopped_early_leaves_no_copy_in_flight(tmp_path):
 
 def test_chunks_read_in_place_are_runs_of_consecutive_blocks(tmp_path):
     """Compute can read a chunk in place only as one view of the pool: where the block ids break (a shared prefix
-    followed by blocks of the sequence's own), a chunk ends; chunks that are copied anyway keep their full size."""
+    followed by blocks of the sequence's own), a chunk ends, and only there on the CPU (no copy, no size limit);
+    chunks that are copied anyway keep their full size."""
     table = [0, 1, 4, 5, 6, 2]  # device blocks 0-6 of 8: two runs and a stray block
     kv = KVCache(CFG, {"device": 8}, block_size=8, chunk_blocks=4, dtype=torch.float32, compute_dtype=torch.float32,
                  device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
     assert [c.ids for c in kv.chunks(table, 45)] == [[0, 1], [4, 5, 6], [2]]
     assert [c.valid for c in kv.chunks(table, 45)] == [16, 24, 5]
+    assert [c.ids for c in kv.chunks(list(range(8)), 60)] == [list(range(8))]  # longer than chunk_blocks: one view
     kv.close()
     copied = KVCache(CFG, {"device": 8}, block_size=8, chunk_blocks=4, dtype=torch.bfloat16,
                      compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())

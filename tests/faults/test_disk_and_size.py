@@ -49,9 +49,9 @@ def test_the_bandwidth_probe_never_fails_a_finished_cell_on_a_full_disk(bench, w
     run = bench("run", str(path), "--out", str(out), argv_prefix=in_private_tmpfs(offload, "40m", 'exec "$0" "$@"'))
     assert run.wait(300) == 0, run.output
     cell = cells_by_backend(out)["own"]
-    assert cell.ok and cell.metrics["completed"] == 2
-    bound = cell.logical_io["decode_bound"]
-    assert "free, too little" in bound["probe_error"] and "bound_s_per_token" not in bound
+    assert cell.ok and cell.metrics.value("completed") == 2
+    bound = cell.logical_io.decode_bound
+    assert "free, too little" in bound.probe_error and "bound_s_per_token" not in bound.model_fields_set
     assert not run.wait_gone(5)
 
     again = bench("run", str(path), "--out", str(out), "--resume")

@@ -54,7 +54,7 @@ def test_a_killed_runner_leaves_no_worker_and_no_stopped_server(bench, write_sce
     again = bench("run", str(path), "--out", str(out), "--resume")
     assert again.wait(300) == 0, again.output
     cell = cells_by_backend(out)["server"]
-    assert cell.status == "ok" and cell.metrics["completed"] == 1
+    assert cell.status == "ok" and cell.metrics.value("completed") == 1
     assert not again.wait_gone(5)
 
 

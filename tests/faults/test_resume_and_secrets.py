@@ -37,7 +37,7 @@ def test_resume_refuses_a_changed_scenario_unless_forced(bench, write_scenario, 
     run = valid_results(out)
     assert run.scenario_fingerprint != fingerprint
     assert [(r["changed"], r["previous_fingerprint"]) for r in run.forced_resumes] == [(["workloads"], fingerprint)]
-    assert cells_by_backend(out)["later"].ok and cells_by_backend(out)["later"].workload_spec["output_tokens"] == 3
+    assert cells_by_backend(out)["later"].ok and cells_by_backend(out)["later"].workload_spec.output_tokens == 3
     assert not forced.wait_gone(5)
 
     # Every cell ok: a resume has nothing to run, and once rewrote summary.md as an empty table.
@@ -126,6 +126,16 @@ def test_secrets_are_masked_by_value_and_shape_as_well_as_by_key():
                              f"first token: 12 ms")
     assert masked["error"] == f"401 from http://h/v1 with {MASK}; true"  # short flag values are no secrets
     assert "secret" not in json.dumps(masked)
+
+
+def test_a_rate_per_token_is_no_secret():
+    """The own engine's decode_bound (bytes_per_token, bound_s_per_token) was written as *** and its numbers lost."""
+    from harness.core.redact import MASK, Redactor, is_secret_name
+
+    masked = Redactor()({"decode_bound": {"bytes_per_token": 4096.0, "measured_s_per_token": 0.5}, "hf_token": "x"})
+    assert masked == {"decode_bound": {"bytes_per_token": 4096.0, "measured_s_per_token": 0.5}, "hf_token": MASK}
+    assert not is_secret_name("seconds_per_token")
+    assert is_secret_name("proxy_token") and is_secret_name("PER_USER_TOKEN")
 
 
 def test_ray_tasks_get_masked_data_and_secrets_from_the_nodes_environment(monkeypatch):

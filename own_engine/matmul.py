@@ -1,0 +1,27 @@
+"""Products with a layer's weights, x @ w.T (+ b), in the form the compute policy measured fastest on this CPU for
+the number of rows (compute.MatmulForms).
+
+A decode step's few rows make every product memory-bound: what matters is how fast a kernel streams the weights
+once. F.linear does not always: on an Intel Xeon with AMX (torch 2.13, oneDNN), the decode matmuls of the 201M
+bf16 benchmark model streamed at ~14 GB/s through F.linear, at ~19 GB/s through torch.mv (one row) or
+(w @ x.T).T (2 to 64 rows), all from the same row-major weights, with the same float32 accumulation.
+"""
+import torch
+import torch.nn.functional as F
+
+FORMS = ("linear", "gemv", "wxt")
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, form: str = "linear") -> torch.Tensor:
+    """x @ w.T + b in x's dtype, reading w in its own (a narrow pass: compute.Compute.narrow_rows), computed as
+    `form` says (compute.MatmulForms: which call is fastest for this many rows on this CPU): "linear" F.linear,
+    "gemv" torch.mv (one row), "wxt" (w @ x.T).T, a tall-skinny product that streams w once (its [out, rows]
+    result transposed into place: a few rows, a small copy, and the next kernels read rows contiguously)."""
+    xw = x if x.dtype == w.dtype else x.to(w.dtype)
+    if form == "gemv" and len(xw) == 1:
+        y = (torch.mv(w, xw[0]) if b is None else torch.addmv(b, w, xw[0])).unsqueeze(0)
+    elif form == "wxt":
+        y = (torch.mm(w, xw.t()) if b is None else torch.addmm(b[:, None], w, xw.t())).t().contiguous()
+    else:
+        y = F.linear(xw, w, b)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
