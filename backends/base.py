@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -187,8 +188,37 @@ def cpu_affinity(pid: int = 0) -> str | list[int] | None:
     return "all" if len(cpus) == os.cpu_count() else cpus
 
 
+def allowed_cpus() -> int:
+    """How many CPUs this thread may run on (the worker pins the engine's to those it gave it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_count(asked: int | None, given: int | None, allowed: int) -> tuple[int, str | None]:
+    """torch threads for an engine: those asked (num_threads), else one per CPU the worker gave it (`given`), else
+    one per CPU this process may run on (`allowed`); never more than `allowed`, since threads beyond the CPUs wait
+    for each other at every parallel region. Returns (threads, why they were capped, or None)."""
+    want = asked or given or allowed
+    if want <= allowed:
+        return want, None
+    return allowed, f"num_threads {want} capped at {allowed}: the engine may run on {allowed} CPU(s)"
+
+
 class TorchBackend(Backend):
     """An engine that runs torch inside the worker on `options.device`: on CUDA its allocator peaks are recorded."""
+    threads_note: str | None = None
+
+    def set_threads(self, asked: int | None) -> None:
+        """torch's intra-op threads for this engine (thread_count), from the thread that loads it: every engine on
+        the same rule, so one is never oversubscribed beside another that is not."""
+        import torch
+
+        threads, self.threads_note = thread_count(asked, self.ctx.engine_threads(), allowed_cpus())
+        if self.threads_note:
+            print(f"{self.spec.name}: {self.threads_note}", file=sys.stderr)
+        torch.set_num_threads(threads)
 
     def cpu_settings(self) -> dict[str, Any]:
         """What decides its CPU speed, as torch, OpenMP and the OS report them in this process (not as the scenario
@@ -197,7 +227,7 @@ class TorchBackend(Backend):
 
         return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins a while, then sleeps)"),
-                "cpu_affinity": cpu_affinity()}
+                "cpu_affinity": cpu_affinity(), "threads_note": self.threads_note}
 
     def torch_allocator(self) -> Callable[[], tuple[int, int]] | None:
         from harness.core.gpu import torch_peak_reader

@@ -45,7 +45,7 @@ class Exchange:
     received: bool = False  # any byte of the response came
 
 
-class _Connection(asyncio.Protocol):
+class _ClientConnection(asyncio.Protocol):
     def __init__(self, pool: HTTP1Pool):
         self.pool = pool
         self.h11 = h11.Connection(h11.CLIENT)
@@ -142,18 +142,18 @@ class HTTP1Pool:
         self.headers = [("Host", host_header), ("User-Agent", "llmbench"), ("Accept", "text/event-stream"),
                         ("Content-Type", "application/json"), *headers.items()]
         self.keepalive_s, self.connect_timeout_s = keepalive_s, connect_timeout_s
-        self.idle: deque[_Connection] = deque()
+        self.idle: deque[_ClientConnection] = deque()
         self.opened = 0  # connections opened so far
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> _ClientConnection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
-            _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
+            _, conn = await loop.create_connection(lambda: _ClientConnection(self), self.host, self.port, ssl=self.ssl,
                                                    server_hostname=self.host if self.ssl else None)
         self.opened += 1
         return conn
 
-    def _take(self) -> _Connection | None:
+    def _take(self) -> _ClientConnection | None:
         """The most recently used idle connection still open and younger than keepalive_s (the server may close
         older ones any moment); older ones are closed."""
         t = now()
@@ -164,7 +164,7 @@ class HTTP1Pool:
             conn.close()
         return None
 
-    def release(self, conn: _Connection) -> None:
+    def release(self, conn: _ClientConnection) -> None:
         conn.idle_since = now()
         self.idle.append(conn)
 

@@ -1,5 +1,6 @@
 """Any OpenAI-compatible endpoint (`kind: openai`), and `OpenAIClient`, the streaming client it shares with every
-engine the harness serves (the server variants of llama.cpp and vLLM).
+engine the harness serves (the server variants of llama.cpp and vLLM, each an `EngineServerBackend`: it launches the
+server or attaches to one).
 
 The client streams `/v1/completions` or `/v1/chat/completions` over SSE from a pool of kept-alive connections (opened
 before the load by `open_connections`) and reads every response to its end, so each connection serves the next
@@ -20,6 +21,7 @@ import asyncio
 import importlib.util
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -296,6 +298,41 @@ class ServedOverHTTP:
 
     def attach_spec(self) -> dict[str, Any] | None:
         return {"url": self.client.base_url, "served_model": self.client.served_model}
+
+
+class EngineServerBackend(ServedOverHTTP, ABC):
+    """An engine's own OpenAI-compatible server (vLLM's, llama.cpp's two): attached to at `url:`, else launched by the
+    backend's `_launch` (through launch_server); the backend's `_body(body, request)` adapts each request to it and
+    `options.startup_timeout_s` bounds its start."""
+
+    def __init__(self, spec, model, ctx):
+        super().__init__(spec, model, ctx)
+        self.client = OpenAIClient(self.options, spec.api, spec.served_model, self.options.exact_length,
+                                   adapt=self._body)
+
+    async def start(self) -> None:
+        if self.spec.url is not None:
+            await self.client.connect(self.spec.url)
+        else:
+            await self._launch()
+
+    @abstractmethod
+    async def _launch(self) -> None:
+        """Start the server (launch_server) on what start() prepared."""
+
+    async def stop(self) -> None:
+        await super().stop()  # the engine's own part first (vLLM's metrics watch)
+        await self.stop_served()
+
+    async def launch_server(self, name: str, argv: Callable[[int], list[str]], ready_path: str, env: dict[str, str],
+                            ready: Callable[[int, str], bool] | None = None) -> None:
+        """Start the server on 127.0.0.1 at a port the launcher picks (harness.core.processes.launch: its log in the
+        cell's folder as NAME.log), wait until `ready_path` answers, and connect the client to its /v1."""
+        from harness.core.processes import launch
+
+        self.server = await launch(name, argv, self.ctx.dir, ready_path, self.options.startup_timeout_s, env=env,
+                                   ready=ready)
+        await self.client.connect(self.server.url + "/v1")
 
 
 class OpenAIBackend(ServedOverHTTP, Backend):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,24 +29,6 @@ SPIN_COUNT = 5000
 WAIT_ENVIRONMENT = {"bounded": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(SPIN_COUNT)},
                     "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
                     "active": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "INFINITE"}}
-
-
-def allowed_cpus() -> int:
-    """How many CPUs this thread may run on (the worker pins the engine's to those it gave it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def thread_count(asked: int | None, given: int | None, allowed: int) -> tuple[int, str | None]:
-    """torch threads for the engine: those asked (num_threads), else one per CPU the worker gave it (`given`), else
-    one per CPU this process may run on (`allowed`); never more than `allowed`, since threads beyond the CPUs wait
-    for each other at every parallel region. Returns (threads, why they were capped, or None)."""
-    want = asked or given or allowed
-    if want <= allowed:
-        return want, None
-    return allowed, f"num_threads {want} capped at {allowed}: the engine may run on {allowed} CPU(s)"
 
 
 class OwnOptions(EngineConfig):
@@ -129,10 +110,7 @@ class OwnBackend(TorchBackend):
         from own_engine.engine import Engine
 
         o = self.options
-        threads, self.threads_note = thread_count(o.num_threads, self.ctx.engine_threads(), allowed_cpus())
-        if self.threads_note:
-            print(f"own engine: {self.threads_note}", file=sys.stderr)
-        torch.set_num_threads(threads)
+        self.set_threads(o.num_threads)
         try:
             return Engine(self.model.path, o, vram_budget=o.vram_budget or self.ctx.vram_budget,
                           offload_dir=self.offload_dir())
@@ -217,5 +195,5 @@ class OwnBackend(TorchBackend):
                 "layer_tiers": plan.layer_tiers, "kv_blocks": plan.kv_blocks, "block_size": plan.block_size,
                 "prefill_chunk": plan.prefill_chunk, "step_tokens": plan.step_tokens,
                 "max_batch": self.engine.max_batch, "prefix_cache": self.options.prefix_cache, **self.cpu_settings(),
-                "omp_spin_count": os.environ.get("GOMP_SPINCOUNT"), "threads_note": self.threads_note,
+                "omp_spin_count": os.environ.get("GOMP_SPINCOUNT"),
                 "prefix_cache_dir": str(self.options.prefix_cache_dir) if self.options.prefix_cache_dir else None}

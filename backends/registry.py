@@ -30,9 +30,9 @@ _BUILTIN: dict[str, str | Variants] = {
     "tgi": "backends.tgi_backend:TGIBackend",
     "own": "backends.own_backend:OwnBackend",
     "llama_cpp": Variants("mode", "in_process", {
-        "in_process": "backends.llamacpp_backend:LlamaCppInProcessBackend",
-        "server": "backends.llamacpp_backend:LlamaCppServerBackend",
-        "llama_server": "backends.llama_server:LlamaServerBackend"}),
+        "in_process": "backends.llama_cpp.in_process:LlamaCppInProcessBackend",
+        "server": "backends.llama_cpp.server:LlamaCppServerBackend",
+        "llama_server": "backends.llama_cpp.server:LlamaServerBackend"}),
     "vllm": Variants("mode", "server", {
         "server": "backends.vllm_backend:VLLMServerBackend",
         "in_process": "backends.vllm_backend:VLLMInProcessBackend"}),

@@ -24,7 +24,9 @@ class TransformersOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
-    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads (CPU)")
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: one per CPU the engine "
+                                                            "may run on); more than those CPUs are capped to them, "
+                                                            "with a note in the cell's engine record")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager")
 
 
@@ -61,8 +63,7 @@ class TransformersBackend(TorchBackend):
         from transformers import AutoModelForCausalLM
 
         o = self.options
-        if threads := o.num_threads or self.ctx.engine_threads():  # one per CPU the worker gave the engine
-            torch.set_num_threads(threads)
+        self.set_threads(o.num_threads)
         kwargs: dict[str, Any] = {"dtype": getattr(torch, o.dtype)}
         if o.attn_implementation:
             kwargs["attn_implementation"] = o.attn_implementation

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import (Backend, BackendError, Capabilities, PrefixReuse, Request, TokenEvent, Usage, now,
                            vram_share)
-from backends.openai_backend import OpenAIClient, OpenAIClientOptions, ServedOverHTTP
+from backends.openai_backend import EngineServerBackend, OpenAIClientOptions
 from backends.prometheus import MetricsWatch, Watched
 from harness.core.redact import is_secret_name
 
@@ -250,22 +250,13 @@ class VLLMBase(Backend):
 
 # ---- as a server ----------------------------------------------------------------------------------------------------
 
-class VLLMServerBackend(ServedOverHTTP, VLLMBase):
+class VLLMServerBackend(EngineServerBackend, VLLMBase):
     Options = VLLMServerOptions
 
-    server: Any = None
-
-    def __init__(self, spec, model, ctx):
-        super().__init__(spec, model, ctx)
-        self.client = OpenAIClient(self.options, spec.api, spec.served_model, self.options.exact_length,
-                                   adapt=self._body)
-
     async def start(self) -> None:
-        if self.spec.url is not None:
-            await self.client.connect(self.spec.url)
-        else:
+        if self.spec.url is None:
             await self._prepare_engine()
-            await self._launch()
+        await super().start()
         self.version = await self._server_version()
         metrics_url = self._root() + "/metrics"
 
@@ -277,8 +268,6 @@ class VLLMServerBackend(ServedOverHTTP, VLLMBase):
         await self._watch_metrics(fetch, metrics_url)
 
     async def _launch(self) -> None:
-        from harness.core.processes import launch
-
         kwargs, secrets = self.engine_kwargs(), {}
         for key, variable in SERVER_SECRETS.items():
             value = kwargs.get(key)
@@ -291,9 +280,8 @@ class VLLMServerBackend(ServedOverHTTP, VLLMBase):
             return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags,
                     "--host", "127.0.0.1", "--port", str(port)]
 
-        self.server = await launch("vllm_server", argv, self.ctx.dir, "/health", self.options.startup_timeout_s,
-                                   env={**self.engine_env(), **secrets, "PYTHONUNBUFFERED": "1"})
-        await self.client.connect(self.server.url + "/v1")
+        await self.launch_server("vllm_server", argv, "/health",
+                                 {**self.engine_env(), **secrets, "PYTHONUNBUFFERED": "1"})
 
     async def _server_version(self) -> str | None:
         r = await self.client.http.get(self._root() + "/version", timeout=10)
@@ -301,13 +289,6 @@ class VLLMServerBackend(ServedOverHTTP, VLLMBase):
 
     def _root(self) -> str:
         return self.client.base_url.removesuffix("/v1")
-
-    async def stop(self) -> None:
-        await super().stop()
-        await self.client.close()
-        if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
-            self.server = None
 
     def _body(self, body: dict[str, Any], request: Request) -> dict[str, Any]:
         body["return_token_ids"] = True

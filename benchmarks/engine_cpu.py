@@ -130,7 +130,7 @@ def llamacpp_generator(model, n_ctx):
     import llama_cpp
     import numpy as np
 
-    from backends.gguf import cached_gguf
+    from backends.llama_cpp.gguf import cached_gguf
 
     llm = llama_cpp.Llama(str(cached_gguf(model, "f16")), n_ctx=n_ctx, n_threads=torch.get_num_threads(),
                           n_batch=512, verbose=False)
@@ -184,8 +184,8 @@ def child(args, name: str, prompt_len: int, tmp: Path, **extra) -> dict:
 def llama_bench(model: Path, prompt_len: int, new_tokens: int) -> dict | None:
     """llama-bench on the f16 GGUF the llamacpp configuration read: prefill of prompt_len tokens from an empty
     context, and generation after prompt_len tokens (-d), 3 repetitions each; None when it is not built."""
-    from backends.gguf import cached_gguf
-    from backends.llama_server import binary_version, find_binary
+    from backends.llama_cpp.gguf import cached_gguf
+    from backends.llama_cpp.server import binary_version, find_binary
 
     binary = find_binary(tool="llama-bench")
     if binary is None:
@@ -226,6 +226,12 @@ def build_model(size: str) -> Path:
 
 def ratio(a: float, b: float, target: str) -> str:
     return f"{a / b:6.2f}x   (target {target})"
+
+
+def speeds(label: str, a: dict, b: dict, decode_target: str, ttft_target: str) -> str:
+    """Run a's decode time per token and TTFT over run b's, each against its target."""
+    return (f"{label} decode {ratio(a['decode_s_per_token'], b['decode_s_per_token'], decode_target)}   "
+            f"TTFT {ratio(a['ttft_s'], b['ttft_s'], ttft_target)}")
 
 
 def main():
@@ -292,8 +298,7 @@ def report(n: int, results: dict):
     get = results.get
     if get("own") and get("hf"):
         a, h = results["own"]["first"], results["hf"]["first"]
-        print(f"own / hf       decode {ratio(a['decode_s_per_token'], h['decode_s_per_token'], '<= 0.6')}   "
-              f"TTFT {ratio(a['ttft_s'], h['ttft_s'], '<= 0.6')}")
+        print(speeds("own / hf      ", a, h, "<= 0.6", "<= 0.6"))
         same = next((i for i, (x, y) in enumerate(zip(a["tokens"], h["tokens"])) if x != y), len(a["tokens"]))
         print(f"own and hf share the first {same} of {len(a['tokens'])} greedy tokens")
     for name in ("own", "own-disk"):
@@ -306,13 +311,11 @@ def report(n: int, results: dict):
                   f"{r['memory_bytes_per_s'] / 1e9:.1f} GB/s: {bound * 1e3:.1f} ms)")
     if get("own") and get("own-disk"):
         a, d = results["own"]["first"], results["own-disk"]["first"]
-        print(f"own-disk / own decode {ratio(d['decode_s_per_token'], a['decode_s_per_token'], '<= 1.1')}   "
-              f"TTFT {ratio(d['ttft_s'], a['ttft_s'], '<= 1.1')};  tokens identical: {d['tokens'] == a['tokens']}")
+        print(speeds("own-disk / own", d, a, "<= 1.1", "<= 1.1") + f";  tokens identical: {d['tokens'] == a['tokens']}")
     if get("own") and get("llamacpp"):
         a, c = results["own"]["first"], results["llamacpp"]["first"]
-        print(f"own / llama.cpp f16 decode {ratio(a['decode_s_per_token'], c['decode_s_per_token'], '<= 1.0')}   "
-              f"TTFT {ratio(a['ttft_s'], c['ttft_s'], 'none')};  first greedy token shared: "
-              f"{a['tokens'][0] == c['tokens'][0]}")
+        print(speeds("own / llama.cpp f16", a, c, "<= 1.0", "none") +
+              f";  first greedy token shared: {a['tokens'][0] == c['tokens'][0]}")
     if "llama-bench" in results:
         bench = results["llama-bench"]
         if bench is None:
@@ -326,9 +329,7 @@ def report(n: int, results: dict):
                   f"{c['decode_s_per_token'] * tg:.2f}x")
     if get("own-disk") and get("ollm"):
         d, o = results["own-disk"]["first"], results["ollm"]["first"]
-        print(f"own-disk / ollm (same placement) decode "
-              f"{ratio(d['decode_s_per_token'], o['decode_s_per_token'], '<= 0.4')}   "
-              f"TTFT {ratio(d['ttft_s'], o['ttft_s'], '<= 0.4')}")
+        print(speeds("own-disk / ollm (same placement)", d, o, "<= 0.4", "<= 0.4"))
     if get("own") and "second" in results["own"]:
         first, second = results["own"]["first"], results["own"]["second"]
         print(f"second question, same process: TTFT {ratio(second['ttft_s'], first['ttft_s'], '<= 0.1')}  "

@@ -67,7 +67,7 @@ class Behaviour:
             + (["--late-headers"] if self.late_headers else [])
 
 
-# What users' servers do, each a client must measure right (bench calibrate --behaviour, tests/test_client_accuracy.py).
+# What users' servers do, each a client must measure right (bench calibrate --behaviour, tests/run/test_client_accuracy.py).
 BEHAVIOURS = {
     "nodelay": Behaviour(),
     "nagle": Behaviour(nodelay=False),
@@ -86,14 +86,14 @@ class Emission:
 
 
 class ScriptedServer:
-    """The script and what the server saw; one `_Connection` per client connection speaks HTTP."""
+    """The script and what the server saw; one `_ServerConnection` per client connection speaks HTTP."""
 
     def __init__(self, ttft_s: float, itl_s: float, token_ids: str = "honor", behaviour: Behaviour = Behaviour()):
         self.ttft_s, self.itl_s, self.token_ids, self.behaviour = ttft_s, itl_s, token_ids, behaviour
         self.peers: set[tuple] = set()  # the connections that carried a completion request
         self.emissions: list[Emission] = []
 
-    def route(self, conn: _Connection, method: str, target: str, body: bytes, t_arrival: float) -> None:
+    def route(self, conn: _ServerConnection, method: str, target: str, body: bytes, t_arrival: float) -> None:
         path, _, query = target.partition("?")
         if method == "GET" and path == "/health":
             conn.respond(200, b"")
@@ -112,7 +112,7 @@ class ScriptedServer:
         else:
             conn.respond_json(404, {"error": {"message": f"no route {method} {path}"}})
 
-    def complete(self, conn: _Connection, raw: bytes, chat: bool, t_arrival: float) -> None:
+    def complete(self, conn: _ServerConnection, raw: bytes, chat: bool, t_arrival: float) -> None:
         try:
             body = json.loads(raw)
         except ValueError:
@@ -130,7 +130,7 @@ class ScriptedServer:
         self.emissions.append(emission)
         conn.task = asyncio.get_running_loop().create_task(self.stream(conn, emission, body, chat, n_in))
 
-    async def stream(self, conn: _Connection, emission: Emission, body: dict[str, Any], chat: bool,
+    async def stream(self, conn: _ServerConnection, emission: Emission, body: dict[str, Any], chat: bool,
                      n_in: int) -> None:
         n = int(body.get("max_tokens") or 16)
         empty_text = bool((body.get("scripted") or {}).get("empty_text"))
@@ -189,7 +189,7 @@ class ScriptedServer:
         }
 
 
-class _Connection(asyncio.Protocol):
+class _ServerConnection(asyncio.Protocol):
     def __init__(self, server: ScriptedServer):
         self.server = server
         self.h11 = h11.Connection(h11.SERVER)
@@ -268,7 +268,7 @@ class _Connection(asyncio.Protocol):
 
 
 async def serve(port: int, server: ScriptedServer) -> None:
-    listener = await asyncio.get_running_loop().create_server(lambda: _Connection(server), "127.0.0.1", port)
+    listener = await asyncio.get_running_loop().create_server(lambda: _ServerConnection(server), "127.0.0.1", port)
     async with listener:
         await listener.serve_forever()
 

@@ -44,6 +44,15 @@ def user_errors(fn):
     return wrapper
 
 
+# The runs `bench report`, `guide` and `export` read.
+RunsArgument = Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")]
+
+
+def run_folder(results: Path) -> Path:
+    """The folder of a run named by its folder or its results.json: where its report and guide go by default."""
+    return results if results.is_dir() else results.parent
+
+
 @contextlib.contextmanager
 def writing(out: Path) -> Iterator[None]:
     """A command's output folder that cannot be written (read-only, full, a file in the way) is the user's to fix:
@@ -307,7 +316,7 @@ def models_gguf(
     gguf_type: Annotated[str, typer.Option("--type", help="f32, f16, bf16, q8_0, or a llama.cpp quantizer type (q4_k_m, ...)")] = "f32",
 ) -> None:
     """Convert HF_DIR to a GGUF file for llama.cpp."""
-    from backends.gguf import GGUF_TYPES, GGUFError, convert
+    from backends.llama_cpp.gguf import GGUF_TYPES, GGUFError, convert
 
     if gguf_type not in GGUF_TYPES:
         raise ScenarioError(f"--type: expected one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
@@ -321,7 +330,7 @@ def models_gguf(
 @app.command()
 @user_errors
 def report(
-    results: Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")],
+    results: RunsArgument,
     out: Annotated[Path | None, typer.Option("--out", help="output folder (default: the results folder of a "
                                                            "single run, ./report for several)")] = None,
     format: Annotated[str, typer.Option("--format", help="comma-separated: md, html")] = "md,html",
@@ -333,7 +342,7 @@ def report(
         formats = parse_formats(format)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--format") from None
-    out = out or (Path("report") if len(results) > 1 else results[0] if results[0].is_dir() else results[0].parent)
+    out = out or (Path("report") if len(results) > 1 else run_folder(results[0]))
     with writing(out):
         written = write_report(results, out, formats)
     for path in written:
@@ -343,7 +352,7 @@ def report(
 @app.command()
 @user_errors
 def guide(
-    results: Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")],
+    results: RunsArgument,
     out: Annotated[Path | None, typer.Option("--out", help="guide.md or guide.html (default: guide.md in the results "
                                                            "folder; with several, results/guide.md)")] = None,
     rules: Annotated[list[Path] | None, typer.Option("--rules", help="extra use cases (YAML, repeatable); "
@@ -354,8 +363,7 @@ def guide(
 
     # Beside the results it comes from (as the report), never loose in the working folder.
     if out is None:
-        out = (results[0] if results[0].is_dir() else results[0].parent) / "guide.md" if len(results) == 1 \
-            else Path("results") / "guide.md"
+        out = run_folder(results[0]) / "guide.md" if len(results) == 1 else Path("results") / "guide.md"
     with writing(out):
         written = write_guide(results, out, rules)
     typer.echo(f"wrote {written}")
@@ -364,7 +372,7 @@ def guide(
 @app.command()
 @user_errors
 def export(
-    results: Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")],
+    results: RunsArgument,
     format: Annotated[str, typer.Option("--format", help="csv, parquet or jsonl")] = "csv",
     out: Annotated[Path, typer.Option("--out", help="folder for statistics.FORMAT and requests.FORMAT")] = Path("export"),
 ) -> None:
@@ -412,7 +420,7 @@ def engine_plan(
     from own_engine.engine_config import EngineConfig
     from harness.plan_estimate import estimate
     from own_engine.planner import Machine, make_plan
-    from own_engine.units import fmt_bytes
+    from llmbench.units import fmt_bytes
 
     given = dict(max_context=context, vram_budget=vram_budget, device=device, max_batch=batch, weights=weights, kv=kv,
                  dtype=dtype, compute_dtype=compute_dtype, kv_dtype=kv_dtype, block_size=block_size)

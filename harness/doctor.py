@@ -71,7 +71,7 @@ def llama_cpp_check() -> Check:
 
 
 def llama_server_check() -> Check:
-    from backends.llama_server import binary_version, built_binary, find_binary
+    from backends.llama_cpp.server import binary_version, built_binary, find_binary
 
     path = find_binary()
     if path is None:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llmbench.units import fmt_bytes
 from own_engine.bandwidth import probe_bandwidth
 from own_engine.planner import RAM_SHARE, Machine, Plan
-from own_engine.units import fmt_bytes
 
 
 @dataclass

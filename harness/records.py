@@ -17,7 +17,7 @@ from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, TypeAdapter,
-                      ValidationError, model_serializer)
+                      ValidationError, field_serializer, model_serializer)
 
 from harness.config.scenario import SLO, Cell, Workload
 from harness.core.errors import UserError
@@ -25,7 +25,9 @@ from harness.core.events import Capabilities, PrefixReuse
 from harness.core.redact import MASK
 from harness.core.spec import BackendSpec, Resources
 
-SCHEMA_VERSION = 1
+# results.json's schema: 2 names a capacity step's latencies as the catalogue does (`metrics`: {"ttft_ms": {...}}),
+# where 1 had ttft_p50_ms, ttft_p99_ms, tpot_p50_ms and tpot_p99_ms. load_run reads both.
+SCHEMA_VERSION = 2
 
 
 class ResultsError(UserError):
@@ -214,67 +216,7 @@ class CapacityStep(BaseModel):
     passed: bool
 
 
-class WorkerReport(BaseModel):
-    """What a worker says about its cell beside the request records: CELL_DIR/worker.json."""
-    status: Literal["ok", "failed"] = "failed"
-    error: str | None = None
-    t_start: float
-    prepare_time_s: float | None = None  # Backend.prepare(): one-off work (a GGUF conversion), not load time
-    load: Span | None = None
-    load_time_s: float | None = None
-    environment: dict[str, Any] = Field(default_factory=dict)
-    capabilities: dict[str, Any] | None = None  # the backend's Capabilities, as the harness applied them
-    repetitions: list[Span] = Field(default_factory=list)
-    resources: dict[str, Any] | None = None
-    logical_io: dict[str, Any] | None = None
-    server_metrics: dict[str, Any] | None = None
-    concurrency_cap: ConcurrencyCap | None = None
-    stop_error: str | None = None
-    # Per repetition, the event loops' scheduling delays (ms) sampled while it ran, every client's pooled.
-    loop_lag_ms: list[list[float]] = Field(default_factory=list)
-    clients: list[ClientClock] = Field(default_factory=list)  # the client processes beyond the worker itself
-    not_sent: list[int] = Field(default_factory=list)  # per repetition (capacity step): cut by max_duration_s
-    # Per repetition: why load.oversaturation_stop ended it early (its unsent requests are in not_sent), or None.
-    oversaturation: list[str | None] = Field(default_factory=list)
-    cpu_isolation: CpuIsolation | None = None
-    capacity_steps: list[CapacityStep] = Field(default_factory=list)
-    prefix_reuse: PrefixReuse | None = None  # what the engine says it reused (Backend.prefix_reuse)
-
-
-# ---- runner -> results.json -> every reader -----------------------------------------------------------------------
-
-class CapacityStepResult(BaseModel):
-    """One step of a capacity search in results.json."""
-    step: int
-    value: float  # offered: req/s (search: rate) or requests in flight (search: concurrency)
-    achieved_rate_rps: float | None = None
-    sent: int
-    not_sent: int = 0  # cut by max_duration_s
-    attainment: float  # share of the step's requests that met the slo
-    attainment_ci: list[float] | None = None  # its 95% CI (Wilson)
-    ttft_p50_ms: float | None = None
-    ttft_p99_ms: float | None = None
-    tpot_p50_ms: float | None = None
-    tpot_p99_ms: float | None = None
-    passed: bool
-
-
-class CapacityResult(BaseModel):
-    """What a capacity search found: the highest value that passed and the lowest that failed above it (the
-    bracket, its uncertainty), and every step."""
-    search: Literal["rate", "concurrency"]
-    attainment_target: float
-    slo: dict[str, float]
-    capacity: float | None = None  # the highest passing value; None when no step passed
-    # The requests per second it holds: the capacity itself for search: rate; for search: concurrency, the request
-    # throughput its capacity step achieved. The number guides rank by (catalogue: capacity_rps).
-    capacity_rps: float | None = None
-    fails_at: float | None = None  # the lowest failing value above it; None when none failed
-    verdict: str
-    steps: list[CapacityStepResult] = Field(default_factory=list)
-
-
-# ---- the typed blocks of a CellResult -----------------------------------------------------------------------------
+# ---- the typed blocks of a WorkerReport and a CellResult ----------------------------------------------------------
 
 PERCENTILE_METHOD: Final = "linear"  # numpy.percentile's method; stored in results so numbers can be reproduced
 PERCENTILES = (50, 90, 95, 99)
@@ -285,7 +227,8 @@ class Distribution(BaseModel):
     """One metric's statistics over one repetition's samples (or, in a cell's `metrics`, each statistic's median
     over the repetitions). Percentiles are numpy's, PERCENTILE_METHOD."""
     model_config = ConfigDict(extra="forbid")
-    count: int | float = 0  # a median over repetitions may fall between two counts
+    # A median over repetitions may fall between two counts; None: not recorded (a capacity step of schema 1).
+    count: int | float | None = 0
     mean: float | None = None
     std: float | None = None
     min: float | None = None
@@ -536,6 +479,73 @@ class NodeAttempt(NodeInfo):
     error: str | None = None
 
 
+# ---- worker -> runner: the report ---------------------------------------------------------------------------------
+
+class WorkerReport(BaseModel):
+    """What a worker says about its cell beside the request records: CELL_DIR/worker.json."""
+    status: Literal["ok", "failed"] = "failed"
+    error: str | None = None
+    t_start: float
+    prepare_time_s: float | None = None  # Backend.prepare(): one-off work (a GGUF conversion), not load time
+    load: Span | None = None
+    load_time_s: float | None = None
+    # The same blocks, in the same shapes, as the CellResult the runner makes of it: written here as the worker's
+    # backend and monitor gave them (AsGiven), so a cell's worker.json and its results.json entry say the same.
+    environment: EngineInfo = Field(default_factory=EngineInfo)
+    capabilities: Capabilities | None = None  # the backend's, as the harness applied them
+    repetitions: list[Span] = Field(default_factory=list)
+    resources: ResourceUsage | None = None
+    logical_io: LogicalIO | None = None
+    server_metrics: ServerMetrics | None = None
+    concurrency_cap: ConcurrencyCap | None = None
+    stop_error: str | None = None
+    # Per repetition, the event loops' scheduling delays (ms) sampled while it ran, every client's pooled.
+    loop_lag_ms: list[list[float]] = Field(default_factory=list)
+    clients: list[ClientClock] = Field(default_factory=list)  # the client processes beyond the worker itself
+    not_sent: list[int] = Field(default_factory=list)  # per repetition (capacity step): cut by max_duration_s
+    # Per repetition: why load.oversaturation_stop ended it early (its unsent requests are in not_sent), or None.
+    oversaturation: list[str | None] = Field(default_factory=list)
+    cpu_isolation: CpuIsolation | None = None
+    capacity_steps: list[CapacityStep] = Field(default_factory=list)
+    prefix_reuse: PrefixReuse | None = None  # what the engine says it reused (Backend.prefix_reuse)
+
+
+# ---- runner -> results.json -> every reader -----------------------------------------------------------------------
+
+class CapacityStepResult(BaseModel):
+    """One step of a capacity search in results.json."""
+    step: int
+    value: float  # offered: req/s (search: rate) or requests in flight (search: concurrency)
+    achieved_rate_rps: float | None = None
+    sent: int
+    not_sent: int = 0  # cut by max_duration_s
+    attainment: float  # share of the step's requests that met the slo
+    attainment_ci: list[float] | None = None  # its 95% CI (Wilson)
+    # The latencies the slo judges (catalogue.SLO_METRICS: ttft_ms, tpot_ms, e2el_ms) over the step's requests, each a
+    # Distribution under its catalogue key, named as a cell's metrics are ("ttft_ms.p99").
+    metrics: MetricValues = Field(default_factory=MetricValues)
+    passed: bool
+
+
+class CapacityResult(BaseModel):
+    """What a capacity search found: the highest value that passed and the lowest that failed above it (the
+    bracket, its uncertainty), and every step."""
+    search: Literal["rate", "concurrency"]
+    attainment_target: float
+    slo: SLO  # stored with only the limits it sets, as the scenario wrote them
+
+    @field_serializer("slo")
+    def _set_limits(self, slo: SLO) -> dict[str, float]:
+        return slo.model_dump(exclude_none=True)
+    capacity: float | None = None  # the highest passing value; None when no step passed
+    # The requests per second it holds: the capacity itself for search: rate; for search: concurrency, the request
+    # throughput its capacity step achieved. The number guides rank by (catalogue: capacity_rps).
+    capacity_rps: float | None = None
+    fails_at: float | None = None  # the lowest failing value above it; None when none failed
+    verdict: str
+    steps: list[CapacityStepResult] = Field(default_factory=list)
+
+
 class CellResult(BaseModel):
     """One cell in results.json (docs/results.md). Fields an older file lacks read as their defaults."""
     model_config = ConfigDict(extra="ignore")
@@ -666,11 +676,39 @@ def load_run(path: Path | str) -> RunResult:
         raise ResultsError(f"{path}: schema_version {data['schema_version']!r} is newer than this llmbench reads "
                            f"({SCHEMA_VERSION}); upgrade llmbench")
     try:
-        return RunResult.model_validate(data)
+        return RunResult.model_validate(_upgraded(data))
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ResultsError(f"{path}: {where}: {first['msg']}") from None
+
+
+# Schema 1's capacity step latencies, by their catalogue names (schema 2).
+_V1_STEP_LATENCIES = {"ttft_p50_ms": ("ttft_ms", "p50"), "ttft_p99_ms": ("ttft_ms", "p99"),
+                      "tpot_p50_ms": ("tpot_ms", "p50"), "tpot_p99_ms": ("tpot_ms", "p99")}
+
+
+def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """A results file of an older schema in this one's shape (the parsed JSON, changed in place); what is not the
+    shape either schema expects is left for validation to name."""
+    if data["schema_version"] < 2:
+        for cell in data["cells"] if isinstance(data["cells"], list) else []:
+            capacity = cell.get("capacity") if isinstance(cell, dict) else None
+            for step in (capacity.get("steps") or []) if isinstance(capacity, dict) else []:
+                if isinstance(step, dict):
+                    _v1_step(step)
+    data["schema_version"] = SCHEMA_VERSION
+    return data
+
+
+def _v1_step(step: dict[str, Any]) -> None:
+    """Schema 1's four latency numbers of a capacity step as the Distributions they came from; their count and the
+    other statistics were not stored (count None: not recorded)."""
+    metrics: dict[str, dict[str, Any]] = {}
+    for old, (key, stat) in _V1_STEP_LATENCIES.items():
+        if (v := step.pop(old, None)) is not None:
+            metrics.setdefault(key, {"count": None})[stat] = v
+    step["metrics"] = metrics
 
 
 def read_requests(path: Path) -> list[RequestRecord]:

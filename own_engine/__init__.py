@@ -12,17 +12,18 @@ sequences join and leave between steps (continuous batching); loop.close() when 
 make_plan(cfg, config, Machine.here(cfg, config)).explain(), with cfg = ModelConfig.load(path).
 """
 import importlib
+from typing import Any
 
-# Exports load on first use, so `own_engine.units` (and the harness, which parses sizes with it) need no torch.
+# Exports load on first use, so importing the package (or one light module of it) loads no torch.
 _EXPORTS = {"EngineError": "errors", "ModelConfig": "config", "EngineConfig": "engine_config", "Engine": "engine",
             "Plan": "planner", "Machine": "planner", "make_plan": "planner", "Compute": "compute",
-            "parse_size": "units", "DIRECTIONS": "stats", "PHASES": "stats", "EngineStats": "stats",
+            "DIRECTIONS": "stats", "PHASES": "stats", "EngineStats": "stats",
             "probe_bandwidth": "bandwidth", "Probe": "bandwidth", "Scheduler": "scheduler", "Sequence": "sequence",
             "SamplingParams": "sequence", "ServingLoop": "serving"}
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:  # typed code imports an export from its module, where its type is known
     if name not in _EXPORTS:
         raise AttributeError(f"module 'own_engine' has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -6,10 +6,13 @@ compare the kernels against. Decoding sequences whose KV is small and read in pl
 gather of their KV (KVCache.gather_index), through one kernel call masked per sequence (`gathered_bias`).
 """
 from collections.abc import Iterable
+from typing import Literal, overload
 
 import torch
 
 from .kernels import fused_attention
+
+CachedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a chunk's k, v [t, Hkv, D] and positions [t] (CPU)
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -20,7 +23,8 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
     return mask
 
 
-def attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: softmax attention of q [Tq, H, D] over one chunk k, v [Tk, Hkv, D], with the whole score matrix.
 
     Returns the output normalised within the chunk (float32, [Tq, H, D]) and its log-sum-exp ([Tq, H]);
@@ -38,7 +42,8 @@ def attend(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
     return out.view(hkv, g, tq, d).permute(2, 0, 1, 3).reshape(tq, h, d), lse.permute(2, 0, 1).reshape(tq, h)
 
 
-def merge(out, lse, out2, lse2) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor,
+          lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial attentions over disjoint key sets (outputs upcast to float32); the first must have a
     finite lse everywhere."""
     new = torch.logaddexp(lse, lse2)
@@ -46,7 +51,19 @@ def merge(out, lse, out2, lse2) -> tuple[torch.Tensor, torch.Tensor]:
     return out, new
 
 
-def part(q, k, v, q_pos, k_pos, scale, window, causal) -> tuple[torch.Tensor, torch.Tensor] | None:
+# The causal part is of the new tokens over themselves: each query sees its own key, so no window hides it.
+@overload
+def part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+         window: int | None, causal: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+         window: int | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+
+def part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+         window: int | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Attention of q over one chunk through the fused kernel: (out in q's dtype, lse), or None when the sliding
     window hides the whole chunk. Positions are CPU tensors; a mask is built only for a chunk the window cuts
     through."""
@@ -63,7 +80,8 @@ def part(q, k, v, q_pos, k_pos, scale, window, causal) -> tuple[torch.Tensor, to
     return out, lse
 
 
-def combine(first: tuple[torch.Tensor, torch.Tensor], rest: Iterable) -> torch.Tensor:
+def combine(first: tuple[torch.Tensor, torch.Tensor],
+            rest: Iterable[tuple[torch.Tensor, torch.Tensor] | None]) -> torch.Tensor:
     """Merge partial attentions (None: a chunk the window hid) into the output, in the first's dtype; a single
     part is returned as the kernel gave it, with no float32 round trip."""
     out, lse = first
@@ -74,7 +92,8 @@ def combine(first: tuple[torch.Tensor, torch.Tensor], rest: Iterable) -> torch.T
     return out.to(dtype)
 
 
-def chunked_attention(q, k, v, pos, cached: Iterable, scale: float, window: int | None = None) -> torch.Tensor:
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, cached: Iterable[CachedKV],
+                      scale: float, window: int | None = None) -> torch.Tensor:
     """Attention of new tokens over themselves (causal) and over cached KV chunks.
 
     q [T, H, D], k/v [T, Hkv, D] at positions pos [T] (a CPU tensor); `cached` yields (k, v, positions) of earlier
@@ -85,7 +104,8 @@ def chunked_attention(q, k, v, pos, cached: Iterable, scale: float, window: int 
                    (part(q, ck, cv, pos, cpos, scale, window, causal=False) for ck, cv, cpos in cached))
 
 
-def cached_attention(q, pos, cached: Iterable, scale: float, window: int | None = None) -> torch.Tensor:
+def cached_attention(q: torch.Tensor, pos: torch.Tensor, cached: Iterable[CachedKV], scale: float,
+                     window: int | None = None) -> torch.Tensor:
     """Attention of one new token (q [1, H, D] at pos [1]) over cached KV chunks that already hold its own K and V
     (decode: the layer writes before it reads): no causal part of its own and, when its KV is one chunk, no merge.
     A chunk the window does not hide wholly has a key the token sees (every cached key is at or before it), so the

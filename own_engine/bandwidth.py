@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .units import fmt_bytes
+from llmbench.units import fmt_bytes
+
 from .weights import read_into  # the same read path the disk tier uses
 
 MIN_PROBE = 16 << 20  # smaller reads say more about latency than bandwidth
@@ -26,7 +27,8 @@ class Probe:
     error: str | None = None  # why it could not run
 
 
-def probe_bandwidth(device="cpu", nbytes: int = 256 << 20, directory=None) -> Probe:
+def probe_bandwidth(device: str | torch.device = "cpu", nbytes: int = 256 << 20,
+                    directory: str | Path | None = None) -> Probe:
     """Bytes/s of the link that streamed weights cross: pinned host->device on CUDA, file->memory on CPU.
 
     The CPU probe writes a file of at most a quarter of the free space in `directory` (created if missing, and

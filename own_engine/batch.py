@@ -40,8 +40,11 @@ def prepare(work: list[tuple[Sequence, int]], chunk_rows: int, block_size: int,
             kv_chunks: Callable[[list[int], int], list[Chunk]]) -> Batch:
     """The batch computing, for each (sequence, n), its next n tokens (their blocks reserved). kv_chunks(table,
     n_tokens) lists the KV chunks of a sequence's first n_tokens positions (KVCache.chunks)."""
-    chunks, logit_rows, row, room = [[]], [], 0, chunk_rows
-    tokens, positions, block_ids = [], [], []
+    chunks: list[list[Piece]] = [[]]
+    logit_rows, row, room = [], 0, chunk_rows
+    tokens: list[int] = []
+    positions: list[int] = []
+    block_ids: list[int] = []
     for seq, n in work:
         start = seq.computed
         tokens += seq.tokens[start:start + n]

@@ -10,7 +10,7 @@ import heapq
 import struct
 from collections import OrderedDict
 
-from .config import EngineError
+from .errors import EngineError
 from .sequence import Sequence
 
 
@@ -32,7 +32,8 @@ class BlockManager:
         self.num_blocks, self.block_size, self.cache_prefixes = num_blocks, block_size, cache_prefixes
         self.tier_of = [t for t, n in enumerate(tier_sizes or [num_blocks]) for _ in range(n)]
         self.free = list(range(num_blocks))  # a min-heap of blocks holding nothing
-        self.evictable = [OrderedDict() for _ in tier_sizes or [num_blocks]]  # per tier: cached, unused; LRU first
+        # per tier: cached, unused blocks; LRU first
+        self.evictable: list[OrderedDict[int, None]] = [OrderedDict() for _ in tier_sizes or [num_blocks]]
         self.refs = [0] * num_blocks
         self.cached: dict[bytes, int] = {}  # hash -> block
         self.hash_of: dict[int, bytes] = {}
@@ -74,7 +75,7 @@ class BlockManager:
         seq.computed += self.block_size
         return block
 
-    def reserve(self, seq: Sequence, n_tokens: int):
+    def reserve(self, seq: Sequence, n_tokens: int) -> None:
         """Grow seq's block table to hold n_tokens; on shortage refuse without taking any block."""
         need = self.blocks_for(n_tokens) - len(seq.table)
         if need > self.num_free:
@@ -92,13 +93,14 @@ class BlockManager:
         new = []
         while self.cache_prefixes and (len(seq.hashes) + 1) * self.block_size <= seq.computed:
             h, block = self.next_hash(seq), seq.table[len(seq.hashes)]
+            assert h is not None  # the block is full
             seq.hashes.append(h)
             if h not in self.cached:
                 self.cached[h], self.hash_of[block] = block, h
                 new.append((block, h))
         return new
 
-    def free_sequence(self, seq: Sequence):
+    def free_sequence(self, seq: Sequence) -> None:
         """Take back seq's blocks (cached ones keep their KV until the space is needed); it holds none after."""
         for block in seq.table:
             self.refs[block] -= 1
@@ -110,7 +112,7 @@ class BlockManager:
                 heapq.heappush(self.free, block)
         seq.table, seq.hashes, seq.computed = [], [], 0
 
-    def _use(self, block: int):
+    def _use(self, block: int) -> None:
         if self.refs[block] == 0:
             del self.evictable[self.tier_of[block]][block]
         self.refs[block] += 1

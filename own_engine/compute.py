@@ -22,14 +22,17 @@ the L2 cache (as a decode step reads them), per dtype products run in, and is ca
 import bisect
 import json
 import os
-import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+from llmbench.cpu import cpu_model, cpuinfo_flags
 
 # Flags that make a dtype's matmuls native (those torch's own checks look for).
 NATIVE = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16",)}
@@ -45,32 +48,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _cpuinfo(*keys: str) -> str | None:
-    """The first /proc/cpuinfo line named one of `keys`, its value; None where there is none or no such file."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in keys:
-                return value.strip()
-    except OSError:
-        pass
-    return None
-
-
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags: /proc/cpuinfo's `flags` (x86) or `Features` (aarch64) line; where that cannot be
     read, the bf16/fp16 flags torch's own checks find."""
-    line = _cpuinfo("flags", "Features")
-    if line is not None:
-        return frozenset(line.split())
+    flags = cpuinfo_flags()
+    if flags is not None:
+        return flags
     found = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx_fp16": torch.cpu._is_amx_fp16_supported()}
     return frozenset(flag for flag, present in found.items() if present)
-
-
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)
@@ -112,7 +98,8 @@ class MatmulForms:
                 spans.append(f"{rows} {FORM_NAMES[self.best[start]]}")
                 start = j
         at = self.rows.index(1)
-        times = ", ".join(f"{FORM_NAMES[f]} {t[at] * 1e3:.2f} ms" for f, t in self.seconds.items() if t[at] is not None)
+        times = ", ".join(f"{FORM_NAMES[f]} {s * 1e3:.2f} ms" for f, t in self.seconds.items()
+                          if (s := t[at]) is not None)
         where = ("measured now" if not self.cached else "measured before") + (f", kept in {self.cache}"
                                                                              if self.cache else "")
         return (f"{self.dtype}: {'; '.join(spans)}; more F.linear ({where}; 1 row, per {SHAPE[1]}x{SHAPE[0]} "
@@ -178,14 +165,19 @@ def cache_file() -> Path:
     return root / "own_engine" / "compute.json"
 
 
-def _machine() -> dict:
+def _machine() -> dict[str, object]:
     """What a timing depends on besides its own inputs: another value of any is another machine."""
     return {"cpu": cpu_model(), "flags": sorted(cpu_flags()), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
-def _cached(key: dict, measure_now, restore):
-    """A micro-benchmark's answer: from the cache when this machine measured it before (restore(entry, file)),
+Answer = TypeVar("Answer", Crossover, MatmulForms)
+
+
+def _cached(key: dict[str, object], measure_now: Callable[[], Answer],
+            restore: Callable[[Any, str], Answer]) -> Answer:
+    """A micro-benchmark's answer: from the cache when this machine measured it before (restore(entry, file), the
+    entry as parsed JSON),
     else measure_now() and kept there (a cache that cannot be read is measured over; one that cannot be written is
     done without: the answer's `cache` is None)."""
     file, entry = cache_file(), json.dumps(key, sort_keys=True)
@@ -239,12 +231,12 @@ def measure_forms(dtype: torch.dtype) -> MatmulForms:
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(SHAPE, generator=gen).to(dtype)
                for _ in range(max(2, WORKING_SET // (SHAPE[0] * SHAPE[1] * dtype.itemsize)))]
-    seconds = {form: [] for form in FORMS}
+    seconds: dict[str, list[float | None]] = {form: [] for form in FORMS}
     best = []
     for rows in FORM_ROWS:
         x = torch.randn((rows, SHAPE[1]), generator=gen).to(dtype)
         candidates = [f for f in FORMS if f != "gemv" or rows == 1]
-        times = {f: [] for f in candidates}
+        times: dict[str, list[float]] = {f: [] for f in candidates}
         for repeat in range(REPEATS + 1):
             for form in candidates if repeat % 2 else candidates[::-1]:
                 start = time.perf_counter()
@@ -279,7 +271,7 @@ def measure(stored: torch.dtype, compute: torch.dtype) -> Crossover:
     return Crossover(narrow, ROWS, tuple(as_stored), tuple(converted), None, False)
 
 
-def _best(run) -> float:
+def _best(run: Callable[[], object]) -> float:
     run()  # first touch: allocations, kernel choice
     times = []
     for _ in range(REPEATS):

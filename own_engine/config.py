@@ -2,6 +2,7 @@
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 
@@ -10,6 +11,14 @@ from .errors import EngineError
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Llama3Rope(TypedDict):
+    """The llama3 rope parameters (rope_parameters or rope_scaling in config.json)."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
 
 
 @dataclass(frozen=True)
@@ -24,7 +33,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None  # llama3 parameters, None for plain rope
+    rope_scaling: Llama3Rope | None  # None for plain rope
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
@@ -34,7 +43,7 @@ class ModelConfig:
     dtype: torch.dtype  # the checkpoint's dtype
 
     @staticmethod
-    def load(path) -> "ModelConfig":
+    def load(path: str | Path) -> "ModelConfig":
         file = Path(path) / "config.json"
         if not file.is_file():
             raise EngineError(f"{file}: not found (expected a Hugging Face model folder)")
@@ -48,8 +57,9 @@ class ModelConfig:
         return ModelConfig.from_dict(raw, source=file)
 
     @staticmethod
-    def from_dict(raw: dict, source="config.json") -> "ModelConfig":
-        def need(key):
+    def from_dict(raw: dict[str, Any], source: str | Path = "config.json") -> "ModelConfig":
+        """raw: the parsed config.json."""
+        def need(key: str) -> Any:
             if key not in raw:
                 raise EngineError(f"{source}: missing field '{key}'")
             return raw[key]
@@ -74,6 +84,15 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise EngineError(f"{source}: rope type '{rope_type}' not supported (only default and llama3)")
+        scaling = None
+        if rope_type == "llama3":
+            try:
+                scaling = Llama3Rope(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                                     high_freq_factor=float(rope["high_freq_factor"]),
+                                     original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise EngineError(f"{source}: llama3 rope needs the numbers factor, low_freq_factor, high_freq_factor "
+                                  f"and original_max_position_embeddings ({e!r})") from None
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         eos = raw.get("eos_token_id")
@@ -91,7 +110,7 @@ class ModelConfig:
             head_dim=raw.get("head_dim") or hidden // heads,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
-            rope_scaling=rope if rope_type == "llama3" else None,
+            rope_scaling=scaling,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias")),
             o_bias=model_type != "qwen2" and bool(raw.get("attention_bias")),

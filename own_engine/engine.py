@@ -4,14 +4,18 @@ import tempfile
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Self
 
 import torch
+from typing_extensions import TypeIs
 
 from . import owned
+from .allocator import keep_freed_memory
 from .batch import prepare
 from .block_manager import BlockManager
-from .config import DTYPES, EngineError, ModelConfig
+from .config import DTYPES, ModelConfig
 from .engine_config import EngineConfig
+from .errors import EngineError
 from .kv_cache import KVCache
 from .model import Transformer
 from .placement import Globals, LayerWeights
@@ -24,7 +28,12 @@ from .stats import EngineStats
 from .weights import Checkpoint, LayerLayout
 
 
-def _release(closers: list, directory: Path | None, keep: bool):
+def _one_prompt(prompts: list[int] | list[list[int]]) -> TypeIs[list[int]]:
+    """Whether generate was given one prompt (token ids) rather than a list of them."""
+    return bool(prompts) and isinstance(prompts[0], int)
+
+
+def _release(closers: list[Callable[[], None]], directory: Path | None, keep: bool) -> None:
     for close in closers:
         close()
     if directory is not None and not keep:
@@ -38,7 +47,7 @@ class Engine:
     too small) raises EngineError from the constructor, before any weight is loaded.
     """
 
-    def __init__(self, path, base: EngineConfig | None = None, **options):
+    def __init__(self, path: str | Path, base: EngineConfig | None = None, **options: Any) -> None:
         """The options as an EngineConfig (`base`), or as its fields' names (which win over base's): what each
         means, and its default, is written there. self.options keeps them; self.plan (Plan.explain()) says what
         became of them on this machine."""
@@ -46,6 +55,8 @@ class Engine:
         offload_dir, keep_offload, prefix_cache_dir = o.offload_dir, o.keep_offload, o.prefix_cache_dir
         self.stats = EngineStats()
         self.device = torch.device(o.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.config = cfg = ModelConfig.load(path)
         self.dtype = DTYPES[o.dtype] if o.dtype else cfg.dtype
         ckpt = Checkpoint(path, cfg, self.stats)
@@ -66,17 +77,20 @@ class Engine:
             torch.cuda.set_per_process_memory_fraction(min(1.0, plan.budget / total), self.device)
 
         disk_layers = [i for i, t in enumerate(plan.layer_tiers) if t == "disk"]
-        self.offload_dir = None
+        self.offload_dir: Path | None = None
         if plan.disk_bytes and offload_dir is None:
             self.offload_dir = Path(tempfile.mkdtemp(prefix="own_engine_"))
             owned.mark(self.offload_dir, "offload_dir")
-        elif plan.disk_bytes:
+        elif plan.disk_bytes and offload_dir is not None:
             self.offload_dir = owned.claim(offload_dir, "offload_dir")
         closers = [ckpt.close]
         self._finalizer = weakref.finalize(self, _release, closers, self.offload_dir, keep_offload)
 
         with self.stats.in_phase("load"):
-            packed = ckpt.pack_layers(disk_layers, layout, self.offload_dir / "weights") if pack and disk_layers else {}
+            packed: dict[int, Path] = {}
+            if pack and disk_layers:
+                assert self.offload_dir is not None  # the plan counts packed layers in disk_bytes
+                packed = ckpt.pack_layers(disk_layers, layout, self.offload_dir / "weights")
             layers = LayerWeights(ckpt, layout, LayerLayout.of(cfg, plan.compute_dtype), plan.layer_tiers,
                                   plan.n_slots, self.device, self.stats, packed)
             closers.insert(0, layers.close)
@@ -93,7 +107,7 @@ class Engine:
         self.kv_bytes_per_token = cfg.num_layers * cfg.kv_bytes_per_token(plan.kv_dtype)
         self.model = Transformer(cfg, layers, globals_, kv, plan.mlp_rows, plan.narrow_rows, self.device,
                                  plan.compute_dtype, plan.form)
-        self.store = None
+        self.store: PrefixStore | None = None
         if prefix_cache_dir is not None:
             key = {"config": hashlib.sha256((Path(path) / "config.json").read_bytes()).hexdigest(),
                    "weights": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in ckpt.files},
@@ -108,21 +122,21 @@ class Engine:
             self.stats.prefix["store_rebuilt"] = self.store.rebuilt
 
     @classmethod
-    def from_pretrained(cls, path, **options) -> "Engine":
+    def from_pretrained(cls, path: str | Path, **options: Any) -> "Engine":
         """Engine(path, **options), named as in transformers."""
         return cls(path, **options)
 
-    def close(self):
+    def close(self) -> None:
         """Stop prefetching, close files, remove the offload files unless keep_offload."""
         self._finalizer()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def admit(self, seq: Sequence):
+    def admit(self, seq: Sequence) -> None:
         """Start seq (holding no block) with the KV of its longest cached prefix (blocks in memory, then blocks in
         prefix_cache_dir) and room reserved for all its tokens; EngineError when the blocks are not there. At least
         the last token is left to compute (its logits are wanted)."""
@@ -131,7 +145,8 @@ class Engine:
         hits = self.blocks.match(seq, limit) // bs
         from_disk = 0
         while (self.store is not None and (hits + from_disk + 1) * bs <= limit and self.blocks.num_free
-               and (h := self.blocks.next_hash(seq)) in self.store and (data := self.store.get(h)) is not None):
+               and (h := self.blocks.next_hash(seq)) is not None and h in self.store
+               and (data := self.store.get(h)) is not None):
             self.kv.load_block(self.blocks.adopt(seq), data)
             from_disk += 1
         try:
@@ -154,7 +169,7 @@ class Engine:
                 self._commit(seq, n)
         return logits
 
-    def _commit(self, seq: Sequence, n: int):
+    def _commit(self, seq: Sequence, n: int) -> None:
         new = self.blocks.commit(seq, n)
         if self.store is None or not new:
             return
@@ -186,7 +201,7 @@ class Engine:
             self.blocks.reserve(seq, len(seq.tokens))
         return self.forward([(seq, 1) for seq in seqs], "decode")
 
-    def release(self, seqs: list[Sequence]):
+    def release(self, seqs: list[Sequence]) -> None:
         """Take back the sequences' blocks (their full ones stay cached); they hold none and wait after."""
         for seq in seqs:
             self.blocks.free_sequence(seq)
@@ -196,16 +211,16 @@ class Engine:
         """The scheduler stepped on a thread of its own: submit sequences from any thread, close() when done."""
         return ServingLoop(self)
 
-    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
-                 on_token: Callable[[int, int], None] | None = None):
+    def generate(self, prompts: list[int] | list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 ignore_eos: bool = False, on_token: Callable[[int, int], None] | None = None
+                 ) -> list[int] | list[list[int]]:
         """Generate for one prompt (a list of token ids) or several (a list of lists, batched continuously).
 
         Stops a sequence at an EOS token unless ignore_eos, or after max_new_tokens. on_token(prompt_index,
         token_id) is called for every token as soon as it is chosen. Returns the new tokens (a list, or a list per
         prompt)."""
-        single = bool(prompts) and isinstance(prompts[0], int)
-        batch = [list(prompts)] if single else [list(p) for p in prompts]
+        batch = [list(prompts)] if (single := _one_prompt(prompts)) else [list(p) for p in prompts]
         if not batch or not all(batch) or max_new_tokens < 1:
             raise EngineError("generate needs non-empty prompts and max_new_tokens >= 1")
         scheduler, params = Scheduler(self), SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, ignore_eos)

@@ -55,7 +55,7 @@ class EngineConfig(BaseModel):
                                                             "subfolder)")
 
     @classmethod
-    def of(cls, config: "EngineConfig | None" = None, **options) -> "EngineConfig":
+    def of(cls, config: "EngineConfig | None" = None, **options: object) -> "EngineConfig":
         """config's engine options (a subclass's too, its other fields left out) with `options` replacing them; a
         bad value is an EngineError naming the option."""
         try:

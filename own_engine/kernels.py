@@ -31,11 +31,15 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
-def _kernel(q, k, v, causal, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, bias: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [1, H, Tq, D], k and v [1, Hkv, Tk, D] -> out [1, H, Tq, D], lse [1, H, Tq]."""
+    out: torch.Tensor  # torch.ops calls are untyped: what the aten schemas return
+    lse: torch.Tensor
     if q.device.type != "cuda":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
-                                                                          scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                              scale=scale)
+        return out, lse
     g = q.shape[1] // k.shape[1]
     if g > 1:
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -53,6 +57,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     sequence has one query row; every sequence must see at least one key. Returns out [B, H, D] in q's dtype."""
     b, h, d = q.shape
     hkv = k.shape[2]
+    out: torch.Tensor  # torch.ops calls are untyped: what the aten schema returns
     out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.reshape(b, hkv, h // hkv, d), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale)
     return out.reshape(b, h, d)

@@ -15,6 +15,7 @@ index in the pool, so each layer's write is one indexed copy per pool.
 """
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ from .stats import EngineStats
 # the 201M bf16 model (4 KV heads of 64) gathered vs apart: 600 tokens 37 vs 41 ms, 1,000 tokens (8 MiB) 42 vs 49,
 # 2,000 tokens (16 MiB) 117 vs 66.
 GATHER_BYTES = 10 << 20
+
+KV = tuple[torch.Tensor, torch.Tensor]
+# Where a pass's new K and V rows go in one tier (KVCache.slots): (tier, the rows or None for all, their flat index).
+Slot = tuple[str, torch.Tensor | None, torch.Tensor]
 
 
 @dataclass
@@ -68,6 +73,7 @@ class KVCache:
             if n == 0:
                 continue
             if tier == "disk":
+                assert directory is not None, "a disk tier needs a directory"
                 directory.mkdir(parents=True, exist_ok=True)
                 for i in range(cfg.num_layers):
                     fd = os.open(directory / f"layer_{i:03d}.kv", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -95,7 +101,7 @@ class KVCache:
         self.free: list[torch.cuda.Event | None] = [None, None]  # CUDA: compute done with a buffer
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="own_engine_kv")
 
-    def slots(self, blocks: torch.Tensor, offsets: torch.Tensor) -> list[tuple[str, torch.Tensor | None, torch.Tensor]]:
+    def slots(self, blocks: torch.Tensor, offsets: torch.Tensor) -> list[Slot]:
         """Where T new tokens' K and V go, given their (block, offset) ([T] on the CPU): per tier holding any,
         (tier, their rows, or None for all T, their flat index in the tier's pools), indices where the pools are."""
         out = []
@@ -110,7 +116,7 @@ class KVCache:
                         flat.to(self.device) if tier == "device" else flat))
         return out
 
-    def write(self, layer: int, slots: list, k: torch.Tensor, v: torch.Tensor):
+    def write(self, layer: int, slots: list[Slot], k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the K, V rows [T, kv_heads, head_dim] of T new tokens where `slots` (from self.slots) says."""
         k, v = k.to(self.dtype), v.to(self.dtype)
         for tier, rows, flat in slots:
@@ -132,7 +138,7 @@ class KVCache:
         tier, local = self._locate(block)
         return torch.stack([torch.stack((k[local], v[local])) for k, v in self.tiers[tier][2]]).cpu()
 
-    def load_block(self, block: int, data: torch.Tensor):
+    def load_block(self, block: int, data: torch.Tensor) -> None:
         tier, local = self._locate(block)
         for (k, v), layer in zip(self.tiers[tier][2], data.to(self.device if tier == "device" else "cpu")):
             k[local], v[local] = layer[0], layer[1]
@@ -153,7 +159,8 @@ class KVCache:
         used = table[:-(-n_tokens // bs)]
         out = []
         for tier, (first, n, _) in self.tiers.items():
-            in_place, parts = self._in_place(tier), []
+            in_place = self._in_place(tier)
+            parts: list[list[int]] = []
             limit = None if in_place and self.device.type == "cpu" else self.chunk_blocks
             for j in (j for j, b in enumerate(used) if first <= b < first + n):
                 gap = in_place and parts and used[j] != used[parts[-1][-1]] + 1
@@ -170,13 +177,14 @@ class KVCache:
                 out.append(Chunk(tier, first, [used[j] - first for j in part], valid, pos))
         return out
 
-    def read(self, layer: int, chunks: list[Chunk]):
+    def read(self, layer: int, chunks: list[Chunk]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (k, v, positions) of each chunk (from `chunks`) of a sequence: k, v [t, kv_heads, head_dim] on the
         device in the compute dtype, valid until the next chunk is asked for; positions on the CPU."""
         pending = self._start(layer, chunks[0], 0) if chunks else None
         try:
             for c, chunk in enumerate(chunks):
-                k, v = pending.result() if isinstance(pending, Future) else pending
+                # pending is chunk c's read: started before the loop, or at the end of the step before
+                k, v = pending.result() if isinstance(pending, Future) else pending  # type: ignore[misc]
                 pending = self._start(layer, chunks[c + 1], (c + 1) % 2) if c + 1 < len(chunks) else None
                 yield k.flatten(0, 1)[:chunk.valid], v.flatten(0, 1)[:chunk.valid], chunk.positions
                 if self.device.type == "cuda":
@@ -213,7 +221,7 @@ class KVCache:
             self.stats.record("host->device" if g.tier == "host" else "disk->host", k.nbytes + v.nbytes)
         return k.view(len(g.lengths), -1, *k.shape[1:]), v.view(len(g.lengths), -1, *v.shape[1:])
 
-    def _start(self, layer: int, chunk: Chunk, buf: int):
+    def _start(self, layer: int, chunk: Chunk, buf: int) -> Future[KV] | KV:
         """The chunk's (K, V) blocks [n, block_size, kv_heads, head_dim]: views when compute can read them in place,
         else a Future of their copy into buffer `buf`."""
         ids, (_, _, pools) = chunk.ids, self.tiers[chunk.tier]
@@ -233,7 +241,8 @@ class KVCache:
         """Whether compute reads the tier's pools where they are (a chunk of consecutive blocks as one view)."""
         return (tier == "device" or self.device.type == "cpu") and self.dtype == self.compute_dtype
 
-    def _copy(self, tier: str, kpool, vpool, ids: list[int], buf: int, free, phase: str):
+    def _copy(self, tier: str, kpool: torch.Tensor, vpool: torch.Tensor, ids: list[int], buf: int,
+              free: torch.cuda.Event | None, phase: str) -> KV:
         """On the KV thread: gather (and upcast) the blocks into buffer `buf`; on CUDA, through the relay buffer."""
         n, out = len(ids), self.buffers[buf, :, :len(ids)]
         direction = "host->device" if tier == "host" else "disk->host"
@@ -245,6 +254,7 @@ class KVCache:
             if tier != "device":
                 self.stats.record(direction, 2 * n * self.block_bytes, time.perf_counter() - start, phase)
             return out[0], out[1]
+        assert self.staging is not None and self.copy_stream is not None  # made for CUDA with offloaded blocks
         staged, index = self.staging[:, :n], torch.tensor(ids)
         torch.index_select(kpool, 0, index, out=staged[0])
         torch.index_select(vpool, 0, index, out=staged[1])
@@ -257,7 +267,7 @@ class KVCache:
             self.copy_stream.synchronize()  # the relay buffer is free again, and compute may use `out`
         return out[0], out[1]
 
-    def close(self):
+    def close(self) -> None:
         self.thread.shutdown(wait=True)
 
 

@@ -3,7 +3,7 @@ import mmap
 
 import torch
 
-from .config import EngineError
+from .errors import EngineError
 
 
 class Mapped:
@@ -19,7 +19,7 @@ class Mapped:
             raise EngineError(f"tensor at byte {offset} is not aligned to its {dtype} elements: cannot map it")
         return self.bytes[offset:offset + nbytes].view(dtype)
 
-    def will_need(self, start: int, end: int):
+    def will_need(self, start: int, end: int) -> None:
         """Ask the kernel to read a byte range ahead (it returns at once; a warm page cache makes it a no-op)."""
         start -= start % mmap.PAGESIZE
         self.map.madvise(mmap.MADV_WILLNEED, start, end - start)

@@ -1,6 +1,7 @@
 """The Llama-family decoder, run layer by layer over a batch so each layer's weights are needed only once
 per forward pass however many prefill chunks or sequences the batch holds. Activations are in the compute dtype."""
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from .attention import cached_attention, chunked_attention, gathered_bias
 from .batch import Batch, Piece
 from .config import ModelConfig
 from .kernels import decode_attention
-from .kv_cache import KVCache
+from .kv_cache import Gather, KVCache, Slot
 from .matmul import linear
 from .placement import Globals, LayerWeights
 
@@ -69,8 +70,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # (and placements whose weights lie apart, a checkpoint mapped in place, would compute otherwise than resident ones).
 EXACT_FUSED = ("gemv", "wxt")
 
+# The decoding pieces of a chunk that attend together (Transformer.gathered): their indices among the pieces, their
+# rows in the chunk, the gather of their KV and its mask.
+Gathered = tuple[set[int], slice | torch.Tensor, Gather, torch.Tensor]
 
-def mlp(x: torch.Tensor, w: dict, rows: int, form: str) -> torch.Tensor:
+
+def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], rows: int, form: str) -> torch.Tensor:
     """SwiGLU, `rows` rows at a time so the [rows, intermediate] activations stay bounded."""
     if len(x) > rows:
         out = torch.empty_like(x)
@@ -87,7 +92,8 @@ def mlp(x: torch.Tensor, w: dict, rows: int, form: str) -> torch.Tensor:
 
 class Transformer:
     def __init__(self, cfg: ModelConfig, weights: LayerWeights, globals_: Globals, kv: KVCache, mlp_rows: int,
-                 narrow_rows: int, device: torch.device, compute_dtype: torch.dtype, forms):
+                 narrow_rows: int, device: torch.device, compute_dtype: torch.dtype,
+                 forms: Callable[[torch.dtype, int], str]) -> None:
         """narrow_rows: passes of fewer rows multiply by the weights as stored (compute.Compute.narrow_rows);
         forms(dtype, rows): how a product of that many rows is computed (compute.Compute.form)."""
         self.cfg, self.weights, self.globals, self.kv = cfg, weights, globals_, kv
@@ -108,16 +114,16 @@ class Transformer:
         chunks = []
         for pieces in batch.chunks:
             r = slice(pieces[0].rows.start, pieces[-1].rows.stop)
-            chunks.append((r, pieces, batch.positions[r], cos[r], sin[r],
-                           self.kv.slots(batch.block_ids[r], batch.offsets[r]),
-                           self.forms(weights_dtype, r.stop - r.start), self.gathered(pieces)))
+            chunks.append((r, (pieces, batch.positions[r], cos[r], sin[r],
+                               self.kv.slots(batch.block_ids[r], batch.offsets[r]),
+                               self.forms(weights_dtype, r.stop - r.start), self.gathered(pieces))))
         h = self.globals.embed_tokens(batch.tokens.to(self.device))
         for i in range(self.cfg.num_layers):
             w = self.weights.layer(i, narrow)
             if len(chunks) == 1:
-                h = self.decoder_layer(i, w, h, *chunks[0][1:])
+                h = self.decoder_layer(i, w, h, *chunks[0][1])
                 continue
-            for r, *chunk in chunks:
+            for r, chunk in chunks:
                 h[r] = self.decoder_layer(i, w, h[r], *chunk)
         x = rms_norm(h[batch.logit_rows], self.globals.norm, self.cfg.rms_norm_eps)
         rows = len(batch.logit_rows)
@@ -125,7 +131,7 @@ class Transformer:
         return self.globals.logits(x, head_narrow, self.forms(self.globals.lm_head.dtype if head_narrow else self.dtype,
                                                               rows))
 
-    def gathered(self, pieces: list[Piece]):
+    def gathered(self, pieces: list[Piece]) -> Gathered | None:
         """For a chunk's decoding pieces whose KV one gather can bring together (KVCache.gather_index): (their
         indices among the pieces, their rows in the chunk, the gather, its mask); None where they attend apart."""
         decode = [j for j, p in enumerate(pieces) if p.own]
@@ -140,7 +146,9 @@ class Transformer:
                              self.dtype, self.device)
         return set(decode), rows, g, bias
 
-    def decoder_layer(self, i, w, x, pieces: list[Piece], pos, cos, sin, slots, form, gathered) -> torch.Tensor:
+    def decoder_layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, pieces: list[Piece],
+                      pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: list[Slot], form: str,
+                      gathered: Gathered | None) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         a = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
@@ -160,14 +168,14 @@ class Transformer:
 
         first, scale = pieces[0].rows.start, d ** -0.5
         attn = torch.empty(t, heads, d, dtype=q.dtype, device=q.device) if len(pieces) > 1 else None
-        together = set()
+        together: set[int] = set()
         if gathered is not None:  # the decoding sequences at once, over one gather of their KV
             together, rows, g, bias = gathered
             out = decode_attention(q[rows], *self.kv.gather(i, g), bias, scale)
             if len(together) == len(pieces):
                 attn = out
-            else:
-                attn[rows] = out
+            else:  # attn was made: some pieces attend apart, so there are several
+                attn[rows] = out  # type: ignore[index]
         for j, p in enumerate(pieces):
             if j in together:
                 continue
@@ -181,5 +189,7 @@ class Transformer:
                 attn = out
             else:
                 attn[r] = out
-        x = x + linear(attn.reshape(t, -1), w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
+        # attn is set: by the gather, or by the pieces (there is at least one)
+        x = x + linear(attn.reshape(t, -1),  # type: ignore[union-attr]
+                       w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
         return x + mlp(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, self.mlp_rows, form)

@@ -9,7 +9,7 @@ one folder may serve both uses, and a file put into it later stays.
 import shutil
 from pathlib import Path
 
-from .config import EngineError
+from .errors import EngineError
 
 SUBFOLDER = "own_engine"
 

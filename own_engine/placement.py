@@ -17,18 +17,18 @@ import torch
 
 from .matmul import linear
 from .stats import EngineStats
-from .weights import Checkpoint, Extent, LayerLayout, fused, read_extents
+from .weights import Checkpoint, Extent, LayerLayout, Span, fused, read_extents
 
 LOGIT_ROWS = 4096  # rows of lm_head upcast at a time when compute runs in a wider dtype than storage
 
 
 class LayerWeights:
     def __init__(self, ckpt: Checkpoint, layout: LayerLayout, compute: LayerLayout, tiers: list[str], n_slots: int,
-                 device: torch.device, stats: EngineStats, packed: dict[int, Path]):
+                 device: torch.device, stats: EngineStats, packed: dict[int, Path]) -> None:
         self.layout, self.tiers, self.device, self.stats = layout, tiers, device, stats
         cuda = device.type == "cuda"
         self.stored: dict[int, dict[str, torch.Tensor]] = {}  # views compute can address, in the storage dtype
-        self.spans: dict[int, list] = {}  # memory-mapped layers: (map, first byte, end byte) per file
+        self.spans: dict[int, list[Span]] = {}  # memory-mapped layers: the bytes of each file they span
         self.host: dict[int, torch.Tensor] = {}  # pinned flat buffers of the CUDA host tier
         self.extents: dict[int, list[Extent]] = {}  # file reads of the CUDA disk tier
         for i, tier in enumerate(tiers):
@@ -51,7 +51,7 @@ class LayerWeights:
         upcast = compute.dtype != layout.dtype
         # A CPU upcasts in the calling thread: the copy is compute on the same cores, and a second thread doing it
         # meanwhile only oversubscribes them (measured: a batch-8 decode step 367 ms with the thread, 236 without).
-        self.wide = None
+        self.wide: dict[str, torch.Tensor] | None = None
         if upcast and not cuda:
             self.wide = fused(compute.views(torch.empty(compute.nbytes, dtype=torch.uint8)))
         self.streamed = [i for i in range(len(tiers)) if (upcast and cuda) or i not in self.stored]
@@ -63,7 +63,7 @@ class LayerWeights:
         self.copy_stream = torch.cuda.Stream(device) if cuda and self.streamed else None
         self.released: list[torch.cuda.Event | None] = [None] * n_slots  # compute done with the slot
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="own_engine_prefetch") if self.streamed else None
-        self.queue: deque[tuple[int, int, Future]] = deque()  # (layer, slot, load) in flight or ready
+        self.queue: deque[tuple[int, int, Future[None]]] = deque()  # (layer, slot, load) in flight or ready
         self.submitted = 0  # loads submitted so far; load k goes to slot k % n_slots
         self.next = 0  # index into self.streamed of the next layer to submit
         self.current: int | None = None  # slot being computed on
@@ -73,8 +73,8 @@ class LayerWeights:
         can address them (a decode step's few rows read the narrower weights directly). Layers that pass through
         the ring must be asked for in order, cyclically."""
         if i not in self.streamed or (narrow and i in self.stored):
-            for m, start, end in self.spans.get((i + 1) % len(self.tiers), []):
-                m.will_need(start, end)
+            for m, first, end in self.spans.get((i + 1) % len(self.tiers), []):
+                m.will_need(first, end)
             views, start = self.stored[i], time.perf_counter()
             if self.wide is not None and not narrow:
                 for name in self.layout.tensors:
@@ -100,7 +100,8 @@ class LayerWeights:
             self._submit()
         return self.slot_views[slot]
 
-    def _submit(self):
+    def _submit(self) -> None:
+        assert self.pool is not None  # made where layers stream
         layer = self.streamed[self.next]
         slot = self.submitted % len(self.slots)
         self.next = (self.next + 1) % len(self.streamed)
@@ -108,7 +109,7 @@ class LayerWeights:
         load = self.pool.submit(self._load, layer, slot, self.released[slot], self.stats.phase)
         self.queue.append((layer, slot, load))
 
-    def _load(self, layer: int, slot: int, released, phase: str):
+    def _load(self, layer: int, slot: int, released: torch.cuda.Event | None, phase: str) -> None:
         if released is not None:
             released.synchronize()
         nbytes, tier = self.layout.nbytes, self.tiers[layer]
@@ -120,8 +121,10 @@ class LayerWeights:
                 self.stats.record("disk->host" if tier == "disk" else "host->device", nbytes,
                                   time.perf_counter() - start, phase)
             return
+        assert self.copy_stream is not None  # made where layers stream
         src = self.host.get(layer)
         if src is None:
+            assert self.staging is not None  # made where the disk tier streams
             src = self.staging
             with self.stats.transfer("disk->host", nbytes, phase):
                 read_extents(self.extents[layer], src)
@@ -130,7 +133,7 @@ class LayerWeights:
                 self.slots[slot].copy_(src, non_blocking=True)
             self.copy_stream.synchronize()
 
-    def close(self):
+    def close(self) -> None:
         if self.pool is not None:
             for _, _, load in self.queue:
                 load.cancel()
@@ -144,10 +147,10 @@ class Globals:
     Stored in the storage dtype; rows reach compute in the compute dtype."""
 
     def __init__(self, ckpt: Checkpoint, embed_tier: str, tied: bool, dtype: torch.dtype, compute: torch.dtype,
-                 device: torch.device, stats: EngineStats):
+                 device: torch.device, stats: EngineStats) -> None:
         self.device, self.compute, self.stats = device, compute, stats
 
-        def to_device(name, as_dtype=dtype):
+        def to_device(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
             t = ckpt.read(name, as_dtype)
             with stats.transfer("host->device", t.nbytes):
                 return t.to(device)

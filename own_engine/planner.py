@@ -17,11 +17,13 @@ from pathlib import Path
 import psutil
 import torch
 
+from llmbench.units import fmt_bytes, parse_size
+
 from .compute import Compute, MatmulForms, choose
-from .config import DTYPES, EngineError, ModelConfig
+from .config import DTYPES, ModelConfig
 from .engine_config import EngineConfig
+from .errors import EngineError
 from .placement import LOGIT_ROWS
-from .units import fmt_bytes, parse_size
 from .weights import LayerLayout
 
 RAM_SHARE = 0.8  # of the RAM available, the most host-memory tiers may take
@@ -235,7 +237,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
                 offload_dir=config.offload_dir)
 
 
-def _budget(size) -> int | None:
+def _budget(size: str | int | None) -> int | None:
     try:
         return parse_size(size)
     except ValueError as e:

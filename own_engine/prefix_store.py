@@ -18,7 +18,8 @@ FORMAT = 1
 
 
 class PrefixStore:
-    def __init__(self, directory: Path, key: dict, block_shape: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, directory: Path, key: dict[str, object], block_shape: tuple[int, ...],
+                 dtype: torch.dtype) -> None:
         self.dir, self.shape, self.dtype = owned.claim(directory, "prefix_cache_dir"), block_shape, dtype
         self.nbytes = torch.Size(block_shape).numel() * dtype.itemsize
         self.key = {"format": FORMAT, **key}
@@ -48,13 +49,13 @@ class PrefixStore:
             return None
         return data.view(self.shape)
 
-    def put(self, h: bytes, data: torch.Tensor):
+    def put(self, h: bytes, data: torch.Tensor) -> None:
         tmp = self._file(h.hex()).with_suffix(".tmp")
         data.contiguous().view(-1).view(torch.uint8).numpy().tofile(tmp)
         tmp.replace(self._file(h.hex()))
         self.blocks.add(h)
 
-    def flush(self):
+    def flush(self) -> None:
         """Rewrite the manifest atomically: it lists only blocks whose files are complete."""
         tmp = self.manifest.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": self.key, "blocks": sorted(h.hex() for h in self.blocks)}))

@@ -8,16 +8,37 @@ back (its full ones stay in the prefix cache) and it waits at the head of the qu
 output so far.
 """
 from collections import deque
+from typing import Protocol
 
 import torch
 
-from .config import EngineError
+from .block_manager import BlockManager
+from .config import ModelConfig
+from .errors import EngineError
+from .planner import Plan
 from .sampling import sample
 from .sequence import Sequence, Status
+from .stats import EngineStats
+
+
+class EngineForScheduler(Protocol):
+    """What the scheduler uses of the engine it steps (engine.Engine)."""
+    blocks: BlockManager
+    plan: Plan
+    config: ModelConfig
+    device: torch.device
+    max_batch: int
+    stats: EngineStats
+
+    def forward(self, work: list[tuple[Sequence, int]], phase: str) -> torch.Tensor: ...
+
+    def admit(self, seq: Sequence) -> None: ...
+
+    def release(self, seqs: list[Sequence]) -> None: ...
 
 
 class Scheduler:
-    def __init__(self, engine):
+    def __init__(self, engine: EngineForScheduler) -> None:
         self.engine, self.blocks = engine, engine.blocks
         self.budget, self.max_running = engine.plan.step_tokens, engine.max_batch
         self.eos = set(engine.config.eos_token_ids)
@@ -29,7 +50,7 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence):
+    def add(self, seq: Sequence) -> None:
         p = seq.params
         if p.seed is not None:
             seq.generator = torch.Generator(self.engine.device).manual_seed(p.seed)
@@ -41,7 +62,7 @@ class Scheduler:
         else:
             self.waiting.append(seq)
 
-    def step(self):
+    def step(self) -> None:
         """Run one pass over the weights for what can run now, then hand out the tokens it chose."""
         for s in [s for s in (*self.running, *self.waiting) if s.cancelled]:
             self._finish(s)
@@ -69,7 +90,7 @@ class Scheduler:
             if s.num_output == p.max_new_tokens or (token in self.eos and not p.ignore_eos):
                 self._finish(s)
 
-    def fail_all(self, error: Exception):
+    def fail_all(self, error: Exception) -> None:
         for s in [*self.running, *self.waiting]:
             self._finish(s, error)
 
@@ -106,13 +127,13 @@ class Scheduler:
         except EngineError:
             return False
 
-    def _preempt(self, s: Sequence):
+    def _preempt(self, s: Sequence) -> None:
         self.engine.release([s])
         self.running.remove(s)
         self.waiting.appendleft(s)
         self.engine.stats.preemptions += 1
 
-    def _finish(self, s: Sequence, error: Exception | None = None):
+    def _finish(self, s: Sequence, error: Exception | None = None) -> None:
         if s.status is Status.RUNNING:
             self.engine.release([s])
         if s in self.running:

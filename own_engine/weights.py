@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .config import EngineError, ModelConfig
+from .config import ModelConfig
+from .errors import EngineError
 from .mapped import Mapped
 from .stats import EngineStats
 
@@ -24,9 +25,9 @@ class TensorEntry:
     shape: tuple[int, ...]
 
 
-def read_into(fd: int, offset: int, out: torch.Tensor):
+def read_into(fd: int, offset: int, out: torch.Tensor) -> None:
     """Fill a contiguous CPU tensor from a file; the kernel copies straight into it and the GIL is released."""
-    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    view = out.view(-1).view(torch.uint8).numpy().data
     done = 0
     while done < len(view):  # preadv may return short counts (at most ~2 GiB per call on Linux)
         n = os.preadv(fd, [view[done:]], offset + done)
@@ -55,9 +56,9 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
                                             tuple(info["shape"]))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise EngineError(f"{file}: corrupt safetensors header ({e!r})") from None
-    for name, e in entries.items():
-        if e.offset + e.nbytes > size:
-            raise EngineError(f"{file}: truncated: tensor {name} ends at byte {e.offset + e.nbytes}, "
+    for name, entry in entries.items():
+        if entry.offset + entry.nbytes > size:
+            raise EngineError(f"{file}: truncated: tensor {name} ends at byte {entry.offset + entry.nbytes}, "
                               f"the file has {size}")
     return entries
 
@@ -102,8 +103,8 @@ def fused(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     and v not), and then the model multiplies them one by one."""
     out = dict(views)
     for name, members in GROUPS.items():
-        parts = [views.get(m) for m in members]
-        if all(t is not None for t in parts) and all(_adjacent(a, b) for a, b in zip(parts, parts[1:])):
+        parts = [views[m] for m in members if m in views]
+        if len(parts) == len(members) and all(_adjacent(a, b) for a, b in zip(parts, parts[1:])):
             first = parts[0]
             out[name] = torch.as_strided(first, (sum(len(t) for t in parts), *first.shape[1:]), first.stride())
     if "qkv" in out and "self_attn.q_proj.bias" in views and "qkv_bias" not in out:
@@ -113,9 +114,11 @@ def fused(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # One read of a streamed layer: (file descriptor, file offset, byte count, offset in the layer buffer).
 Extent = tuple[int, int, int, int]
+# The bytes of a memory-mapped file a layer spans: (map, first byte, end byte).
+Span = tuple[Mapped, int, int]
 
 
-def read_extents(extents: list[Extent], out: torch.Tensor):
+def read_extents(extents: list[Extent], out: torch.Tensor) -> None:
     for fd, offset, nbytes, dest in extents:
         read_into(fd, offset, out[dest:dest + nbytes])
 
@@ -124,7 +127,7 @@ class Checkpoint:
     """A Hugging Face safetensors folder, validated up front: all files present, headers intact, every tensor
     the config needs present with the right shape. Owns the open file descriptors of the engine's reads."""
 
-    def __init__(self, path, cfg: ModelConfig, stats: EngineStats):
+    def __init__(self, path: str | Path, cfg: ModelConfig, stats: EngineStats) -> None:
         self.path, self.stats = Path(path), stats
         index, single = self.path / "model.safetensors.index.json", self.path / "model.safetensors"
         if index.is_file():
@@ -140,7 +143,7 @@ class Checkpoint:
         else:
             raise EngineError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         self.files = [self.path / n for n in names]
-        self.entries = {}
+        self.entries: dict[str, TensorEntry] = {}
         for file in self.files:
             self.entries.update(read_header(file))
 
@@ -172,7 +175,8 @@ class Checkpoint:
         e = self.entries[name]
         return self.mapped(e.file).view(e.offset, e.nbytes, e.dtype).view(e.shape)
 
-    def mapped_layer(self, i: int, layout: LayerLayout, packed: Path | None) -> tuple[dict, list]:
+    def mapped_layer(self, i: int, layout: LayerLayout,
+                     packed: Path | None) -> tuple[dict[str, torch.Tensor], list[Span]]:
         """Layer i's tensors as views of memory maps (its packed file, or the safetensors when the dtype matches):
         ({name: view}, [(map, first byte, end byte) of each file the layer spans])."""
         if packed is not None:
@@ -193,7 +197,7 @@ class Checkpoint:
             read_into(self.fd(e.file), e.offset, raw)
         return raw.view(e.dtype).view(e.shape).to(dtype)
 
-    def read_layer(self, i: int, layout: LayerLayout, out: torch.Tensor):
+    def read_layer(self, i: int, layout: LayerLayout, out: torch.Tensor) -> None:
         """Fill a CPU layer buffer, converting dtype where the checkpoint's differs."""
         for name, view in layout.views(out).items():
             view.copy_(self.read(f"model.layers.{i}.{name}", layout.dtype))
@@ -234,7 +238,7 @@ class Checkpoint:
     def packed_extents(self, file: Path, layout: LayerLayout) -> list[Extent]:
         return [(self.fd(file), 0, layout.nbytes, 0)]
 
-    def close(self):
+    def close(self) -> None:
         self._maps.clear()  # each map closes when the last tensor viewing it goes
         for fd in self._fds.values():
             os.close(fd)

@@ -16,7 +16,8 @@ os.environ["LLMBENCH_PLUGINS"] = "tests.scripted_backend"
 
 def pytest_report_header(config) -> list[str]:
     """A CI log says what CPU it ran on: timings and the engine's dtype policy depend on its instruction set."""
-    from harness.measure.environment import cpu_isa, cpu_model
+    from harness.measure.environment import cpu_isa
+    from llmbench.cpu import cpu_model
 
     return [f"cpu: {cpu_model()}, {os.cpu_count()} logical cores; isa: {' '.join(cpu_isa()) or 'unknown'}"]
 
@@ -26,18 +27,6 @@ def tiny_model() -> Path:
     from harness.inputs.models import cached_synthetic
 
     return cached_synthetic("tiny-llama", 0)
-
-
-@pytest.fixture(scope="session")
-def quickstart_results(tmp_path_factory) -> Path:
-    """A results folder written by a real `bench run scenarios/quickstart.yaml` (the README's first command, minus
-    the install), shared by the end-to-end, report and guide tests: every cell must be ok."""
-    out = tmp_path_factory.mktemp("quickstart") / "results"
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "scenarios/quickstart.yaml", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, f"quickstart run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return out
 
 
 @pytest.fixture
@@ -53,8 +42,9 @@ def write_scenario(tmp_path, tiny_model):
     return write
 
 
-def run_scenario(data: dict, folder: Path) -> tuple[Path, dict]:
-    """Run a scenario dict with the local Runner (it must succeed); its results folder and its cells by workload."""
+def run_scenario(data: dict, folder: Path, write_report: bool = True) -> tuple[Path, dict]:
+    """Run a scenario dict with the local Runner (it must succeed); its results folder and its cells by workload.
+    Scripted cells run in this process: no engine to isolate, and no worker or prompt builder to start."""
     import yaml
 
     from harness.config.load import load_scenario
@@ -64,7 +54,8 @@ def run_scenario(data: dict, folder: Path) -> tuple[Path, dict]:
     path = folder / "scenario.yaml"
     path.write_text(yaml.safe_dump(data))
     out = folder / "out"
-    assert Runner(load_scenario(path), str(path), out).run() == 0
+    scripted = all(b["kind"] == "scripted" for b in data["backends"])
+    assert Runner(load_scenario(path), str(path), out, in_process=scripted, write_report=write_report).run() == 0
     return out, {c.workload: c for c in load_run(out).cells}
 
 

@@ -1,8 +1,9 @@
-"""Results for report and guide tests: one real quickstart run, and results folders built from synthetic requests.
+"""Results for report and guide tests: one small real run on the scripted backend, and results folders built from
+synthetic requests.
 
 Synthetic cells go through the real reducer (harness.results.metrics), so their metrics are what a run with those
 request timings would have stored; only the timings and the resource numbers are made up.
-Loaded by the report/guide test modules with `pytest_plugins`, so the quickstart runs once per session; those
+Loaded by the report/guide test modules with `pytest_plugins`, so the scripted run happens once per session; those
 modules also import its helpers first, hence PYTEST_DONT_REWRITE (its one assert carries its own message).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
+import pytest
 from pydantic import TypeAdapter
 
 from harness.records import RequestRecord
@@ -174,6 +176,18 @@ def swept_gpu_results(out: Path) -> Path:
         b.add("batcher", w, ttft_s=0.08, tpot_s=batch_tpot, sweep=sweep, base="chat", kind="vllm", device="cuda:0",
               resources=resources(6 * GiB))
     return b.write()
+
+
+@pytest.fixture(scope="session")
+def scripted_results(tiny_model, tmp_path_factory) -> Path:
+    """A results folder as `bench run` writes it (requests.jsonl, cells, environment), from two scripted backends run
+    in this process: for the report and guide tests that need a real run's shape but no engine's numbers."""
+    from tests.conftest import run_scenario, scenario_dict
+
+    backends = [{"name": "fast", "kind": "scripted", "options": {"ttft_s": 0.005, "itl_s": 0.001}},
+                {"name": "slow", "kind": "scripted", "options": {"ttft_s": 0.01, "itl_s": 0.002}}]
+    out, _ = run_scenario(scenario_dict(tiny_model, backends), tmp_path_factory.mktemp("scripted"), write_report=False)
+    return out
 
 
 def hacked(results: Path, out: Path, payload: str) -> Path:

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("harness", "backends", "own_engine")
+PACKAGES = ("llmbench", "harness", "backends", "own_engine")
 
 
 def module_name(path: Path) -> str:
@@ -78,15 +78,28 @@ def test_layers():
     problems = []
     for mod, targets in graph().items():
         for t in targets:
-            if mod.startswith("own_engine") and not t.startswith("own_engine"):
+            if mod.startswith("llmbench") and not t.startswith("llmbench"):
+                problems.append(f"{mod} -> {t}: llmbench holds the neutral helpers and imports nothing of the others")
+            if mod.startswith("own_engine") and not t.startswith(("own_engine", "llmbench")):
                 problems.append(f"{mod} -> {t}: own_engine is a library that imports neither harness nor backends")
-            if mod.startswith("harness.core") and not (t.startswith("harness.core") or t.startswith("own_engine.units")
-                                                       or t in ("harness", "own_engine")):
+            if mod.startswith("harness.core") and not (t.startswith(("harness.core", "llmbench")) or t == "harness"):
                 problems.append(f"{mod} -> {t}: the core imports nothing above it")
             if mod.startswith("backends") and t.startswith("harness") and not t.startswith("harness.core") \
                     and t != "harness":
                 problems.append(f"{mod} -> {t}: backends import only harness.core of the harness")
     assert not problems, "\n".join(problems)
+
+
+def test_no_two_classes_share_a_name():
+    """One name, one class across the packages (private ones too): a reader, a grep or a traceback names one thing."""
+    where: dict[str, list[str]] = {}
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    where.setdefault(node.name, []).append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    shared = {name: places for name, places in where.items() if len(places) > 1}
+    assert not shared, f"classes sharing a name: {shared}"
 
 
 def test_no_sys_path_edits_or_pythonpath_injection():

@@ -138,7 +138,7 @@ def load_policy(path: Path | None) -> Policy:
 CellKey = tuple[str, str, str]  # model, backend, workload
 
 
-class Run:
+class GateRun:
     """One results file, and the folder its per-cell requests files are relative to."""
 
     def __init__(self, path: Path):
@@ -227,7 +227,7 @@ def _settings(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def environment_differences(base: Run, cur: Run, keys: list[CellKey], policy: Policy) -> list[EnvDifference]:
+def environment_differences(base: GateRun, cur: GateRun, keys: list[CellKey], policy: Policy) -> list[EnvDifference]:
     """What could make two runs' numbers incomparable: the GPUs, their driver and CUDA, the CPU, package versions
     both runs have, and each backend's engine block (versions and settings; not ports, paths, PIDs or times)."""
     eb, ec = base.result.environment, cur.result.environment
@@ -296,7 +296,7 @@ def busy_machine(cell: CellResult | None, policy: Policy) -> str | None:
 # ---- the statistics -----------------------------------------------------------------------------------------------
 
 @dataclass
-class Row:
+class GateCheck:
     cell: str
     metric: str
     baseline: float | None = None
@@ -385,7 +385,7 @@ class GateReport:
     reference: str | None
     verdict: Literal["pass", "fail", "busy"] = "pass"
     exit_code: int = 0
-    rows: list[Row] = field(default_factory=list)
+    rows: list[GateCheck] = field(default_factory=list)
     environment_differences: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     baseline_meta: dict[str, Any] | None = None
@@ -394,7 +394,7 @@ class GateReport:
         return json.dumps(asdict(self), indent=1)
 
 
-def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False) -> GateReport:
+def compare(base: GateRun, cur: GateRun, policy: Policy, allow_env_change: bool = False) -> GateReport:
     """The whole comparison; raises GateError when the runs cannot be compared."""
     report = GateReport(str(base.folder), str(cur.folder), policy.reference, baseline_meta=base.baseline_meta)
     keys = [k for k in cur.cells if k in base.cells]
@@ -424,7 +424,7 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
             report.notes.append(f"{c_cell.id}: not compared, the baseline cell {b_cell.status}")
             continue
         if not c_cell.ok:
-            report.rows.append(Row(c_cell.id, "status", verdict="regression", fails_build=True,
+            report.rows.append(GateCheck(c_cell.id, "status", verdict="regression", fails_build=True,
                                    note=f"ok in the baseline, {c_cell.status} now: {c_cell.error_line or ''}"))
             continue
         if ref is not None and key[1] == ref:
@@ -438,7 +438,7 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
         missing = ref is not None and any(rc is None or not rc.ok for rc in ref_cells)
         # A cell (or the reference it is divided by) unstable on a busy machine measured the machine: not judged.
         if busy := busy_machine(c_cell, policy) or busy_machine(ref_cells[1], policy):
-            report.rows += [Row(c_cell.id, metric, threshold=rule.threshold, test=rule.test, verdict="busy",
+            report.rows += [GateCheck(c_cell.id, metric, threshold=rule.threshold, test=rule.test, verdict="busy",
                                 fails_build=policy.on_unstable == "fail" or policy.on_inconclusive(metric) == "fail",
                                 note=f"not judged, the machine was busy: {busy}")
                             for metric, rule in policy.metrics.items()]
@@ -448,12 +448,12 @@ def compare(base: Run, cur: Run, policy: Policy, allow_env_change: bool = False)
         for metric, rule in policy.metrics.items():
             basis = verdict_name(metric, shifted)
             if missing:
-                row = Row(c_cell.id, metric, threshold=rule.threshold, test=rule.test, verdict="inconclusive",
+                row = GateCheck(c_cell.id, metric, threshold=rule.threshold, test=rule.test, verdict="inconclusive",
                           note=f"no ok reference cell {key[0]}/{ref}/{key[2]} in both runs")
             else:
                 base_ref, cur_ref = (run.samples(rc, basis, rule) if rc else None
                                      for run, rc in zip((base, cur), ref_cells))
-                row = Row(c_cell.id, metric, **judge(rule, base.samples(b_cell, basis, rule),
+                row = GateCheck(c_cell.id, metric, **judge(rule, base.samples(b_cell, basis, rule),
                                                         cur.samples(c_cell, basis, rule), base_ref, cur_ref,
                                                         policy.bootstrap))
             if basis != metric:
@@ -488,7 +488,7 @@ def _with_ci(v: float | None, ci: list[float] | None) -> str:
     return _num(v) + (f" [{_num(ci[0])}–{_num(ci[1])}]" if v is not None and ci else "")
 
 
-def _cells(r: Row) -> list[str]:
+def _cells(r: GateCheck) -> list[str]:
     change = "–" if r.ratio is None else f"{(r.ratio - 1) * 100:+.1f}%"
     threshold = "–" if r.threshold is None else f"{(r.threshold - 1) * 100:+.0f}%"
     p = "–" if r.p_value is None else f"{r.p_value:.3g}"
@@ -557,7 +557,7 @@ def run_gate(baseline: Path, current: Path, policy_file: Path | None = None, all
     policy = load_policy(policy_file)
     if reference is not None:
         policy.reference = reference
-    base, cur = Run(baseline), Run(current)
+    base, cur = GateRun(baseline), GateRun(current)
     report = compare(base, cur, policy, allow_env_change)
     console = console or Console(width=200)
     for attempt in range(1, policy.reruns + 1):
@@ -568,7 +568,7 @@ def run_gate(baseline: Path, current: Path, policy_file: Path | None = None, all
         if why is not None:
             report.notes.append(f"on_unstable {policy.on_unstable}: cannot re-run {', '.join(busy)}: {why}")
             break
-        cur = Run(current)
+        cur = GateRun(current)
         report = compare(base, cur, policy, allow_env_change)
         report.notes.append(f"on_unstable {policy.on_unstable}: re-ran {', '.join(busy)} (re-run {attempt} of "
                             f"{policy.reruns}) because the machine was busy")
@@ -580,7 +580,7 @@ def run_gate(baseline: Path, current: Path, policy_file: Path | None = None, all
     return report.exit_code
 
 
-def rerun(cur: Run, cell_ids: list[str], console: Console) -> str | None:
+def rerun(cur: GateRun, cell_ids: list[str], console: Console) -> str | None:
     """Run the cells again into the current results (`bench run SCENARIO --out CURRENT --rerun ID...`, whose other
     cells stay); None when it ran, else why it could not."""
     scenario = Path(cur.result.scenario_file or "")

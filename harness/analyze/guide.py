@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from harness.analyze.report import Row, Table, describe_workload, measured_lengths, render, setting
-from harness.analyze.verdicts import Comparison, Measured
+from harness.analyze.report import TableRow, Table, describe_workload, measured_lengths, render, setting
+from harness.analyze.verdicts import Comparison, MeasuredValue
 from harness.config.load import load_yaml_file
 from harness.config.scenario import ConcurrencyLoad
 from harness.core.files import atomic_write
@@ -24,7 +24,7 @@ from harness.core.spec import Strict
 from harness.records import ResultsError
 from harness.results.catalogue import RANKED, fmt_value
 from harness.results.runs import CellView, Run, load_runs
-from own_engine.units import parse_size
+from llmbench.units import parse_size
 
 RULES_FILE = Path(__file__).parent / "guide_rules.yaml"
 SCORING = (  # shown in every guide, one line each
@@ -194,12 +194,12 @@ class Entry:
     def value(self, name: str) -> float | None:
         return RANKED[name].value(self.cell.cell)
 
-    def measured(self, name: str) -> Measured | None:
+    def measured(self, name: str) -> MeasuredValue | None:
         """Its number on a statistic, with the 95% CI, where it has one."""
         v = self.value(name)
         if v is None:
             return None
-        return Measured(backend=self.candidate, value=v, ci=RANKED[name].interval(self.cell.cell),
+        return MeasuredValue(backend=self.candidate, value=v, ci=RANKED[name].interval(self.cell.cell),
                         unstable=bool(self.cell.unstable))
 
     def shown(self, name: str) -> str:
@@ -462,7 +462,7 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     # Level on score and wins: the tighter intervals rank first, never the wider ones.
     order = sorted(per_cand, key=lambda k: (-mean[k], -wins[k], spread(per_cand[k]), k))
     ranking = Table(["rank", "backend", "mean score", "workloads measured", "workloads won", "fits"],
-                    [Row([str(i + 1), k, f"{mean[k]:.3f}", str(len(per_cand[k])), str(wins[k]),
+                    [TableRow([str(i + 1), k, f"{mean[k]:.3f}", str(len(per_cand[k])), str(wins[k]),
                           f"{sum(e.misfit is None for e in per_cand[k])} of {len(per_cand[k])}"],
                          None if any(e.misfit is None for e in per_cand[k]) else "does not fit")
                      for i, k in enumerate(order)])
@@ -525,7 +525,7 @@ def evaluate(u: UseCase, cells: list[CellView]) -> UseCaseResult:
     prepared = "load_time_s" in metric_cols and any(e.cell.cell.prepare_time_s for e in entries)
     details = Table(["workload", "backend", "score", *(RANKED[m].label for m in metric_cols),
                      *(["one-off preparation (not in load time)"] if prepared else []), "cell", "run"],
-                    [Row([names.condition(key),
+                    [TableRow([names.condition(key),
                           e.candidate + (f" ({e.cell.served_at_once})" if e.cell.served_at_once else ""),
                           f"{e.score:.3f}" if e.score is not None else "n/a",
                           *(e.shown(m) for m in metric_cols),

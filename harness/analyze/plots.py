@@ -287,14 +287,14 @@ def capacity_plot(slug: str, title: str, cells: list[CellView], label: Callable[
         color = line[0].get_color()
         share.scatter(xs, ys, s=40, zorder=3, edgecolors=color,
                       facecolors=[color if s.passed else "white" for s in steps])
-        ttft.plot(xs, [math.nan if s.ttft_p99_ms is None else s.ttft_p99_ms for s in steps], marker="o", color=color,
-                  label=text(label(c)))
+        p99 = [s.metrics.value("ttft_ms.p99") for s in steps]
+        ttft.plot(xs, [math.nan if v is None else v for v in p99], marker="o", color=color, label=text(label(c)))
         if cap.capacity is not None:
             share.axvline(cap.capacity, color=color, ls=":", lw=1)
     target = searched[0][1]
     share.axhline(target.attainment_target, color="black", ls="--", lw=1, label=f"target {target.attainment_target:g}")
-    if "ttft_ms" in target.slo:
-        ttft.axhline(target.slo["ttft_ms"], color="black", ls="--", lw=1, label="slo TTFT")
+    if target.slo.ttft_ms is not None:
+        ttft.axhline(target.slo.ttft_ms, color="black", ls="--", lw=1, label="slo TTFT")
     unit = "req/s offered" if target.search == "rate" else "requests in flight"
     share.set(xlabel=unit, ylabel="share meeting the slo", title="attainment per step (filled: passed)")
     ttft.set(xlabel=unit, ylabel="ms", title="TTFT p99 per step")

@@ -29,7 +29,7 @@ from markupsafe import Markup
 from harness.analyze import plots
 from harness.analyze.capacity import capacity_notes
 from harness.analyze.plots import Plot
-from harness.analyze.verdicts import Measured, Verdict
+from harness.analyze.verdicts import MeasuredValue, Verdict
 from harness.config.prompts import FilePrompts, LengthDist, SharedPrefixPrompts
 from harness.config.scenario import CapacityLoad, ConcurrencyLoad, Load, PoissonLoad, TraceLoad, Workload
 from harness.config.shapes import OversaturationStop, SteadyState
@@ -40,7 +40,7 @@ from harness.results.frame import frame_of
 from harness.results.markdown import md_escape
 from harness.results.runs import CellView, Run, load_runs, workload_of
 from harness.results.summary import numbers_basis, queued
-from own_engine.units import fmt_bytes
+from llmbench.units import fmt_bytes
 
 FORMATS = ("md", "html")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -63,7 +63,7 @@ class Num:
 
 
 @dataclass
-class Row:
+class TableRow:
     values: list[str | Num]
     mark: str | None = None  # "failed", "over budget", "request errors", "unstable": the row is highlighted
     cell: str | None = None  # the cell the row's numbers come from, when it has no column of its own
@@ -72,11 +72,11 @@ class Row:
 @dataclass
 class Table:
     headers: list[str]
-    rows: list[Row]
+    rows: list[TableRow]
 
     @classmethod
     def of(cls, headers: list[str], rows: Iterable[Iterable[str]]) -> Table:
-        return cls(headers, [Row(list(r)) for r in rows])
+        return cls(headers, [TableRow(list(r)) for r in rows])
 
 
 @dataclass
@@ -475,7 +475,7 @@ def workload_section(name: str, cells: list[CellView], labels: Labels, slugs: se
         values: list[str | Num] = [c.backend + (f" ({c.served_at_once})" if c.served_at_once else "")]
         values += ([c.model] if labels.models else []) + [show(k, c.sweep.get(k)) for k in sweep_keys]
         values += ([c.run.label] if labels.runs else []) + [c.status] + [f(c, numbers) for _, f in columns]
-        rows.append(Row(values, row_mark(c), c.id))
+        rows.append(TableRow(values, row_mark(c), c.id))
     notes += capped_notes(cells, labels)
     notes += [f"{labels.series(c)} is unstable: {c.unstable}" for c in cells if c.unstable]
     notes += [f"{labels.series(c)} is client limited (its numbers describe the load generator more than the "
@@ -533,7 +533,7 @@ def verdict(cells: list[CellView], name: str, numbers: Numbers, label: Callable[
     for c in cells:
         v, ci = numbers.get(c, verdict_name(name, bool(c.cell.client_queue_shift))) if c.ok else (None, None)
         if v is not None:
-            measured.append(Measured(backend=label(c), value=v, ci=ci, unstable=bool(c.unstable)))
+            measured.append(MeasuredValue(backend=label(c), value=v, ci=ci, unstable=bool(c.unstable)))
     if not measured:
         return None
     measured.sort(key=lambda x: x.value if better == "lower" else -x.value)
@@ -589,11 +589,11 @@ def failures_table(cells: list[CellView]) -> Table:
     rows = []
     for c in cells:
         if not c.ok:
-            rows.append(Row([c.id, c.run.label, f"cell {c.status}", (c.error_line or "(no error recorded)")[:500]],
+            rows.append(TableRow([c.id, c.run.label, f"cell {c.status}", (c.error_line or "(no error recorded)")[:500]],
                             c.status))
         elif c.metric("errors"):
             for msg, n in c.request_errors().most_common(5):
-                rows.append(Row([c.id, c.run.label, f"{n} request(s) failed", msg[:500]], "request errors"))
+                rows.append(TableRow([c.id, c.run.label, f"{n} request(s) failed", msg[:500]], "request errors"))
     return Table(["cell", "run", "what", "error (first line)"], rows)
 
 

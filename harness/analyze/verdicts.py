@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from harness.results.catalogue import Statistic, fmt_interval, fmt_value, statistic
 
 
-class Measured(BaseModel):
+class MeasuredValue(BaseModel):
     """One backend's number: its label, value and 95% CI, and whether its cell's repetitions disagree."""
     backend: str
     value: float
@@ -32,18 +32,18 @@ class Verdict(BaseModel):
     noise when its 95% CI and the runner-up's do not overlap; unstable cells are left out of the comparison, and an
     unstable best decides nothing."""
     metric: str  # the statistic's catalogue name, e.g. "ttft_ms.p50"
-    measured: list[Measured]  # best first
+    measured: list[MeasuredValue]  # best first
 
     @property
     def statistic(self) -> Statistic:
         return statistic(self.metric)
 
     @property
-    def best(self) -> Measured:
+    def best(self) -> MeasuredValue:
         return self.measured[0]
 
     @property
-    def rest(self) -> list[Measured]:
+    def rest(self) -> list[MeasuredValue]:
         """The others that are compared: those whose repetitions agree."""
         return [x for x in self.measured[1:] if not x.unstable]
 
@@ -76,7 +76,7 @@ class Verdict(BaseModel):
     def value(self) -> str:
         return fmt_value(self.best.value, self.statistic.unit)
 
-    def margin(self, other: Measured) -> str:
+    def margin(self, other: MeasuredValue) -> str:
         """How far the best is ahead of `other`: "41% lower than own", "2.3× own's"."""
         v, rv, name = self.best.value, other.value, other.backend
         if rv == v:
@@ -108,8 +108,8 @@ class Verdict(BaseModel):
 class Comparison(BaseModel):
     """Backend `a` against backend `b` on one statistic, with both 95% CIs."""
     metric: str  # the statistic's catalogue name
-    a: Measured
-    b: Measured
+    a: MeasuredValue
+    b: MeasuredValue
 
     @property
     def statistic(self) -> Statistic:

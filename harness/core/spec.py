@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from own_engine.units import parse_size
+from llmbench.units import parse_size
 
 
 NAME_MAX = 64  # model, backend and workload names: each cell's folder is named after all three

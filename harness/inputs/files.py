@@ -18,14 +18,14 @@ class DataFileError(ValueError):
 
 
 @dataclass
-class Row:
+class DataRow:
     prompt: str | None = None  # plain text, or else
     messages: list[dict[str, str]] | None = None  # a chat, rendered with the model's chat template
     output_tokens: int | None = None  # the row's own output length
     reference: str | None = None  # a recorded reply, whose length in tokens is the output length (ShareGPT)
 
 
-def read_rows(path: Path) -> list[Row]:
+def read_rows(path: Path) -> list[DataRow]:
     """The usable rows of the file, in order; raises DataFileError when there are none or the file is unreadable."""
     import datasets
 
@@ -56,21 +56,21 @@ def read_rows(path: Path) -> list[Row]:
     return rows
 
 
-def _row(d: dict[str, Any]) -> Row | None:
+def _row(d: dict[str, Any]) -> DataRow | None:
     if isinstance(d.get("conversations"), list):
         turns = [t for t in d["conversations"] if isinstance(t, dict)]
         for i, t in enumerate(turns):
             if SHAREGPT_ROLES.get(t.get("from")) == "user" and str(t.get("value") or "").strip():
                 reply = turns[i + 1].get("value") if i + 1 < len(turns) else None
-                return Row(prompt=t["value"], reference=reply or None)
+                return DataRow(prompt=t["value"], reference=reply or None)
         return None
     out = d.get("output_tokens")
     out = out if isinstance(out, int) and out > 0 else None
     if isinstance(d.get("messages"), list) and d["messages"]:
         messages = [{"role": str(m.get("role")), "content": str(m.get("content") or "")}
                     for m in d["messages"] if isinstance(m, dict)]
-        return Row(messages=messages, output_tokens=out) if messages else None
+        return DataRow(messages=messages, output_tokens=out) if messages else None
     text = d.get("prompt", d.get("text"))
     if isinstance(text, str) and text.strip():
-        return Row(prompt=text, output_tokens=out)
+        return DataRow(prompt=text, output_tokens=out)
     return None

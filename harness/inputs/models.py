@@ -32,6 +32,10 @@ CHAT_TEMPLATE = (
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
+# What the Llama 3.1 and 3.2 configs share: the 128K-token vocabulary and context, rope, norm, 8 KV heads, bf16.
+_LLAMA3: dict[str, Any] = dict(
+    model_type="llama", num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+    rope_theta=500000.0, rms_norm_eps=1e-5, torch_dtype="bfloat16", bpe_vocab=16384)
 
 # Hyperparameters of the published configs; `bpe_vocab` is how much of the vocab the BPE learns, the rest is reserved.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -40,20 +44,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=4, vocab_size=4096, max_position_embeddings=4096, rope_theta=500000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float32", bpe_vocab=4096),
     "llama-3.2-1b": dict(
-        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        torch_dtype="bfloat16", bpe_vocab=16384),
+        _LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, head_dim=64,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, tie_word_embeddings=True),
     "llama-3.2-3b": dict(
-        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        torch_dtype="bfloat16", bpe_vocab=16384),
+        _LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, tie_word_embeddings=True),
     "llama-3.1-8b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        torch_dtype="bfloat16", bpe_vocab=16384),
+        _LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, tie_word_embeddings=False),
     "llama-2-7b": dict(
         model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,

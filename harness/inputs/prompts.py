@@ -24,7 +24,7 @@ from harness.config.scenario import TraceLoad, Workload
 from harness.core.files import atomic_write
 from harness.inputs import documents
 from harness.inputs.exact import Exact, PromptError
-from harness.inputs.files import DataFileError, Row, read_rows
+from harness.inputs.files import DataFileError, DataRow, read_rows
 from harness.inputs.lengths import draw_lengths, same_each_repetition
 from harness.inputs.conversation import conversation_entries
 from harness.inputs.trace import trace_prompts
@@ -151,7 +151,7 @@ def _from_file(exact: Exact, workload: Workload, count: int, limits: list[int] |
     return out
 
 
-def _render(tokenizer, row: Row) -> tuple[str, bool]:
+def _render(tokenizer, row: DataRow) -> tuple[str, bool]:
     """The prompt as text, and whether encoding it should add the special tokens (a chat template adds its own)."""
     if row.messages is None:
         return row.prompt, True
@@ -160,7 +160,7 @@ def _render(tokenizer, row: Row) -> tuple[str, bool]:
     return "\n".join(f"{m['role']}: {m['content']}" for m in row.messages) + "\nassistant:", True
 
 
-def _data_output(exact: Exact, row: Row) -> int | None:
+def _data_output(exact: Exact, row: DataRow) -> int | None:
     if row.output_tokens is not None:
         return row.output_tokens
     return max(exact.count_plain(row.reference), 1) if row.reference else None

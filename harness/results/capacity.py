@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from harness.config.scenario import SLO, CapacityLoad, ConcurrencyLoad, Load, PoissonLoad
-from harness.records import CapacityResult, CapacityStep, CapacityStepResult, Distribution, RequestRecord
-from harness.results.catalogue import PER_REQUEST, SLO_METRICS, meets_slo, rate
+from harness.records import CapacityResult, CapacityStep, CapacityStepResult, MetricValues, RequestRecord
+from harness.results.catalogue import SLO_METRICS, Requests, meets_slo, rate
 
 
 def met_slo(records: list[RequestRecord], slo: SLO) -> int:
@@ -26,12 +26,8 @@ def step_passes(met: int, requests: int, attainment: float) -> bool:
     return requests > 0 and met >= attainment * requests
 
 
-def slo_dict(slo: SLO) -> dict[str, float]:
-    return {k: v for k, v in slo.model_dump().items() if v is not None}
-
-
 def describe_slo(slo: SLO) -> str:
-    return " and ".join(f"{SLO_METRICS[k].label} ≤ {v:g} ms" for k, v in slo_dict(slo).items())
+    return " and ".join(f"{SLO_METRICS[k].label} ≤ {v:g} ms" for k, v in slo.model_dump(exclude_none=True).items())
 
 
 def fmt_load(value: float, search: str) -> str:
@@ -45,20 +41,20 @@ def reduce_capacity(records: list[RequestRecord], steps: list[CapacityStep], loa
     results = []
     for s in steps:
         mine = [r for r in records if r.repetition == s.step]
+        step = Requests(mine, slo)
         ci = binomtest(s.met, s.sent).proportion_ci(0.95, method="wilson") if s.sent else None
-        ttft, tpot = (Distribution.of(PER_REQUEST[k].samples(mine)) for k in ("ttft_ms", "tpot_ms"))
         results.append(CapacityStepResult(
             step=s.step, value=s.value, achieved_rate_rps=rate([r.t_send for r in mine]), sent=s.sent,
             not_sent=s.not_sent,
             attainment=s.met / s.sent if s.sent else 0.0,
             attainment_ci=[float(ci.low), float(ci.high)] if ci else None,
-            ttft_p50_ms=ttft.p50, ttft_p99_ms=ttft.p99, tpot_p50_ms=tpot.p50, tpot_p99_ms=tpot.p99,
+            metrics=MetricValues.model_validate({k: m.reduce(step) for k, m in SLO_METRICS.items()}),
             passed=s.passed))
     passing = [s.value for s in results if s.passed]
     capacity = max(passing) if passing else None
     above = [s.value for s in results if not s.passed and (capacity is None or s.value > capacity)]
     fails_at = min(above) if above else None
-    return CapacityResult(search=load.search, attainment_target=load.attainment, slo=slo_dict(slo),
+    return CapacityResult(search=load.search, attainment_target=load.attainment, slo=slo,
                           capacity=capacity, fails_at=fails_at, steps=results,
                           capacity_rps=capacity if load.search == "rate" else _throughput(records, steps, capacity),
                           verdict=verdict(load, slo, capacity, fails_at,

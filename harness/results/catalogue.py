@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 
 from harness.config.scenario import SLO, Load, PoissonLoad
 from harness.records import STATISTICS, CellResult, Distribution, RequestRecord
-from own_engine.units import fmt_bytes
+from llmbench.units import fmt_bytes
 
 Unit = Literal["ms", "tok/s", "req/s", "bytes", "s", "ratio", "count", "tokens"]
 Scope = Literal["distribution", "scalar", "cell"]

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -20,6 +20,8 @@ from harness.config.scenario import Workload
 from harness.records import (CellResult, RequestRecord, ResourceBlock, ResourceUsage, ResultsError, RunResult,
                              load_run, read_requests)
 from harness.results.catalogue import statistic
+
+T = TypeVar("T")
 
 
 def workload_of(data: Any) -> Workload | None:
@@ -83,39 +85,29 @@ def load_runs(paths: list[Path | str]) -> list[Run]:
     return runs
 
 
+class FromCell(Generic[T]):
+    """A CellView attribute that is its cell's attribute of the same name, as stored."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, view: CellView, owner: type | None = None) -> T:
+        return cast(T, getattr(view.cell, self.name))
+
+
 @dataclass
 class CellView:
     run: Run
     cell: CellResult
 
     # ---- identity -------------------------------------------------------------------------------------------
-    @property
-    def id(self) -> str:
-        return self.cell.id
-
-    @property
-    def model(self) -> str:
-        return self.cell.model
-
-    @property
-    def backend(self) -> str:
-        return self.cell.backend
-
-    @property
-    def workload(self) -> str:
-        return self.cell.workload
-
-    @property
-    def status(self) -> str:
-        return self.cell.status
-
-    @property
-    def ok(self) -> bool:
-        return self.cell.ok
-
-    @property
-    def error_line(self) -> str | None:
-        return self.cell.error_line
+    id = FromCell[str]()
+    model = FromCell[str]()
+    backend = FromCell[str]()
+    workload = FromCell[str]()
+    status = FromCell[str]()
+    ok = FromCell[bool]()
+    error_line = FromCell[str | None]()
 
     @property
     def unstable(self) -> str | None:

@@ -16,7 +16,7 @@ from harness.core.files import atomic_write
 from harness.core.redact import Redactor
 from harness.measure.environment import node
 from harness.run.plan import CellPlanner
-from harness.run.process import run_worker
+from harness.run.process import run_here, run_worker
 
 
 @dataclass
@@ -31,13 +31,16 @@ class Attempt:
 
 
 def attempt_cell(planner: CellPlanner, cell: Cell, cell_dir: Path, timeout_s: float,
-                 on_request_done: Callable[[], None], redact: Redactor) -> Attempt:
+                 on_request_done: Callable[[], None], redact: Redactor, in_process: bool = False) -> Attempt:
     where = node()
     try:
         plan = planner.plan(cell)
     except BackendError as e:
         return Attempt(error=str(e), node=where)
     atomic_write(cell_dir / "cell.json", json.dumps(redact(plan.model_dump(mode="json")), indent=1))
-    exit_code, log_tail = run_worker(plan.backend.python, cell_dir, timeout_s, on_request_done, plan.model_dump_json(),
-                                     redact)
+    if in_process:
+        exit_code, log_tail = run_here(cell_dir, plan.model_dump_json())
+    else:
+        exit_code, log_tail = run_worker(plan.backend.python, cell_dir, timeout_s, on_request_done,
+                                         plan.model_dump_json(), redact)
     return Attempt(exit_code=exit_code, log_tail=log_tail, node=where, prompts_file=plan.prompts_file)

@@ -1,6 +1,6 @@
 """`load.generators: N`: the cell's worker and N - 1 Ray actors share one Poisson schedule, when one machine's client
 cannot offer the rate a big server takes. The same protocol as `load.clients` (harness/run/clients.py), with Ray as
-the transport: each actor runs a ClientCell (harness/run/worker.py), which attaches a backend to the engine the
+the transport: each actor runs a ClientWorker (harness/run/worker.py), which attaches a backend to the engine the
 worker started and sends its ClientShare of each repetition; it stamps with its own monotonic clock, whose offset the
 worker measures at start-up (`measure_offset`, over Ray calls) and removes from its records (`to_cell_clock`), so the
 one reducer sees one clock. Records come back when a repetition ends.
@@ -32,11 +32,11 @@ from harness.run.ray_executor import connect, import_ray, placement_options
 
 # The client the actors run, by name: the worker imports this module (an import back would be a circle), and in the
 # worker's process its module is __main__, whose classes Ray cannot send to another process.
-CLIENT = ("harness.run.worker", "ClientCell")
+CLIENT = ("harness.run.worker", "ClientWorker")
 
 
 class GeneratorActor:
-    """A Ray actor: one generator of a cell, the worker's ClientCell, driven through its command queue as a client
+    """A Ray actor: one generator of a cell, the worker's ClientWorker, driven through its command queue as a client
     process is through its stdin."""
 
     def __init__(self, index: int, count: int, plan_json: str, attach: dict[str, Any], prompts: bytes):

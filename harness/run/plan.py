@@ -21,18 +21,19 @@ from harness.config.scenario import Cell, Scenario, TraceLoad, safe_name
 from harness.core.errors import BackendError
 from harness.core.processes import log_tail
 from harness.inputs.models import synthetic_dir
-from harness.inputs.prompts import PromptError
+from harness.inputs.prompts import PromptError, write_prompts
 from harness.records import CellPlan
 from harness.run.strategies import strategy_for
-from own_engine.units import parse_size
+from llmbench.units import parse_size
 
 
 TOKENIZER_TIMEOUT_S = 300  # importing transformers and loading a tokenizer: seconds, more on a busy machine
 
 
 class CellPlanner:
-    def __init__(self, scenario: Scenario, out: Path, console: Console):
+    def __init__(self, scenario: Scenario, out: Path, console: Console, in_process: bool = False):
         self.scenario, self.out, self.console = scenario, out, console
+        self.in_process = in_process  # prompts built here: tests of the harness only (Runner's in_process)
         self.model_paths: dict[str, Path | BackendError] = {}
         self.prompt_files: dict[Path, PromptError | None] = {}
 
@@ -92,11 +93,19 @@ class CellPlanner:
             self.prompt_files[path] = None  # an earlier run built the same prompts
         if path not in self.prompt_files:
             with self.console.status(f"building {count} prompts ({workload.prompts.type}, {size}) for {model}"):
-                problem = self.build_prompts(path, args)
+                problem = self.build_here(path, model_path, count, workload) if self.in_process \
+                    else self.build_prompts(path, args)
             self.prompt_files[path] = problem and PromptError(f"cannot build prompts for model {model!r}: {problem}")
         if self.prompt_files[path] is not None:
             raise self.prompt_files[path]
         return path
+
+    def build_here(self, path: Path, model_path: Path, count: int, workload) -> str | None:
+        try:
+            write_prompts(path, model_path, count, self.scenario.seed, workload)
+        except PromptError as e:
+            return str(e)
+        return None
 
     def build_prompts(self, path: Path, args: list[str]) -> str | None:
         """None when built, else why not. Loading the tokenizer may take TOKENIZER_TIMEOUT_S; building, which grows

@@ -6,7 +6,11 @@ in the runner, which stops the worker's group and records the cell in flight as 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
+import importlib
+import os
 import signal
 import subprocess
 import sys
@@ -93,6 +97,25 @@ def run_worker(python: Path | None, cell_dir: Path, timeout_s: float, on_request
             kill_leftover_groups(cell_dir)
         reader.join(timeout=5)
     return exit_code, log_tail(log_path, 25)
+
+
+def run_here(cell_dir: Path, plan_json: str) -> tuple[int, str]:
+    """The worker's job in this process, for tests of the harness with the scripted backend: no worker to start,
+    and nothing isolated either (a crash or hang is the caller's), so `bench run` never takes this path."""
+    # By name, as the worker's subprocess is: the worker imports the runner's side (through the Ray generators), and
+    # an import back would be a circle.
+    cell_worker = importlib.import_module("harness.run.worker").CellWorker
+    cpus = os.sched_getaffinity(0)
+    try:
+        report = asyncio.run(cell_worker(cell_dir, plan_json).run())
+    finally:
+        # What the worker does to its own process for good: it pins its threads (resources.isolate_client) and
+        # freezes what exists before its load. The caller's threads get their CPUs back.
+        for thread in threading.enumerate():
+            with contextlib.suppress(OSError, TypeError):  # a thread that ended meanwhile, or never started
+                os.sched_setaffinity(thread.native_id, cpus)
+        gc.unfreeze()
+    return (0 if report.status == "ok" else 1), report.error or ""
 
 
 def describe_exit(code: int) -> str:

@@ -175,7 +175,7 @@ def run_on_node(masked: dict[str, Any], cell: Cell, holder: str, locks) -> Shipp
 
 
 @dataclass
-class InFlight:
+class RunningCell:
     cell: Cell
     holder: str
     tries: list[dict[str, Any]]
@@ -214,7 +214,7 @@ class RayExecutor:
         self.locks = ray.remote(NodeLocks).options(num_cpus=0, resources={HEAD_NODE: 0.001}).remote()
         queue: deque[tuple[Cell, list[dict[str, Any]]]] = deque((c, []) for c in cells)
         masked = runner.redact(runner.scenario.model_dump(mode="json"))
-        pending: dict[Any, InFlight] = {}
+        pending: dict[Any, RunningCell] = {}
         try:
             while queue or pending:
                 while queue and (self.max_parallel is None or len(pending) < self.max_parallel):
@@ -223,7 +223,7 @@ class RayExecutor:
                     self.holders[holder] = cell
                     ref = task.options(**self.options(runner.scenario.backend(cell.backend), tries)).remote(
                         masked, cell, holder, self.locks)
-                    pending[ref] = InFlight(cell, holder, tries)
+                    pending[ref] = RunningCell(cell, holder, tries)
                 runner.in_flight = [f.cell for f in pending.values()]
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0)
                 if not done:
@@ -263,7 +263,7 @@ class RayExecutor:
             if connected:
                 ray.shutdown()
 
-    def finish(self, ray, runner: Runner, ref, flight: InFlight) -> CellResult:
+    def finish(self, ray, runner: Runner, ref, flight: RunningCell) -> CellResult:
         cell = flight.cell
         try:
             shipped: Shipped = ray.get(ref)

@@ -19,7 +19,7 @@ from backends.registry import get_backend_class
 from harness.config.load import ScenarioError, check_reachable
 from harness.config.scenario import Cell, Scenario
 from harness.core.redact import Redactor
-from harness.records import CellResult, ResourceUsage, WorkerReport, load_run, read_requests
+from harness.records import CellResult, WorkerReport, load_run, read_requests
 from harness.results.metrics import background_note, reduce_cell, too_many_errors
 from harness.results.store import OutputError, ResultsStore
 from harness.results.summary import print_summary, write_summary
@@ -51,7 +51,11 @@ class LocalExecutor:
 class Runner:
     def __init__(self, scenario: Scenario, source: str, out: Path, only_backends: list[str] | None = None,
                  resume: bool = False, console: Console | None = None, force: bool = False,
-                 executor: Executor | None = None, rerun: list[str] | None = None):
+                 executor: Executor | None = None, rerun: list[str] | None = None, in_process: bool = False,
+                 write_report: bool = True):
+        """in_process runs each cell's worker and prompt builder in this process, without isolation: for tests of
+        the harness with the scripted backend only. write_report=False skips the report (and its plotting process)
+        for tests that do not read it."""
         unknown = set(only_backends or []) - {b.name for b in scenario.backends}
         if unknown:
             raise ScenarioError(f"--backend: unknown backend {', '.join(sorted(unknown))}; "
@@ -73,7 +77,8 @@ class Runner:
         # on its stdin.
         self.redact = Redactor(scenario.model_dump(mode="json"))
         self.store = ResultsStore(out, scenario.model_dump(mode="json"), source, resume, self.redact, force)
-        self.planner = CellPlanner(scenario, out, self.console)
+        self.planner = CellPlanner(scenario, out, self.console, in_process)
+        self.in_process, self.write_report = in_process, write_report
         self.executor = executor or LocalExecutor()
         self.in_flight: list[Cell] = []
 
@@ -124,16 +129,20 @@ class Runner:
         run = load_run(self.store.path)  # as stored: secrets masked
         print_summary(run, self.console)
         write_summary(run, self.out / "summary.md")
-        # In a process of its own: plotting libraries would double the runner's memory.
-        with self.console.status("writing the report"):
-            done = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(self.out), "--out", str(self.out)],
-                                  capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        report = [line.removeprefix("wrote ") for line in done.stdout.splitlines() if line.startswith("wrote ")]
-        if done.returncode != 0:
-            self.console.print(f"[red]the report could not be written[/red]:\n{escape(done.stderr.strip()[-2000:])}")
+        report = self.report() if self.write_report else []
         self.console.print(f"results: {self.store.path}\nsummary: {self.out / 'summary.md'}\n"
                            f"report:  {', '.join(report) or 'none'}")
         return 0 if all(c.ok or c.status == "skipped" for c in run.cells) else 1
+
+    def report(self) -> list[str]:
+        """The report's files, written in a process of its own: plotting libraries would double the runner's
+        memory."""
+        with self.console.status("writing the report"):
+            argv = [sys.executable, "-m", "harness.cli", "report", str(self.out), "--out", str(self.out)]
+            done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            self.console.print(f"[red]the report could not be written[/red]:\n{escape(done.stderr.strip()[-2000:])}")
+        return [line.removeprefix("wrote ") for line in done.stdout.splitlines() if line.startswith("wrote ")]
 
     def not_installed(self, backend: str) -> str | None:
         """Why an optional backend's engine is not installed here; None when it is, or the backend is not optional
@@ -148,7 +157,7 @@ class Runner:
                                  total=spec.num_requests * strategy_for(spec.load).runs(self.scenario.repetitions))
         try:
             attempt = attempt_cell(self.planner, cell, cell_dir, self.scenario.cell_timeout_s,
-                                   lambda: progress.advance(task), self.redact)
+                                   lambda: progress.advance(task), self.redact, self.in_process)
         finally:
             progress.remove_task(task)
         return self.collect(cell, cell_dir, attempt)
@@ -176,7 +185,7 @@ class Runner:
                               capped=report.concurrency_cap is not None,
                               steady_state=self.scenario.workload(cell.workload).spec.steady_state)
         measured = self.measured(cell, report)
-        if reduced["unstable"] and (note := background_note(measured.get("resources"))):
+        if reduced["unstable"] and (note := background_note(report.resources)):
             reduced["unstable"] += f"; meanwhile {note}"
         errors = too_many_errors(records, self.scenario.max_error_rate_of(cell.workload))
         return CellResult(**self.header(cell), status="failed" if errors else "ok", error=errors,
@@ -184,8 +193,8 @@ class Runner:
                           load_time_s=report.load_time_s, prepare_time_s=report.prepare_time_s,
                           engine=report.environment,
                           capabilities=report.capabilities, concurrency_cap=report.concurrency_cap,
-                          requests_file=f"cells/{cell.id}/requests.jsonl", logical_io=report.logical_io or None,
-                          server_metrics=report.server_metrics or None, clients=report.clients, node=attempt.node,
+                          requests_file=f"cells/{cell.id}/requests.jsonl", logical_io=report.logical_io,
+                          server_metrics=report.server_metrics, clients=report.clients, node=attempt.node,
                           not_sent=report.not_sent, capacity=capacity, prefix_reuse=report.prefix_reuse,
                           oversaturation=[f"repetition {i}: {why}" for i, why in enumerate(report.oversaturation)
                                           if why], cpu_isolation=report.cpu_isolation)
@@ -200,9 +209,8 @@ class Runner:
     def measured(cell: Cell, report: WorkerReport) -> dict:
         if report.resources is None:
             return {}
-        usage = ResourceUsage.model_validate(report.resources)
-        return {"resources": usage, "timeline_file": f"cells/{cell.id}/timeline.json",
-                "over_budget": usage.over_budget}
+        return {"resources": report.resources, "timeline_file": f"cells/{cell.id}/timeline.json",
+                "over_budget": report.resources.over_budget}
 
     def failed(self, cell: Cell, error: str, node: dict | None = None) -> CellResult:
         return CellResult(**self.header(cell), status="failed", error=error, node=node)

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -42,7 +42,8 @@ from harness.core.redact import Redactor
 from harness.measure.disk import check_disk_space, drop_page_cache
 from harness.measure.monitor import ResourceMonitor, over_budget
 from harness.measure.phases import request_phases
-from harness.records import PROMPT_FILE, CellPlan, ConcurrencyCap, PromptEntry, RequestRecord, Span, WorkerReport
+from harness.records import (PROMPT_FILE, CellPlan, ConcurrencyCap, EngineInfo, LogicalIO, PromptEntry, RequestRecord,
+                             ResourceUsage, ServerMetrics, Span, WorkerReport)
 from harness.run import affinity
 from harness.run.clients import GO_AHEAD_S, ClientProcesses, client_start, read_commands
 from harness.run.eventloop import BackgroundWriter, LoopLagProbe
@@ -91,7 +92,7 @@ async def measure(backend: Backend, request: Request, repetition: int, keep_ids:
     return rec
 
 
-class Cell:
+class CellWorker:
     """The worker's state for one cell: its plan, backend, records so far and the report being filled in."""
 
     def __init__(self, cell_dir: Path, plan_json: str | None = None):
@@ -148,7 +149,7 @@ class Cell:
                 with monitor:
                     try:
                         await self.exercise(backend)
-                        report.logical_io = backend.logical_io()
+                        report.logical_io = LogicalIO.model_validate(io) if (io := backend.logical_io()) else None
                     finally:
                         await self.stop(backend)
             finally:
@@ -157,7 +158,7 @@ class Cell:
                 resources = monitor.result(phases, [(s.start, s.end) for s in report.repetitions])
                 resources["vram_budget_bytes"] = plan.vram_budget
                 resources["over_budget"] = over_budget(resources, plan.vram_budget)
-                report.resources = resources
+                report.resources = ResourceUsage.model_validate(resources)
                 self.check_owner()
                 atomic_write(self.dir / "timeline.json", json.dumps(monitor.timeline(phases)))
             report.status, report.error = "ok", None
@@ -217,8 +218,8 @@ class Cell:
         await backend.start()
         report.load = Span(start=t0, end=now())
         report.load_time_s = report.load.end - t0
-        report.environment = backend.environment()
-        report.capabilities = asdict(backend.capabilities)
+        report.environment = EngineInfo.model_validate(backend.environment())
+        report.capabilities = replace(backend.capabilities)  # as applied now: a copy
         self.pinning.client_phase()  # the event loop, and what it starts from now on, on the load generator's
         limit = backend.capabilities.max_concurrency
         width = self.strategy.width
@@ -250,7 +251,8 @@ class Cell:
                 await self.repetitions(backend, writer, limit)
             finally:
                 writer.close()
-        report.server_metrics = await backend.server_metrics()
+        scraped = await backend.server_metrics()
+        report.server_metrics = ServerMetrics.model_validate(scraped) if scraped else None
         if (reuse := await backend.prefix_reuse()) is not None:
             # Over the same requests as the engine's count: every one the cell sent, warm-up included.
             reuse.prompt_tokens = sum(r.input_tokens or 0 for r in self.records)
@@ -399,7 +401,7 @@ def orphaned(why: str) -> NoReturn:
     os._exit(1)
 
 
-class ClientCell(Cell):
+class ClientWorker(CellWorker):
     """Client `share.index` of a cell's load.clients, in a process of its own: attaches a backend to the engine the
     worker started and sends its share of each repetition when the worker says go (harness/run/clients.py)."""
 
@@ -456,10 +458,10 @@ def main() -> None:
     if len(sys.argv) == 5 and sys.argv[2] == "--client":
         plan_json, attach = client_start(sys.stdin, sys.stdout)
         share = ClientShare(int(sys.argv[3]), int(sys.argv[4]))
-        asyncio.run(ClientCell(Path(sys.argv[1]), share, plan_json, attach).serve())
+        asyncio.run(ClientWorker(Path(sys.argv[1]), share, plan_json, attach).serve())
         return
     plan_json = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    report = asyncio.run(Cell(Path(sys.argv[1]), plan_json or None).run())
+    report = asyncio.run(CellWorker(Path(sys.argv[1]), plan_json or None).run())
     sys.exit(0 if report.status == "ok" else 1)
 
 

@@ -6,7 +6,8 @@ from collections import namedtuple
 import pytest
 from safetensors.torch import load_file, save_file
 
-from own_engine import Engine, EngineError, ModelConfig, parse_size
+from llmbench.units import parse_size
+from own_engine import Engine, EngineError, ModelConfig
 
 from .conftest import plan_here
 
@@ -31,6 +32,7 @@ def edit_config(path, **changes):
     ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3 rope needs .*low_freq"),
 ])
 def test_unsupported_architecture(model_copy, changes, message):
     path = model_copy("llama_gqa2")

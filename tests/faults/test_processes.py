@@ -176,8 +176,8 @@ def test_a_worker_whose_cell_json_names_another_attempt_writes_nothing(tmp_path,
                     workload=Workload(name="w", input_tokens=8, output_tokens=2, num_requests=1), repetitions=1,
                     seed=0, record_outputs=False, resources=Resources(), attempt="mine")
     (tmp_path / "cell.json").write_text(plan.model_copy(update={"attempt": "a resumed run's"}).model_dump_json())
-    code = ("import sys; from pathlib import Path; from harness.run.worker import Cell; "
-            "Cell(Path(sys.argv[1]), sys.stdin.read()).check_owner(); print('wrote on')")
+    code = ("import sys; from pathlib import Path; from harness.run.worker import CellWorker; "
+            "CellWorker(Path(sys.argv[1]), sys.stdin.read()).check_owner(); print('wrote on')")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], input=plan.model_dump_json(), text=True,
                           capture_output=True, timeout=120, start_new_session=True)
     assert done.returncode == -signal.SIGKILL and "wrote on" not in done.stdout  # it killed its own group
