@@ -9,7 +9,6 @@ and TGI's Prometheus `/metrics` (queue and batch sizes, token counters) into `se
 from __future__ import annotations
 
 import importlib.metadata
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import Backend, BackendError, Capabilities, Request, TokenEvent, Usage, now, vram_share
 from backends.prometheus import MetricsWatch, Watched
-from harness.core.processes import Server, launch, refuse_listen_flags
+from harness.core.processes import Server, container_name, launch, refuse_listen_flags
 
 TGI_METRICS = {
     "queue_size": Watched("tgi_queue_size", "gauge"),
@@ -62,7 +61,7 @@ def launch_command(o: TGILaunch, model_path: Path, port: int, fraction: float | 
                    container: str | None = None) -> list[str]:
     """The argv that starts TGI on 127.0.0.1:port. In docker the server listens on 80 inside, published on loopback,
     in a container named `container`: killing the docker client leaves its container running, so the harness removes
-    it by that name (container_cleanup)."""
+    it by that name (harness.core.processes.remove_container)."""
     inside = "/data/model" if o.via == "docker" else (o.model_id or str(model_path))
     flags = ["--model-id", o.model_id or inside]
     for flag, value in (("--max-input-tokens", o.max_input_tokens), ("--max-total-tokens", o.max_total_tokens),
@@ -72,19 +71,10 @@ def launch_command(o: TGILaunch, model_path: Path, port: int, fraction: float | 
             flags += [flag, str(value)]
     if o.via == "docker":
         mount = [] if o.model_id else ["-v", f"{model_path}:/data/model:ro"]
-        return ["docker", "run", "--rm", "--name", container or container_name(), "--label", "llmbench=tgi",
+        return ["docker", "run", "--rm", "--name", container or container_name("tgi"), "--label", "llmbench=tgi",
                 "--gpus", o.gpus, "--shm-size", o.shm_size, "-p", f"127.0.0.1:{port}:80", *mount, o.image, *flags,
                 "--port", "80", *o.extra_args]
     return ["text-generation-launcher", *flags, "--hostname", "127.0.0.1", "--port", str(port), *o.extra_args]
-
-
-def container_name() -> str:
-    return f"llmbench-tgi-{uuid.uuid4().hex[:12]}"
-
-
-def container_cleanup(container: str) -> list[str]:
-    """Stops and removes the container, run after its docker client is stopped, however the cell ends."""
-    return ["docker", "rm", "--force", container]
 
 
 class TGIBackend(Backend):
@@ -108,11 +98,9 @@ class TGIBackend(Backend):
             o = self.options.launch
             total = gpu_memory_bytes()
             fraction = vram_share(self.ctx.vram_budget, total) if self.ctx.vram_budget and total else None
-            container = container_name() if o.via == "docker" else None
+            container = container_name("tgi") if o.via == "docker" else None
             self.server = await launch("tgi", lambda port: launch_command(o, self.model.path, port, fraction, container),
-                                       self.ctx.dir, "/health", o.startup_timeout_s,
-                                       cleanup=container_cleanup(container) if container else None,
-                                       published=container is not None)
+                                       self.ctx.dir, "/health", o.startup_timeout_s, container=container)
             base = self.server.url
         else:
             base = self.spec.url.rstrip("/")

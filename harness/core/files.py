@@ -78,12 +78,17 @@ def make_folder(folder: Path) -> None:
     (folder / MADE).touch()
 
 
+def is_ours(folder: Path, also_ours_if: str | None = None) -> bool:
+    """Whether we made `folder`: make_folder's marker, or a file named `also_ours_if` that only we write there (for
+    folders made before the marker)."""
+    return (folder / MADE).is_file() or bool(also_ours_if and (folder / also_ours_if).is_file())
+
+
 def remove_folder(folder: Path, also_ours_if: str | None = None) -> None:
-    """Remove a folder we made (make_folder's marker, or a file named `also_ours_if` that only we write there, for
-    folders made before the marker); refuse (UserError) one we did not make. Nothing there: nothing to do."""
+    """Remove a folder we made (is_ours); refuse (UserError) one we did not make. Nothing there: nothing to do."""
     if not folder.exists():
         return
-    if not ((folder / MADE).is_file() or (also_ours_if and (folder / also_ours_if).is_file())):
+    if not is_ours(folder, also_ours_if):
         raise UserError(f"{folder}: exists and was not made by bench, so it is not removed; choose another output "
                         f"folder")
     shutil.rmtree(folder)

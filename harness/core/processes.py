@@ -6,8 +6,10 @@ masked (harness/core/redact.py) into a log file in the cell's folder, and polls 
 from a port the launched process tree listens on, while checking that the process is still alive. Once ready, no
 process of its group may listen beyond loopback (psutil), or it is stopped. Any failure raises BackendError with the
 tail of the log and leaves no process behind.
-`Server.stop` tears down the whole process group, SIGTERM first, SIGKILL after a grace period, then runs the server's
-cleanup command, if any (`docker rm -f NAME`: a container outlives the docker client that started it).
+`Server.stop` tears down the whole process group, SIGTERM first, SIGKILL after a grace period, then removes the
+server's docker container, if it has one (`docker rm --force NAME`: a container outlives the docker client that
+started it). Only the container's name is recorded, and only a name of ours (`llmbench-...`) is ever removed: the
+record is a file in a folder a resumed run reads, so it must not be able to name a command.
 `check_server_args` is the allowlist through which a backend takes extra server flags from a scenario.
 
 Every launched group is also recorded in the cell's `process_groups.jsonl` (rewritten atomically; removed again on a
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +140,7 @@ class Server:
     port: int
     log_path: Path
     cell_dir: Path
-    cleanup: list[str] | None = None  # run after the group is stopped (`docker rm -f NAME`)
+    container: str | None = None  # a docker container of ours, removed after the group is stopped
     log_pump: threading.Thread | None = field(default=None, repr=False)
 
     @property
@@ -183,21 +186,30 @@ class Server:
         _forget_group(self.cell_dir, self.pgid)
 
     def halt(self, grace_s: float) -> None:
-        """Stop the group and run the cleanup command, touching none of the cell's files."""
+        """Stop the group and remove its container, touching none of the cell's files."""
         stop_process_group(self.proc, grace_s)
-        run_cleanup(self.cleanup)
+        remove_container(self.container)
         _launched.pop(self.pgid, None)
         if self.log_pump is not None:
             self.log_pump.join(timeout=5.0)
 
 
-def run_cleanup(argv: list[str] | None) -> None:
-    """A server's cleanup command; its failure (no docker any more, a container already gone) changes nothing."""
-    if not argv:
+CONTAINER = re.compile(r"llmbench-[a-z][a-z0-9_.-]*")  # what container_name makes, and all remove_container removes
+
+
+def container_name(engine: str) -> str:
+    """A fresh name for a container the harness starts (`docker run --name`), one remove_container accepts."""
+    return f"llmbench-{engine}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_container(name: str | None) -> None:
+    """`docker rm --force NAME` for a container of ours; its failure (no docker any more, a container already gone)
+    changes nothing."""
+    if name is None or not CONTAINER.fullmatch(name):
         return
     try:
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=60)
+        subprocess.run(["docker", "rm", "--force", name], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         pass
 
@@ -222,13 +234,14 @@ def server_environment(env: dict[str, str] | None = None) -> dict[str, str]:
 
 async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir: Path, ready_path: str,
                  timeout_s: float, env: dict[str, str] | None = None, ready: Callable[[int, str], bool] | None = None,
-                 poll_s: float = 0.25, cleanup: list[str] | None = None, published: bool = False) -> Server:
+                 poll_s: float = 0.25, container: str | None = None) -> Server:
     """Start `argv_for_port(port)` and wait until GET http://127.0.0.1:port{ready_path} answers 200 (or `ready(status,
     body)` says so), then check that nothing of it listens beyond loopback. Output goes, masked, to
-    CELL_DIR/NAME.log; `env` is added to this process's environment (server_environment); `cleanup` is run after the
-    group is stopped, however it is stopped (a worker killed too: it is recorded with the group). `published`: the
-    port is bound by a process outside the launched tree (docker's proxy publishes a container's port; the argv names
-    127.0.0.1, and a port taken meanwhile makes the client exit), so readiness cannot ask which process listens."""
+    CELL_DIR/NAME.log; `env` is added to this process's environment (server_environment). `container`: the argv is a
+    docker client running the container of that name (container_name): it is removed after the group is stopped,
+    however it is stopped (a worker killed too: it is recorded with the group), and its port is bound by docker's
+    proxy, outside the launched tree (the argv names 127.0.0.1, and a port taken meanwhile makes the client exit),
+    so readiness cannot ask which process listens."""
     import httpx
 
     port = free_port()
@@ -240,12 +253,12 @@ async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir:
                                 env=server_env, start_new_session=True)
     except OSError as e:
         raise BackendError(f"cannot start {name} ({argv[0]}): {e}") from None
-    server = Server(name, proc, port, log_path, cell_dir, cleanup)
+    server = Server(name, proc, port, log_path, cell_dir, container)
     _launched[server.pgid] = server
     try:
         assert proc.stdout is not None  # stdout=PIPE
         server.log_pump = _masked_log(proc.stdout, log_path.open("wb"), Redactor({"argv": argv}, environ=server_env))
-        record_group(cell_dir, server.pgid, name, argv[0], cleanup)
+        record_group(cell_dir, server.pgid, name, argv[0], container)
         deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
             while True:
@@ -254,7 +267,7 @@ async def launch(name: str, argv_for_port: Callable[[int], list[str]], cell_dir:
                 try:
                     r = await client.get(server.url + ready_path)
                     # Another process may have taken the port between free_port and the bind: only ours counts.
-                    if (ready or _status_ok)(r.status_code, r.text) and (published or _listens(server.proc.pid, port)):
+                    if (ready or _status_ok)(r.status_code, r.text) and (container or _listens(server.proc.pid, port)):
                         break
                 except httpx.TransportError:
                     pass  # not listening yet
@@ -365,16 +378,16 @@ def _is_loopback(ip: str) -> bool:
 
 # ---- the record of launched groups, for cleaning up after a killed worker ------------------------------------------
 
-def record_group(cell_dir: Path, pgid: int, name: str, argv0: str, cleanup: list[str] | None = None) -> None:
+def record_group(cell_dir: Path, pgid: int, name: str, argv0: str, container: str | None = None) -> None:
     """Add a process group (its leader's pid, in a session of its own) to the cell's record: the runner kills what
-    is recorded there after the worker ends, and before the cell's folder is used again, and runs its cleanup."""
+    is recorded there after the worker ends, and before the cell's folder is used again, and removes its container."""
     try:
         created = _create_time(pgid)
     except ProcessLookupError:
         created = None
     entry = {"pgid": pgid, "create_time": created, "name": name, "argv0": argv0}
     with _locked(cell_dir):
-        _write_groups(cell_dir, [*read_groups(cell_dir), entry | ({"cleanup": cleanup} if cleanup else {})])
+        _write_groups(cell_dir, [*read_groups(cell_dir), entry | ({"container": container} if container else {})])
 
 
 def _forget_group(cell_dir: Path, pgid: int) -> None:
@@ -423,7 +436,7 @@ def read_groups(cell_dir: Path) -> list[dict[str, Any]]:
             entry = json.loads(line)
             valid = (isinstance(entry, dict) and type(entry.get("pgid")) is int and entry["pgid"] > 1
                      and isinstance(entry.get("create_time"), (int, float, type(None)))
-                     and _is_argv(entry.get("cleanup", [])))
+                     and _is_container(entry.get("container")))
         except ValueError:
             valid = False
         if valid:
@@ -433,8 +446,9 @@ def read_groups(cell_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _is_argv(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(a, str) for a in value)
+def _is_container(value: Any) -> bool:
+    """None, or the name of a container of ours: a record naming anything else is not one we wrote."""
+    return value is None or (isinstance(value, str) and CONTAINER.fullmatch(value) is not None)
 
 
 def _create_time(pid: int) -> float:
@@ -447,7 +461,7 @@ def _create_time(pid: int) -> float:
 
 
 def kill_leftover_groups(cell_dir: Path) -> list[int]:
-    """SIGKILL the process groups a worker recorded and never stopped, and run their cleanup commands; returns the
+    """SIGKILL the process groups a worker recorded and never stopped, and remove their containers; returns the
     groups signalled.
 
     A pid cannot be reused while it still names a live process group, so a group whose leader is gone but which still
@@ -473,5 +487,5 @@ def kill_leftover_groups(cell_dir: Path) -> list[int]:
                 killed.append(pgid)
             except (ProcessLookupError, PermissionError):
                 pass
-        run_cleanup(entry.get("cleanup"))  # a named container is ours whatever became of the client's pid
+        remove_container(entry.get("container"))  # a named container is ours whatever became of the client's pid
     return killed

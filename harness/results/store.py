@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.errors import UserError
-from harness.core.files import atomic_write, make_folder, remove_folder
+from harness.core.files import atomic_write, is_ours, make_folder, remove_folder
 from harness.core.processes import kill_leftover_groups
 from harness.core.redact import Redactor
 from harness.measure import environment
@@ -81,7 +81,8 @@ class ResultsStore:
         that try recorded (a worker and servers orphaned by a killed runner) are killed first, so none of them can
         write into the new try's files."""
         d = self.out / "cells" / cell_id
-        kill_leftover_groups(d)
+        if is_ours(d, also_ours_if="cell.json"):  # a record in a folder of someone else's names nothing to kill
+            kill_leftover_groups(d)
         try:
             remove_folder(d, also_ours_if="cell.json")  # never a folder of the user's that --out happened to hold
             make_folder(d)

@@ -1,6 +1,7 @@
 """The shared server launcher: readiness, failures with the log, process-group teardown, leftovers of killed workers."""
 
 import json
+import os
 import signal
 import sys
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from backends.base import BackendError
-from harness.core.processes import GROUPS_FILE, kill_leftover_groups, launch
+from harness.core.processes import GROUPS_FILE, container_name, kill_leftover_groups, launch
 
 
 def http_server(port: int) -> list[str]:
@@ -137,12 +138,18 @@ async def test_the_server_log_is_masked_as_it_is_written(tmp_path):
     assert "ArgvSecret" not in log and "EnvironmentSecret" not in log
 
 
-async def test_the_cleanup_command_runs_however_the_server_ends(tmp_path):
-    """A docker client killed after a timeout left its container running: the container's removal is the
-    server's cleanup, run on stop, on a failed start, and by the runner for a worker that was killed."""
-    done = tmp_path / "cleaned"
-    cleanup = [sys.executable, "-c", f"open({str(done)!r}, 'a').write('x')"]
-    server = await launch("web", http_server, tmp_path, "/", timeout_s=30, cleanup=cleanup)
+async def test_the_container_is_removed_however_the_server_ends(tmp_path, monkeypatch):
+    """A docker client killed after a timeout left its container running: the container's removal runs on stop, on a
+    failed start, and by the runner for a worker that was killed. A stand-in `docker` on PATH notes each removal."""
+    done, bin_dir = tmp_path / "cleaned", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"#!{sys.executable}\nimport sys\n"
+                                    f"assert sys.argv[1:3] == ['rm', '--force']\n"
+                                    f"open({str(done)!r}, 'a').write('x')\n")
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    container = container_name("web")
+    server = await launch("web", http_server, tmp_path, "/", timeout_s=30, container=container)
     server.stop()
     assert done.read_text() == "x"
 
@@ -150,12 +157,29 @@ async def test_the_cleanup_command_runs_however_the_server_ends(tmp_path):
         return [sys.executable, "-c", "import time; time.sleep(60)"]
 
     with pytest.raises(BackendError, match="not ready"):
-        await launch("slow", silent, tmp_path, "/", timeout_s=1, cleanup=cleanup)
+        await launch("slow", silent, tmp_path, "/", timeout_s=1, container=container)
     assert done.read_text() == "xx"
 
-    await launch("web", http_server, tmp_path, "/", timeout_s=30, cleanup=cleanup)  # its worker "dies"
-    assert json.loads((tmp_path / GROUPS_FILE).read_text())["cleanup"] == cleanup
+    await launch("web", http_server, tmp_path, "/", timeout_s=30, container=container)  # its worker "dies"
+    assert json.loads((tmp_path / GROUPS_FILE).read_text())["container"] == container
     assert len(kill_leftover_groups(tmp_path)) == 1 and done.read_text() == "xxx"
+
+
+def test_a_groups_record_cannot_name_a_command_or_a_container_not_ours(tmp_path, capsys):
+    """The record is a file in a folder a resumed run reads: it held a cleanup argv that the runner ran as written.
+    Now it names a container only, and only one of ours is removed; any other record is skipped, running nothing."""
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    lines = [{"pgid": 2 ** 22 + 7, "create_time": 1.0, "name": "x", "argv0": "x", "cleanup": command},
+             {"pgid": 2 ** 22 + 8, "create_time": 1.0, "name": "x", "argv0": "x", "container": "postgres"},
+             {"pgid": 2 ** 22 + 9, "create_time": 1.0, "name": "x", "argv0": "x", "container": ["rm", "-rf", "/"]}]
+    (tmp_path / GROUPS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from harness.core.processes import read_groups
+
+    assert [e.get("container") for e in read_groups(tmp_path)] == [None]  # the old-style line: its argv ignored
+    assert "skipped a damaged line" in capsys.readouterr().err
+    kill_leftover_groups(tmp_path)
+    assert not marker.exists()
 
 
 def test_a_damaged_groups_record_is_skipped_with_a_warning(tmp_path, capsys):
