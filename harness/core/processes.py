@@ -72,23 +72,28 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def check_server_args(argv: list[str], allowed: Iterable[str], engine: str) -> list[str]:
+def check_server_args(argv: list[str], allowed: Iterable[str], engine: str, equals: bool = True) -> list[str]:
     """For a validator of extra server argv: every option in argv must be one of `allowed` (`--flag`, `-f`), spelled
-    in full, as `--flag value...`, `--flag=value` or a bare `--flag`. It is checked by parsing argv with a parser that
-    knows those flags only and takes no abbreviations, so no spelling the engine's own parser would take for another
-    flag (`--hos` for --host under argparse, `--config_file`) gets through. Returns argv; raises ValueError naming
-    the first argument refused."""
+    exactly, as `--flag value...`, a bare `--flag` or, where the engine takes it (`equals`), `--flag=value`. Every
+    token starting with '-' (but a negative number) is compared with the list as written: argparse would take an
+    abbreviation (`--hos` for --host, `-m` for `-mg`, even with allow_abbrev off for one dash). What parses also passes
+    a parser that knows those flags only, so `--config_file` and the like get no further. Returns argv; raises
+    ValueError naming the first argument refused."""
+    allowed = list(allowed)
     parser = argparse.ArgumentParser(prog=engine, add_help=False, allow_abbrev=False, exit_on_error=False)
     for flag in allowed:
         parser.add_argument(flag, nargs="*")
-    try:
-        _, refused = parser.parse_known_args(list(argv))
-    except argparse.ArgumentError as e:
-        refused = [str(e)]
+    refused = [a for a in argv if a.startswith("-") and not re.fullmatch(r"-\d+(\.\d+)?", a)
+               and (a.partition("=")[0] if equals else a) not in allowed]
+    if not refused:
+        try:
+            _, refused = parser.parse_known_args(list(argv))
+        except argparse.ArgumentError as e:
+            refused = [str(e)]
     if refused:
-        raise ValueError(f"{refused[0]!r:.80} is not a {engine} option the harness passes on (allowed: "
-                         f"{', '.join(sorted(allowed))}); where the server listens is the harness's: 127.0.0.1 at a "
-                         f"port it picks")
+        raise ValueError(f"{refused[0]!r:.80} is not a {engine} option the harness passes on, spelled in full "
+                         f"(allowed: {', '.join(sorted(allowed))}); where the server listens is the harness's: "
+                         f"127.0.0.1 at a port it picks")
     return list(argv)
 
 

@@ -213,3 +213,12 @@ def test_server_args_pass_an_allowlist_spelled_in_full():
                 ["--n_ctx", "--", "--host", "x"]):
         with pytest.raises(ValueError, match="is not a srv option"):
             check_server_args(bad, allowed, "srv")
+    # argparse takes a one-dash prefix even with allow_abbrev off: `-m` would be read as `-mg`
+    single = ("-mg", "--threads")
+    assert check_server_args(["-mg", "0", "--threads", "2"], single, "srv") == ["-mg", "0", "--threads", "2"]
+    for bad in (["-m", "x.gguf"], ["-mg0"]):
+        with pytest.raises(ValueError, match=f"'{bad[0]}' is not a srv option"):
+            check_server_args(bad, single, "srv")
+    # an engine that reads no --flag=value (llama.cpp's C++ server) refuses that spelling
+    with pytest.raises(ValueError, match="'--threads=2' is not a srv option"):
+        check_server_args(["--threads=2"], single, "srv", equals=False)
