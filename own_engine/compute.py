@@ -258,7 +258,7 @@ def measure_forms(dtype: torch.dtype) -> MatmulForms:
 
 def measure(stored: torch.dtype, compute: torch.dtype) -> Crossover:
     """Time one SHAPE product at each of ROWS rows both ways (the best of REPEATS): reading the weights as stored
-    (model.linear's narrow path) and converting them into a reused buffer first (the upcast path)."""
+    (matmul.linear's narrow path) and converting them into a reused buffer first (the upcast path)."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(SHAPE, generator=gen).to(stored)
     wide = torch.empty(SHAPE, dtype=compute)

@@ -99,7 +99,7 @@ class Transformer:
         self.cfg, self.weights, self.globals, self.kv = cfg, weights, globals_, kv
         self.mlp_rows, self.narrow_rows, self.device, self.dtype = mlp_rows, narrow_rows, device, compute_dtype
         self.forms, self.rope = forms, Rope(cfg, device, compute_dtype)
-        self.split = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]  # q and k columns of qkv
+        self.qk_columns = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # q's and k's columns of qkv
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -154,9 +154,9 @@ class Transformer:
         a = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
         if "qkv" in w and form in EXACT_FUSED:  # q, k and v adjacent: one product, one rotation of q and k
             qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)
-            qk = apply_rope(qkv[:, :sum(self.split)].reshape(t, heads + kv_heads, d), cos, sin)
+            qk = apply_rope(qkv[:, :self.qk_columns].reshape(t, heads + kv_heads, d), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[:, sum(self.split):].reshape(t, kv_heads, d)
+            v = qkv[:, self.qk_columns:].reshape(t, kv_heads, d)
         else:
             q = linear(a, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"), form).reshape(t, heads, d)
             k = linear(a, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"), form).reshape(t, kv_heads, d)

@@ -173,7 +173,7 @@ class Globals:
 
     def logits(self, x: torch.Tensor, narrow: bool, form: str = "linear") -> torch.Tensor:
         """float32 logits of hidden states x [B, hidden] (already normalised); `narrow`: multiply by lm_head as
-        stored rather than upcast slice by slice; `form`: how (model.linear)."""
+        stored rather than upcast slice by slice; `form`: how (matmul.linear)."""
         if self.buffer is None or narrow:
             return linear(x.to(self.lm_head.dtype), self.lm_head, None, form).float()
         out = torch.empty((x.shape[0], self.lm_head.shape[0]), dtype=torch.float32, device=self.device)
