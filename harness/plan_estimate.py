@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from llmbench.units import fmt_bytes
-from own_engine.bandwidth import probe_bandwidth
+from own_engine.bandwidth import probe_bandwidth, probe_memory
 from own_engine.planner import RAM_SHARE, Machine, Plan
 
 
@@ -32,19 +32,6 @@ class Link:
     @property
     def seconds(self) -> float | None:
         return self.bytes_per_token / self.bytes_per_s if self.bytes_per_s else None
-
-
-def memory_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
-    """Bytes/s of reading a buffer in the device's memory (RAM on the CPU), the best of three passes."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    best = float("inf")
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        x.sum().item()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -64,6 +51,7 @@ def links(plan: Plan, machine: Machine) -> list[Link]:
     blocks = max(1, -(-plan.context // plan.block_size))  # one sequence's
     all_blocks = max(1, sum(plan.kv_blocks.values()))
     out = []
+    memory = None  # one probe of the device's memory: on a CPU, the device and host tiers are the same RAM
     for tier in ("device", "host", "disk"):
         weights = plan.count(tier) * plan.layer_bytes + (plan.globals_bytes if tier == "device" else 0)
         kv = blocks * plan.block_bytes * plan.kv_blocks.get(tier, 0) / all_blocks
@@ -77,7 +65,8 @@ def links(plan: Plan, machine: Machine) -> list[Link]:
             out.append(Link(tier, "host→GPU link", weights + kv, probe.bytes_per_s, probe.error))
         else:
             name = "GPU memory" if plan.device.type == "cuda" else "RAM"
-            out.append(Link(tier, name, weights + kv, memory_bandwidth(plan.device)))
+            memory = memory or probe_memory(device=plan.device)
+            out.append(Link(tier, name, weights + kv, memory.bytes_per_s, memory.error))
     return out
 
 

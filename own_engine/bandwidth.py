@@ -60,18 +60,22 @@ def probe_bandwidth(device: str | torch.device = "cpu", nbytes: int = 256 << 20,
             shutil.rmtree(top, ignore_errors=True)
 
 
-def probe_memory(nbytes: int = 256 << 20) -> Probe:
-    """Bytes/s at which this process's torch threads read host memory: the best of three sums over a buffer far
-    larger than the caches are per core, touched first. What bounds a decode step whose weights and KV are read in
-    place (resident, or a warm page cache). Never raises: a buffer it cannot allocate is a probe_error."""
+def probe_memory(nbytes: int = 256 << 20, device: torch.device | str = "cpu") -> Probe:
+    """Bytes/s at which this process's torch threads read `device`'s memory (host RAM by default): the best of three
+    sums over a buffer far larger than the caches are per core, touched first. What bounds a decode step whose weights
+    and KV are read in place (resident, or a warm page cache). Never raises: a buffer it cannot allocate is a
+    probe_error."""
+    device = torch.device(device)
     try:
-        buf = torch.ones(nbytes // 4, dtype=torch.float32)
+        buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     except RuntimeError as e:
         return Probe(None, error=f"memory probe: {e}")
     best = float("inf")
     for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        buf.sum()
+        buf.sum().item()
         best = min(best, time.perf_counter() - start)
     return Probe(buf.nbytes / best, buf.nbytes)
 
