@@ -210,7 +210,7 @@ def serve(
             raise ScenarioError(f"--option: expected KEY=VALUE, got {item!r}")
         try:
             options[key] = load_yaml(value)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ValueError) as e:  # load_yaml raises ValueError for a value YAML cannot hold
             raise ScenarioError(f"--option {key}: not valid YAML: {e}") from None
     try:
         get_backend_class(backend, options).Options.model_validate(options)

@@ -694,7 +694,8 @@ def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
     if data["schema_version"] < 2:
         for cell in data["cells"] if isinstance(data["cells"], list) else []:
             capacity = cell.get("capacity") if isinstance(cell, dict) else None
-            for step in (capacity.get("steps") or []) if isinstance(capacity, dict) else []:
+            steps = capacity.get("steps") if isinstance(capacity, dict) else None
+            for step in steps if isinstance(steps, list) else []:
                 if isinstance(step, dict):
                     _v1_step(step)
     data["schema_version"] = SCHEMA_VERSION

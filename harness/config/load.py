@@ -194,7 +194,8 @@ def _check_expansion(root: yaml.Node) -> None:
 
 
 def load_yaml(text: str):
-    """safe_load within the limits above; raises yaml.YAMLError."""
+    """safe_load within the limits above; raises yaml.YAMLError, or ValueError for a value it parses but cannot
+    hold (a date out of range)."""
     loader = _LimitedLoader(text)
     try:
         node = loader.get_single_node()

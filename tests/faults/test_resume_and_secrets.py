@@ -221,3 +221,7 @@ def test_serve_options_use_the_limited_yaml_loader(tmp_path, tiny_model):
     result = CliRunner().invoke(app, ["serve", "--backend", "scripted", "--model", str(tiny_model),
                                       "--option", "env=&a [*a]"])
     assert result.exit_code == 2 and "recursive" in result.output + (result.stderr or "")
+    # a value YAML parses but cannot hold (a date out of range) is a clear error too, not a ValueError traceback
+    result = CliRunner().invoke(app, ["serve", "--backend", "scripted", "--model", str(tiny_model),
+                                      "--option", "k=2001-02-30"])
+    assert result.exit_code == 2 and "--option k: not valid YAML" in result.output + (result.stderr or "")

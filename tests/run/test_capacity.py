@@ -11,7 +11,7 @@ import pytest
 
 from harness.config.scenario import SLO, CapacityLoad
 from harness.core.errors import BackendError
-from harness.records import SCHEMA_VERSION, CapacityStep, RequestRecord, load_run
+from harness.records import SCHEMA_VERSION, CapacityStep, RequestRecord, ResultsError, load_run
 from harness.results.capacity import met_slo, reduce_capacity
 from harness.run.capacity import CapacitySearch
 from harness.run.strategies import poisson_offsets
@@ -147,6 +147,11 @@ def test_a_step_stores_the_slo_latencies_under_the_catalogues_names_and_a_schema
     assert (m.value("ttft_ms.p50"), m.value("ttft_ms.p99"), m.value("tpot_ms.p50")) == (12.5, 40.0, 3.0)
     assert m.value("tpot_ms.p99") is None and m.value("ttft_ms.count") is None  # not in schema 1: not recorded
     assert m.distribution("e2el_ms") is None
+    # a schema-1 file whose steps are not a list is named by validation, not a TypeError from the upgrade
+    (tmp_path / "results.json").write_text(json.dumps({"schema_version": 1, "cells": [
+        old_cell | {"capacity": old_cell["capacity"] | {"steps": 5}}]}))
+    with pytest.raises(ResultsError, match="steps"):
+        load_run(tmp_path)
 
 
 # The scripted backend: 3 batch slots, each request 20 ms to its first token and 4 tokens 5 ms apart (35 ms in all).
