@@ -48,11 +48,6 @@ def user_errors(fn):
 RunsArgument = Annotated[list[Path], typer.Argument(help="results folders or results.json files (one per run)")]
 
 
-def run_folder(results: Path) -> Path:
-    """The folder of a run named by its folder or its results.json: where its report and guide go by default."""
-    return results if results.is_dir() else results.parent
-
-
 @contextlib.contextmanager
 def writing(out: Path) -> Iterator[None]:
     """A command's output folder that cannot be written (read-only, full, a file in the way) is the user's to fix:
@@ -337,6 +332,7 @@ def report(
 ) -> None:
     """Write report.md (plots in plots/) and a self-contained report.html from one or several runs."""
     from harness.analyze.report import parse_formats, write_report
+    from harness.results.runs import run_folder
 
     try:
         formats = parse_formats(format)
@@ -360,6 +356,7 @@ def guide(
 ) -> None:
     """Write a framework-selection guide: per use case, backends ranked from measured cells, and where it flips."""
     from harness.analyze.guide import write_guide
+    from harness.results.runs import run_folder
 
     # Beside the results it comes from (as the report), never loose in the working folder.
     if out is None:

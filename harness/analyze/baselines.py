@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness.measure import environment
 from harness.records import ResultsError, load_run
+from harness.results.runs import run_folder
 
 META_FILE = "baseline.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -25,7 +26,7 @@ def store_baseline(results: Path, directory: Path, name: str | None = None, forc
     """Copy RESULTS (a results.json or its folder) to DIRECTORY/NAME; an older baseline of that name (a committed
     one, the yardstick of every build) is replaced only with `force`."""
     run = load_run(results)
-    source = results if results.is_dir() else results.parent
+    source = run_folder(results)
     name = name or run.scenario.get("name", "")
     if not NAME.fullmatch(name):
         raise ResultsError(f"--name: expected letters, digits, '_', '.' or '-' (a folder name), got {name!r}")

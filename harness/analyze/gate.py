@@ -35,6 +35,7 @@ from harness.core.spec import Strict
 from harness.records import CellResult, RequestRecord, ResultsError, load_run, read_requests
 from harness.results.catalogue import PER_REQUEST, gate_metric_names, verdict_name
 from harness.results.markdown import md_escape, md_table
+from harness.results.runs import run_folder
 
 DEFAULT_POLICY = Path(__file__).with_name("gate_policy.yaml")
 
@@ -143,7 +144,7 @@ class GateRun:
 
     def __init__(self, path: Path):
         self.result = load_run(path)
-        self.folder = path if path.is_dir() else path.parent
+        self.folder = run_folder(path)
         self.cells: dict[CellKey, CellResult] = {(c.model, c.backend, c.workload): c for c in self.result.cells}
         meta = self.folder / META_FILE
         try:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from harness.analyze.report import TableRow, Table, describe_workload, measured_lengths, render, setting
-from harness.analyze.verdicts import Comparison, MeasuredValue
+from harness.analyze.verdicts import Comparison, MeasuredValue, overlap
 from harness.config.load import load_yaml_file
 from harness.config.scenario import ConcurrencyLoad
 from harness.core.files import atomic_write
@@ -280,7 +280,7 @@ def normalized(values: dict[str, float], better: str | None, floor: float = 0.0,
     if top is None:
         return {k: ratio(values[best], v) for k, v in values.items()}
     tied = {k: max(ci[1] if lower else ci[0], floor) for k in values
-            if (ci := intervals.get(k)) is not None and ci[0] <= top[1] and top[0] <= ci[1]}
+            if (ci := intervals.get(k)) is not None and overlap(ci, top)}
     leader = (min if lower else max)(tied, key=lambda k: tied[k])
     return {k: ratio(tied[leader], tied[k]) if k in tied else ratio(values[leader], v) for k, v in values.items()}
 

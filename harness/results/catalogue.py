@@ -158,15 +158,16 @@ def meets_slo(r: RequestRecord, slo: SLO) -> bool:
     judged under the load offered; the client's own lateness (latency from the schedule) is not, as it is nothing
     the engine did. A request without a TPOT (one token) meets any TPOT limit. Goodput and a capacity search's
     steps both judge by this."""
-    for key, limit in slo.model_dump().items():
-        v = SLO_METRICS[key].of(r) if limit is not None else None
+    for key, metric in SLO_METRICS.items():  # per request: read the limits, no model_dump
+        limit = getattr(slo, key)
+        v = metric.of(r) if limit is not None else None
         if v is not None and v > limit:
             return False
     return True
 
 
 def _goodput(reqs: Requests) -> float | None:
-    if all(v is None for v in reqs.slo.model_dump().values()):
+    if all(getattr(reqs.slo, key) is None for key in SLO_METRICS):
         return None
     return reqs.per_second(sum(meets_slo(r, reqs.slo) for r in reqs.done))
 

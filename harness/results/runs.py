@@ -68,6 +68,11 @@ class Run:
         return [CellView(self, c) for c in self.result.cells]
 
 
+def run_folder(results: Path) -> Path:
+    """The folder of a run named by its folder or its results.json: where its report, guide and baseline files are."""
+    return results if results.is_dir() else results.parent
+
+
 def load_runs(paths: list[Path | str]) -> list[Run]:
     """Each path a results folder or results.json; labels are the folder names, numbered where they repeat."""
     if not paths:
