@@ -211,8 +211,9 @@ class TorchBackend(Backend):
     threads_note: str | None = None
 
     def set_threads(self, asked: int | None) -> None:
-        """torch's intra-op threads for this engine (thread_count), from the thread that loads it: every engine on
-        the same rule, so one is never oversubscribed beside another that is not."""
+        """torch's intra-op threads for this engine (thread_count), from the thread that loads it: both torch engines
+        (transformers, own) on the same rule, so one is never oversubscribed beside the other. llama.cpp takes the
+        engine's CPUs by default too, but an n_threads it is given is not capped."""
         import torch
 
         threads, self.threads_note = thread_count(asked, self.ctx.engine_threads(), allowed_cpus())
