@@ -12,6 +12,7 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,16 +45,38 @@ def vram_share(budget: int, gpu_total: int) -> float:
 
 
 class EngineThread:
-    """A blocking engine call in a worker thread, its tokens as an async stream.
+    """The one thread an in-process engine runs on: its load, every request, its release (own_engine's serving loop
+    is that thread for ours). libgomp, torch's and ggml's OpenMP, keeps a pool of worker threads for each thread that
+    ran a parallel region, while that thread lives, and with more pooled threads than CPUs it stops spinning between
+    regions: spread over the executor's threads, an engine paid a wake-up per region (own_engine.serving has the
+    figures).
 
-    `work(emit)` runs in the thread and calls `emit(event)` as tokens come (stamped there, close to the engine);
-    iterating yields those events; `result` is what `work` returned.
-        stream = EngineThread(lambda emit: engine_generate(..., on_token=emit))
-        async for event in stream: ...
+        engine = EngineThread("hf")
+        await engine.call(load)
+        stream = engine.stream(lambda emit: engine_generate(..., on_token=emit))
+        async for event in stream: ...   # then stream.result is what the call returned
     """
 
-    def __init__(self, work: Callable[[Callable[[Any], None]], Any]):
-        self.work, self.result = work, None
+    def __init__(self, name: str):
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-engine")
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    def stream(self, work: Callable[[Callable[[Any], None]], Any]) -> EngineStream:
+        return EngineStream(work, self.executor)
+
+    def close(self) -> None:
+        """The thread ends once what it was given is done (its OpenMP pool with it)."""
+        self.executor.shutdown(wait=False)
+
+
+class EngineStream:
+    """A blocking engine call on the engine's thread, its tokens as an async stream: `work(emit)` calls `emit(event)`
+    as tokens come (stamped there, close to the engine); `result` is what `work` returned."""
+
+    def __init__(self, work: Callable[[Callable[[Any], None]], Any], executor: ThreadPoolExecutor):
+        self.work, self.executor, self.result = work, executor, None
 
     async def __aiter__(self):
         loop = asyncio.get_running_loop()
@@ -66,7 +89,7 @@ class EngineThread:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
-        future = loop.run_in_executor(None, run)
+        future = loop.run_in_executor(self.executor, run)
         while (item := await queue.get()) is not done:
             yield item
         self.result = await future

@@ -81,11 +81,13 @@ class OwnBackend(TorchBackend):
         return [self.offload_dir()]
 
     async def start(self) -> None:
-        self.engine = await asyncio.to_thread(self._load)
+        from own_engine.serving import ServingLoop
+
         self.events_loop = asyncio.get_running_loop()
         self.pending: list[tuple[asyncio.Queue, Any]] = []  # events the engine thread stamped, not yet delivered
         self.pending_lock = threading.Lock()
-        self.loop = self.engine.serve()
+        self.loop = ServingLoop(self._load)  # built on the thread that steps it: all its torch work on one thread
+        self.engine = await asyncio.wrap_future(self.loop.ready)
 
     def deliver(self, queue: asyncio.Queue, item: Any) -> None:
         """From the engine thread: hand an event to a request's queue. One wake-up of the event loop carries every

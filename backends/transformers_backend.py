@@ -55,7 +55,8 @@ class TransformersBackend(TorchBackend):
     capabilities = Capabilities(max_concurrency=1)
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        self.engine_thread = EngineThread(self.spec.name)
+        await self.engine_thread.call(self._load)
         self._lock = asyncio.Lock()
 
     def _load(self) -> None:
@@ -81,12 +82,14 @@ class TransformersBackend(TorchBackend):
 
     async def stop(self) -> None:
         self.hf = None
+        if getattr(self, "engine_thread", None) is not None:
+            self.engine_thread.close()
         if self.options.device.startswith("cuda"):
             self.torch.cuda.empty_cache()
 
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         async with self._lock:
-            stream = EngineThread(lambda emit: self._generate(request, _Streamer(emit)))
+            stream = self.engine_thread.stream(lambda emit: self._generate(request, _Streamer(emit)))
             async for event in stream:
                 yield event
         yield Usage(prompt_tokens=len(request.prompt_token_ids), output_tokens=stream.result,

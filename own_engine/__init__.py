@@ -8,7 +8,8 @@
 
 Every option, its default and its meaning: EngineConfig. Serving: loop = engine.serve(), then
 loop.submit(Sequence(prompt_ids, SamplingParams(max_new_tokens=64), on_token=..., on_finish=...)) from any thread:
-sequences join and leave between steps (continuous batching); loop.close() when done. Planning without loading:
+sequences join and leave between steps (continuous batching); loop.close() when done; ServingLoop(lambda: Engine(...))
+builds the engine on the loop's thread (own_engine.serving: why that is faster). Planning without loading:
 make_plan(cfg, config, Machine.here(cfg, config)).explain(), with cfg = ModelConfig.load(path).
 """
 import importlib

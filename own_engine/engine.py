@@ -208,8 +208,10 @@ class Engine:
             seq.status = Status.WAITING
 
     def serve(self) -> ServingLoop:
-        """The scheduler stepped on a thread of its own: submit sequences from any thread, close() when done."""
-        return ServingLoop(self)
+        """The scheduler stepped on a thread of its own: submit sequences from any thread, close() when done. An engine
+        built on another thread that stays alive runs slower there (own_engine.serving says why): a server builds it
+        on the loop, with ServingLoop(lambda: Engine(...))."""
+        return ServingLoop(lambda: self)
 
     def generate(self, prompts: list[int] | list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,

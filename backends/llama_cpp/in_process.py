@@ -32,7 +32,8 @@ class LlamaCppInProcessBackend(LlamaCppBase):
 
     async def start(self) -> None:
         await self._prepare_gguf()
-        await asyncio.to_thread(self._load)
+        self.engine_thread = EngineThread(self.spec.name)
+        await self.engine_thread.call(self._load)
         self._lock = asyncio.Lock()
 
     def _load(self) -> None:
@@ -64,11 +65,13 @@ class LlamaCppInProcessBackend(LlamaCppBase):
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+        if getattr(self, "engine_thread", None) is not None:
+            self.engine_thread.close()
 
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:
         self._check_fits(request)
         async with self._lock:
-            stream = EngineThread(lambda emit: self._decode(request, emit))
+            stream = self.engine_thread.stream(lambda emit: self._decode(request, emit))
             async for event in stream:
                 yield event
         n_out, exact = stream.result, self.options.exact_length and request.ignore_eos

@@ -3,8 +3,9 @@ and the worker's event loop fight for the same CPUs, and the loop stamps tokens 
 generator its own CPU(s) and the engine the rest, with os.sched_setaffinity, in two steps:
 
 - `engine_phase`, before the backend starts: the worker's main thread takes the engine's CPUs, so what the backend
-  starts from it inherits them (a launched server's process group, an in-process engine's threads), and the event
-  loop's default executor (EngineThread, asyncio.to_thread) runs on them, whenever its threads are made;
+  starts from it inherits them (a launched server's process group, an in-process engine's thread: EngineThread,
+  own_engine's serving loop), and the event loop's default executor (asyncio.to_thread) runs on them, whenever its
+  threads are made;
 - `client_phase`, once the engine is up: the main thread (the event loop) and the threads that were there before
   the engine (the resource monitor) move to the client's CPUs; what the loop starts later (the record writer, the
   loop-lag probe, load.clients' processes) inherits them.

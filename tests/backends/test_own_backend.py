@@ -115,6 +115,23 @@ def test_a_resident_decode_is_compared_with_memory_bandwidth(tiny_model, tmp_pat
     assert io["read_bytes"]["decode"] == bound["bytes_per_token"] * io["tokens"]["decode"]
 
 
+def test_the_engine_is_built_on_the_thread_that_steps_it(tiny_model, tmp_path):
+    """All of the engine's torch work on one thread (own_engine.serving: OpenMP pools per thread), and its tokens
+    are chosen there."""
+    import threading
+
+    from backends.base import BackendSpec, CellContext, ModelInfo
+    from backends.own_backend import OwnBackend
+
+    backend = OwnBackend(BackendSpec(name="o", kind="own", options={"max_context": 64}), ModelInfo("tiny", tiny_model),
+                         CellContext(dir=tmp_path))
+    threads, load, deliver = [], backend._load, backend.deliver
+    backend._load = lambda: threads.append(threading.current_thread()) or load()
+    backend.deliver = lambda queue, item: threads.append(threading.current_thread()) or deliver(queue, item)
+    serve_one(backend, list(range(5, 25)), 4)
+    assert len(threads) == 1 + 4 + 1 and set(threads) == {backend.loop.thread}  # load, 4 tokens, the finish
+
+
 def test_a_budget_too_small_fails_the_cell_clearly(write_scenario, tiny_model, tmp_path):
     backends = [{"name": "tiny-budget", "kind": "own", "options": {"vram_budget": "64KiB"}}]
     code, cells = run_cells(write_scenario, tiny_model, tmp_path, backends)
