@@ -21,7 +21,7 @@ def test_every_byte_a_token_reads_is_on_one_link():
     plan = make_plan(cfg, config, machine)
     by_tier = {link.tier: link for link in links(plan, machine)}
     assert set(by_tier) == {"device", "disk"}
-    assert by_tier["disk"].bytes_per_token == 4 * plan.layer_bytes + 2 * plan.block_bytes  # 512 tokens: 2 blocks
+    assert by_tier["disk"].bytes_per_token == 4 * plan.layer_bytes + 512 // plan.block_size * plan.block_bytes
     assert by_tier["device"].bytes_per_token == plan.globals_bytes
     assert all(link.bytes_per_s and link.bytes_per_s > 0 for link in by_tier.values())
 
