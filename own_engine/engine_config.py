@@ -46,8 +46,9 @@ class EngineConfig(BaseModel):
     # 201M bf16 model, 2,048-token document + 32-token question, Intel Xeon (AMX) 2 threads: second TTFT 0.18x the
     # first with 256-token blocks, 0.08x with 64, 0.06x with 32; first TTFT and decode unchanged (also at 8,192).
     block_size: int = Field(32, gt=0, description="tokens per KV block (the prefix cache's unit of reuse)")
-    prefill_chunk: int | None = Field(None, gt=0, description="rows per chunk of a pass over the weights (none: 512, "
-                                                              "halved until the budget fits)")
+    prefill_chunk: int | None = Field(None, gt=0, description="rows per chunk of a pass over the weights (none: 2048 "
+                                                              "with max_batch 1, else 512, where decodes wait "
+                                                              "behind each chunk; halved until the budget fits)")
     pack_weights: bool | None = Field(None, description="write disk-tier layers into per-layer files under "
                                                         "offload_dir, aligned and in the engine dtype (none: on the "
                                                         "CPU, and wherever the dtype is converted; false: read the "

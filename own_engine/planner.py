@@ -125,6 +125,13 @@ class Machine:
         return cls(psutil.virtual_memory().available, shutil.disk_usage(probe).free, where, compute)
 
 
+def default_chunk(batch: int) -> int:
+    """Rows per prefill chunk unless asked: a decode step of the other sequences waits behind each chunk, so 512
+    where there are others; alone, 2,048, for wider products and fewer attention merges (201M bf16 model, 2,048-token
+    prompt, Intel Xeon (AMX) 2 threads: TTFT 0.73 -> 0.64 s; 8,192 tokens 4.57 -> 4.43 s)."""
+    return 2048 if batch == 1 else 512
+
+
 def working_bytes(cfg: ModelConfig, compute: torch.dtype, rows: int, chunk: int, kv_tokens: int, mlp_rows: int,
                   batch: int, device: torch.device, upcast: bool) -> int:
     """Activation memory of one forward pass: hidden states and rope tables of every row; one chunk's projections,
@@ -179,7 +186,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
     weights_min = forced * layer + (embed if forced else 0) + min(1, ring(forced)) * slot
 
     # Shrink the chunks until the minimum configuration fits.
-    chunk, kv_chunk = min(prefill_chunk or 512, batch * context), max(1, min(4096, context) // block_size)
+    chunk, kv_chunk = min(prefill_chunk or default_chunk(batch), batch * context), max(1, min(4096, context) // block_size)
     while True:
         mlp_rows = min(chunk, 512)
         work = working_bytes(cfg, compute, batch * context, chunk, kv_chunk * block_size, mlp_rows, batch, device,
