@@ -23,9 +23,11 @@ from own_engine.engine_config import Budget, EngineConfig, MaxBatch, MaxContext,
 
 # Spins of an idle OpenMP thread before it sleeps, under omp_wait_policy: bounded. Measured on a 2-core Xeon (AMX)
 # VM, 201M bf16 model, one decode step at 512 tokens, 2 threads (ms, quiet / one busy-looping process beside it):
-# passive 31 / 40, 1,000 spins 29 / 42, 5,000 27 / 49, 10,000 24 / 57, libgomp's default (300,000) 23 / 235,
-# active spinning 25 / 490. Each parallel region that finds its threads asleep pays a wake-up (~0.1-0.2 ms in a VM).
-SPIN_COUNT = 5000
+# 5,000 spins 25.5 / 45, 20,000 22.0 / 59, 50,000 20.9 / 64, libgomp's default (300,000) 20.9 / 189 (an earlier
+# series, helpers' work running too: passive 31 / 40, 1,000 spins 29 / 42, 10,000 24 / 57, active 25 / 490). Each
+# parallel region that finds its threads asleep pays a wake-up (~0.1-0.2 ms in a VM). 20,000: within 5% of the
+# default when quiet, 2.7x its quiet time beside a busy process where the default is 9x.
+SPIN_COUNT = 20000
 WAIT_ENVIRONMENT = {"bounded": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(SPIN_COUNT)},
                     "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
                     "active": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "INFINITE"}}

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from backends.base import cpu_affinity
+from backends.own_backend import SPIN_COUNT
 from harness.run import affinity
 from harness.run.runner import Runner
 from harness.config.load import load_scenario
@@ -68,7 +69,7 @@ def test_every_placement_gives_hf_greedy_tokens_and_counts_its_bytes(write_scena
     for name, threads in (("own", len(engine_cpus)), ("own-disk", 1)):
         engine = cells[name]["engine"]
         assert engine["torch_threads"] == threads and engine["omp_wait_policy"] == "PASSIVE", engine
-        assert engine["omp_spin_count"] == "5000" and engine["threads_note"] is None  # bounded spinning
+        assert engine["omp_spin_count"] == str(SPIN_COUNT) and engine["threads_note"] is None  # bounded spinning
         assert engine["cpu_affinity"] == engine_cpus and engine["max_batch"] >= 1
     assert cells["hf"]["engine"]["torch_threads"] == len(engine_cpus)
 
@@ -85,7 +86,7 @@ def test_threads_follow_the_cpus_the_engine_may_run_on():
 
 
 @pytest.mark.parametrize("policy,environment", [
-    (None, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000"}),
+    (None, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "20000"}),
     ("passive", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}),
     ("active", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "INFINITE"})])
 def test_the_wait_policy_sets_the_spin_count_too(policy, environment):
