@@ -47,8 +47,9 @@ class EngineConfig(BaseModel):
     # first with 256-token blocks, 0.08x with 64, 0.06x with 32; first TTFT and decode unchanged (also at 8,192).
     block_size: int = Field(32, gt=0, description="tokens per KV block (the prefix cache's unit of reuse)")
     prefill_chunk: int | None = Field(None, gt=0, description="rows per chunk of a pass over the weights (none: 2048 "
-                                                              "with max_batch 1, else 512, where decodes wait "
-                                                              "behind each chunk; halved until the budget fits)")
+                                                              "on a CPU with max_batch 1, else 512, where decodes "
+                                                              "wait behind each chunk; halved until the budget "
+                                                              "fits)")
     pack_weights: bool | None = Field(None, description="write disk-tier layers into per-layer files under "
                                                         "offload_dir, aligned and in the engine dtype (none: on the "
                                                         "CPU, and wherever the dtype is converted; false: read the "
