@@ -44,7 +44,7 @@ class Plan:
     batch: int
     block_size: int
     prefill_chunk: int
-    step_tokens: int  # rows of one scheduler step (one pass over the weights, in chunks of prefill_chunk)
+    step_tokens: int  # rows of a pass over the weights while sequences decode (chunks of prefill_chunk rows)
     kv_chunk_blocks: int
     mlp_rows: int
     n_slots: int
@@ -94,7 +94,8 @@ class Plan:
             f"tokens, MLP {self.mlp_rows} rows; working buffers {fmt_bytes(self.working_bytes)}",
             f"scheduler: up to {self.step_tokens} tokens per pass over the weights "
             + ("(whole prompts: each pass streams every layer once)" if self.count("device") < len(self.layer_tiers)
-               else "(one prefill chunk: decodes wait at most one chunk)"),
+               else "(decodes wait at most that)" + (f", {self.prefill_chunk} in a pass with no decode"
+                                                     if self.prefill_chunk > self.step_tokens else "")),
             f"device memory planned: {fmt_bytes(self.device_bytes)} of {budget}",
             f"streamed per decoded token at full context: weights {fmt_bytes(streamed * self.layer_bytes)}, "
             f"KV {fmt_bytes(kv_offloaded)}",
@@ -125,12 +126,24 @@ class Machine:
         return cls(psutil.virtual_memory().available, shutil.disk_usage(probe).free, where, compute)
 
 
-def default_chunk(batch: int, device: torch.device) -> int:
-    """Rows per prefill chunk unless asked: a decode step of the other sequences waits behind each chunk, so 512
-    where there are others; alone on a CPU, 2,048, for wider products and fewer attention merges (201M bf16 model,
-    2,048-token prompt, Intel Xeon (AMX) 2 threads: TTFT 0.73 -> 0.64 s; 8,192 tokens 4.57 -> 4.43 s). On CUDA the
-    working buffers come out of the VRAM budget that layers and KV would use: 512 there (not measured wider)."""
-    return 2048 if batch == 1 and device.type == "cpu" else 512
+DECODE_WAIT_ROWS = 512  # rows of a pass that running decodes wait behind, unless prefill_chunk says otherwise
+
+
+def default_chunk(device: torch.device) -> int:
+    """Rows per prefill chunk unless asked. On a CPU 2,048: wider products and fewer attention merges (201M bf16
+    model, 2,048-token prompt, Intel Xeon (AMX) 2 threads: TTFT 0.73 -> 0.64 s; 8,192 tokens 4.57 -> 4.43 s), in
+    passes that no decode waits behind (step_rows). On CUDA its working buffers would come out of the VRAM budget
+    that layers and KV use: 512 there (not measured wider)."""
+    return 2048 if device.type == "cpu" else DECODE_WAIT_ROWS
+
+
+def step_rows(chunk: int, asked: bool, batch: int, resident: bool, context: int) -> int:
+    """Rows of one pass while sequences decode (they wait behind it): whole prompts when layers stream (each pass
+    streams every layer once); one chunk when all are resident, of at most DECODE_WAIT_ROWS where other sequences
+    may be decoding and the chunk was not asked for. A pass with no decode in it may take a whole chunk."""
+    if not resident:
+        return batch * context
+    return chunk if asked or batch == 1 else min(chunk, DECODE_WAIT_ROWS)
 
 
 def working_bytes(cfg: ModelConfig, compute: torch.dtype, rows: int, chunk: int, kv_tokens: int, mlp_rows: int,
@@ -187,7 +200,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
     weights_min = forced * layer + (embed if forced else 0) + min(1, ring(forced)) * slot
 
     # Shrink the chunks until the minimum configuration fits.
-    chunk = min(prefill_chunk or default_chunk(batch, device), batch * context)
+    chunk = min(prefill_chunk or default_chunk(device), batch * context)
     kv_chunk = max(1, min(4096, context) // block_size)
     while True:
         mlp_rows = min(chunk, 512)
@@ -238,7 +251,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
     return Plan(device=device, dtype=dtype, compute_dtype=compute, compute_reason=machine.compute.reason,
                 narrow_rows=machine.compute.narrow_rows, matmul_forms=machine.compute.forms, kv_dtype=kv_dtype,
                 budget=budget, context=context, batch=batch, block_size=block_size, prefill_chunk=chunk,
-                step_tokens=chunk if resident == L else batch * context, kv_chunk_blocks=kv_chunk, mlp_rows=mlp_rows,
+                step_tokens=step_rows(chunk, bool(prefill_chunk), batch, resident == L, context), kv_chunk_blocks=kv_chunk, mlp_rows=mlp_rows,
                 n_slots=slots, slot_bytes=slot,
                 layer_tiers=tiers, embed_tier=embed_tier, kv_blocks=kv_blocks, layer_bytes=layer,
                 globals_bytes=lm_head + (embed if embed_tier == "device" else 0),

@@ -1,8 +1,9 @@
 """Continuous batching in the spirit of nano-vllm's scheduler: sequences join and leave between steps.
 
-A step is one pass over the weights with at most plan.step_tokens rows: one token for every running sequence that
-is decoding, then the rest of the prompts of running sequences still in prefill, then new sequences while rows,
-sequence slots (max_batch) and KV blocks remain; a prompt longer than the rows left goes on in the next step. When
+A step is one pass over the weights with at most plan.step_tokens rows while a sequence decodes (it waits behind the
+pass), else plan.prefill_chunk if that is more: one token for every running sequence that is decoding, then the
+rest of the prompts of running sequences still in prefill, then new sequences while rows, sequence slots
+(max_batch) and KV blocks remain; a prompt longer than the rows left goes on in the next step. When
 a decoding sequence needs a block and none is free, the most recently admitted sequence is preempted: its blocks go
 back (its full ones stay in the prefix cache) and it waits at the head of the queue to be recomputed, prompt and
 output so far.
@@ -41,6 +42,7 @@ class Scheduler:
     def __init__(self, engine: EngineForScheduler) -> None:
         self.engine, self.blocks = engine, engine.blocks
         self.budget, self.max_running = engine.plan.step_tokens, engine.max_batch
+        self.solo_budget = max(engine.plan.step_tokens, engine.plan.prefill_chunk)  # when no sequence decodes
         self.eos = set(engine.config.eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -97,8 +99,9 @@ class Scheduler:
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, rows) for the next pass: decodes first, then prefills, then admissions."""
         work, rows = [], 0
+        budget = self.budget if any(s.left == 1 for s in self.running) else self.solo_budget
         for s in list(self.running):
-            if s.status is not Status.RUNNING or rows == self.budget or s.left != 1:
+            if s.status is not Status.RUNNING or rows == budget or s.left != 1:
                 continue
             while not self._room(s) and s.status is Status.RUNNING:
                 self._preempt(self.running[-1])
@@ -106,17 +109,17 @@ class Scheduler:
                 work.append((s, 1))
                 rows += 1
         for s in self.running:
-            if s.left > 1 and rows < self.budget:
-                work.append((s, min(s.left, self.budget - rows)))
+            if s.left > 1 and rows < budget:
+                work.append((s, min(s.left, budget - rows)))
                 rows += work[-1][1]
-        while self.waiting and rows < self.budget and len(self.running) < self.max_running:
+        while self.waiting and rows < budget and len(self.running) < self.max_running:
             s = self.waiting[0]
             try:
                 self.engine.admit(s)
             except EngineError:  # not enough free blocks for its prompt yet
                 break
             self.running.append(self.waiting.popleft())
-            work.append((s, min(s.left, self.budget - rows)))
+            work.append((s, min(s.left, budget - rows)))
             rows += work[-1][1]
         return work
 

@@ -78,13 +78,16 @@ def test_bench_engine_plan_says_what_it_computes_in_and_why(fake_cpu):
     assert bad.exit_code == 2 and "kv='tape'" in bad.output and "Traceback" not in bad.output
 
 
-@pytest.mark.parametrize("device, max_batch, chunk", [("cpu", 1, 2048), ("cpu", 4, 512), ("cuda", 1, 512)])
-def test_the_prefill_chunk_is_wide_only_where_nothing_waits_and_no_vram_pays(device, max_batch, chunk):
-    """Decodes wait behind each chunk (512 rows where other sequences run); alone on a CPU 2,048 rows; on CUDA
-    the working buffers come out of the budget that holds layers and KV."""
+@pytest.mark.parametrize("device, max_batch, chunk, step", [("cpu", 1, 2048, 2048), ("cpu", 4, 2048, 512),
+                                                          ("cuda", 1, 512, 512), ("cuda", 4, 512, 512)])
+def test_a_pass_is_wide_only_where_no_decode_waits_and_no_vram_pays(device, max_batch, chunk, step):
+    """Decodes wait behind each pass: 512 rows where other sequences may decode, a whole chunk (2,048 rows on a
+    CPU) in a pass with none; on CUDA the working buffers come out of the budget that holds layers and KV. A chunk
+    asked for is both."""
     cfg = preset("llama-3.1-8b")
-    config = EngineConfig(device=device, max_batch=max_batch, max_context=8192,
-                          **({"vram_budget": "8GiB"} if device == "cuda" else {}))
+    config = EngineConfig(device=device, max_batch=max_batch, max_context=8192)  # no budget: all resident
     machine = Machine(ram=64 << 30, disk=1 << 40, disk_at=Path("/offload"), compute=BF16)
-    assert make_plan(cfg, config, machine).prefill_chunk == chunk
-    assert make_plan(cfg, config.model_copy(update={"prefill_chunk": 64}), machine).prefill_chunk == 64  # as asked
+    plan = make_plan(cfg, config, machine)
+    assert plan.count("device") == cfg.num_layers and (plan.prefill_chunk, plan.step_tokens) == (chunk, step)
+    asked = make_plan(cfg, config.model_copy(update={"prefill_chunk": 64}), machine)
+    assert (asked.prefill_chunk, asked.step_tokens) == (64, 64)

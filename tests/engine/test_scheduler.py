@@ -51,6 +51,28 @@ def test_requests_joining_mid_decode_get_their_tokens_alone(engine, monkeypatch)
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
+def test_a_pass_no_decode_waits_behind_takes_a_whole_chunk(tiny_model, monkeypatch):
+    """With max_batch > 1 and no chunk asked for: a lone prompt goes through in passes of a whole (CPU) chunk; once
+    a sequence decodes, a pass is at most step_tokens rows (it waits behind it), and every token is as alone."""
+    path, _ = tiny_model("llama_gqa2")
+    with Engine.from_pretrained(path, block_size=16, max_context=4096, max_batch=2, prefix_cache=False) as engine:
+        plan, long_prompt = engine.plan, [(7 * i) % 300 + 5 for i in range(3000)]
+        assert (plan.prefill_chunk, plan.step_tokens) == (2048, 512)
+        expected = [alone(engine, p, 4) for p in (long_prompt, long_prompt[:1500])]
+        passes = traced(engine, monkeypatch)
+        scheduler = Scheduler(engine)
+        requests = [Sequence(p, SamplingParams(4, ignore_eos=True)) for p in (long_prompt, long_prompt[:1500])]
+        scheduler.add(requests[0])
+        scheduler.step()
+        scheduler.step()  # the prompt's rest: 952 rows, then its first decode
+        scheduler.add(requests[1])
+        while scheduler.busy:
+            scheduler.step()
+    assert [r.output for r in requests] == expected
+    assert [sum(n for _, n in p) for p in passes[:2]] == [2048, 952]
+    assert all(sum(n for _, n in p) <= 512 for p in passes[2:]) and any(len(p) == 2 for p in passes[2:])
+
+
 def test_a_sequence_reaching_eos_leaves_while_the_others_continue(engine):
     expected = [alone(engine, p) for p in PROMPTS]
     eos = expected[1][5]
