@@ -16,10 +16,11 @@ from .placement import Globals, LayerWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalised in float32, rounded to x's dtype, then scaled by the weight."""
+    """transformers' LlamaRMSNorm: normalised in float32, rounded to x's dtype, then scaled by the weight (torch's
+    rms_norm computes a narrower x in float32 itself and rounds its result to x's dtype)."""
     if x.dtype == weight.dtype == torch.float32:
         return torch.rms_norm(x, weight.shape, weight, eps)  # the same products, in one call
-    return weight * torch.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+    return weight * torch.rms_norm(x, weight.shape, None, eps)
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
