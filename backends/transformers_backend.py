@@ -53,6 +53,7 @@ class TransformersBackend(TorchBackend):
     kind = "transformers"
     Options = TransformersOptions
     capabilities = Capabilities(max_concurrency=1)
+    engine_thread: EngineThread | None = None  # made by start()
 
     async def start(self) -> None:
         self.engine_thread = EngineThread(self.spec.name)
@@ -82,7 +83,7 @@ class TransformersBackend(TorchBackend):
 
     async def stop(self) -> None:
         self.hf = None
-        if getattr(self, "engine_thread", None) is not None:
+        if self.engine_thread is not None:
             self.engine_thread.close()
         if self.options.device.startswith("cuda"):
             self.torch.cuda.empty_cache()

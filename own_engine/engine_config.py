@@ -46,9 +46,10 @@ class EngineConfig(BaseModel):
     # 201M bf16 model, 2,048-token document + 32-token question, Intel Xeon (AMX) 2 threads: second TTFT 0.18x the
     # first with 256-token blocks, 0.08x with 64, 0.06x with 32; first TTFT and decode unchanged (also at 8,192).
     block_size: int = Field(32, gt=0, description="tokens per KV block (the prefix cache's unit of reuse)")
-    prefill_chunk: int | None = Field(None, gt=0, description="rows per chunk of a pass over the weights (none: 2048 "
-                                                              "on a CPU with max_batch 1, else 512, where decodes "
-                                                              "wait behind each chunk; halved until the budget "
+    prefill_chunk: int | None = Field(None, gt=0, description="rows per chunk of a pass over the weights, and of a "
+                                                              "pass decodes wait behind (none: 2048 on a CPU, where "
+                                                              "a pass with a decode takes at most 512 unless "
+                                                              "max_batch is 1; 512 on CUDA; halved until the budget "
                                                               "fits)")
     pack_weights: bool | None = Field(None, description="write disk-tier layers into per-layer files under "
                                                         "offload_dir, aligned and in the engine dtype (none: on the "

@@ -21,6 +21,7 @@ class LlamaCppInProcessBackend(LlamaCppBase):
     Options = LlamaCppInProcessOptions
 
     llm: Any = None
+    engine_thread: EngineThread | None = None  # made by start()
     reused_tokens = 0  # over the cell: KV positions a request found kept from the previous one
     _kept: int | None = None  # the current request's, once its prompt's evaluation began
 
@@ -65,7 +66,7 @@ class LlamaCppInProcessBackend(LlamaCppBase):
         if self.llm is not None:
             self.llm.close()
             self.llm = None
-        if getattr(self, "engine_thread", None) is not None:
+        if self.engine_thread is not None:
             self.engine_thread.close()
 
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent | Usage]:

@@ -11,6 +11,7 @@ def test_an_engine_loads_and_streams_on_one_thread_which_ends_at_close():
     async def run():
         engine = EngineThread("e")
         loaded = await engine.call(threading.current_thread)
+
         def work(emit):
             for _ in range(3):
                 emit(threading.current_thread())
