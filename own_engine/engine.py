@@ -19,6 +19,7 @@ from .errors import EngineError
 from .kv_cache import KVCache
 from .model import Transformer
 from .placement import Globals, LayerWeights
+from .native import PagedAttention
 from .planner import Machine, Plan, make_plan
 from .prefix_store import PrefixStore
 from .scheduler import Scheduler
@@ -106,7 +107,8 @@ class Engine:
         self.pass_bytes = cfg.num_layers * layout.nbytes + globals_.lm_head.nbytes + globals_.norm.nbytes
         self.kv_bytes_per_token = cfg.num_layers * cfg.kv_bytes_per_token(plan.kv_dtype)
         self.model = Transformer(cfg, layers, globals_, kv, plan.mlp_rows, plan.narrow_rows, self.device,
-                                 plan.compute_dtype, plan.form)
+                                 plan.compute_dtype, plan.form,
+                                 PagedAttention(plan.attention_library) if plan.attention_library else None)
         self.store: PrefixStore | None = None
         if prefix_cache_dir is not None:
             key = {"config": hashlib.sha256((Path(path) / "config.json").read_bytes()).hexdigest(),

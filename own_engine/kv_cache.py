@@ -49,6 +49,17 @@ class Gather:
 
 
 @dataclass
+class Paged:
+    """The KV of several decoding sequences as our kernel reads it where it lies (KVCache.paged_index, native.py):
+    one tier read in place, each sequence's block ids within it in key order (rows padded with 0), its key count,
+    and its chunks (for the reads' bookkeeping)."""
+    tier: str
+    tables: torch.Tensor  # [sequences, blocks] int32
+    lengths: list[int]
+    reads: list[list["Chunk"]]
+
+
+@dataclass
 class Chunk:
     tier: str
     first: int  # the tier's first global block id
@@ -213,6 +224,26 @@ class KVCache:
             positions.append(torch.cat([c.positions for c in chunks] + [torch.full((width - n,), -1)]))
         return Gather(tiers.pop(), torch.stack(rows).view(-1), torch.tensor(lengths), torch.stack(positions))
 
+    def paged_index(self, reads: list[list[Chunk]]) -> Paged | None:
+        """The block tables of decoding sequences (each one's chunks, from `chunks`) for our kernel, when all of
+        them lie in one tier read in place; None when they do not."""
+        tiers = {c.tier for chunks in reads for c in chunks}
+        if len(tiers) != 1 or not self._in_place(next(iter(tiers))):
+            return None
+        # One tier: its chunks are the sequence's blocks in order, all full but the last.
+        ids = [[i for c in chunks for i in c.ids] for chunks in reads]
+        tables = torch.zeros((len(ids), max(map(len, ids))), dtype=torch.int32)
+        for row, blocks in zip(tables, ids):
+            row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return Paged(tiers.pop(), tables, [sum(c.valid for c in chunks) for chunks in reads], reads)
+
+    def paged_pools(self, layer: int, p: Paged) -> KV:
+        """The K and V pools [rows, kv_heads, head_dim] our kernel reads the layer's KV of `p` from."""
+        for chunks in p.reads:
+            for chunk in chunks:
+                self._touch(layer, chunk)
+        return self.flat[p.tier][layer]
+
     def gather(self, layer: int, g: "Gather") -> tuple[torch.Tensor, torch.Tensor]:
         """The gathered K and V [sequences, width, kv_heads, head_dim] of one layer (gather_index)."""
         kpool, vpool = self.flat[g.tier][layer]
@@ -229,13 +260,19 @@ class KVCache:
         if not self._in_place(chunk.tier):
             return self.thread.submit(self._copy, chunk.tier, kpool, vpool, ids, buf, self.free[buf],
                                       self.stats.phase)
-        if chunk.tier != "device":  # read by the attention kernel itself, so no time of its own
+        self._touch(layer, chunk)
+        return kpool[ids[0]:ids[0] + len(ids)], vpool[ids[0]:ids[0] + len(ids)]
+
+    def _touch(self, layer: int, chunk: Chunk) -> None:
+        """Account for a chunk that attention reads in place (its kernel reads it, so no time of its own), and ask
+        the kernel to read a disk chunk ahead (madvise)."""
+        ids = chunk.ids
+        if chunk.tier != "device":
             self.stats.record("host->device" if chunk.tier == "host" else "disk->host", 2 * len(ids) * self.block_bytes)
         if chunk.tier == "disk":
-            n = len(kpool)
+            n = self.tiers["disk"][1]
             for start in (ids[0], n + ids[0]):  # the K run, then the V run
                 self.maps[layer].will_need(start * self.block_bytes, (start + len(ids)) * self.block_bytes)
-        return kpool[ids[0]:ids[0] + len(ids)], vpool[ids[0]:ids[0] + len(ids)]
 
     def _in_place(self, tier: str) -> bool:
         """Whether compute reads the tier's pools where they are (a chunk of consecutive blocks as one view)."""

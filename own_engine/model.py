@@ -10,8 +10,9 @@ from .attention import cached_attention, chunked_attention, gathered_bias
 from .batch import Batch, Piece
 from .config import ModelConfig
 from .kernels import decode_attention
-from .kv_cache import Gather, KVCache, Slot
+from .kv_cache import Gather, KVCache, Paged, Slot
 from .matmul import linear
+from .native import PagedAttention
 from .placement import Globals, LayerWeights
 
 
@@ -72,8 +73,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 EXACT_FUSED = ("gemv", "wxt")
 
 # The decoding pieces of a chunk that attend together (Transformer.gathered): their indices among the pieces, their
-# rows in the chunk, the gather of their KV and its mask.
-Gathered = tuple[set[int], slice | torch.Tensor, Gather, torch.Tensor]
+# rows in the chunk, and where our kernel reads their KV, or the gather of their KV and its mask.
+Gathered = tuple[set[int], slice | torch.Tensor, Paged | tuple[Gather, torch.Tensor]]
 
 
 def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], rows: int, form: str) -> torch.Tensor:
@@ -94,10 +95,11 @@ def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], rows: int, form: str) -> to
 class Transformer:
     def __init__(self, cfg: ModelConfig, weights: LayerWeights, globals_: Globals, kv: KVCache, mlp_rows: int,
                  narrow_rows: int, device: torch.device, compute_dtype: torch.dtype,
-                 forms: Callable[[torch.dtype, int], str]) -> None:
+                 forms: Callable[[torch.dtype, int], str], paged: PagedAttention | None = None) -> None:
         """narrow_rows: passes of fewer rows multiply by the weights as stored (compute.Compute.narrow_rows);
-        forms(dtype, rows): how a product of that many rows is computed (compute.Compute.form)."""
-        self.cfg, self.weights, self.globals, self.kv = cfg, weights, globals_, kv
+        forms(dtype, rows): how a product of that many rows is computed (compute.Compute.form); paged: our kernel,
+        where decode attention runs in it (native.py)."""
+        self.cfg, self.weights, self.globals, self.kv, self.paged = cfg, weights, globals_, kv, paged
         self.mlp_rows, self.narrow_rows, self.device, self.dtype = mlp_rows, narrow_rows, device, compute_dtype
         self.forms, self.rope = forms, Rope(cfg, device, compute_dtype)
         self.qk_columns = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # q's and k's columns of qkv
@@ -133,19 +135,22 @@ class Transformer:
                                                               rows))
 
     def gathered(self, pieces: list[Piece]) -> Gathered | None:
-        """For a chunk's decoding pieces whose KV one gather can bring together (KVCache.gather_index): (their
-        indices among the pieces, their rows in the chunk, the gather, its mask); None where they attend apart."""
+        """For a chunk's decoding pieces that attend in one call: (their indices among the pieces, their rows in the
+        chunk, and where our kernel reads their KV (KVCache.paged_index) or, for two or more, one gather of it
+        (KVCache.gather_index) and its mask); None where they attend apart."""
         decode = [j for j, p in enumerate(pieces) if p.own]
-        g = self.kv.gather_index([pieces[j].cached for j in decode]) if len(decode) > 1 else None
-        if g is None:
+        reads = [pieces[j].cached for j in decode]
+        kv: Paged | tuple[Gather, torch.Tensor] | None = self.kv.paged_index(reads) if self.paged and decode else None
+        if kv is None and len(decode) > 1 and (g := self.kv.gather_index(reads)) is not None:
+            kv = g, gathered_bias(torch.tensor([pieces[j].start for j in decode]), g.positions,
+                                  self.cfg.sliding_window, self.dtype, self.device)
+        if kv is None:
             return None
         first, starts = pieces[0].rows.start, [pieces[j].rows.start for j in decode]
         rows = starts[0] - first
         rows = slice(rows, rows + len(decode)) if starts == list(range(starts[0], starts[0] + len(decode))) else (
             torch.tensor(starts, device=self.device) - first)
-        bias = gathered_bias(torch.tensor([pieces[j].start for j in decode]), g.positions, self.cfg.sliding_window,
-                             self.dtype, self.device)
-        return set(decode), rows, g, bias
+        return set(decode), rows, kv
 
     def decoder_layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, pieces: list[Piece],
                       pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: list[Slot], form: str,
@@ -170,9 +175,14 @@ class Transformer:
         first, scale = pieces[0].rows.start, d ** -0.5
         attn = torch.empty(t, heads, d, dtype=q.dtype, device=q.device) if len(pieces) > 1 else None
         together: set[int] = set()
-        if gathered is not None:  # the decoding sequences at once, over one gather of their KV
-            together, rows, g, bias = gathered
-            out = decode_attention(q[rows], *self.kv.gather(i, g), bias, scale)
+        if gathered is not None:  # the decoding sequences at once: where their KV lies, or over one gather of it
+            together, rows, kv = gathered
+            if isinstance(kv, Paged):
+                assert self.paged is not None  # paged_index is asked only then
+                out = self.paged(q[rows], *self.kv.paged_pools(i, kv), kv.tables, kv.lengths, self.kv.block_size,
+                                 cfg.sliding_window, scale)
+            else:
+                out = decode_attention(q[rows], *self.kv.gather(i, kv[0]), kv[1], scale)
             if len(together) == len(pieces):
                 attn = out
             else:  # attn was made: some pieces attend apart, so there are several

@@ -19,10 +19,12 @@ import torch
 
 from llmbench.units import fmt_bytes, parse_size
 
+from . import compute as policy
 from .compute import Compute, MatmulForms, choose
 from .config import DTYPES, ModelConfig
 from .engine_config import EngineConfig
 from .errors import EngineError
+from .native import Native, build, support
 from .placement import LOGIT_ROWS
 from .weights import LayerLayout
 
@@ -58,6 +60,8 @@ class Plan:
     block_bytes: int  # one block in all layers
     disk_bytes: int  # to be written under the offload dir
     offload_dir: Path | None
+    attention_library: Path | None  # our decode-attention kernel's, where decode attention runs in it (native.py)
+    attention_reason: str
 
     def count(self, tier: str) -> int:
         return self.layer_tiers.count(tier)
@@ -84,6 +88,8 @@ class Plan:
             *(f"products by the weights: {f.explain()}" for f in self.matmul_forms),
             f"KV cache in {kv}" + (" (the compute dtype: attention reads it in place)" if kv == compute else
                                    " (upcast as each chunk is read)"),
+            "decode attention: " + (f"our kernel, keys read where they lie in the pool ({self.attention_reason})"
+                                    if self.attention_library else f"torch's ({self.attention_reason})"),
             f"weights: {self.count('device')} of {len(self.layer_tiers)} layers resident, "
             f"{self.count('host')} streamed from host memory, {self.count('disk')} from disk "
             f"({fmt_bytes(self.layer_bytes)} per layer, {self.n_slots} "
@@ -114,6 +120,7 @@ class Machine:
     disk: int  # bytes free on the filesystem of disk_at
     disk_at: Path  # the offload dir, or the folder a temporary one would be made in
     compute: Compute  # the compute policy's choice for the model's stored dtype on the device
+    native: Native | None = None  # our decode-attention kernel, on a CPU (native.build)
 
     @classmethod
     def here(cls, cfg: ModelConfig, config: EngineConfig) -> "Machine":
@@ -123,7 +130,8 @@ class Machine:
             probe = probe.parent
         stored = DTYPES[config.dtype] if config.dtype else cfg.dtype
         compute = choose(torch.device(config.device), stored, config.compute_dtype and DTYPES[config.compute_dtype])
-        return cls(psutil.virtual_memory().available, shutil.disk_usage(probe).free, where, compute)
+        native = build(policy.cpu_flags()) if torch.device(config.device).type == "cpu" else None
+        return cls(psutil.virtual_memory().available, shutil.disk_usage(probe).free, where, compute, native)
 
 
 DECODE_WAIT_ROWS = 512  # rows of a pass that running decodes wait behind, unless prefill_chunk says otherwise
@@ -248,6 +256,9 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
     if disk_bytes and machine.disk < disk_bytes * 1.05:
         raise EngineError(f"offload dir {machine.disk_at}: needs {fmt_bytes(disk_bytes)} on disk, "
                           f"only {fmt_bytes(machine.disk)} free on its filesystem")
+    native = machine.native
+    why_not = support(native, device, compute, kv_dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size)
+    library = native.library if native is not None and why_not is None else None
     return Plan(device=device, dtype=dtype, compute_dtype=compute, compute_reason=machine.compute.reason,
                 narrow_rows=machine.compute.narrow_rows, matmul_forms=machine.compute.forms, kv_dtype=kv_dtype,
                 budget=budget, context=context, batch=batch, block_size=block_size, prefill_chunk=chunk,
@@ -256,7 +267,8 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
                 layer_tiers=tiers, embed_tier=embed_tier, kv_blocks=kv_blocks, layer_bytes=layer,
                 globals_bytes=lm_head + (embed if embed_tier == "device" else 0),
                 working_bytes=work, block_bytes=block_bytes, disk_bytes=disk_bytes,
-                offload_dir=config.offload_dir)
+                offload_dir=config.offload_dir, attention_library=library,
+                attention_reason=why_not or (native.reason if native else ""))
 
 
 def _budget(size: str | int | None) -> int | None:

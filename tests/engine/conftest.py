@@ -31,6 +31,9 @@ MODELS = {
                                          attention_bias=True), LlamaForCausalLM, {}),
     "llama_bf16": (LlamaConfig(**COMMON, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
                    LlamaForCausalLM, {"dtype": torch.bfloat16}),
+    # Llama-3's attention shape (4 query heads per KV head of 64), the one our decode kernel takes (native.py)
+    "llama_bf16_gqa4": (LlamaConfig(**{**COMMON, "hidden_size": 128}, num_hidden_layers=2, num_attention_heads=8,
+                                    num_key_value_heads=2, head_dim=64), LlamaForCausalLM, {"dtype": torch.bfloat16}),
 }
 
 

@@ -1,0 +1,227 @@
+// Decode attention over the paged KV cache on a CPU with bf16 instructions (own_engine/native.py loads it): one new
+// token per sequence attends to its keys where they lie in the pool (no gather), each key and value row read once.
+// Work items are (sequence, part of PART keys), merged by log-sum-exp; within an item, KV head by KV head, the
+// head's GROUP query rows stay in registers across its keys. Scores and value sums accumulate in float32 from bf16
+// dot instructions; the softmax weights are rounded to bf16 for the value sums, as torch's flash kernel rounds them.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+#if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
+#error "needs avx512_bf16 and avx512bw (built with -march=native on such a CPU)"
+#endif
+
+namespace {
+
+constexpr int64_t PART = 256;    // keys per work item: a long sequence spreads over threads
+constexpr int GROUP = 4;         // query heads per KV head (sum4 reduces four rows)
+constexpr int64_t PREFETCH = 16;  // keys ahead: a head reads 128 of a row's bytes, too sparse for the prefetcher
+
+inline uint16_t to_bf16(float x) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // a quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// exp of 16 lanes at most 0 (Cephes' expf: 2^n times a degree-6 polynomial, within 2 ulp); -inf gives ~1e-38.
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The sums of a0..a3's lanes as one vector: 13 instructions for four dot products, not a reduction each.
+inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+  const __m256 x = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+}
+
+// Keys [start, stop) of a sequence as runs of consecutive pool rows (one per block): f(first row, key - start, n).
+template <typename F>
+inline void runs(const int32_t* table, int64_t block_size, int64_t start, int64_t stop, F f) {
+  for (int64_t j = start; j < stop;) {
+    const int64_t off = j % block_size, n = std::min(stop - j, block_size - off);
+    f(static_cast<int64_t>(table[j / block_size]) * block_size + off, j - start, n);
+    j += n;
+  }
+}
+
+// Ask for head h's part of key j's row PREFETCH keys ahead, through the table: the next block of a sequence is
+// anywhere in the pool.
+inline void prefetch(const uint16_t* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t dim,
+                     int64_t h, int64_t j, int64_t stop) {
+  if (j + PREFETCH >= stop) return;
+  const int64_t key = j + PREFETCH;
+  const char* p = reinterpret_cast<const char*>(
+      pool + (static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size) * width + h * dim);
+  for (int64_t b = 0; b < dim * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// One KV head h over keys [start, stop): its query rows' max score m, sum of exp l and exp-weighted values acc
+// [GROUP][DIM]. s: room for (PART + 2) x GROUP floats.
+template <int DIM>
+void head(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, int64_t width, int64_t h,
+          const int32_t* table, int64_t block_size, int64_t start, int64_t stop, float scale, float* s, float* m,
+          float* l, float* acc) {
+  constexpr int C = DIM / 32;  // bf16 vectors per row of a head
+  __m512bh qv[GROUP][C];
+  for (int g = 0; g < GROUP; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + g * DIM + c * 32);
+  const __m128 sc = _mm_set1_ps(scale);
+  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {  // scores, s[key][g]
+    const uint16_t* k = kpool + row * width + h * DIM;
+    for (int64_t i = 0; i < n; ++i, k += width) {
+      prefetch(kpool, table, block_size, width, DIM, h, start + j + i, stop);
+      __m512 a[GROUP];
+      for (int g = 0; g < GROUP; ++g) {
+        a[g] = _mm512_setzero_ps();
+        for (int c = 0; c < C; ++c) a[g] = _mm512_dpbf16_ps(a[g], qv[g][c], (__m512bh)_mm512_loadu_si512(k + c * 32));
+      }
+      _mm_storeu_ps(s + (j + i) * GROUP, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), sc));
+    }
+  });
+  // Softmax numerators, 4 keys x 4 query rows a vector; the keys padding the last vector weigh nothing.
+  const int64_t count = stop - start, padded = (count + 3) / 4 * 4;
+  std::fill(s + count * GROUP, s + padded * GROUP, -INFINITY);
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < padded * GROUP; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, mv);
+  for (int g = 0; g < GROUP; ++g) m[g] = std::max({lanes[g], lanes[g + 4], lanes[g + 8], lanes[g + 12]});
+  const __m512 mx = _mm512_castsi512_ps(_mm512_broadcast_i32x4(_mm_castps_si128(_mm_loadu_ps(m))));
+  __m512 sv = _mm512_setzero_ps();
+  for (int64_t i = 0; i < padded * GROUP; i += 16) {
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s + i), mx));
+    _mm512_storeu_ps(s + i, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  _mm512_store_ps(lanes, sv);
+  for (int g = 0; g < GROUP; ++g) l[g] = lanes[g] + lanes[g + 4] + lanes[g + 8] + lanes[g + 12];
+  std::fill(s + count * GROUP, s + (padded + 2) * GROUP, 0.0f);  // exactly nothing for the values
+  // Values two keys at a time: the two rows interleaved, so one bf16 dot per lane adds both keys' terms. Lanes
+  // come out in unpack order (per 128-bit lane, elements 0-3 in the low vector, 4-7 in the high one), undone below.
+  __m512 av[GROUP][2 * C];
+  for (int g = 0; g < GROUP; ++g)
+    for (int c = 0; c < 2 * C; ++c) av[g][c] = _mm512_setzero_ps();
+  auto pair = [&](const uint16_t* v0, const uint16_t* v1, int64_t key) {
+    __m512i x[2 * C];
+    for (int c = 0; c < C; ++c) {
+      const __m512i a = _mm512_loadu_si512(v0 + c * 32), b = _mm512_loadu_si512(v1 + c * 32);
+      x[2 * c] = _mm512_unpacklo_epi16(a, b), x[2 * c + 1] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int g = 0; g < GROUP; ++g) {
+      const uint32_t w = static_cast<uint32_t>(to_bf16(s[key * GROUP + g])) |
+                         static_cast<uint32_t>(to_bf16(s[(key + 1) * GROUP + g])) << 16;
+      const __m512bh wv = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w));
+      for (int c = 0; c < 2 * C; ++c) av[g][c] = _mm512_dpbf16_ps(av[g][c], wv, (__m512bh)x[c]);
+    }
+  };
+  const uint16_t* held = nullptr;  // a row waiting for its pair
+  int64_t held_key = 0;
+  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
+    const uint16_t* v = vpool + row * width + h * DIM;
+    for (int64_t i = 0; i < n; ++i, v += width) {
+      prefetch(vpool, table, block_size, width, DIM, h, start + j + i, stop);
+      if (held == nullptr) {
+        held = v, held_key = j + i;
+      } else {
+        pair(held, v, held_key);
+        held = nullptr;
+      }
+    }
+  });
+  if (held != nullptr) pair(held, held, held_key);  // an odd count: the last row with a weight-0 partner
+  for (int g = 0; g < GROUP; ++g) {
+    alignas(64) float t[32];
+    for (int c = 0; c < C; ++c) {
+      _mm512_store_ps(t, av[g][2 * c]);
+      _mm512_store_ps(t + 16, av[g][2 * c + 1]);
+      for (int lane = 0; lane < 4; ++lane)
+        for (int e = 0; e < 4; ++e) {
+          acc[g * DIM + c * 32 + 8 * lane + e] = t[4 * lane + e];
+          acc[g * DIM + c * 32 + 8 * lane + 4 + e] = t[16 + 4 * lane + e];
+        }
+    }
+  }
+}
+
+template <int DIM>
+void attend(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, const int32_t* tables,
+            int64_t table_stride, const int32_t* lengths, int64_t n, int64_t kv_heads, int64_t block_size,
+            int64_t window, float scale, uint16_t* out, float* scratch, int64_t parts, int threads) {
+  const int64_t heads = kv_heads * GROUP, width = kv_heads * DIM, item = heads * (DIM + 2);
+  // Pass 1, per (sequence, part of its keys): each query head's max score, sum of exp and weighted values.
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t p = 0; p < parts; ++p) {
+      const int64_t len = lengths[b], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t start = first + p * PART, stop = std::min(start + PART, len);
+      float* m = scratch + (b * parts + p) * item;  // [heads] max, [heads] sum, [heads][DIM] values
+      float* l = m + heads;
+      if (start >= stop) {  // a shorter sequence than the longest: no part here
+        std::fill(m, m + heads, -INFINITY);
+        std::fill(l, l + heads, 0.0f);
+        continue;
+      }
+      alignas(64) float s[(PART + 2) * GROUP];
+      for (int64_t h = 0; h < kv_heads; ++h)
+        head<DIM>(q + (b * heads + h * GROUP) * DIM, kpool, vpool, width, h, tables + b * table_stride, block_size,
+                  start, stop, scale, s, m + h * GROUP, l + h * GROUP, l + heads + h * GROUP * DIM);
+    }
+  }
+  // Pass 2, per (sequence, query head): the parts merged.
+#pragma omp parallel for collapse(2) num_threads(threads)
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* res = scratch + b * parts * item;
+      float mx = -INFINITY, total = 0.0f, o[DIM] = {};
+      for (int64_t p = 0; p < parts; ++p) mx = std::max(mx, res[p * item + h]);
+      for (int64_t p = 0; p < parts; ++p) {
+        const float* r = res + p * item;
+        if (r[heads + h] == 0.0f) continue;
+        const float c = std::exp(r[h] - mx);
+        total += c * r[heads + h];
+        for (int64_t d = 0; d < DIM; ++d) o[d] += c * r[2 * heads + h * DIM + d];
+      }
+      for (int64_t d = 0; d < DIM; ++d) out[(b * heads + h) * DIM + d] = to_bf16(o[d] / total);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+int64_t paged_attention_part() { return PART; }
+
+// q [n, kv_heads * 4, dim] and out alike, bf16; k, v: the pool's rows [rows, kv_heads, dim] bf16; tables [n,
+// table_stride] the block ids of each sequence's keys in order, lengths [n] (> 0) its key count (key j at position
+// j, the new token's own key last); window 0 or the sliding window; scratch: n * parts * heads * (dim + 2) floats,
+// parts = ceil(longest visible keys / PART). Returns 0, or 1 for a head size it was not built for.
+int paged_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* tables, int64_t table_stride,
+                    const int32_t* lengths, int64_t n, int64_t kv_heads, int64_t dim, int64_t block_size,
+                    int64_t window, float scale, uint16_t* out, float* scratch, int64_t parts, int threads) {
+  if (dim == 64)
+    attend<64>(q, k, v, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, out, scratch, parts,
+               threads);
+  else if (dim == 128)
+    attend<128>(q, k, v, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, out, scratch, parts,
+                threads);
+  else
+    return 1;
+  return 0;
+}
+}

@@ -1,0 +1,124 @@
+"""Our C++ decode-attention kernel (csrc/paged_attention.cpp), built for this CPU on first use.
+
+torch's CPU flash kernel is compute-bound on a decode's few query rows: for the 201M bf16 benchmark model (16 query
+heads on 4 KV heads of 64) it took 0.32 ms a layer over 2,048 cached tokens and 1.24 ms over 8,192, where reading
+their K and V takes 0.08 and 0.34 ms (2-thread Intel Xeon with AMX, caches flushed between calls); and several
+sequences first had their KV gathered into one tensor. The kernel reads each sequence's keys where they lie in the
+pool, through its block table, with bf16 dot instructions and each KV head's four query rows held in registers:
+0.16 and 0.57 ms, and 0.46 against 0.95-1.4 ms for 8 sequences of 704 tokens in scattered blocks (gather included),
+with the flash kernel's error against a float32 reference (docs/own_engine.md). So it applies where those instructions are (avx512_bf16, avx512bw), to a bf16
+KV cache read in place, four query heads per KV head of 64 or 128 (Llama-3's and Mistral's shapes), and
+power-of-two blocks; elsewhere decode attention stays torch's, and the plan says why (`support`).
+
+The build is `g++ -O3 -march=native -fopenmp` (the system's compiler, or $CXX): about a second, kept under
+$LLMBENCH_CACHE/own_engine/native (default ~/.cache/llmbench) keyed by the source, the compiler and the CPU's flags,
+so a cache shared with another CPU builds anew. The library links libgomp.so.1, which the loader resolves to the copy
+torch loaded: one OpenMP runtime and thread pool. Without a compiler (a slim container) the engine runs as before.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from llmbench.cpu import cpu_model
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+NEEDS = ("avx512_bf16", "avx512bw")  # the CPU flags its instructions need
+HEAD_DIMS = (64, 128)
+GROUP = 4  # query heads per KV head
+
+
+@dataclass(frozen=True)
+class Native:
+    """The built kernel library (None where it could not be built) and what was done or why not."""
+    library: Path | None
+    reason: str
+
+
+def support(native: "Native | None", device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, heads: int,
+            kv_heads: int, head_dim: int, block_size: int) -> str | None:
+    """Why decode attention cannot run in our kernel with these inputs, or None when it can."""
+    if device.type != "cpu":
+        return "torch's kernels on CUDA"
+    if native is None or native.library is None:
+        return native.reason if native else "our kernel was not built"
+    if dtype != torch.bfloat16 or kv_dtype != dtype:
+        return f"our kernel takes a bf16 KV cache read in place, not {kv_dtype} computed in {dtype}"
+    if heads != GROUP * kv_heads or head_dim not in HEAD_DIMS:
+        return (f"our kernel takes {GROUP} query heads per KV head of {' or '.join(map(str, HEAD_DIMS))}, not "
+                f"{heads} on {kv_heads} of {head_dim}")
+    if block_size & (block_size - 1):
+        return f"our kernel takes power-of-two KV blocks, not {block_size}"
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMBENCH_CACHE", Path.home() / ".cache" / "llmbench")) / "own_engine" / "native"
+
+
+@lru_cache(maxsize=1)
+def build(flags: frozenset[str]) -> Native:
+    """The kernel library for a CPU with these flags: from the cache, else compiled now; Native(None, why) when
+    the CPU lacks NEEDS, no C++ compiler is found or the build fails."""
+    missing = [f for f in NEEDS if f not in flags]
+    if missing:
+        return Native(None, f"our kernel needs {', '.join(missing)}: this CPU lacks it")
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return Native(None, "no C++ compiler to build our kernel (g++, or $CXX)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return Native(None, f"C++ compiler {compiler}: {e}")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, cpu_model(), *sorted(flags)]).encode()).hexdigest()
+    library = cache_dir() / f"paged_attention-{key[:16]}.so"
+    if library.exists():
+        return Native(library, f"built before, kept in {library}")
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        tmp = library.with_name(f"{library.name}.{os.getpid()}.tmp")
+        done = subprocess.run([compiler, "-std=c++17", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
+                               str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            return Native(None, f"our kernel did not build ({compiler}): {done.stderr.strip()[-300:]}")
+        tmp.replace(library)  # whole or not at all, for another process building the same
+    except (OSError, subprocess.SubprocessError) as e:
+        return Native(None, f"our kernel did not build ({compiler}): {e}")
+    return Native(library, f"built now with {compiler}, kept in {library}")
+
+
+class PagedAttention:
+    """The loaded kernel: one new token per sequence over its keys in a KV pool, by block table."""
+
+    def __init__(self, library: Path):
+        lib = ctypes.CDLL(str(library))
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.paged_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr,
+                                        ptr, i64, ctypes.c_int]
+        lib.paged_attention.restype = ctypes.c_int
+        self.call, self.part = lib.paged_attention, lib.paged_attention_part()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lengths: list[int],
+                 block_size: int, window: int | None, scale: float) -> torch.Tensor:
+        """q [n, heads, dim] bf16; k, v a pool's rows [rows, kv_heads, dim] bf16, contiguous; tables [n, blocks]
+        int32, each sequence's block ids (within the pool) in key order; lengths its key counts, the new token's
+        own key last. Returns [n, heads, dim] bf16."""
+        n, heads, dim = q.shape
+        visible = max(lengths) if window is None else min(max(lengths), window)
+        parts = -(-visible // self.part)
+        q, out = q.contiguous(), torch.empty_like(q)
+        scratch = torch.empty(n * parts * heads * (dim + 2))
+        counts = torch.tensor(lengths, dtype=torch.int32)
+        assert k.is_contiguous() and v.is_contiguous() and tables.is_contiguous() and tables.dtype == torch.int32
+        failed = self.call(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1],
+                           counts.data_ptr(), n, k.shape[1], dim, block_size, window or 0, scale, out.data_ptr(),
+                           scratch.data_ptr(), parts, torch.get_num_threads())
+        assert not failed, f"our kernel was not built for heads of {dim}"  # support() checked the shapes
+        return out
