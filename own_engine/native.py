@@ -49,7 +49,8 @@ def support(native: "Native | None", device: torch.device, dtype: torch.dtype, k
     if native is None or native.library is None:
         return native.reason if native else "our kernel was not built"
     if dtype != torch.bfloat16 or kv_dtype != dtype:
-        return f"our kernel takes a bf16 KV cache read in place, not {kv_dtype} computed in {dtype}"
+        kv, compute = (str(d).removeprefix("torch.") for d in (kv_dtype, dtype))
+        return f"our kernel takes a bf16 KV cache read in place, not {kv} computed in {compute}"
     if heads != GROUP * kv_heads or head_dim not in HEAD_DIMS:
         return (f"our kernel takes {GROUP} query heads per KV head of {' or '.join(map(str, HEAD_DIMS))}, not "
                 f"{heads} on {kv_heads} of {head_dim}")
