@@ -6,9 +6,12 @@ their K and V takes 0.08 and 0.34 ms (2-thread Intel Xeon with AMX, caches flush
 sequences first had their KV gathered into one tensor. The kernel reads each sequence's keys where they lie in the
 pool, through its block table, with bf16 dot instructions and each KV head's four query rows held in registers:
 0.16 and 0.57 ms, and 0.46 against 0.95-1.4 ms for 8 sequences of 704 tokens in scattered blocks (gather included),
-with the flash kernel's error against a float32 reference (docs/own_engine.md). So it applies where those instructions are (avx512_bf16, avx512bw), to a bf16
-KV cache read in place, four query heads per KV head of 64 or 128 (Llama-3's and Mistral's shapes), and
-power-of-two blocks; elsewhere decode attention stays torch's, and the plan says why (`support`).
+with the flash kernel's error against a float32 reference (docs/own_engine.md). So it applies where those
+instructions are (avx512_bf16, avx512bw): to a bf16 KV cache read in place with four query heads per KV head of 64
+or 128 (Llama-3's and Mistral's shapes), and to a float32 one (float32 FMAs: 2,048 tokens 0.21 against 0.41 ms; 4
+sequences of 160 tokens of the quickstart's tiny model 0.05 against 0.10 ms with the gather) with 1, 2, 4 or 8 query
+heads per KV head of 16 to 128; power-of-two blocks. Elsewhere decode attention stays torch's, and the plan says why
+(`support`).
 
 The build is `g++ -O3 -march=native -fopenmp` (the system's compiler, or $CXX): about a second, kept under
 $LLMBENCH_CACHE/own_engine/native (default ~/.cache/llmbench) keyed by the source, the compiler and the CPU's flags,
@@ -30,8 +33,8 @@ from llmbench.cpu import cpu_model
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 NEEDS = ("avx512_bf16", "avx512bw")  # the CPU flags its instructions need
-HEAD_DIMS = (64, 128)
-GROUP = 4  # query heads per KV head
+# The shapes it was built for, per dtype: head sizes, and query heads per KV head.
+SHAPES = {torch.bfloat16: ((64, 128), (4,)), torch.float32: ((16, 32, 64, 128), (1, 2, 4, 8))}
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,13 @@ def support(native: "Native | None", device: torch.device, dtype: torch.dtype, k
         return "torch's kernels on CUDA"
     if native is None or native.library is None:
         return native.reason if native else "our kernel was not built"
-    if dtype != torch.bfloat16 or kv_dtype != dtype:
+    if dtype not in SHAPES or kv_dtype != dtype:
         kv, compute = (str(d).removeprefix("torch.") for d in (kv_dtype, dtype))
-        return f"our kernel takes a bf16 KV cache read in place, not {kv} computed in {compute}"
-    if heads != GROUP * kv_heads or head_dim not in HEAD_DIMS:
-        return (f"our kernel takes {GROUP} query heads per KV head of {' or '.join(map(str, HEAD_DIMS))}, not "
-                f"{heads} on {kv_heads} of {head_dim}")
+        return f"our kernel takes a bfloat16 or float32 KV cache read in place, not {kv} computed in {compute}"
+    dims, groups = SHAPES[dtype]
+    if heads % kv_heads or heads // kv_heads not in groups or head_dim not in dims:
+        return (f"our kernel takes, in {str(dtype).removeprefix('torch.')}, {' or '.join(map(str, groups))} query "
+                f"heads per KV head of {' or '.join(map(str, dims))}, not {heads} on {kv_heads} of {head_dim}")
     if block_size & (block_size - 1):
         return f"our kernel takes power-of-two KV blocks, not {block_size}"
     return None
@@ -101,16 +105,16 @@ class PagedAttention:
     def __init__(self, library: Path):
         lib = ctypes.CDLL(str(library))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.paged_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr,
-                                        ptr, i64, ctypes.c_int]
+        lib.paged_attention.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64,
+                                        ctypes.c_float, ptr, ptr, i64, ctypes.c_int]
         lib.paged_attention.restype = ctypes.c_int
         self.call, self.part = lib.paged_attention, lib.paged_attention_part()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lengths: list[int],
                  block_size: int, window: int | None, scale: float) -> torch.Tensor:
-        """q [n, heads, dim] bf16; k, v a pool's rows [rows, kv_heads, dim] bf16, contiguous; tables [n, blocks]
-        int32, each sequence's block ids (within the pool) in key order; lengths its key counts, the new token's
-        own key last. Returns [n, heads, dim] bf16."""
+        """q [n, heads, dim]; k, v a pool's rows [rows, kv_heads, dim], contiguous, in q's dtype (bf16 or
+        float32); tables [n, blocks] int32, each sequence's block ids (within the pool) in key order; lengths its
+        key counts, the new token's own key last. Returns [n, heads, dim] in q's dtype."""
         n, heads, dim = q.shape
         visible = max(lengths) if window is None else min(max(lengths), window)
         parts = -(-visible // self.part)
@@ -118,8 +122,10 @@ class PagedAttention:
         scratch = torch.empty(n * parts * heads * (dim + 2))
         counts = torch.tensor(lengths, dtype=torch.int32)
         assert k.is_contiguous() and v.is_contiguous() and tables.is_contiguous() and tables.dtype == torch.int32
-        failed = self.call(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1],
-                           counts.data_ptr(), n, k.shape[1], dim, block_size, window or 0, scale, out.data_ptr(),
-                           scratch.data_ptr(), parts, torch.get_num_threads())
-        assert not failed, f"our kernel was not built for heads of {dim}"  # support() checked the shapes
+        kv_heads = k.shape[1]
+        failed = self.call(0 if q.dtype == torch.bfloat16 else 1, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                           tables.data_ptr(), tables.shape[1], counts.data_ptr(), n, heads // kv_heads, kv_heads, dim,
+                           block_size, window or 0, scale, out.data_ptr(), scratch.data_ptr(), parts,
+                           torch.get_num_threads())
+        assert not failed, f"our kernel was not built for {q.dtype} heads of {dim}"  # support() checked the shapes
         return out

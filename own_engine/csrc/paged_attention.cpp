@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
+#include <type_traits>
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
 #error "needs avx512_bf16 and avx512bw (built with -march=native on such a CPU)"
@@ -62,19 +63,93 @@ inline void runs(const int32_t* table, int64_t block_size, int64_t start, int64_
 
 // Ask for head h's part of key j's row PREFETCH keys ahead, through the table: the next block of a sequence is
 // anywhere in the pool.
-inline void prefetch(const uint16_t* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t dim,
-                     int64_t h, int64_t j, int64_t stop) {
+template <typename T>
+inline void prefetch(const T* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t dim, int64_t h,
+                     int64_t j, int64_t stop) {
   if (j + PREFETCH >= stop) return;
   const int64_t key = j + PREFETCH;
   const char* p = reinterpret_cast<const char*>(
       pool + (static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size) * width + h * dim);
-  for (int64_t b = 0; b < dim * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Softmax numerators over s[key][G] (G dividing 16: 16 / G keys a vector), in place: each query row's max m and
+// sum of exp l. The keys padding the last vector are -inf, so they add nothing (~1e-38) to l.
+template <int G>
+inline void softmax(float* s, int64_t count, float* m, float* l) {
+  constexpr int64_t PER = 16 / G;
+  const int64_t padded = (count + PER - 1) / PER * PER;
+  std::fill(s + count * G, s + padded * G, -INFINITY);
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < padded * G; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, mv);
+  for (int g = 0; g < G; ++g) {
+    m[g] = lanes[g];
+    for (int k = g + G; k < 16; k += G) m[g] = std::max(m[g], lanes[k]);
+  }
+  for (int k = 0; k < 16; ++k) lanes[k] = m[k % G];
+  const __m512 mx = _mm512_load_ps(lanes);
+  __m512 sv = _mm512_setzero_ps();
+  for (int64_t i = 0; i < padded * G; i += 16) {
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s + i), mx));
+    _mm512_storeu_ps(s + i, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  _mm512_store_ps(lanes, sv);
+  for (int g = 0; g < G; ++g) {
+    l[g] = 0.0f;
+    for (int k = g; k < 16; k += G) l[g] += lanes[k];
+  }
+}
+
+// float32: each KV head's G query rows in registers, a float32 FMA per element, one horizontal sum per row.
+template <int DIM, int G>
+void head_f32(const float* q, const float* kpool, const float* vpool, int64_t width, int64_t h, const int32_t* table,
+              int64_t block_size, int64_t start, int64_t stop, float scale, float* s, float* m, float* l,
+              float* acc) {
+  constexpr int C = DIM / 16;
+  __m512 qv[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = _mm512_loadu_ps(q + g * DIM + c * 16);
+  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
+    const float* k = kpool + row * width + h * DIM;
+    for (int64_t i = 0; i < n; ++i, k += width) {
+      prefetch(kpool, table, block_size, width, DIM, h, start + j + i, stop);
+      __m512 kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_ps(k + c * 16);
+      for (int g = 0; g < G; ++g) {
+        __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[g][c], kv[c], a);
+        s[(j + i) * G + g] = _mm512_reduce_add_ps(a) * scale;
+      }
+    }
+  });
+  softmax<G>(s, stop - start, m, l);
+  __m512 av[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) av[g][c] = _mm512_setzero_ps();
+  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
+    const float* v = vpool + row * width + h * DIM;
+    for (int64_t i = 0; i < n; ++i, v += width) {
+      prefetch(vpool, table, block_size, width, DIM, h, start + j + i, stop);
+      __m512 vv[C];
+      for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(v + c * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 w = _mm512_set1_ps(s[(j + i) * G + g]);
+        for (int c = 0; c < C; ++c) av[g][c] = _mm512_fmadd_ps(w, vv[c], av[g][c]);
+      }
+    }
+  });
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + g * DIM + c * 16, av[g][c]);
 }
 
 // One KV head h over keys [start, stop): its query rows' max score m, sum of exp l and exp-weighted values acc
-// [GROUP][DIM]. s: room for (PART + 2) x GROUP floats.
+// [GROUP][DIM]. s: room for (PART + 16) x GROUP floats.
+// bf16: GROUP (4) query rows in registers, bf16 dot instructions.
 template <int DIM>
-void head(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, int64_t width, int64_t h,
+void head_bf16(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, int64_t width, int64_t h,
           const int32_t* table, int64_t block_size, int64_t start, int64_t stop, float scale, float* s, float* m,
           float* l, float* acc) {
   constexpr int C = DIM / 32;  // bf16 vectors per row of a head
@@ -94,23 +169,8 @@ void head(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, int64
       _mm_storeu_ps(s + (j + i) * GROUP, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), sc));
     }
   });
-  // Softmax numerators, 4 keys x 4 query rows a vector; the keys padding the last vector weigh nothing.
   const int64_t count = stop - start, padded = (count + 3) / 4 * 4;
-  std::fill(s + count * GROUP, s + padded * GROUP, -INFINITY);
-  __m512 mv = _mm512_set1_ps(-INFINITY);
-  for (int64_t i = 0; i < padded * GROUP; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, mv);
-  for (int g = 0; g < GROUP; ++g) m[g] = std::max({lanes[g], lanes[g + 4], lanes[g + 8], lanes[g + 12]});
-  const __m512 mx = _mm512_castsi512_ps(_mm512_broadcast_i32x4(_mm_castps_si128(_mm_loadu_ps(m))));
-  __m512 sv = _mm512_setzero_ps();
-  for (int64_t i = 0; i < padded * GROUP; i += 16) {
-    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s + i), mx));
-    _mm512_storeu_ps(s + i, e);
-    sv = _mm512_add_ps(sv, e);
-  }
-  _mm512_store_ps(lanes, sv);
-  for (int g = 0; g < GROUP; ++g) l[g] = lanes[g] + lanes[g + 4] + lanes[g + 8] + lanes[g + 12];
+  softmax<GROUP>(s, count, m, l);
   std::fill(s + count * GROUP, s + (padded + 2) * GROUP, 0.0f);  // exactly nothing for the values
   // Values two keys at a time: the two rows interleaved, so one bf16 dot per lane adds both keys' terms. Lanes
   // come out in unpack order (per 128-bit lane, elements 0-3 in the low vector, 4-7 in the high one), undone below.
@@ -159,11 +219,31 @@ void head(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, int64
   }
 }
 
-template <int DIM>
-void attend(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, const int32_t* tables,
-            int64_t table_stride, const int32_t* lengths, int64_t n, int64_t kv_heads, int64_t block_size,
-            int64_t window, float scale, uint16_t* out, float* scratch, int64_t parts, int threads) {
-  const int64_t heads = kv_heads * GROUP, width = kv_heads * DIM, item = heads * (DIM + 2);
+inline void head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t width, int64_t h, const int32_t* t,
+                 int64_t bs, int64_t start, int64_t stop, float scale, float* s, float* m, float* l, float* acc,
+                 std::integral_constant<int, 64>, std::integral_constant<int, GROUP>) {
+  head_bf16<64>(q, k, v, width, h, t, bs, start, stop, scale, s, m, l, acc);
+}
+inline void head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t width, int64_t h, const int32_t* t,
+                 int64_t bs, int64_t start, int64_t stop, float scale, float* s, float* m, float* l, float* acc,
+                 std::integral_constant<int, 128>, std::integral_constant<int, GROUP>) {
+  head_bf16<128>(q, k, v, width, h, t, bs, start, stop, scale, s, m, l, acc);
+}
+template <int DIM, int G>
+inline void head(const float* q, const float* k, const float* v, int64_t width, int64_t h, const int32_t* t,
+                 int64_t bs, int64_t start, int64_t stop, float scale, float* s, float* m, float* l, float* acc,
+                 std::integral_constant<int, DIM>, std::integral_constant<int, G>) {
+  head_f32<DIM, G>(q, k, v, width, h, t, bs, start, stop, scale, s, m, l, acc);
+}
+
+inline void store(uint16_t* dst, float x) { *dst = to_bf16(x); }
+inline void store(float* dst, float x) { *dst = x; }
+
+template <typename T, int DIM, int G>
+void attend(const T* q, const T* kpool, const T* vpool, const int32_t* tables, int64_t table_stride,
+            const int32_t* lengths, int64_t n, int64_t kv_heads, int64_t block_size, int64_t window, float scale,
+            T* out, float* scratch, int64_t parts, int threads) {
+  const int64_t heads = kv_heads * G, width = kv_heads * DIM, item = heads * (DIM + 2);
   // Pass 1, per (sequence, part of its keys): each query head's max score, sum of exp and weighted values.
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
   for (int64_t b = 0; b < n; ++b) {
@@ -177,10 +257,11 @@ void attend(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, con
         std::fill(l, l + heads, 0.0f);
         continue;
       }
-      alignas(64) float s[(PART + 2) * GROUP];
+      alignas(64) float s[(PART + 16) * G];
       for (int64_t h = 0; h < kv_heads; ++h)
-        head<DIM>(q + (b * heads + h * GROUP) * DIM, kpool, vpool, width, h, tables + b * table_stride, block_size,
-                  start, stop, scale, s, m + h * GROUP, l + h * GROUP, l + heads + h * GROUP * DIM);
+        head(q + (b * heads + h * G) * DIM, kpool, vpool, width, h, tables + b * table_stride, block_size, start,
+             stop, scale, s, m + h * G, l + h * G, l + heads + h * G * DIM, std::integral_constant<int, DIM>(),
+             std::integral_constant<int, G>());
     }
   }
   // Pass 2, per (sequence, query head): the parts merged.
@@ -197,8 +278,22 @@ void attend(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, con
         total += c * r[heads + h];
         for (int64_t d = 0; d < DIM; ++d) o[d] += c * r[2 * heads + h * DIM + d];
       }
-      for (int64_t d = 0; d < DIM; ++d) out[(b * heads + h) * DIM + d] = to_bf16(o[d] / total);
+      for (int64_t d = 0; d < DIM; ++d) store(out + (b * heads + h) * DIM + d, o[d] / total);
     }
+  }
+}
+
+// The float32 shapes: head sizes 16-128, 1, 2, 4 or 8 query heads per KV head.
+template <int DIM>
+bool attend_f32(int64_t group, const float* q, const float* k, const float* v, const int32_t* tables, int64_t ts,
+                const int32_t* lengths, int64_t n, int64_t kv_heads, int64_t bs, int64_t window, float scale,
+                float* out, float* scratch, int64_t parts, int threads) {
+  switch (group) {
+    case 1: attend<float, DIM, 1>(q, k, v, tables, ts, lengths, n, kv_heads, bs, window, scale, out, scratch, parts, threads); return true;
+    case 2: attend<float, DIM, 2>(q, k, v, tables, ts, lengths, n, kv_heads, bs, window, scale, out, scratch, parts, threads); return true;
+    case 4: attend<float, DIM, 4>(q, k, v, tables, ts, lengths, n, kv_heads, bs, window, scale, out, scratch, parts, threads); return true;
+    case 8: attend<float, DIM, 8>(q, k, v, tables, ts, lengths, n, kv_heads, bs, window, scale, out, scratch, parts, threads); return true;
+    default: return false;
   }
 }
 
@@ -207,21 +302,41 @@ void attend(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, con
 extern "C" {
 int64_t paged_attention_part() { return PART; }
 
-// q [n, kv_heads * 4, dim] and out alike, bf16; k, v: the pool's rows [rows, kv_heads, dim] bf16; tables [n,
-// table_stride] the block ids of each sequence's keys in order, lengths [n] (> 0) its key count (key j at position
-// j, the new token's own key last); window 0 or the sliding window; scratch: n * parts * heads * (dim + 2) floats,
-// parts = ceil(longest visible keys / PART). Returns 0, or 1 for a head size it was not built for.
-int paged_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* tables, int64_t table_stride,
-                    const int32_t* lengths, int64_t n, int64_t kv_heads, int64_t dim, int64_t block_size,
-                    int64_t window, float scale, uint16_t* out, float* scratch, int64_t parts, int threads) {
-  if (dim == 64)
-    attend<64>(q, k, v, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, out, scratch, parts,
-               threads);
+// q [n, kv_heads * group, dim] and out alike; k, v: the pool's rows [rows, kv_heads, dim], all in the dtype
+// (0 bf16, 1 float32); tables [n, table_stride] the block ids of each sequence's keys in order, lengths [n] (> 0) its
+// key count (key j at position j, the new token's own key last); window 0 or the sliding window; scratch:
+// n * parts * heads * (dim + 2) floats, parts = ceil(longest visible keys / PART). Returns 0, or 1 for a shape it
+// was not built for.
+int paged_attention(int dtype, const void* q, const void* k, const void* v, const int32_t* tables,
+                    int64_t table_stride, const int32_t* lengths, int64_t n, int64_t group, int64_t kv_heads,
+                    int64_t dim, int64_t block_size, int64_t window, float scale, void* out, float* scratch,
+                    int64_t parts, int threads) {
+  if (dtype == 0) {
+    using T = uint16_t;
+    const T *qb = static_cast<const T*>(q), *kb = static_cast<const T*>(k), *vb = static_cast<const T*>(v);
+    T* ob = static_cast<T*>(out);
+    if (group != GROUP) return 1;
+    if (dim == 64)
+      attend<T, 64, GROUP>(qb, kb, vb, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, ob,
+                           scratch, parts, threads);
+    else if (dim == 128)
+      attend<T, 128, GROUP>(qb, kb, vb, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, ob,
+                            scratch, parts, threads);
+    else
+      return 1;
+    return 0;
+  }
+  const float *qf = static_cast<const float*>(q), *kf = static_cast<const float*>(k), *vf = static_cast<const float*>(v);
+  float* of = static_cast<float*>(out);
+  bool done = false;
+  if (dim == 16)
+    done = attend_f32<16>(group, qf, kf, vf, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, of, scratch, parts, threads);
+  else if (dim == 32)
+    done = attend_f32<32>(group, qf, kf, vf, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, of, scratch, parts, threads);
+  else if (dim == 64)
+    done = attend_f32<64>(group, qf, kf, vf, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, of, scratch, parts, threads);
   else if (dim == 128)
-    attend<128>(q, k, v, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, out, scratch, parts,
-                threads);
-  else
-    return 1;
-  return 0;
+    done = attend_f32<128>(group, qf, kf, vf, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, of, scratch, parts, threads);
+  return done ? 0 : 1;
 }
 }

@@ -22,10 +22,15 @@ def test_support_says_why_not():
     assert support(built, **ok) is None
     assert support(built, **{**ok, "head_dim": 64, "heads": 16, "kv_heads": 4}) is None
     assert "CUDA" in support(built, **{**ok, "device": torch.device("cuda")})
-    assert "bf16 KV cache" in support(built, **{**ok, "dtype": torch.float32, "kv_dtype": torch.float32})
-    assert "bf16 KV cache" in support(built, **{**ok, "kv_dtype": torch.float32})  # a float32 cache, upcast on read
-    assert "4 query heads per KV head" in support(built, **{**ok, "heads": 16})
-    assert "of 64 or 128, not 32 on 8 of 96" in support(built, **{**ok, "heads": 32, "head_dim": 96})
+    f32 = {**ok, "dtype": torch.float32, "kv_dtype": torch.float32}
+    assert support(built, **f32) is None
+    assert support(built, **{**f32, "heads": 8, "kv_heads": 4, "head_dim": 32}) is None  # the quickstart's model
+    assert "not float32 computed in bfloat16" in support(built, **{**ok, "kv_dtype": torch.float32})  # upcast on read
+    assert "not float16 computed in float16" in support(built, **{**ok, "dtype": torch.float16,
+                                                                   "kv_dtype": torch.float16})
+    assert "in bfloat16, 4 query heads per KV head of 64 or 128, not 16 on 8" in support(built, **{**ok, "heads": 16})
+    assert "not 32 on 8 of 96" in support(built, **{**ok, "heads": 32, "head_dim": 96})
+    assert "1 or 2 or 4 or 8 query heads" in support(built, **{**f32, "heads": 24, "kv_heads": 2})
     assert "power-of-two" in support(built, **{**ok, "block_size": 48})
     assert support(Native(None, "no C++ compiler"), **ok) == "no C++ compiler"
 
@@ -48,17 +53,17 @@ def test_a_cpu_without_bf16_dot_instructions_is_not_built_for(flags, monkeypatch
     assert not any(tmp_path.rglob("*.so"))
 
 
-def pool_and_reference(lengths, heads, kv_heads, dim, block_size, window, seed):
+def pool_and_reference(lengths, heads, kv_heads, dim, block_size, window, seed, dtype):
     """A pool holding each sequence's keys in blocks scattered over it, its block tables, queries, and the
     float32 reference and torch's flash kernel over each sequence's keys."""
     gen = torch.Generator().manual_seed(seed)
     blocks = [-(-n // block_size) for n in lengths]
     total = sum(blocks) + 3
-    k = (torch.randn(total * block_size, kv_heads, dim, generator=gen) * 2).to(torch.bfloat16)
-    v = torch.randn(total * block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    k = (torch.randn(total * block_size, kv_heads, dim, generator=gen) * 2).to(dtype)
+    v = torch.randn(total * block_size, kv_heads, dim, generator=gen).to(dtype)
     order = torch.randperm(total, generator=gen).tolist()
     tables = torch.zeros((len(lengths), max(blocks)), dtype=torch.int32)
-    q = (torch.randn(len(lengths), heads, dim, generator=gen) * 2).to(torch.bfloat16)
+    q = (torch.randn(len(lengths), heads, dim, generator=gen) * 2).to(dtype)
     ref, flash = [], []
     for b, (n, nb) in enumerate(zip(lengths, blocks)):
         ids, order = order[:nb], order[nb:]
@@ -73,22 +78,25 @@ def pool_and_reference(lengths, heads, kv_heads, dim, block_size, window, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype, dim, group", [(torch.bfloat16, 64, 4), (torch.bfloat16, 128, 4),
+                                               (torch.float32, 16, 1), (torch.float32, 32, 2),
+                                               (torch.float32, 64, 4), (torch.float32, 128, 8)])
 @pytest.mark.parametrize("window", [None, 100])
-def test_the_kernel_computes_attention_over_scattered_blocks(dim, window):
+def test_the_kernel_computes_attention_over_scattered_blocks(dtype, dim, group, window):
     """Sequences of 1 to 1,300 keys (one key, a partial block, an odd count, several parts of 256 keys merged),
     their blocks scattered over the pool, in one call: each within the flash kernel's own distance from a float32
-    reference (both round the softmax weights and the output to bf16)."""
+    reference (in bf16 both round the softmax weights and the output)."""
     kernel = PagedAttention(HERE.library)
     lengths = [1, 31, 33, 256, 257, 700, 1300]
-    q, k, v, tables, ref, flash = pool_and_reference(lengths, 8, 2, dim, 32, window, seed=dim)
+    q, k, v, tables, ref, flash = pool_and_reference(lengths, 2 * group, 2, dim, 32, window, seed=dim, dtype=dtype)
     got = kernel(q, k, v, tables, lengths, 32, window, dim ** -0.5).float()
-    assert got.shape == ref.shape
-    assert (got - ref).abs().max() <= max(2 * (flash - ref).abs().max(), 1e-2)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (got - ref).abs().max() <= max(2 * (flash - ref).abs().max(), tolerance)
     # each sequence as if alone: what others are in the call changes none of its bits
     for b, n in enumerate(lengths):
         alone = kernel(q[b:b + 1], k, v, tables[b:b + 1, :-(-n // 32)].contiguous(), [n], 32, window, dim ** -0.5)
-        assert torch.equal(alone[0], got[b].to(torch.bfloat16))
+        assert torch.equal(alone[0], got[b].to(dtype))
 
 
 @needs_kernel
