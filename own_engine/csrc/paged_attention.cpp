@@ -73,6 +73,19 @@ inline void prefetch(const T* pool, const int32_t* table, int64_t block_size, in
   for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
+// f(head h's row of key j, j - start) for keys [start, stop) of a sequence, asking for the row PREFETCH keys ahead.
+template <typename T, typename F>
+inline void each_row(const T* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t dim, int64_t h,
+                     int64_t start, int64_t stop, F f) {
+  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
+    const T* p = pool + row * width + h * dim;
+    for (int64_t i = 0; i < n; ++i, p += width) {
+      prefetch(pool, table, block_size, width, dim, h, start + j + i, stop);
+      f(p, j + i);
+    }
+  });
+}
+
 // Softmax numerators over s[key][G] (G dividing 16: 16 / G keys a vector), in place: each query row's max m and
 // sum of exp l. The keys padding the last vector are -inf, so they add nothing (~1e-38) to l.
 template <int G>
@@ -112,33 +125,25 @@ void head_f32(const float* q, const float* kpool, const float* vpool, int64_t wi
   __m512 qv[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) qv[g][c] = _mm512_loadu_ps(q + g * DIM + c * 16);
-  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
-    const float* k = kpool + row * width + h * DIM;
-    for (int64_t i = 0; i < n; ++i, k += width) {
-      prefetch(kpool, table, block_size, width, DIM, h, start + j + i, stop);
-      __m512 kv[C];
-      for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_ps(k + c * 16);
-      for (int g = 0; g < G; ++g) {
-        __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
-        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[g][c], kv[c], a);
-        s[(j + i) * G + g] = _mm512_reduce_add_ps(a) * scale;
-      }
+  each_row(kpool, table, block_size, width, DIM, h, start, stop, [&](const float* k, int64_t key) {
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_ps(k + c * 16);
+    for (int g = 0; g < G; ++g) {
+      __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[g][c], kv[c], a);
+      s[key * G + g] = _mm512_reduce_add_ps(a) * scale;
     }
   });
   softmax<G>(s, stop - start, m, l);
   __m512 av[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) av[g][c] = _mm512_setzero_ps();
-  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
-    const float* v = vpool + row * width + h * DIM;
-    for (int64_t i = 0; i < n; ++i, v += width) {
-      prefetch(vpool, table, block_size, width, DIM, h, start + j + i, stop);
-      __m512 vv[C];
-      for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(v + c * 16);
-      for (int g = 0; g < G; ++g) {
-        const __m512 w = _mm512_set1_ps(s[(j + i) * G + g]);
-        for (int c = 0; c < C; ++c) av[g][c] = _mm512_fmadd_ps(w, vv[c], av[g][c]);
-      }
+  each_row(vpool, table, block_size, width, DIM, h, start, stop, [&](const float* v, int64_t key) {
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(v + c * 16);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(s[key * G + g]);
+      for (int c = 0; c < C; ++c) av[g][c] = _mm512_fmadd_ps(w, vv[c], av[g][c]);
     }
   });
   for (int g = 0; g < G; ++g)
@@ -157,17 +162,13 @@ void head_bf16(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, 
   for (int g = 0; g < GROUP; ++g)
     for (int c = 0; c < C; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + g * DIM + c * 32);
   const __m128 sc = _mm_set1_ps(scale);
-  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {  // scores, s[key][g]
-    const uint16_t* k = kpool + row * width + h * DIM;
-    for (int64_t i = 0; i < n; ++i, k += width) {
-      prefetch(kpool, table, block_size, width, DIM, h, start + j + i, stop);
-      __m512 a[GROUP];
-      for (int g = 0; g < GROUP; ++g) {
-        a[g] = _mm512_setzero_ps();
-        for (int c = 0; c < C; ++c) a[g] = _mm512_dpbf16_ps(a[g], qv[g][c], (__m512bh)_mm512_loadu_si512(k + c * 32));
-      }
-      _mm_storeu_ps(s + (j + i) * GROUP, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), sc));
+  each_row(kpool, table, block_size, width, DIM, h, start, stop, [&](const uint16_t* k, int64_t key) {
+    __m512 a[GROUP];
+    for (int g = 0; g < GROUP; ++g) {
+      a[g] = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) a[g] = _mm512_dpbf16_ps(a[g], qv[g][c], (__m512bh)_mm512_loadu_si512(k + c * 32));
     }
+    _mm_storeu_ps(s + key * GROUP, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), sc));  // s[key][g]
   });
   const int64_t count = stop - start, padded = (count + 3) / 4 * 4;
   softmax<GROUP>(s, count, m, l);
@@ -192,16 +193,12 @@ void head_bf16(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, 
   };
   const uint16_t* held = nullptr;  // a row waiting for its pair
   int64_t held_key = 0;
-  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
-    const uint16_t* v = vpool + row * width + h * DIM;
-    for (int64_t i = 0; i < n; ++i, v += width) {
-      prefetch(vpool, table, block_size, width, DIM, h, start + j + i, stop);
-      if (held == nullptr) {
-        held = v, held_key = j + i;
-      } else {
-        pair(held, v, held_key);
-        held = nullptr;
-      }
+  each_row(vpool, table, block_size, width, DIM, h, start, stop, [&](const uint16_t* v, int64_t key) {
+    if (held == nullptr) {
+      held = v, held_key = key;
+    } else {
+      pair(held, v, held_key);
+      held = nullptr;
     }
   });
   if (held != nullptr) pair(held, held, held_key);  // an odd count: the last row with a weight-0 partner
