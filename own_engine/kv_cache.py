@@ -209,8 +209,8 @@ class KVCache:
         runs once for all of them: on the CPU, when every chunk is in one tier read in place and the copy is at
         most GATHER_BYTES per layer (a gather that small costs less than the kernel calls it saves; a longer one
         costs more than reading each sequence's KV where it is). None when it does not apply."""
-        tiers = {c.tier for chunks in reads for c in chunks}
-        if self.device.type != "cpu" or len(tiers) != 1 or not self._in_place(next(iter(tiers))):
+        tier = self._one_tier_in_place(reads)
+        if self.device.type != "cpu" or tier is None:
             return None
         lengths = [sum(c.valid for c in chunks) for chunks in reads]
         width = max(lengths)
@@ -222,20 +222,20 @@ class KVCache:
             flat = torch.cat([torch.arange(c.ids[0] * bs, c.ids[0] * bs + c.valid) for c in chunks])
             rows.append(torch.cat((flat, flat[:1].expand(width - n))))  # padding: a row it has, masked out
             positions.append(torch.cat([c.positions for c in chunks] + [torch.full((width - n,), -1)]))
-        return Gather(tiers.pop(), torch.stack(rows).view(-1), torch.tensor(lengths), torch.stack(positions))
+        return Gather(tier, torch.stack(rows).view(-1), torch.tensor(lengths), torch.stack(positions))
 
     def paged_index(self, reads: list[list[Chunk]]) -> Paged | None:
         """The block tables of decoding sequences (each one's chunks, from `chunks`) for our kernel, when all of
         them lie in one tier read in place; None when they do not."""
-        tiers = {c.tier for chunks in reads for c in chunks}
-        if len(tiers) != 1 or not self._in_place(next(iter(tiers))):
+        tier = self._one_tier_in_place(reads)
+        if tier is None:
             return None
         # One tier: its chunks are the sequence's blocks in order, all full but the last.
         ids = [[i for c in chunks for i in c.ids] for chunks in reads]
         tables = torch.zeros((len(ids), max(map(len, ids))), dtype=torch.int32)
         for row, blocks in zip(tables, ids):
             row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        return Paged(tiers.pop(), tables, [sum(c.valid for c in chunks) for chunks in reads], reads)
+        return Paged(tier, tables, [sum(c.valid for c in chunks) for chunks in reads], reads)
 
     def paged_pools(self, layer: int, p: Paged) -> KV:
         """The K and V pools [rows, kv_heads, head_dim] our kernel reads the layer's KV of `p` from."""
@@ -273,6 +273,12 @@ class KVCache:
             n = self.tiers["disk"][1]
             for start in (ids[0], n + ids[0]):  # the K run, then the V run
                 self.maps[layer].will_need(start * self.block_bytes, (start + len(ids)) * self.block_bytes)
+
+    def _one_tier_in_place(self, reads: list[list[Chunk]]) -> str | None:
+        """The tier all these chunks lie in, when it is one and compute reads it in place; else None."""
+        tiers = {c.tier for chunks in reads for c in chunks}
+        tier = tiers.pop() if len(tiers) == 1 else None
+        return tier if tier is not None and self._in_place(tier) else None
 
     def _in_place(self, tier: str) -> bool:
         """Whether compute reads the tier's pools where they are (a chunk of consecutive blocks as one view)."""

@@ -1,8 +1,9 @@
 // Decode attention over the paged KV cache on a CPU with bf16 instructions (own_engine/native.py loads it): one new
 // token per sequence attends to its keys where they lie in the pool (no gather), each key and value row read once.
 // Work items are (sequence, part of PART keys), merged by log-sum-exp; within an item, KV head by KV head, the
-// head's GROUP query rows stay in registers across its keys. Scores and value sums accumulate in float32 from bf16
-// dot instructions; the softmax weights are rounded to bf16 for the value sums, as torch's flash kernel rounds them.
+// head's query rows stay in registers across its keys. Scores and value sums accumulate in float32: from bf16 dot
+// instructions for a bf16 cache (the softmax weights rounded to bf16 for the value sums, as torch's flash kernel
+// rounds them), from float32 FMAs for a float32 one.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -116,7 +117,9 @@ inline void softmax(float* s, int64_t count, float* m, float* l) {
   }
 }
 
-// float32: each KV head's G query rows in registers, a float32 FMA per element, one horizontal sum per row.
+// float32, one KV head h over keys [start, stop): its G query rows' max score m, sum of exp l and exp-weighted
+// values acc [G][DIM], the rows in registers, a float32 FMA per element, one horizontal sum per row. s: room for
+// (PART + 16) x G floats.
 template <int DIM, int G>
 void head_f32(const float* q, const float* kpool, const float* vpool, int64_t width, int64_t h, const int32_t* table,
               int64_t block_size, int64_t start, int64_t stop, float scale, float* s, float* m, float* l,
@@ -150,13 +153,12 @@ void head_f32(const float* q, const float* kpool, const float* vpool, int64_t wi
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + g * DIM + c * 16, av[g][c]);
 }
 
-// One KV head h over keys [start, stop): its query rows' max score m, sum of exp l and exp-weighted values acc
-// [GROUP][DIM]. s: room for (PART + 16) x GROUP floats.
-// bf16: GROUP (4) query rows in registers, bf16 dot instructions.
+// bf16, one KV head h over keys [start, stop): its GROUP query rows' max score m, sum of exp l and exp-weighted
+// values acc [GROUP][DIM] (as head_f32), by bf16 dot instructions. s: room for (PART + 16) x GROUP floats.
 template <int DIM>
 void head_bf16(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, int64_t width, int64_t h,
-          const int32_t* table, int64_t block_size, int64_t start, int64_t stop, float scale, float* s, float* m,
-          float* l, float* acc) {
+               const int32_t* table, int64_t block_size, int64_t start, int64_t stop, float scale, float* s, float* m,
+               float* l, float* acc) {
   constexpr int C = DIM / 32;  // bf16 vectors per row of a head
   __m512bh qv[GROUP][C];
   for (int g = 0; g < GROUP; ++g)
@@ -216,38 +218,35 @@ void head_bf16(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, 
   }
 }
 
-inline void head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t width, int64_t h, const int32_t* t,
-                 int64_t bs, int64_t start, int64_t stop, float scale, float* s, float* m, float* l, float* acc,
-                 std::integral_constant<int, 64>, std::integral_constant<int, GROUP>) {
-  head_bf16<64>(q, k, v, width, h, t, bs, start, stop, scale, s, m, l, acc);
-}
-inline void head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t width, int64_t h, const int32_t* t,
-                 int64_t bs, int64_t start, int64_t stop, float scale, float* s, float* m, float* l, float* acc,
-                 std::integral_constant<int, 128>, std::integral_constant<int, GROUP>) {
-  head_bf16<128>(q, k, v, width, h, t, bs, start, stop, scale, s, m, l, acc);
-}
-template <int DIM, int G>
-inline void head(const float* q, const float* k, const float* v, int64_t width, int64_t h, const int32_t* t,
-                 int64_t bs, int64_t start, int64_t stop, float scale, float* s, float* m, float* l, float* acc,
-                 std::integral_constant<int, DIM>, std::integral_constant<int, G>) {
-  head_f32<DIM, G>(q, k, v, width, h, t, bs, start, stop, scale, s, m, l, acc);
-}
-
 inline void store(uint16_t* dst, float x) { *dst = to_bf16(x); }
 inline void store(float* dst, float x) { *dst = x; }
 
+struct Args {  // one call's inputs: paged_attention's, below
+  const void *q, *k, *v;
+  const int32_t* tables;
+  int64_t table_stride;
+  const int32_t* lengths;
+  int64_t n, kv_heads, block_size, window;
+  float scale;
+  void* out;
+  float* scratch;
+  int64_t parts;
+  int threads;
+};
+
 template <typename T, int DIM, int G>
-void attend(const T* q, const T* kpool, const T* vpool, const int32_t* tables, int64_t table_stride,
-            const int32_t* lengths, int64_t n, int64_t kv_heads, int64_t block_size, int64_t window, float scale,
-            T* out, float* scratch, int64_t parts, int threads) {
+void attend(const Args& a) {
+  const T *q = static_cast<const T*>(a.q), *kpool = static_cast<const T*>(a.k), *vpool = static_cast<const T*>(a.v);
+  T* out = static_cast<T*>(a.out);
+  const int64_t n = a.n, parts = a.parts, kv_heads = a.kv_heads;
   const int64_t heads = kv_heads * G, width = kv_heads * DIM, item = heads * (DIM + 2);
   // Pass 1, per (sequence, part of its keys): each query head's max score, sum of exp and weighted values.
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(a.threads)
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t p = 0; p < parts; ++p) {
-      const int64_t len = lengths[b], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t len = a.lengths[b], first = a.window > 0 ? std::max<int64_t>(0, len - a.window) : 0;
       const int64_t start = first + p * PART, stop = std::min(start + PART, len);
-      float* m = scratch + (b * parts + p) * item;  // [heads] max, [heads] sum, [heads][DIM] values
+      float* m = a.scratch + (b * parts + p) * item;  // [heads] max, [heads] sum, [heads][DIM] values
       float* l = m + heads;
       if (start >= stop) {  // a shorter sequence than the longest: no part here
         std::fill(m, m + heads, -INFINITY);
@@ -255,17 +254,24 @@ void attend(const T* q, const T* kpool, const T* vpool, const int32_t* tables, i
         continue;
       }
       alignas(64) float s[(PART + 16) * G];
-      for (int64_t h = 0; h < kv_heads; ++h)
-        head(q + (b * heads + h * G) * DIM, kpool, vpool, width, h, tables + b * table_stride, block_size, start,
-             stop, scale, s, m + h * G, l + h * G, l + heads + h * G * DIM, std::integral_constant<int, DIM>(),
-             std::integral_constant<int, G>());
+      const int32_t* table = a.tables + b * a.table_stride;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const T* qh = q + (b * heads + h * G) * DIM;
+        float* acc = l + heads + h * G * DIM;
+        if constexpr (std::is_same_v<T, uint16_t>)
+          head_bf16<DIM>(qh, kpool, vpool, width, h, table, a.block_size, start, stop, a.scale, s, m + h * G,
+                         l + h * G, acc);
+        else
+          head_f32<DIM, G>(qh, kpool, vpool, width, h, table, a.block_size, start, stop, a.scale, s, m + h * G,
+                           l + h * G, acc);
+      }
     }
   }
   // Pass 2, per (sequence, query head): the parts merged.
-#pragma omp parallel for collapse(2) num_threads(threads)
+#pragma omp parallel for collapse(2) num_threads(a.threads)
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t h = 0; h < heads; ++h) {
-      const float* res = scratch + b * parts * item;
+      const float* res = a.scratch + b * parts * item;
       float mx = -INFINITY, total = 0.0f, o[DIM] = {};
       for (int64_t p = 0; p < parts; ++p) mx = std::max(mx, res[p * item + h]);
       for (int64_t p = 0; p < parts; ++p) {
@@ -280,16 +286,31 @@ void attend(const T* q, const T* kpool, const T* vpool, const int32_t* tables, i
   }
 }
 
-// The float32 shapes: head sizes 16-128, 1, 2, 4 or 8 query heads per KV head.
-template <int DIM>
-bool attend_f32(int64_t group, const float* q, const float* k, const float* v, const int32_t* tables, int64_t ts,
-                const int32_t* lengths, int64_t n, int64_t kv_heads, int64_t bs, int64_t window, float scale,
-                float* out, float* scratch, int64_t parts, int threads) {
-  switch (group) {
-    case 1: attend<float, DIM, 1>(q, k, v, tables, ts, lengths, n, kv_heads, bs, window, scale, out, scratch, parts, threads); return true;
-    case 2: attend<float, DIM, 2>(q, k, v, tables, ts, lengths, n, kv_heads, bs, window, scale, out, scratch, parts, threads); return true;
-    case 4: attend<float, DIM, 4>(q, k, v, tables, ts, lengths, n, kv_heads, bs, window, scale, out, scratch, parts, threads); return true;
-    case 8: attend<float, DIM, 8>(q, k, v, tables, ts, lengths, n, kv_heads, bs, window, scale, out, scratch, parts, threads); return true;
+// The shapes it is built for: bf16 GROUP query heads per KV head of 64 or 128; float32 1, 2, 4 or 8 of 16 to 128.
+template <typename T, int DIM>
+bool with_group(int64_t group, const Args& a) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (DIM < 64 || group != GROUP) return false;
+    if constexpr (DIM >= 64) attend<T, DIM, GROUP>(a);
+    return true;
+  } else {
+    switch (group) {
+      case 1: attend<T, DIM, 1>(a); return true;
+      case 2: attend<T, DIM, 2>(a); return true;
+      case 4: attend<T, DIM, 4>(a); return true;
+      case 8: attend<T, DIM, 8>(a); return true;
+      default: return false;
+    }
+  }
+}
+
+template <typename T>
+bool with_shape(int64_t dim, int64_t group, const Args& a) {
+  switch (dim) {
+    case 16: return with_group<T, 16>(group, a);
+    case 32: return with_group<T, 32>(group, a);
+    case 64: return with_group<T, 64>(group, a);
+    case 128: return with_group<T, 128>(group, a);
     default: return false;
   }
 }
@@ -308,32 +329,9 @@ int paged_attention(int dtype, const void* q, const void* k, const void* v, cons
                     int64_t table_stride, const int32_t* lengths, int64_t n, int64_t group, int64_t kv_heads,
                     int64_t dim, int64_t block_size, int64_t window, float scale, void* out, float* scratch,
                     int64_t parts, int threads) {
-  if (dtype == 0) {
-    using T = uint16_t;
-    const T *qb = static_cast<const T*>(q), *kb = static_cast<const T*>(k), *vb = static_cast<const T*>(v);
-    T* ob = static_cast<T*>(out);
-    if (group != GROUP) return 1;
-    if (dim == 64)
-      attend<T, 64, GROUP>(qb, kb, vb, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, ob,
-                           scratch, parts, threads);
-    else if (dim == 128)
-      attend<T, 128, GROUP>(qb, kb, vb, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, ob,
-                            scratch, parts, threads);
-    else
-      return 1;
-    return 0;
-  }
-  const float *qf = static_cast<const float*>(q), *kf = static_cast<const float*>(k), *vf = static_cast<const float*>(v);
-  float* of = static_cast<float*>(out);
-  bool done = false;
-  if (dim == 16)
-    done = attend_f32<16>(group, qf, kf, vf, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, of, scratch, parts, threads);
-  else if (dim == 32)
-    done = attend_f32<32>(group, qf, kf, vf, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, of, scratch, parts, threads);
-  else if (dim == 64)
-    done = attend_f32<64>(group, qf, kf, vf, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, of, scratch, parts, threads);
-  else if (dim == 128)
-    done = attend_f32<128>(group, qf, kf, vf, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, of, scratch, parts, threads);
+  const Args a{q, k, v, tables, table_stride, lengths, n, kv_heads, block_size, window, scale, out, scratch, parts,
+               threads};
+  const bool done = dtype == 0 ? with_shape<uint16_t>(dim, group, a) : with_shape<float>(dim, group, a);
   return done ? 0 : 1;
 }
 }
