@@ -5,7 +5,7 @@ Each chunk goes through a fused kernel (kernels.py); `attend` is the plain-PyTor
 compare the kernels against. Decoding sequences whose KV is small and read in place attend together, over one
 gather of their KV (KVCache.gather_index), through one kernel call masked per sequence (`gathered_bias`).
 """
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal, overload
 
 import torch
@@ -13,6 +13,9 @@ import torch
 from .kernels import fused_attention
 
 CachedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a chunk's k, v [t, Hkv, D] and positions [t] (CPU)
+# fused_attention's signature: (q, k, v, causal, bias, scale) -> (out, lse); native.PrefillAttention takes its place
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, torch.Tensor | None, float],
+                  tuple[torch.Tensor, torch.Tensor]]
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -54,19 +57,20 @@ def merge(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor,
 # The causal part is of the new tokens over themselves: each query sees its own key, so no window hides it.
 @overload
 def part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
-         window: int | None, causal: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+         window: int | None, causal: Literal[True], kernel: Kernel = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @overload
 def part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
-         window: int | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+         window: int | None, causal: bool, kernel: Kernel = ...) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 def part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
-         window: int | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Attention of q over one chunk through the fused kernel: (out in q's dtype, lse), or None when the sliding
-    window hides the whole chunk. Positions are CPU tensors; a mask is built only for a chunk the window cuts
-    through."""
+         window: int | None, causal: bool,
+         kernel: Kernel = fused_attention) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention of q over one chunk through the fused kernel (`kernel`: fused_attention or ours): (out in q's
+    dtype, lse), or None when the sliding window hides the whole chunk. Positions are CPU tensors; a mask is built
+    only for a chunk the window cuts through."""
     bias, empty = None, None
     if window is not None and int(k_pos.min()) <= int(q_pos.max()) - window:
         if int(k_pos.max()) <= int(q_pos.min()) - window:
@@ -74,7 +78,7 @@ def part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
         keep = visible(q_pos, k_pos, window)  # causality included, so the kernel need not add it
         bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, float("-inf")).to(q.device)
         empty, causal = ~keep.any(1).to(q.device), False
-    out, lse = fused_attention(q, k, v, causal, bias, scale)
+    out, lse = kernel(q, k, v, causal, bias, scale)
     if empty is not None:
         out, lse = out.masked_fill(empty[:, None, None], 0), lse.masked_fill(empty[:, None], float("-inf"))
     return out, lse
@@ -93,15 +97,15 @@ def combine(first: tuple[torch.Tensor, torch.Tensor],
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, cached: Iterable[CachedKV],
-                      scale: float, window: int | None = None) -> torch.Tensor:
+                      scale: float, window: int | None = None, kernel: Kernel = fused_attention) -> torch.Tensor:
     """Attention of new tokens over themselves (causal) and over cached KV chunks.
 
     q [T, H, D], k/v [T, Hkv, D] at positions pos [T] (a CPU tensor); `cached` yields (k, v, positions) of earlier
     tokens, positions on the CPU. Starting from the new tokens' own part keeps the running lse finite (each
     query sees itself).
     """
-    return combine(part(q, k, v, pos, pos, scale, window, causal=True),
-                   (part(q, ck, cv, pos, cpos, scale, window, causal=False) for ck, cv, cpos in cached))
+    return combine(part(q, k, v, pos, pos, scale, window, True, kernel),
+                   (part(q, ck, cv, pos, cpos, scale, window, False, kernel) for ck, cv, cpos in cached))
 
 
 def cached_attention(q: torch.Tensor, pos: torch.Tensor, cached: Iterable[CachedKV], scale: float,

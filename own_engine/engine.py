@@ -19,7 +19,7 @@ from .errors import EngineError
 from .kv_cache import KVCache
 from .model import Transformer
 from .placement import Globals, LayerWeights
-from .native import PagedAttention
+from .native import LayerOps, PagedAttention, PrefillAttention
 from .planner import Machine, Plan, make_plan
 from .prefix_store import PrefixStore
 from .scheduler import Scheduler
@@ -106,10 +106,14 @@ class Engine:
         # What a pass reads besides the KV: every layer and lm_head (and the final norm), in the stored dtype.
         self.pass_bytes = cfg.num_layers * layout.nbytes + globals_.lm_head.nbytes + globals_.norm.nbytes
         self.kv_bytes_per_token = cfg.num_layers * cfg.kv_bytes_per_token(plan.kv_dtype)
+        ours = plan.library
         self.model = Transformer(cfg, layers, globals_, kv, plan.mlp_rows, plan.narrow_rows, self.device,
                                  plan.compute_dtype, plan.form,
-                                 PagedAttention(plan.attention_library) if plan.attention_library else None)
+                                 PagedAttention(ours) if ours and plan.attention_reason is None else None,
+                                 LayerOps(ours) if ours and plan.layer_ops_reason is None else None,
+                                 PrefillAttention(ours) if ours and plan.prefill_reason is None else None)
         self.store: PrefixStore | None = None
+        self.unsaved: list[tuple[int, bytes]] = []  # full blocks committed, not yet in the store (persist)
         if prefix_cache_dir is not None:
             key = {"config": hashlib.sha256((Path(path) / "config.json").read_bytes()).hexdigest(),
                    "weights": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in ckpt.files},
@@ -168,11 +172,16 @@ class Engine:
             kv_tokens = sum(seq.computed + n for seq, n in work)  # each sequence's KV up to its new tokens
             self.stats.count_read(self.pass_bytes + kv_tokens * self.kv_bytes_per_token)
             for seq, n in work:
-                self._commit(seq, n)
+                new = self.blocks.commit(seq, n)
+                if self.store is not None:
+                    self.unsaved += new
         return logits
 
-    def _commit(self, seq: Sequence, n: int) -> None:
-        new = self.blocks.commit(seq, n)
+    def persist(self) -> None:
+        """Write the blocks the last passes filled to prefix_cache_dir. The scheduler calls it once a pass's tokens
+        are out, so a first question's TTFT does not wait for the disk (a 2,048-token document: 65 blocks, 25 MB,
+        20-50 ms); no pass runs in between, so no block it names has been reused."""
+        new, self.unsaved = self.unsaved, []
         if self.store is None or not new:
             return
         try:
@@ -191,7 +200,9 @@ class Engine:
         try:
             for seq in seqs:
                 self.admit(seq)
-            return seqs, self.forward([(seq, seq.left) for seq in seqs], "prefill")
+            logits = self.forward([(seq, seq.left) for seq in seqs], "prefill")
+            self.persist()
+            return seqs, logits
         except BaseException:
             self.release(seqs)
             raise
@@ -201,7 +212,9 @@ class Engine:
         for seq, token in zip(seqs, tokens):
             seq.tokens.append(token)
             self.blocks.reserve(seq, len(seq.tokens))
-        return self.forward([(seq, 1) for seq in seqs], "decode")
+        logits = self.forward([(seq, 1) for seq in seqs], "decode")
+        self.persist()
+        return logits
 
     def release(self, seqs: list[Sequence]) -> None:
         """Take back the sequences' blocks (their full ones stay cached); they hold none and wait after."""

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from .attention import cached_attention, chunked_attention, gathered_bias
 from .batch import Batch, Piece
 from .config import ModelConfig
-from .kernels import decode_attention
+from .kernels import decode_attention, fused_attention
 from .kv_cache import Gather, KVCache, Paged, Slot
 from .matmul import linear
-from .native import PagedAttention
+from .native import LayerOps, PagedAttention, PrefillAttention
 from .placement import Globals, LayerWeights
 
 
@@ -77,31 +77,35 @@ EXACT_FUSED = ("gemv", "wxt")
 Gathered = tuple[set[int], slice | torch.Tensor, Paged | tuple[Gather, torch.Tensor]]
 
 
-def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], rows: int, form: str) -> torch.Tensor:
-    """SwiGLU, `rows` rows at a time so the [rows, intermediate] activations stay bounded."""
+def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], rows: int, form: str,
+        ops: LayerOps | None = None) -> torch.Tensor:
+    """SwiGLU, `rows` rows at a time so the [rows, intermediate] activations stay bounded; silu(gate) * up in one
+    pass where `ops` are ours."""
     if len(x) > rows:
         out = torch.empty_like(x)
         for r in range(0, len(x), rows):
-            out[r:r + rows] = mlp(x[r:r + rows], w, rows, form)
+            out[r:r + rows] = mlp(x[r:r + rows], w, rows, form, ops)
         return out
     if "gate_up" in w and form in EXACT_FUSED:  # gate and up adjacent in memory: one product (weights.fused)
         gate_up = linear(x, w["gate_up"], None, form)
         gate, up = gate_up.chunk(2, -1)
     else:
         gate, up = linear(x, w["mlp.gate_proj.weight"], None, form), linear(x, w["mlp.up_proj.weight"], None, form)
-    return linear(F.silu(gate) * up, w["mlp.down_proj.weight"], None, form)
+    return linear(ops.silu_mul(gate, up) if ops else F.silu(gate) * up, w["mlp.down_proj.weight"], None, form)
 
 
 class Transformer:
     def __init__(self, cfg: ModelConfig, weights: LayerWeights, globals_: Globals, kv: KVCache, mlp_rows: int,
                  narrow_rows: int, device: torch.device, compute_dtype: torch.dtype,
-                 forms: Callable[[torch.dtype, int], str], paged: PagedAttention | None = None) -> None:
+                 forms: Callable[[torch.dtype, int], str], paged: PagedAttention | None = None,
+                 ops: LayerOps | None = None, prefill: PrefillAttention | None = None) -> None:
         """narrow_rows: passes of fewer rows multiply by the weights as stored (compute.Compute.narrow_rows);
         forms(dtype, rows): how a product of that many rows is computed (compute.Compute.form); paged: our kernel,
-        where decode attention runs in it (native.py)."""
-        self.cfg, self.weights, self.globals, self.kv, self.paged = cfg, weights, globals_, kv, paged
+        where decode attention runs in it, ops: ours, where a layer's elementwise steps run in them, prefill: ours,
+        where a prefill chunk's attention runs in it (native.py)."""
+        self.cfg, self.weights, self.globals, self.kv, self.paged, self.ops = cfg, weights, globals_, kv, paged, ops
         self.mlp_rows, self.narrow_rows, self.device, self.dtype = mlp_rows, narrow_rows, device, compute_dtype
-        self.forms, self.rope = forms, Rope(cfg, device, compute_dtype)
+        self.forms, self.rope, self.prefill = forms, Rope(cfg, device, compute_dtype), prefill or fused_attention
         self.qk_columns = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # q's and k's columns of qkv
 
     @torch.inference_mode()
@@ -128,7 +132,7 @@ class Transformer:
                 continue
             for r, chunk in chunks:
                 h[r] = self.decoder_layer(i, w, h[r], *chunk)
-        x = rms_norm(h[batch.logit_rows], self.globals.norm, self.cfg.rms_norm_eps)
+        x = self.norm(h[batch.logit_rows], self.globals.norm)
         rows = len(batch.logit_rows)
         head_narrow = rows < self.narrow_rows
         return self.globals.logits(x, head_narrow, self.forms(self.globals.lm_head.dtype if head_narrow else self.dtype,
@@ -157,17 +161,17 @@ class Transformer:
                       gathered: Gathered | None) -> torch.Tensor:
         cfg, t = self.cfg, x.shape[0]
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        a = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
+        a = self.norm(x, w["input_layernorm.weight"])
         if "qkv" in w and form in EXACT_FUSED:  # q, k and v adjacent: one product, one rotation of q and k
             qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)
-            qk = apply_rope(qkv[:, :self.qk_columns].reshape(t, heads + kv_heads, d), cos, sin)
+            qk = self.rotate(qkv[:, :self.qk_columns].reshape(t, heads + kv_heads, d), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, self.qk_columns:].reshape(t, kv_heads, d)
         else:
             q = linear(a, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"), form).reshape(t, heads, d)
             k = linear(a, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"), form).reshape(t, kv_heads, d)
             v = linear(a, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"), form).reshape(t, kv_heads, d)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         self.kv.write(i, slots, k, v)
         if self.kv.dtype != self.dtype:  # attend to what the cache keeps, so where chunks split changes nothing
             k, v = k.to(self.kv.dtype).to(self.dtype), v.to(self.kv.dtype).to(self.dtype)
@@ -195,7 +199,7 @@ class Transformer:
             if p.own:
                 out = cached_attention(q[r], pos[r], cached, scale, cfg.sliding_window)
             else:
-                out = chunked_attention(q[r], k[r], v[r], pos[r], cached, scale, cfg.sliding_window)
+                out = chunked_attention(q[r], k[r], v[r], pos[r], cached, scale, cfg.sliding_window, self.prefill)
             if attn is None:
                 attn = out
             else:
@@ -203,4 +207,11 @@ class Transformer:
         # attn is set: by the gather, or by the pieces (there is at least one)
         x = x + linear(attn.reshape(t, -1),  # type: ignore[union-attr]
                        w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
-        return x + mlp(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w, self.mlp_rows, form)
+        return x + mlp(self.norm(x, w["post_attention_layernorm.weight"]), w, self.mlp_rows, form, self.ops)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        eps = self.cfg.rms_norm_eps
+        return self.ops.rms_norm(x, weight, eps) if self.ops else rms_norm(x, weight, eps)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.ops.rope(x, cos, sin) if self.ops else apply_rope(x, cos, sin)

@@ -1,22 +1,28 @@
-"""Our C++ decode-attention kernel (csrc/paged_attention.cpp), built for this CPU on first use.
+"""Our C++ kernels (csrc/), built for this CPU on first use: decode attention over the paged KV cache
+(paged_attention.cpp) and a layer's elementwise steps fused per row (layer_ops.cpp).
 
-torch's CPU flash kernel is compute-bound on a decode's few query rows: for the 201M bf16 benchmark model (16 query
-heads on 4 KV heads of 64) it took 0.32 ms a layer over 2,048 cached tokens and 1.24 ms over 8,192, where reading
-their K and V takes 0.08 and 0.34 ms (2-thread Intel Xeon with AMX, caches flushed between calls); and several
-sequences first had their KV gathered into one tensor. The kernel reads each sequence's keys where they lie in the
-pool, through its block table, with bf16 dot instructions and each KV head's four query rows held in registers:
-0.16 and 0.57 ms, and 0.46 against 0.95-1.4 ms for 8 sequences of 704 tokens in scattered blocks (gather included),
-with the flash kernel's error against a float32 reference (docs/own_engine.md). So it applies where those
+Decode attention: torch's CPU flash kernel is compute-bound on a decode's few query rows: for the 201M bf16 benchmark
+model (16 query heads on 4 KV heads of 64) it took 0.32 ms a layer over 2,048 cached tokens and 1.24 ms over 8,192,
+where reading their K and V takes 0.08 and 0.34 ms (2-thread Intel Xeon with AMX, caches flushed between calls); and
+several sequences first had their KV gathered into one tensor. The kernel reads each sequence's keys where they lie
+in the pool, through its block table, with bf16 dot instructions and each KV head's four query rows held in
+registers: 0.16 and 0.57 ms, and 0.46 against 0.95-1.4 ms for 8 sequences of 704 tokens in scattered blocks (gather
+included), with the flash kernel's error against a float32 reference (docs/own_engine.md). So it applies where those
 instructions are (avx512_bf16, avx512bw): to a bf16 KV cache read in place with four query heads per KV head of 64
 or 128 (Llama-3's and Mistral's shapes), and to a float32 one (float32 FMAs: 2,048 tokens 0.21 against 0.41 ms; 4
 sequences of 160 tokens of the quickstart's tiny model 0.05 against 0.10 ms with the gather) with 1, 2, 4 or 8 query
 heads per KV head of 16 to 128; power-of-two blocks. Elsewhere decode attention stays torch's, and the plan says why
 (`support`).
 
-The build is `g++ -O3 -march=native -fopenmp` (the system's compiler, or $CXX): about a second, kept under
-$LLMBENCH_CACHE/own_engine/native (default ~/.cache/llmbench) keyed by the source, the compiler and the CPU's flags,
-so a cache shared with another CPU builds anew. The library links libgomp.so.1, which the loader resolves to the copy
-torch loaded: one OpenMP runtime and thread pool. Without a compiler (a slim container) the engine runs as before.
+Layer ops: RMSNorm, the rotary embedding and SiLU-and-multiply, each one pass over its rows with transformers'
+roundings, where torch makes several whole-tensor passes (2,048 rows of the same model: RMSNorm 0.34 against 2.4 ms,
+rotary 0.45 against 1.6 ms; SiLU-and-multiply 0.47 against 0.69-0.95 ms for 512 rows, a memory-bound pass).
+
+The build is `g++ -O3 -march=native -fopenmp` (the system's compiler, or $CXX): a few seconds, kept under
+$LLMBENCH_CACHE/own_engine/native (default ~/.cache/llmbench) keyed by the sources, the compiler and the CPU's flags,
+so a cache shared with another CPU builds anew. No float contraction (-ffp-contract=off): a product then a sum round
+as torch's do. The library links libgomp.so.1, which the loader resolves to the copy torch loaded: one OpenMP runtime
+and thread pool. Without a compiler (a slim container) the engine runs as before.
 """
 import ctypes
 import hashlib
@@ -31,7 +37,10 @@ import torch
 
 from llmbench.cpu import cpu_model
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+from .kernels import fused_attention
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))  # compiled into one library, with the headers beside them
 NEEDS = ("avx512_bf16", "avx512bw")  # the CPU flags its instructions need
 # The shapes it was built for, per dtype: head sizes, and query heads per KV head.
 SHAPES = {torch.bfloat16: ((64, 128), (4,)), torch.float32: ((16, 32, 64, 128), (1, 2, 4, 8))}
@@ -69,45 +78,153 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def build(flags: frozenset[str]) -> Native:
-    """The kernel library for a CPU with these flags: from the cache, else compiled now; Native(None, why) when
+    """The kernels' library for a CPU with these flags: from the cache, else compiled now; Native(None, why) when
     the CPU lacks NEEDS, no C++ compiler is found or the build fails."""
     missing = [f for f in NEEDS if f not in flags]
     if missing:
-        return Native(None, f"our kernel needs {', '.join(missing)}: this CPU lacks it")
+        return Native(None, f"our kernels need {', '.join(missing)}: this CPU lacks it")
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        return Native(None, "no C++ compiler to build our kernel (g++, or $CXX)")
+        return Native(None, "no C++ compiler to build our kernels (g++, or $CXX)")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return Native(None, f"C++ compiler {compiler}: {e}")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, cpu_model(), *sorted(flags)]).encode()).hexdigest()
-    library = cache_dir() / f"paged_attention-{key[:16]}.so"
+    parts = [*(p.read_text() for p in sorted(CSRC.glob("*.[ch]*"))), version, cpu_model(), *sorted(flags)]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    library = cache_dir() / f"kernels-{key[:16]}.so"
     if library.exists():
         return Native(library, f"built before, kept in {library}")
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
         tmp = library.with_name(f"{library.name}.{os.getpid()}.tmp")
-        done = subprocess.run([compiler, "-std=c++17", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-                               str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, "-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fopenmp",
+                               "-shared", "-fPIC", *map(str, SOURCES), "-o", str(tmp)],
+                              capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
-            return Native(None, f"our kernel did not build ({compiler}): {done.stderr.strip()[-300:]}")
+            return Native(None, f"our kernels did not build ({compiler}): {done.stderr.strip()[-300:]}")
         tmp.replace(library)  # whole or not at all, for another process building the same
     except (OSError, subprocess.SubprocessError) as e:
-        return Native(None, f"our kernel did not build ({compiler}): {e}")
+        return Native(None, f"our kernels did not build ({compiler}): {e}")
     return Native(library, f"built now with {compiler}, kept in {library}")
+
+
+@lru_cache(maxsize=None)
+def load(library: Path) -> ctypes.CDLL:
+    """The library, loaded once per process, its functions typed."""
+    lib = ctypes.CDLL(str(library))
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.paged_attention.argtypes = [i32, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, ptr,
+                                    i64, i32]
+    lib.paged_attention.restype = i32
+    lib.layer_rms_norm.argtypes = [i32, ptr, i64, ptr, ptr, i64, i64, f32, i32]
+    lib.layer_silu_mul.argtypes = [i32, ptr, ptr, i64, ptr, i64, i64, i32]
+    lib.layer_rope.argtypes = [i32, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.prefill_attention.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i32, f32,
+                                      ptr, ptr, ptr, ptr, i32]
+    lib.prefill_attention.restype = i32
+    return lib
+
+
+def prefill_support(native: "Native | None", device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why a prefill chunk's attention cannot run in our AMX kernel, or None when it can."""
+    if device.type != "cpu":
+        return "torch's kernels on CUDA"
+    if native is None or native.library is None:
+        return native.reason if native else "our kernels were not built"
+    if dtype != torch.bfloat16:
+        return f"our AMX kernel computes in bfloat16, not {str(dtype).removeprefix('torch.')}"
+    if head_dim not in (64, 128):
+        return f"our AMX kernel takes heads of 64 or 128, not {head_dim}"
+    if not load(native.library).prefill_attention_ready():
+        return "this CPU or kernel does not give us AMX tiles (amx_bf16, amx_tile)"
+    return None
+
+
+def layer_ops_support(native: "Native | None", device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why a layer's elementwise steps cannot run in our kernels, or None when they can."""
+    if device.type != "cpu":
+        return "torch's kernels on CUDA"
+    if native is None or native.library is None:
+        return native.reason if native else "our kernels were not built"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"our kernels compute in bfloat16 or float32, not {str(dtype).removeprefix('torch.')}"
+    if head_dim % 32:
+        return f"our rotary kernel takes heads of a multiple of 32, not {head_dim}"
+    return None
+
+
+class LayerOps:
+    """A layer's elementwise steps, each one pass over its rows (csrc/layer_ops.cpp), in bf16 or float32, with
+    model.py's roundings: rms_norm, silu_mul (mlp) and rope (apply_rope). Inputs' rows may be strided; their last
+    dim is contiguous."""
+
+    def __init__(self, library: Path):
+        self.lib = load(library)
+
+    @staticmethod
+    def _code(x: torch.Tensor) -> int:
+        assert x.dtype in (torch.bfloat16, torch.float32) and x.stride(-1) == 1
+        return 0 if x.dtype == torch.bfloat16 else 1
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [rows, cols], weight [cols] (as stored: a narrow pass's may be narrower than x)."""
+        weight = weight.to(x.dtype)
+        y = torch.empty(x.shape, dtype=x.dtype)
+        self.lib.layer_rms_norm(self._code(x), x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), x.shape[0],
+                                x.shape[1], eps, torch.get_num_threads())
+        return y
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gate, up [rows, cols] with the same row stride (two halves of one product, or two products)."""
+        assert gate.stride() == up.stride() and gate.shape == up.shape
+        y = torch.empty(gate.shape, dtype=gate.dtype)
+        self.lib.layer_silu_mul(self._code(gate), gate.data_ptr(), up.data_ptr(), gate.stride(0), y.data_ptr(),
+                                gate.shape[0], gate.shape[1], torch.get_num_threads())
+        return y
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [rows, heads, dim] with contiguous heads; cos, sin [rows, dim] contiguous (model.Rope.tables)."""
+        rows, heads, dim = x.shape
+        assert x.stride(1) == dim and cos.is_contiguous() and sin.is_contiguous()
+        y = torch.empty(x.shape, dtype=x.dtype)
+        self.lib.layer_rope(self._code(x), x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), y.data_ptr(),
+                            rows, heads, dim, torch.get_num_threads())
+        return y
+
+
+class PrefillAttention:
+    """A prefill chunk's attention over a chunk of keys with AMX tiles (csrc/prefill_attention.cpp): in bf16, heads
+    of 64 or 128, no mask (a window's mask goes to torch's kernel). Called as kernels.fused_attention is, and
+    returns what it returns: out [Tq, H, D] in bf16, lse [Tq, H] float32."""
+
+    def __init__(self, library: Path):
+        self.call = load(library).prefill_attention
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, bias: torch.Tensor | None,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if bias is not None:
+            return fused_attention(q, k, v, causal, bias, scale)
+        tq, heads, d = q.shape
+        tk, kv_heads, _ = k.shape
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.stride(2) == k.stride(2) == v.stride(2) == 1
+        out, lse = torch.empty(tq, heads, d, dtype=q.dtype), torch.empty(tq, heads)
+        packed = kv_heads * -(-tk // 32) * 32 * d  # K and V packed for the tiles, keys padded to 32
+        kp, vp = torch.empty(packed, dtype=q.dtype), torch.empty(packed, dtype=q.dtype)
+        failed = self.call(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+                           v.data_ptr(), v.stride(0), v.stride(1), tq, tk, heads, kv_heads, d, int(causal and tq > 1),
+                           scale, out.data_ptr(), lse.data_ptr(), kp.data_ptr(), vp.data_ptr(),
+                           torch.get_num_threads())
+        assert not failed, f"our AMX kernel cannot run heads of {d}"  # prefill_support checked
+        return out, lse
 
 
 class PagedAttention:
     """The loaded kernel: one new token per sequence over its keys in a KV pool, by block table."""
 
     def __init__(self, library: Path):
-        lib = ctypes.CDLL(str(library))
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.paged_attention.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64,
-                                        ctypes.c_float, ptr, ptr, i64, ctypes.c_int]
-        lib.paged_attention.restype = ctypes.c_int
+        lib = load(library)
         self.call, self.part = lib.paged_attention, lib.paged_attention_part()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lengths: list[int],

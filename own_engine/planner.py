@@ -24,7 +24,7 @@ from .compute import Compute, MatmulForms, choose
 from .config import DTYPES, ModelConfig
 from .engine_config import EngineConfig
 from .errors import EngineError
-from .native import Native, build, support
+from .native import Native, build, layer_ops_support, prefill_support, support
 from .placement import LOGIT_ROWS
 from .weights import LayerLayout
 
@@ -60,8 +60,10 @@ class Plan:
     block_bytes: int  # one block in all layers
     disk_bytes: int  # to be written under the offload dir
     offload_dir: Path | None
-    attention_library: Path | None  # our decode-attention kernel's, where decode attention runs in it (native.py)
-    attention_reason: str
+    library: Path | None  # our kernels' (native.py), where any of them runs
+    attention_reason: str | None  # why decode attention is not ours (None: it is)
+    layer_ops_reason: str | None  # why a layer's elementwise steps are not ours (None: they are)
+    prefill_reason: str | None  # why a prefill chunk's attention is not ours (None: it is)
 
     def count(self, tier: str) -> int:
         return self.layer_tiers.count(tier)
@@ -88,8 +90,13 @@ class Plan:
             *(f"products by the weights: {f.explain()}" for f in self.matmul_forms),
             f"KV cache in {kv}" + (" (the compute dtype: attention reads it in place)" if kv == compute else
                                    " (upcast as each chunk is read)"),
-            "decode attention: " + (f"our kernel, keys read where they lie in the pool ({self.attention_reason})"
-                                    if self.attention_library else f"torch's ({self.attention_reason})"),
+            "decode attention: " + ("our kernel, keys read where they lie in the pool" if self.attention_reason is None
+                                    else f"torch's ({self.attention_reason})"),
+            "prefill attention: " + ("our AMX kernel" if self.prefill_reason is None
+                                     else f"torch's ({self.prefill_reason})"),
+            "RMSNorm, rotary, SiLU-and-multiply: " + ("ours, one pass each" if self.layer_ops_reason is None
+                                                       else f"torch's ({self.layer_ops_reason})"),
+            *([f"our kernels: {self.library}"] if self.library else []),
             f"weights: {self.count('device')} of {len(self.layer_tiers)} layers resident, "
             f"{self.count('host')} streamed from host memory, {self.count('disk')} from disk "
             f"({fmt_bytes(self.layer_bytes)} per layer, {self.n_slots} "
@@ -120,7 +127,7 @@ class Machine:
     disk: int  # bytes free on the filesystem of disk_at
     disk_at: Path  # the offload dir, or the folder a temporary one would be made in
     compute: Compute  # the compute policy's choice for the model's stored dtype on the device
-    native: Native | None = None  # our decode-attention kernel, on a CPU (native.build)
+    native: Native | None = None  # our kernels, on a CPU (native.build)
 
     @classmethod
     def here(cls, cfg: ModelConfig, config: EngineConfig) -> "Machine":
@@ -257,8 +264,12 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
         raise EngineError(f"offload dir {machine.disk_at}: needs {fmt_bytes(disk_bytes)} on disk, "
                           f"only {fmt_bytes(machine.disk)} free on its filesystem")
     native = machine.native
-    why_not = support(native, device, compute, kv_dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size)
-    library = native.library if native is not None and why_not is None else None
+    heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    attention = support(native, device, compute, kv_dtype, *heads, block_size)
+    layer_ops = layer_ops_support(native, device, compute, cfg.head_dim)
+    prefill = prefill_support(native, device, compute, cfg.head_dim)
+    ours = attention is None or layer_ops is None or prefill is None
+    library = native.library if native is not None and ours else None
     return Plan(device=device, dtype=dtype, compute_dtype=compute, compute_reason=machine.compute.reason,
                 narrow_rows=machine.compute.narrow_rows, matmul_forms=machine.compute.forms, kv_dtype=kv_dtype,
                 budget=budget, context=context, batch=batch, block_size=block_size, prefill_chunk=chunk,
@@ -267,8 +278,8 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
                 layer_tiers=tiers, embed_tier=embed_tier, kv_blocks=kv_blocks, layer_bytes=layer,
                 globals_bytes=lm_head + (embed if embed_tier == "device" else 0),
                 working_bytes=work, block_bytes=block_bytes, disk_bytes=disk_bytes,
-                offload_dir=config.offload_dir, attention_library=library,
-                attention_reason=why_not or (native.reason if native else ""))
+                offload_dir=config.offload_dir, library=library,
+                attention_reason=attention, layer_ops_reason=layer_ops, prefill_reason=prefill)
 
 
 def _budget(size: str | int | None) -> int | None:

@@ -33,6 +33,8 @@ class EngineForScheduler(Protocol):
 
     def forward(self, work: list[tuple[Sequence, int]], phase: str) -> torch.Tensor: ...
 
+    def persist(self) -> None: ...
+
     def admit(self, seq: Sequence) -> None: ...
 
     def release(self, seqs: list[Sequence]) -> None: ...
@@ -91,6 +93,7 @@ class Scheduler:
                 s.on_token(token)
             if s.num_output == p.max_new_tokens or (token in self.eos and not p.ignore_eos):
                 self._finish(s)
+        self.engine.persist()  # the pass's full blocks to prefix_cache_dir, now its tokens are out
 
     def fail_all(self, error: Exception) -> None:
         for s in [*self.running, *self.waiting]:

@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #include <type_traits>
 
+#include "simd.h"
+
 #if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
 #error "needs avx512_bf16 and avx512bw (built with -march=native on such a CPU)"
 #endif
@@ -41,15 +43,6 @@ inline __m512 exp_neg(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
-}
-
-// The sums of a0..a3's lanes as one vector: 13 instructions for four dot products, not a reduction each.
-inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-  const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
-  const __m256 x = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
 }
 
 // Keys [start, stop) of a sequence as runs of consecutive pool rows (one per block): f(first row, key - start, n).

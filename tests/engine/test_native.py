@@ -1,17 +1,22 @@
-"""Our decode-attention kernel (own_engine/native.py): where it applies, and that it computes attention."""
+"""Our C++ kernels (own_engine/native.py): where each applies, and that each computes what torch computes."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from own_engine import Engine
 from own_engine.attention import attend, visible
 from own_engine.compute import cpu_flags
 from own_engine.kernels import fused_attention
-from own_engine.native import Native, PagedAttention, build, support
+from own_engine.model import apply_rope, rms_norm
+from own_engine.native import (LayerOps, Native, PagedAttention, PrefillAttention, build, layer_ops_support, load,
+                               prefill_support, support)
 
 from .conftest import AVX2, EPYC, XEON_AMX
 
 HERE = build(cpu_flags())
 needs_kernel = pytest.mark.skipif(HERE.library is None, reason=f"this machine cannot run it: {HERE.reason}")
+AMX = HERE.library is not None and bool(load(HERE.library).prefill_attention_ready())
+needs_amx = pytest.mark.skipif(not AMX, reason="this machine gives no AMX tiles (amx_bf16, amx_tile)")
 CPU = torch.device("cpu")
 
 
@@ -35,6 +40,22 @@ def test_support_says_why_not():
     assert support(Native(None, "no C++ compiler"), **ok) == "no C++ compiler"
 
 
+def test_layer_ops_and_prefill_support_say_why_not():
+    built = Native(HERE.library or __file__, "built")
+    assert layer_ops_support(built, CPU, torch.bfloat16, 64) is None
+    assert layer_ops_support(built, CPU, torch.float32, 32) is None
+    assert "CUDA" in layer_ops_support(built, torch.device("cuda"), torch.bfloat16, 64)
+    assert "not float16" in layer_ops_support(built, CPU, torch.float16, 64)
+    assert "multiple of 32, not 16" in layer_ops_support(built, CPU, torch.float32, 16)
+    assert layer_ops_support(Native(None, "no C++ compiler"), CPU, torch.float32, 32) == "no C++ compiler"
+    assert "not float32" in prefill_support(built, CPU, torch.float32, 64)
+    assert "64 or 128, not 32" in prefill_support(built, CPU, torch.bfloat16, 32)
+    assert "CUDA" in prefill_support(built, torch.device("cuda"), torch.bfloat16, 64)
+    assert prefill_support(Native(None, "no C++ compiler"), CPU, torch.bfloat16, 64) == "no C++ compiler"
+    if HERE.library is not None:  # the last check asks the library whether this CPU gives it AMX tiles
+        assert (prefill_support(built, CPU, torch.bfloat16, 128) is None) == AMX
+
+
 @pytest.mark.parametrize("flags", [AVX2, EPYC, XEON_AMX], ids=["avx2", "epyc", "xeon-amx"])
 def test_a_cpu_without_bf16_dot_instructions_is_not_built_for(flags, monkeypatch, tmp_path):
     """The build needs avx512_bf16 and avx512bw (the kernel's dot instructions); an AVX2 CPU gets the reason, and
@@ -47,7 +68,7 @@ def test_a_cpu_without_bf16_dot_instructions_is_not_built_for(flags, monkeypatch
     finally:
         build.cache_clear()
     if flags == AVX2:
-        assert got == Native(None, "our kernel needs avx512_bf16, avx512bw: this CPU lacks it")
+        assert got == Native(None, "our kernels need avx512_bf16, avx512bw: this CPU lacks it")
     else:
         assert got.library is None and "/nonexistent/c++" in got.reason
     assert not any(tmp_path.rglob("*.so"))
@@ -100,10 +121,71 @@ def test_the_kernel_computes_attention_over_scattered_blocks(dtype, dim, group, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_layer_ops_round_as_torch_does(dtype, rows):
+    """RMSNorm, SiLU-and-multiply and the rotary embedding in one pass each, over rows read at a stride (halves of
+    one product) with a tail of columns: what model.py's torch code gives, but for the last bit of a float32 sum
+    (RMSNorm's mean) or exp."""
+    ops = LayerOps(HERE.library)
+    gen = torch.Generator().manual_seed(rows)
+    wide = (torch.randn(rows, 2 * 200, generator=gen) * 3).to(dtype)
+    x, other = wide[:, :100], wide[:, 200:300]  # rows at a stride of 400, 100 columns: 6 vectors and a tail of 4
+    w = (torch.rand(100, generator=gen) + 0.5).to(dtype)
+    close = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=0)  # bf16: 1 ulp
+    assert torch.allclose(ops.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), **close)
+    assert torch.allclose(ops.silu_mul(x, other), F.silu(x) * other, **close)
+    heads = wide[:, :3 * 64].view(rows, 3, 64)  # three heads of 64, rows at a stride of 400
+    angles = torch.arange(rows)[:, None] * torch.rand(32, generator=gen)
+    cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
+    sin[:, :32] *= -1  # as model.Rope.tables keeps it
+    assert torch.equal(ops.rope(heads, cos, sin), apply_rope(heads, cos, sin))
+
+
+@needs_amx
+@pytest.mark.parametrize("tq, tk, heads, kv_heads, dim, causal", [
+    (37, 37, 4, 1, 64, True),  # a chunk over itself: a tail of 5 rows and 5 keys
+    (200, 200, 16, 4, 64, True),  # several row blocks and key steps, on and off the diagonal
+    (61, 250, 8, 8, 128, False),  # a chunk over earlier tokens' keys
+    (1, 70, 8, 1, 128, False),  # one row
+])
+def test_the_amx_kernel_computes_a_chunks_attention(tq, tk, heads, kv_heads, dim, causal):
+    """Queries and keys read where a layer leaves them (heads of a wider row, at a stride): output and log-sum-exp
+    as close to a float32 reference as the flash kernel's (both round the weights and the output to bf16: the
+    largest errors are an output's last bit, 0.03 at 5)."""
+    gen = torch.Generator().manual_seed(tq + tk)
+    qkv = (torch.randn(max(tq, tk), heads + 2 * kv_heads, dim, generator=gen) * 2).to(torch.bfloat16)
+    q, k, v = qkv[:tq, :heads], qkv[:tk, heads:heads + kv_heads], qkv[:tk, heads + kv_heads:]
+    scale = dim ** -0.5
+    out, lse = PrefillAttention(HERE.library)(q, k, v, causal, None, scale)
+    mask = visible(torch.arange(tk - tq, tk), torch.arange(tk), None) if causal else torch.ones(tq, tk, dtype=bool)
+    ref, ref_lse = attend(q, k, v, mask, scale)
+    flash, flash_lse = fused_attention(q, k, v, causal, None, scale)  # causal here: tq == tk
+    assert out.dtype == torch.bfloat16 and out.shape == (tq, heads, dim) and lse.shape == (tq, heads)
+    ours, theirs = (out.float() - ref).abs(), (flash.float() - ref).abs()
+    assert ours.max() <= 2 * theirs.max() and ours.mean() <= 1.25 * theirs.mean()  # a bf16 ulp of the output at most
+    assert (lse - ref_lse).abs().max() <= max((flash_lse - ref_lse).abs().max(), 1e-5)
+
+
+@needs_amx
+def test_the_amx_kernel_leaves_a_window_to_torch():
+    """With a sliding window's mask the call is torch's flash kernel's, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(20, h, 64, generator=gen).to(torch.bfloat16) for h in (4, 2, 2))
+    keep = visible(torch.arange(20), torch.arange(20), 5)
+    bias = torch.zeros(20, 20, dtype=torch.bfloat16).masked_fill_(~keep, float("-inf"))
+    got, want = PrefillAttention(HERE.library)(q, k, v, False, bias, 0.125), fused_attention(q, k, v, False, bias,
+                                                                                              0.125)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_kernel
 def test_the_engine_decodes_through_the_kernel_as_hf_does(tiny_model, tmp_path):
-    """A bf16 model of Llama-3's attention shape: the plan says decode attention runs in our kernel, decode
-    logits stay within twice HF bf16's own distance from float32 (as test_hf_parity asks of bf16 compute), and
-    three sequences decoding together give each one's tokens alone; on disk as resident."""
+    """A bf16 model of Llama-3's attention shape: the plan says decode attention, a layer's elementwise steps and
+    (with AMX) prefill attention run in our kernels; prefill logits, in one chunk or in chunks of 32 (each over the
+    cached keys too), and decode logits stay within twice HF bf16's own distance from float32 (as test_hf_parity
+    asks of bf16 compute), and three sequences decoding together give each one's tokens alone; on disk as
+    resident."""
     from transformers import AutoModelForCausalLM
 
     path, hf32 = tiny_model("llama_bf16_gqa4")
@@ -116,7 +198,9 @@ def test_the_engine_decodes_through_the_kernel_as_hf_does(tiny_model, tmp_path):
     for placement in ({"weights": "gpu", "kv": "gpu"}, {"weights": "disk", "kv": "disk"}):
         with Engine.from_pretrained(path, max_context=256, max_batch=3, offload_dir=tmp_path / "off",
                                     **placement) as engine:
-            assert "decode attention: our kernel" in engine.plan.explain()
+            plan = engine.plan.explain()
+            assert "decode attention: our kernel" in plan and "SiLU-and-multiply: ours" in plan
+            assert ("prefill attention: our AMX kernel" in plan) == AMX
             seqs, logits = engine.prefill([prompts[0]])
             got = torch.stack([logits[0]] + [engine.decode_one_token(seqs, [t])[0] for t in ids[70:].tolist()])
             assert (got - ref16).abs().max() <= 2 * (ref16 - ref32).abs().max()
@@ -125,3 +209,5 @@ def test_the_engine_decodes_through_the_kernel_as_hf_does(tiny_model, tmp_path):
             for i, p in enumerate(prompts):
                 alone.setdefault(i, engine.generate([p], max_new_tokens=12, ignore_eos=True)[0])
                 assert together[i] == alone[i]
+    with Engine.from_pretrained(path, max_context=256, prefill_chunk=32) as engine:
+        assert (engine.prefill([prompts[0]])[1][0] - ref16[0]).abs().max() <= 2 * (ref16[0] - ref32[0]).abs().max()
