@@ -108,6 +108,23 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
                    (part(q, ck, cv, pos, cpos, scale, window, False, kernel) for ck, cv, cpos in cached))
 
 
+def joined_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: Iterable[CachedKV], cached_len: int,
+                     scale: float, kernel: Kernel) -> torch.Tensor:
+    """chunked_attention with no window, in one call of a kernel whose causality is aligned at the keys' end
+    (native.PrefillAttention: query i of Tq sees keys up to i + Tk - Tq): the cached chunks (cached_len keys, all
+    before the new tokens) copied ahead of the new keys, so no partial attentions are merged."""
+    if not cached_len:
+        return kernel(q, k, v, True, None, scale)[0]
+    t = k.shape[0]
+    keys, values = k.new_empty(cached_len + t, *k.shape[1:]), v.new_empty(cached_len + t, *v.shape[1:])
+    row = 0
+    for ck, cv, _ in cached:  # each chunk is valid only until the next is read: copied as it comes
+        keys[row:row + len(ck)], values[row:row + len(cv)] = ck, cv
+        row += len(ck)
+    keys[row:], values[row:] = k, v
+    return kernel(q, keys, values, True, None, scale)[0]
+
+
 def cached_attention(q: torch.Tensor, pos: torch.Tensor, cached: Iterable[CachedKV], scale: float,
                      window: int | None = None) -> torch.Tensor:
     """Attention of one new token (q [1, H, D] at pos [1]) over cached KV chunks that already hold its own K and V

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import cached_attention, chunked_attention, gathered_bias
+from .attention import cached_attention, chunked_attention, gathered_bias, joined_attention
 from .batch import Batch, Piece
 from .config import ModelConfig
 from .kernels import decode_attention, fused_attention
@@ -76,6 +76,11 @@ EXACT_FUSED = ("gemv", "wxt")
 # rows in the chunk, and where our kernel reads their KV, or the gather of their KV and its mask.
 Gathered = tuple[set[int], slice | torch.Tensor, Paged | tuple[Gather, torch.Tensor]]
 
+# A prefill chunk attends over its cached keys and its own in one call of our kernel (attention.joined_attention)
+# while they take at most this much (K and V of one layer, copied together): 8,192 tokens of 4 KV heads of 64 are
+# 8 MiB. A longer context attends chunk by chunk, merged, as on CUDA.
+JOIN_BYTES = 64 << 20
+
 
 def mlp(x: torch.Tensor, w: dict[str, torch.Tensor], rows: int, form: str,
         ops: LayerOps | None = None) -> torch.Tensor:
@@ -106,6 +111,7 @@ class Transformer:
         self.cfg, self.weights, self.globals, self.kv, self.paged, self.ops = cfg, weights, globals_, kv, paged, ops
         self.mlp_rows, self.narrow_rows, self.device, self.dtype = mlp_rows, narrow_rows, device, compute_dtype
         self.forms, self.rope, self.prefill = forms, Rope(cfg, device, compute_dtype), prefill or fused_attention
+        self.join_tokens = JOIN_BYTES // cfg.kv_bytes_per_token(compute_dtype) if prefill else 0
         self.qk_columns = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # q's and k's columns of qkv
 
     @torch.inference_mode()
@@ -199,7 +205,11 @@ class Transformer:
             if p.own:
                 out = cached_attention(q[r], pos[r], cached, scale, cfg.sliding_window)
             else:
-                out = chunked_attention(q[r], k[r], v[r], pos[r], cached, scale, cfg.sliding_window, self.prefill)
+                cached_len = sum(c.valid for c in p.cached)
+                if cfg.sliding_window is None and cached_len + len(pos[r]) <= self.join_tokens:
+                    out = joined_attention(q[r], k[r], v[r], cached, cached_len, scale, self.prefill)
+                else:
+                    out = chunked_attention(q[r], k[r], v[r], pos[r], cached, scale, cfg.sliding_window, self.prefill)
             if attn is None:
                 attn = out
             else:
