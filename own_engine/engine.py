@@ -125,6 +125,7 @@ class Engine:
                 self.store = PrefixStore(prefix_cache_dir, key, shape, plan.kv_dtype)
             except OSError as e:
                 raise EngineError(f"prefix_cache_dir {prefix_cache_dir}: {e}") from None
+            closers.insert(0, self.store.close)
             self.stats.prefix["store_rebuilt"] = self.store.rebuilt
 
     @classmethod
@@ -177,21 +178,24 @@ class Engine:
                     self.unsaved += new
         return logits
 
-    def persist(self) -> None:
-        """Write the blocks the last passes filled to prefix_cache_dir. The scheduler calls it once a pass's tokens
-        are out, so a first question's TTFT does not wait for the disk (a 2,048-token document: 65 blocks, 25 MB,
-        20-50 ms); no pass runs in between, so no block it names has been reused."""
+    def persist(self, wait: bool = False) -> None:
+        """Hand the blocks the last pass filled to prefix_cache_dir's writer (PrefixStore.save), copied now: no pass
+        runs in between, so none has been reused. The scheduler calls it once a pass's tokens are out, so neither a
+        first question's first token nor its second waits for the disk (a 2,048-token document: 65 blocks, 25 MB,
+        20-40 ms to write). wait: return once they are written. A store whose writing failed is dropped."""
         new, self.unsaved = self.unsaved, []
-        if self.store is None or not new:
-            return
-        try:
-            for block, h in new:
-                self.store.put(h, self.kv.block_data(block))
-            self.store.flush()
-        except OSError as e:  # persisting is a bonus: a full disk stops it, not the request
-            self.store, self.stats.prefix["store_error"] = None, str(e)
-            return
-        self.stats.prefix["stored_blocks"] += len(new)
+        if self.store is not None and new:
+            data = self.kv.blocks_data([block for block, _ in new])
+            self.store.save([(h, block) for (_, h), block in zip(new, data)], self._stored)
+        if self.store is not None and wait:
+            self.store.wait()
+        if self.store is not None and self.store.error is not None:
+            self.stats.prefix["store_error"] = self.store.error
+            self.store.close()
+            self.store = None
+
+    def _stored(self, n: int) -> None:  # on the store's writer thread; no other thread counts stored_blocks
+        self.stats.prefix["stored_blocks"] += n
 
     def prefill(self, prompts: list[list[int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Start one sequence per prompt and run all prompts in one pass over the weights. Returns the sequences
@@ -201,7 +205,7 @@ class Engine:
             for seq in seqs:
                 self.admit(seq)
             logits = self.forward([(seq, seq.left) for seq in seqs], "prefill")
-            self.persist()
+            self.persist(wait=True)
             return seqs, logits
         except BaseException:
             self.release(seqs)
@@ -213,7 +217,7 @@ class Engine:
             seq.tokens.append(token)
             self.blocks.reserve(seq, len(seq.tokens))
         logits = self.forward([(seq, 1) for seq in seqs], "decode")
-        self.persist()
+        self.persist(wait=True)
         return logits
 
     def release(self, seqs: list[Sequence]) -> None:
@@ -247,6 +251,7 @@ class Engine:
             scheduler.add(seq)
         while scheduler.busy:
             scheduler.step()
+        self.persist(wait=True)  # what this call's passes filled is on disk when it returns
         for seq in seqs:
             if seq.error is not None:
                 raise seq.error

@@ -144,10 +144,22 @@ class KVCache:
                 kpool.index_copy_(0, flat, new_k)
                 vpool.index_copy_(0, flat, new_v)
 
-    def block_data(self, block: int) -> torch.Tensor:
-        """A block's K and V in every layer, [layers, 2, block_size, kv_heads, head_dim], on the CPU."""
-        tier, local = self._locate(block)
-        return torch.stack([torch.stack((k[local], v[local])) for k, v in self.tiers[tier][2]]).cpu()
+    def blocks_data(self, blocks: list[int]) -> torch.Tensor:
+        """Blocks' K and V in every layer, [len(blocks), layers, 2, block_size, kv_heads, head_dim], a copy on the
+        CPU: one indexed read per tier, layer and K or V (not one per block: a 2,048-token document's 64 blocks
+        took ~1,600 small copies)."""
+        by_tier: dict[str, list[tuple[int, int]]] = {}
+        for i, block in enumerate(blocks):
+            tier, at = self._locate(block)
+            by_tier.setdefault(tier, []).append((i, at))
+        pools = next(iter(self.tiers.values()))[2]
+        out = torch.empty(len(blocks), len(pools), 2, *pools[0][0].shape[1:], dtype=self.dtype)
+        for tier, found in by_tier.items():
+            rows, local = (torch.tensor(x) for x in zip(*found))
+            for layer, kv in enumerate(self.tiers[tier][2]):
+                for j, pool in enumerate(kv):
+                    out[rows, layer, j] = pool[local.to(pool.device)].cpu()
+        return out
 
     def load_block(self, block: int, data: torch.Tensor) -> None:
         tier, local = self._locate(block)
