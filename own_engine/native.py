@@ -56,10 +56,8 @@ class Native:
 def support(native: "Native | None", device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, heads: int,
             kv_heads: int, head_dim: int, block_size: int) -> str | None:
     """Why decode attention cannot run in our kernel with these inputs, or None when it can."""
-    if device.type != "cpu":
-        return "torch's kernels on CUDA"
-    if native is None or native.library is None:
-        return native.reason if native else "our kernel was not built"
+    if why := _unbuilt(native, device):
+        return why
     if dtype not in SHAPES or kv_dtype != dtype:
         kv, compute = (str(d).removeprefix("torch.") for d in (kv_dtype, dtype))
         return f"our kernel takes a bfloat16 or float32 KV cache read in place, not {kv} computed in {compute}"
@@ -69,6 +67,15 @@ def support(native: "Native | None", device: torch.device, dtype: torch.dtype, k
                 f"heads per KV head of {' or '.join(map(str, dims))}, not {heads} on {kv_heads} of {head_dim}")
     if block_size & (block_size - 1):
         return f"our kernel takes power-of-two KV blocks, not {block_size}"
+    return None
+
+
+def _unbuilt(native: "Native | None", device: torch.device) -> str | None:
+    """Why none of our kernels can run here (CUDA, or no library), or None."""
+    if device.type != "cpu":
+        return "torch's kernels on CUDA"
+    if native is None or native.library is None:
+        return native.reason if native else "our kernels were not built"
     return None
 
 
@@ -129,14 +136,13 @@ def load(library: Path) -> ctypes.CDLL:
 
 def prefill_support(native: "Native | None", device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why a prefill chunk's attention cannot run in our AMX kernel, or None when it can."""
-    if device.type != "cpu":
-        return "torch's kernels on CUDA"
-    if native is None or native.library is None:
-        return native.reason if native else "our kernels were not built"
+    if why := _unbuilt(native, device):
+        return why
     if dtype != torch.bfloat16:
         return f"our AMX kernel computes in bfloat16, not {str(dtype).removeprefix('torch.')}"
     if head_dim not in (64, 128):
         return f"our AMX kernel takes heads of 64 or 128, not {head_dim}"
+    assert native is not None and native.library is not None  # _unbuilt said so
     if not load(native.library).prefill_attention_ready():
         return "this CPU or kernel does not give us AMX tiles (amx_bf16, amx_tile)"
     return None
@@ -144,10 +150,8 @@ def prefill_support(native: "Native | None", device: torch.device, dtype: torch.
 
 def layer_ops_support(native: "Native | None", device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why a layer's elementwise steps cannot run in our kernels, or None when they can."""
-    if device.type != "cpu":
-        return "torch's kernels on CUDA"
-    if native is None or native.library is None:
-        return native.reason if native else "our kernels were not built"
+    if why := _unbuilt(native, device):
+        return why
     if dtype not in (torch.bfloat16, torch.float32):
         return f"our kernels compute in bfloat16 or float32, not {str(dtype).removeprefix('torch.')}"
     if head_dim % 32:

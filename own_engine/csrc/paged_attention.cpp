@@ -31,20 +31,6 @@ inline uint16_t to_bf16(float x) {  // round to nearest even, as torch does
   return static_cast<uint16_t>(u >> 16);
 }
 
-// exp of 16 lanes at most 0 (Cephes' expf: 2^n times a degree-6 polynomial, within 2 ulp); -inf gives ~1e-38.
-inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
-                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Keys [start, stop) of a sequence as runs of consecutive pool rows (one per block): f(first row, key - start, n).
 template <typename F>
 inline void runs(const int32_t* table, int64_t block_size, int64_t start, int64_t stop, F f) {
@@ -99,7 +85,7 @@ inline void softmax(float* s, int64_t count, float* m, float* l) {
   const __m512 mx = _mm512_load_ps(lanes);
   __m512 sv = _mm512_setzero_ps();
   for (int64_t i = 0; i < padded * G; i += 16) {
-    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s + i), mx));
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), mx));
     _mm512_storeu_ps(s + i, e);
     sv = _mm512_add_ps(sv, e);
   }

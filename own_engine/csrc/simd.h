@@ -1,6 +1,25 @@
 // AVX-512 pieces the kernels share.
 #pragma once
+#include <cmath>
 #include <immintrin.h>
+#include <initializer_list>
+
+// exp of 16 lanes (Cephes' expf: 2^n times a degree-6 polynomial, within 2 ulp of the exact value). Below -87 it
+// gives e^-87 (~1e-38, a normal float: no slow denormal arithmetic after it; -inf included), above 88.7 inf.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 big = _mm512_set1_ps(88.7f);
+  const __mmask16 over = _mm512_cmp_ps_mask(x, big, _CMP_GT_OQ);
+  x = _mm512_max_ps(_mm512_min_ps(x, big), _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_mask_mov_ps(_mm512_scalef_ps(p, n), over, _mm512_set1_ps(INFINITY));
+}
 
 // The lane sums (or maxima: reduce4<_mm512_max_ps, ...>) of a0..a3 as one 4-lane vector, in 13 instructions where
 // four separate reductions take 32.
