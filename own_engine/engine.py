@@ -186,16 +186,14 @@ class Engine:
         new, self.unsaved = self.unsaved, []
         if self.store is not None and new:
             data = self.kv.blocks_data([block for block, _ in new])
-            self.store.save([(h, block) for (_, h), block in zip(new, data)], self._stored)
+            # the writer thread is handed the stats, not the engine: it must not keep the engine from its finalizer
+            self.store.save([(h, block) for (_, h), block in zip(new, data)], self.stats.count_stored)
         if self.store is not None and wait:
             self.store.wait()
         if self.store is not None and self.store.error is not None:
             self.stats.prefix["store_error"] = self.store.error
             self.store.close()
             self.store = None
-
-    def _stored(self, n: int) -> None:  # on the store's writer thread; no other thread counts stored_blocks
-        self.stats.prefix["stored_blocks"] += n
 
     def prefill(self, prompts: list[list[int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Start one sequence per prompt and run all prompts in one pass over the weights. Returns the sequences

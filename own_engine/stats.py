@@ -100,6 +100,11 @@ class EngineStats:
             self.prefix["miss_blocks"] += misses
             self.prefix["bytes_reused"] += (hits + from_disk) * block_bytes
 
+    def count_stored(self, blocks: int) -> None:
+        """Blocks written to prefix_cache_dir (called on the store's writer thread)."""
+        with self._lock:
+            self.prefix["stored_blocks"] += blocks
+
     def bandwidth(self, direction: str, phase: str | None = None) -> float:
         """Achieved bytes/s of one direction's timed transfers, over one phase or all of them."""
         keys = [k for k in self.bytes if k[1] == direction and phase in (None, k[0])]

@@ -1,6 +1,8 @@
 """The prefix cache: full KV blocks reused across requests and sequences, evicted LRU under pressure, persisted in
 prefix_cache_dir behind a manifest that is rebuilt when it cannot be trusted; never a different token."""
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -126,6 +128,19 @@ def test_blocks_reach_prefix_cache_dir_once_the_passs_token_is_out(model, uncach
         assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12, on_token=on_token) == uncached[0]
         assert files_at_first_token[0] == 0 and engine.store is not None and engine.store.writer is not None
         assert engine.stats.prefix["stored_blocks"] == len(list((store / "blocks").iterdir())) >= 4
+
+
+def test_an_engine_left_unclosed_is_still_finalized_with_its_store_writer(model, tmp_path):
+    """The store's writer thread holds no reference to the engine: an engine dropped without close() is collected,
+    and its finalizer writes what was queued and ends the thread."""
+    engine = Engine.from_pretrained(model, **OPTIONS, prefix_cache_dir=tmp_path / "prefix")
+    engine.generate(DOC + QUESTIONS[0], max_new_tokens=2)
+    writer, gone = engine.store.writer, weakref.ref(engine)
+    assert writer is not None and writer.is_alive()
+    del engine
+    gc.collect()
+    assert gone() is None and not writer.is_alive()
+    assert len(list((tmp_path / "prefix" / "blocks").iterdir())) >= 4
 
 
 def test_the_prompt_is_never_wholly_cached(model):
