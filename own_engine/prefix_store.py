@@ -10,6 +10,7 @@ Blocks are written on a thread of the store's (`save`), started with the first o
 the next token while the disk takes them: 65 blocks of the 201M model (a 2,048-token document) take 20-40 ms.
 """
 import json
+import os
 import queue
 import shutil
 import threading
@@ -96,6 +97,10 @@ class PrefixStore:
             self.writer = None
 
     def _write(self, saved: Callable[[int], None]) -> None:
+        try:  # the lowest priority (a Linux thread's own nice): the disk can wait, the next token cannot
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):  # not Linux, or not allowed: written at the engine's priority
+            pass
         while (blocks := self.queue.get()) is not None:
             try:
                 if self.error is None:
