@@ -183,16 +183,18 @@ class Engine:
         runs in between, so none has been reused. The scheduler calls it once a pass's tokens are out, so neither a
         first question's first token nor its second waits for the disk (a 2,048-token document: 65 blocks, 25 MB,
         20-40 ms to write). wait: return once they are written. A store whose writing failed is dropped."""
-        new, self.unsaved = self.unsaved, []
-        if self.store is not None and new:
+        new, self.unsaved, store = self.unsaved, [], self.store
+        if store is None:
+            return
+        if new:
             data = self.kv.blocks_data([block for block, _ in new])
             # the writer thread is handed the stats, not the engine: it must not keep the engine from its finalizer
-            self.store.save([(h, block) for (_, h), block in zip(new, data)], self.stats.count_stored)
-        if self.store is not None and wait:
-            self.store.wait()
-        if self.store is not None and self.store.error is not None:
-            self.stats.prefix["store_error"] = self.store.error
-            self.store.close()
+            store.save([(h, block) for (_, h), block in zip(new, data)], self.stats.count_stored)
+        if wait:
+            store.wait()
+        if store.error is not None:
+            self.stats.prefix["store_error"] = store.error
+            store.close()
             self.store = None
 
     def prefill(self, prompts: list[list[int]]) -> tuple[list[Sequence], torch.Tensor]:
