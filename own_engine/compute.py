@@ -106,7 +106,7 @@ class MatmulForms:
                 f"matrix over {WORKING_SET >> 20} MiB of them: {times})")
 
 
-FORM_NAMES = {"linear": "F.linear", "gemv": "torch.mv", "wxt": "(w @ x.T).T"}
+FORM_NAMES = {"linear": "F.linear", "gemv": "torch.mv", "wxt": "(w @ x.T).T", "tiles": "our AMX tile kernel"}
 
 
 @dataclass(frozen=True)
@@ -213,9 +213,9 @@ def crossover(stored: torch.dtype, compute: torch.dtype) -> Crossover:
 
 def matmul_forms(dtype: torch.dtype) -> MatmulForms:
     """The fastest form of a product with `dtype` weights at each of FORM_ROWS, measured once per machine."""
-    from .matmul import FORMS
+    from .matmul import forms_here
 
-    key = {**_machine(), "forms": list(FORMS), "dtype": dtype_name(dtype), "shape": list(SHAPE),
+    key = {**_machine(), "forms": list(forms_here(dtype)), "dtype": dtype_name(dtype), "shape": list(SHAPE),
            "rows": list(FORM_ROWS), "working_set": WORKING_SET}
     return _cached(key, lambda: measure_forms(dtype),
                    lambda c, file: MatmulForms(c["dtype"], tuple(c["rows"]), tuple(c["best"]),
@@ -225,8 +225,9 @@ def matmul_forms(dtype: torch.dtype) -> MatmulForms:
 def measure_forms(dtype: torch.dtype) -> MatmulForms:
     """Time each form at each of FORM_ROWS over enough SHAPE matrices to fill WORKING_SET, each matrix read once
     per pass as a decode step reads its weights; forms interleaved, the best of REPEATS passes each. A form must
-    beat the ones before it in matmul.FORMS (F.linear, the call the engine made before, then torch.mv) by MARGIN."""
-    from .matmul import FORMS, linear
+    beat the ones before it in matmul.FORMS (F.linear, the call the engine made before, then torch.mv) by MARGIN.
+    Only the forms that run here (matmul.forms_here) are candidates."""
+    from .matmul import FORMS, forms_here, linear
 
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(SHAPE, generator=gen).to(dtype)
@@ -235,7 +236,7 @@ def measure_forms(dtype: torch.dtype) -> MatmulForms:
     best = []
     for rows in FORM_ROWS:
         x = torch.randn((rows, SHAPE[1]), generator=gen).to(dtype)
-        candidates = [f for f in FORMS if f != "gemv" or rows == 1]
+        candidates = [f for f in forms_here(dtype) if f != "gemv" or rows == 1]
         times: dict[str, list[float]] = {f: [] for f in candidates}
         for repeat in range(REPEATS + 1):
             for form in candidates if repeat % 2 else candidates[::-1]:

@@ -78,6 +78,7 @@ class KVCache:
         self.block_bytes = torch.Size(block).numel() * dtype.itemsize  # K or V of one block in one layer
         self.tiers = {}  # tier -> (first block id, block count, per layer (K pool, V pool))
         self.maps: list[Mapped] = []  # the disk tier's file per layer
+        self.whole: dict[str, torch.Tensor] = {}  # a tier in memory: every layer's pools, [layers, 2, blocks, ...]
         first = 0
         for tier in ("device", "host", "disk"):
             n = counts.get(tier, 0)
@@ -95,8 +96,11 @@ class KVCache:
             else:
                 where = device if tier == "device" else torch.device("cpu")
                 pin = tier == "host" and device.type == "cuda"
-                pools = [kv.unbind(0) for kv in torch.empty((cfg.num_layers, 2, n, *block), dtype=dtype,
-                                                            device=where, pin_memory=pin).unbind(0)]
+                # Pages of host memory are touched now (zeros), at load: untouched, the first write of each faults
+                # inside a request, as 12 ms of a 2,048-token document's 63 blocks read from prefix_cache_dir.
+                make = torch.zeros if where.type == "cpu" and not pin else torch.empty
+                self.whole[tier] = make((cfg.num_layers, 2, n, *block), dtype=dtype, device=where, pin_memory=pin)
+                pools = [kv.unbind(0) for kv in self.whole[tier].unbind(0)]
             self.tiers[tier] = (first, n, pools)
             first += n
         # Each pool as [blocks * block_size, kv_heads, head_dim] rows, for writes by flat index.
@@ -162,8 +166,13 @@ class KVCache:
         return out
 
     def load_block(self, block: int, data: torch.Tensor) -> None:
+        """Store a block's K and V in every layer ([layers, 2, block_size, kv_heads, head_dim], from
+        blocks_data) in `block`: one copy where its tier is in memory (a copy per layer took ~115 us a block)."""
         tier, local = self._locate(block)
-        for (k, v), layer in zip(self.tiers[tier][2], data.to(self.device if tier == "device" else "cpu")):
+        if tier in self.whole:
+            self.whole[tier][:, :, local] = data
+            return
+        for (k, v), layer in zip(self.tiers[tier][2], data):
             k[local], v[local] = layer[0], layer[1]
 
     def _locate(self, block: int) -> tuple[str, int]:

@@ -70,7 +70,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # The forms whose product of adjacent weights (weights.fused) gives each output exactly as their separate products:
 # memory-bound row by row. F.linear's GEMM blocks by the matrix's size, so a fused product differs in the last bits
 # (and placements whose weights lie apart, a checkpoint mapped in place, would compute otherwise than resident ones).
-EXACT_FUSED = ("gemv", "wxt")
+EXACT_FUSED = ("gemv", "wxt", "tiles")
 
 # The decoding pieces of a chunk that attend together (Transformer.gathered): their indices among the pieces, their
 # rows in the chunk, and where our kernel reads their KV, or the gather of their KV and its mask.

@@ -1,6 +1,6 @@
 """Our C++ kernels (csrc/), built for this CPU on first use: decode attention over the paged KV cache
-(paged_attention.cpp), a prefill chunk's attention with AMX tiles (prefill_attention.cpp) and a layer's elementwise
-steps fused per row (layer_ops.cpp).
+(paged_attention.cpp), a prefill chunk's attention with AMX tiles (prefill_attention.cpp), a layer's elementwise
+steps fused per row (layer_ops.cpp) and the products of a few rows by the weights with AMX tiles (tile_matmul.cpp).
 
 Decode attention: torch's CPU flash kernel is compute-bound on a decode's few query rows: for the 201M bf16 benchmark
 model (16 query heads on 4 KV heads of 64) it took 0.32 ms a layer over 2,048 cached tokens and 1.24 ms over 8,192,
@@ -19,6 +19,11 @@ Prefill attention: torch's flash kernel reached ~0.5 TFLOP/s on a 2,048-token ca
 same model); ours computes both products as bf16 tile instructions on K and V packed for them, the online softmax on
 AVX-512 in base 2: 8.8 ms, and 33 against 49 ms for 2,048 queries over 4,096 keys, at the flash kernel's error
 (docs/own_engine.md). It needs AMX tiles (amx_bf16, amx_tile), bf16 compute, heads of 64 or 128.
+
+Products of a few rows (tile_matmul.cpp): memory-bound, so what counts is how fast the weights stream; the weights
+are the tiles' first operand, loaded from their rows in place: 1 row ~27 GB/s against torch.mv's ~23, 32 rows ~21
+against (w @ x.T).T's ~15 (12 layers of that model). matmul.py's "tiles" form, chosen by the forms micro-benchmark
+(compute.py) where it runs: AMX tiles, bf16 weights, in features a multiple of 32, out features of 16.
 
 Layer ops: RMSNorm, the rotary embedding and SiLU-and-multiply, each one pass over its rows with transformers'
 roundings, where torch makes several whole-tensor passes (2,048 rows of the same model: RMSNorm 0.34 against 2.4 ms,
@@ -137,6 +142,8 @@ def load(library: Path) -> ctypes.CDLL:
     lib.prefill_attention.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i32, f32,
                                       ptr, ptr, ptr, ptr, i32]
     lib.prefill_attention.restype = i32
+    lib.tile_matmul.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
+    lib.tile_matmul.restype = i32
     return lib
 
 
@@ -148,8 +155,13 @@ def prefill_support(native: "Native | None", device: torch.device, dtype: torch.
         return f"our AMX kernel computes in bfloat16, not {str(dtype).removeprefix('torch.')}"
     if head_dim not in (64, 128):
         return f"our AMX kernel takes heads of 64 or 128, not {head_dim}"
+    return _no_tiles(native)
+
+
+def _no_tiles(native: "Native | None") -> str | None:
+    """Why our AMX kernels cannot run in this process (the library is built), or None."""
     assert native is not None and native.library is not None  # _unbuilt said so
-    if not load(native.library).prefill_attention_ready():
+    if not load(native.library).amx_ready():
         return "this CPU or kernel does not give us AMX tiles (amx_bf16, amx_tile)"
     return None
 
@@ -228,6 +240,38 @@ class PrefillAttention:
                            torch.get_num_threads())
         assert not failed, f"our AMX kernel cannot run heads of {d}"  # prefill_support checked
         return out, lse
+
+
+class TileMatmul:
+    """x @ w.T (+ b) for a few rows of x with AMX tiles (csrc/tile_matmul.cpp), in bf16, w's rows contiguous: the
+    form matmul.linear calls "tiles"."""
+
+    def __init__(self, library: Path):
+        self.call = load(library).tile_matmul
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+        """The product, or None for inputs the kernel does not take (not bf16, in features not a multiple of 32,
+        out features not a multiple of 16)."""
+        rows, k = x.shape
+        n = w.shape[0]
+        if (k % 32 or n % 16 or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.stride(1) != 1
+                or w.stride() != (k, 1) or (b is not None and (b.dtype != torch.bfloat16 or b.stride(0) != 1))):
+            return None
+        y = torch.empty(rows, n, dtype=torch.bfloat16)
+        packed = torch.empty(k // 32 * -(-rows // 16) * 512, dtype=torch.bfloat16)  # x^T, as the tiles take it
+        self.call(x.data_ptr(), x.stride(0), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), n,
+                  rows, n, k, packed.data_ptr(), torch.get_num_threads())
+        return y
+
+
+@lru_cache(maxsize=None)
+def tile_matmul(flags: frozenset[str]) -> TileMatmul | None:
+    """The tile kernel on a CPU with these flags, where it runs (its library built, the tiles granted)."""
+    native = build(flags)
+    if _unbuilt(native, torch.device("cpu")) or _no_tiles(native):
+        return None
+    assert native.library is not None  # _unbuilt said so
+    return TileMatmul(native.library)
 
 
 class PagedAttention:

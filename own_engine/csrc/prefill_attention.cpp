@@ -13,29 +13,16 @@
 #include <cstring>
 #include <immintrin.h>
 #include <initializer_list>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx.h"
 #include "simd.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#ifdef OWN_ENGINE_AMX
 namespace {
 
 constexpr int64_t BM = 32;   // query rows per work item: two tiles of 16
 constexpr int64_t BN = 64;   // keys per softmax step: two products of 32
 constexpr int64_t MAX_D = 128;
-
-struct TileConfig {  // the LDTILECFG operand: palette 1, eight tiles of 16 rows of 64 bytes
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-// Linux hands AMX's tile state to a process that asks once (oneDNN asks too, so a second ask is harmless).
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
 
 // 2^x for finite x <= 8: 2^round(x) times 2^f, f in [-0.5, 0.5], by a degree-4 polynomial (within 3.6e-6: the
 // weights are rounded to bf16 for the value product, their sum kept in float32).
@@ -61,25 +48,39 @@ struct Args {
   int64_t tk_pad;
 };
 
+// K and V into the tiles' layouts, 32 keys at a time per KV head, keys past tk zero: K's pairs of dims gathered
+// across 16 keys, V's rows of two keys interleaved 16 dims at a time.
 void pack(const Args& a, int threads) {
   const int64_t d = a.d, pairs = d / 2;
+  const __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(a.k_row)));
+  alignas(64) int16_t order[32];  // lane 2i: the first key's dim i, lane 2i + 1: the second key's
+  for (int i = 0; i < 16; ++i) order[2 * i] = static_cast<int16_t>(i), order[2 * i + 1] = static_cast<int16_t>(32 + i);
+  const __m512i pairwise = _mm512_load_si512(order);
 #pragma omp parallel for collapse(2) num_threads(threads)
   for (int64_t h = 0; h < a.kv_heads; ++h)
     for (int64_t b = 0; b < a.tk_pad / 32; ++b) {
-      uint32_t* kb = a.kp + (h * (a.tk_pad / 16) + 2 * b) * pairs * 16;
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t key = b * 32 + half * 16;
+        const __mmask16 valid = static_cast<__mmask16>((1u << std::clamp<int64_t>(a.tk - key, 0, 16)) - 1);
+        const uint16_t* kr = a.k + key * a.k_row + h * a.k_head;
+        uint32_t* kb = a.kp + (h * (a.tk_pad / 16) + 2 * b + half) * pairs * 16;
+        for (int64_t r = 0; r < pairs; ++r)  // a pair of dims of 16 keys: 16 loads 2 * k_row bytes apart
+          _mm512_storeu_si512(kb + r * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, across,
+                                                                      kr + 2 * r, 2));
+      }
       uint16_t* vb = a.vp + (h * (a.tk_pad / 32) + b) * 32 * d;
-      for (int64_t j = 0; j < 32; ++j) {
-        const int64_t key = b * 32 + j;
-        uint32_t* kd = kb + (j / 16) * pairs * 16 + j % 16;
-        uint16_t* vd = vb + (j / 2) * 32 + j % 2;
-        if (key < a.tk) {
-          const uint16_t* kr = a.k + key * a.k_row + h * a.k_head;
-          const uint16_t* vr = a.v + key * a.v_row + h * a.v_head;
-          for (int64_t r = 0; r < pairs; ++r) std::memcpy(kd + r * 16, kr + 2 * r, 4);
-          for (int64_t c = 0; c < d; ++c) vd[(c / 16) * 512 + (c % 16) * 2] = vr[c];
-        } else {  // padding keys: zeros, and masked out of every row
-          for (int64_t r = 0; r < pairs; ++r) kd[r * 16] = 0;
-          for (int64_t c = 0; c < d; ++c) vd[(c / 16) * 512 + (c % 16) * 2] = 0;
+      for (int64_t p = 0; p < 16; ++p) {  // keys 2p and 2p + 1 of the 32
+        const int64_t key = b * 32 + 2 * p;
+        const uint16_t* v0 = a.v + key * a.v_row + h * a.v_head;
+        for (int64_t c = 0; c < d; c += 16) {
+          const __m256i x0 = key < a.tk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + c))
+                                        : _mm256_setzero_si256();
+          const __m256i x1 = key + 1 < a.tk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + a.v_row + c))
+                                            : _mm256_setzero_si256();
+          _mm512_storeu_si512(vb + (c / 16) * 512 + p * 32,
+                             _mm512_permutex2var_epi16(_mm512_castsi256_si512(x0), pairwise,
+                                                       _mm512_castsi256_si512(x1)));
         }
       }
     }
@@ -257,8 +258,6 @@ void attend(const Args& a, Block& b, int64_t hq, int64_t m0) {
 
 extern "C" {
 
-int prefill_attention_ready() { return amx_permitted() ? 1 : 0; }
-
 // q [tq, heads, d], k and v [tk, kv_heads, d] (bf16, strides in elements, each head's d contiguous); kp, vp scratch
 // of kv_heads * tk_pad * d bf16 each, tk_pad = tk rounded up to 32. Returns 0, or 1 where it cannot run (no AMX, a
 // head size other than 64 or 128).
@@ -275,8 +274,7 @@ int prefill_attention(const void* q, int64_t q_row, int64_t q_head, const void* 
   const int64_t blocks = (tq + BM - 1) / BM;
 #pragma omp parallel num_threads(threads)
   {
-    const TileConfig config;
-    _tile_loadconfig(&config);
+    configure_tiles();
     Block b;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < heads * blocks; ++item)  // the last (longest, if causal) row blocks first
@@ -291,7 +289,6 @@ int prefill_attention(const void* q, int64_t q_row, int64_t q_head, const void* 
 #else  // built for a CPU without AMX: nothing to run
 
 extern "C" {
-int prefill_attention_ready() { return 0; }
 int prefill_attention(const void*, int64_t, int64_t, const void*, int64_t, int64_t, const void*, int64_t, int64_t,
                       int64_t, int64_t, int64_t, int64_t, int64_t, int, float, void*, float*, void*, void*, int) {
   return 1;

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from own_engine import compute
+from own_engine import compute, matmul
 from own_engine.compute import (Crossover, MatmulForms, choose, cpu_flags, crossover, matmul_forms, measure,
                                 measure_forms)
 
@@ -132,6 +132,19 @@ def test_the_forms_micro_benchmark_times_each_candidate(monkeypatch):
         assert best == "linear" or f.seconds[best][at] * compute.MARGIN < f.seconds["linear"][at]
 
 
+def test_without_the_tile_kernel_its_form_is_no_candidate_and_falls_back(monkeypatch):
+    """A CPU without AMX (or no compiler): "tiles" is not timed, not in the cache's key, and a product asked in
+    that form (a cache from elsewhere) is computed by torch."""
+    monkeypatch.setattr(matmul, "tile_matmul", lambda flags: None)
+    monkeypatch.setattr(compute, "FORM_ROWS", (1, 4))
+    monkeypatch.setattr(compute, "WORKING_SET", 1 << 20)
+    assert matmul.forms_here(torch.bfloat16) == ("linear", "gemv", "wxt")
+    f = measure_forms(torch.bfloat16)
+    assert f.seconds["tiles"] == (None, None) and "tiles" not in f.best
+    x, w = torch.randn(4, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    assert torch.equal(matmul.linear(x, w, None, "tiles"), matmul.linear(x, w, None, "wxt"))
+
+
 def test_the_forms_are_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBENCH_CACHE", str(tmp_path))
     runs = []
@@ -147,3 +160,4 @@ def test_the_forms_are_measured_once_per_machine_and_dtype(tmp_path, monkeypatch
     assert runs == [torch.bfloat16, torch.float32]
     keys = [json.loads(k) for k in json.loads((tmp_path / "own_engine" / "compute.json").read_text())]
     assert [k["dtype"] for k in keys] == ["bfloat16", "float32"] and all(k["threads"] == 1 for k in keys)
+    assert keys[0]["forms"] == list(matmul.forms_here(torch.bfloat16))  # a CPU gaining a form measures anew

@@ -8,14 +8,15 @@ from own_engine.attention import attend, visible
 from own_engine.compute import cpu_flags
 from own_engine.kernels import fused_attention
 from own_engine.model import apply_rope, rms_norm
-from own_engine.native import (LayerOps, Native, PagedAttention, PrefillAttention, build, layer_ops_support, load,
-                               prefill_support, support)
+from own_engine.matmul import FORMS, forms_here, linear
+from own_engine.native import (LayerOps, Native, PagedAttention, PrefillAttention, TileMatmul, build,
+                               layer_ops_support, load, prefill_support, support)
 
 from .conftest import AVX2, EPYC, XEON_AMX
 
 HERE = build(cpu_flags())
 needs_kernel = pytest.mark.skipif(HERE.library is None, reason=f"this machine cannot run it: {HERE.reason}")
-AMX = HERE.library is not None and bool(load(HERE.library).prefill_attention_ready())
+AMX = HERE.library is not None and bool(load(HERE.library).amx_ready())
 needs_amx = pytest.mark.skipif(not AMX, reason="this machine gives no AMX tiles (amx_bf16, amx_tile)")
 CPU = torch.device("cpu")
 
@@ -178,6 +179,41 @@ def test_the_amx_kernel_leaves_a_window_to_torch():
     got, want = PrefillAttention(HERE.library)(q, k, v, False, bias, 0.125), fused_attention(q, k, v, False, bias,
                                                                                               0.125)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64])
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (1536, 1024), (1024, 2816)])
+def test_the_tile_kernel_multiplies_as_torch_does(rows, out_features, in_features):
+    """Within torch's own bf16 distance from a float32 product, with and without a bias, from rows read at a
+    stride; and a product over two matrices side by side gives each one's products to the bit (model.EXACT_FUSED)."""
+    tiles = TileMatmul(HERE.library)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 2 * in_features, generator=gen).bfloat16()[:, :in_features]  # rows at a stride
+    w = torch.randn(2 * out_features, in_features, generator=gen).bfloat16()
+    b = torch.randn(2 * out_features, generator=gen).bfloat16()
+    for bias in (None, b):
+        got = tiles(x, w, bias)
+        assert got is not None and got.shape == (rows, 2 * out_features) and got.dtype == torch.bfloat16
+        ref = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        torch_bf16 = F.linear(x, w, bias).float()
+        assert (got.float() - ref).abs().max() <= 2 * (torch_bf16 - ref).abs().max() + 1e-6
+    halves = [tiles(x, part, None) for part in w.chunk(2)]
+    assert torch.equal(tiles(x, w, None), torch.cat(halves, 1))  # type: ignore[arg-type]
+
+
+@needs_amx
+def test_the_tile_form_falls_back_where_the_kernel_does_not_take_the_shapes():
+    """In features not a multiple of 32, out features not of 16, or float32: no product from the kernel, and
+    matmul.linear's "tiles" form computes it with torch.mv or (w @ x.T).T."""
+    tiles, gen = TileMatmul(HERE.library), torch.Generator().manual_seed(0)
+    for rows, out_features, in_features, dtype in ((3, 32, 48, torch.bfloat16), (1, 24, 64, torch.bfloat16),
+                                                   (4, 32, 64, torch.float32)):
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        w = torch.randn(out_features, in_features, generator=gen).to(dtype)
+        assert tiles(x, w, None) is None
+        assert torch.equal(linear(x, w, None, "tiles"), linear(x, w, None, "gemv" if rows == 1 else "wxt"))
+    assert forms_here(torch.bfloat16) == FORMS and "tiles" not in forms_here(torch.float32)
 
 
 @needs_kernel
