@@ -10,7 +10,6 @@ through our tile kernel (native.TileMatmul, where the CPU has AMX).
 import torch
 import torch.nn.functional as F
 
-from .compute import cpu_flags
 from .native import tile_matmul
 
 FORMS = ("linear", "gemv", "wxt", "tiles")
@@ -23,7 +22,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, form
     result transposed into place: a few rows, a small copy, and the next kernels read rows contiguously), "tiles"
     our AMX kernel (bf16; where it cannot take the shapes, torch.mv or (w @ x.T).T)."""
     xw = x if x.dtype == w.dtype else x.to(w.dtype)
-    if form == "tiles" and (tiles := tile_matmul(cpu_flags())) is not None and (y := tiles(xw, w, b)) is not None:
+    if form == "tiles" and (tiles := tile_matmul()) is not None and (y := tiles(xw, w, b)) is not None:
         pass
     elif form in ("gemv", "tiles") and len(xw) == 1:
         y = (torch.mv(w, xw[0]) if b is None else torch.addmv(b, w, xw[0])).unsqueeze(0)
@@ -37,5 +36,5 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, form
 def forms_here(dtype: torch.dtype) -> tuple[str, ...]:
     """The forms that run as themselves for weights in `dtype` on this CPU: "tiles" only in bf16, where the tile
     kernel runs."""
-    tiles = dtype == torch.bfloat16 and tile_matmul(cpu_flags()) is not None
+    tiles = dtype == torch.bfloat16 and tile_matmul() is not None
     return tuple(f for f in FORMS if f != "tiles" or tiles)

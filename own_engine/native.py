@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from llmbench.cpu import cpu_model
+from llmbench.cpu import cpu_model, cpuinfo_flags
 
 from .kernels import fused_attention
 
@@ -264,10 +264,10 @@ class TileMatmul:
         return y
 
 
-@lru_cache(maxsize=None)
-def tile_matmul(flags: frozenset[str]) -> TileMatmul | None:
-    """The tile kernel on a CPU with these flags, where it runs (its library built, the tiles granted)."""
-    native = build(flags)
+@lru_cache(maxsize=1)
+def tile_matmul() -> TileMatmul | None:
+    """The tile kernel, where it runs on this CPU (the library built for its flags, the tiles granted)."""
+    native = build(cpuinfo_flags() or frozenset())
     if _unbuilt(native, torch.device("cpu")) or _no_tiles(native):
         return None
     assert native.library is not None  # _unbuilt said so

@@ -6,8 +6,9 @@ the block size. A manifest that cannot be read, or was written for another key, 
 never trusted; a block file of the wrong size is dropped. The folder is one the engine made (owned.claim): a
 `prefix_cache_dir` holding the user's files is worked in beside them, in a subfolder, never emptied.
 
-Blocks are written on a thread of the store's (`save`), started with the first of them, so the engine hands out
-the next token while the disk takes them: 65 blocks of the 201M model (a 2,048-token document) take 20-40 ms.
+Blocks are written on a thread of the store's (`save`), started with the first of them, so the engine goes on while
+the disk takes them (65 blocks of the 201M model, a 2,048-token document: 20-40 ms); the engine hands them over
+once it is idle (Engine.persist).
 """
 import json
 import os

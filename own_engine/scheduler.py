@@ -33,7 +33,7 @@ class EngineForScheduler(Protocol):
 
     def forward(self, work: list[tuple[Sequence, int]], phase: str) -> torch.Tensor: ...
 
-    def persist(self) -> None: ...
+    def persist(self, wait: bool = False, idle: bool = True) -> None: ...
 
     def admit(self, seq: Sequence) -> None: ...
 
@@ -93,7 +93,7 @@ class Scheduler:
                 s.on_token(token)
             if s.num_output == p.max_new_tokens or (token in self.eos and not p.ignore_eos):
                 self._finish(s)
-        self.engine.persist()  # the pass's full blocks to prefix_cache_dir, now its tokens are out
+        self.engine.persist(idle=not self.busy)  # full blocks to prefix_cache_dir, once nothing else runs
 
     def fail_all(self, error: Exception) -> None:
         for s in [*self.running, *self.waiting]:

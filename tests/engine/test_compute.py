@@ -135,7 +135,7 @@ def test_the_forms_micro_benchmark_times_each_candidate(monkeypatch):
 def test_without_the_tile_kernel_its_form_is_no_candidate_and_falls_back(monkeypatch):
     """A CPU without AMX (or no compiler): "tiles" is not timed, not in the cache's key, and a product asked in
     that form (a cache from elsewhere) is computed by torch."""
-    monkeypatch.setattr(matmul, "tile_matmul", lambda flags: None)
+    monkeypatch.setattr(matmul, "tile_matmul", lambda: None)
     monkeypatch.setattr(compute, "FORM_ROWS", (1, 4))
     monkeypatch.setattr(compute, "WORKING_SET", 1 << 20)
     assert matmul.forms_here(torch.bfloat16) == ("linear", "gemv", "wxt")

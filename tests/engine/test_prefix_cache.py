@@ -118,16 +118,35 @@ def test_prefix_cache_dir_warms_a_new_engine_and_a_bad_manifest_is_rebuilt(model
         assert engine.stats.prefix["disk_hit_blocks"] < 2
 
 
-def test_blocks_reach_prefix_cache_dir_once_the_passs_token_is_out(model, uncached, tmp_path):
-    """A prompt prefilled in one pass: its first token does not wait for its blocks' files (handed to the store's
-    writer thread after the pass's tokens are out), and they are all written when generate returns."""
+def test_blocks_reach_prefix_cache_dir_once_the_engine_is_idle(model, uncached, tmp_path):
+    """No token waits for the blocks' files, nor shares the CPU with their writing: they are handed to the store's
+    writer once no sequence runs (here: after the last token), and all written when generate returns."""
     store = tmp_path / "prefix"
-    files_at_first_token = []
+    files_at_token = []
     with Engine.from_pretrained(model, **{**OPTIONS, "prefill_chunk": 128}, prefix_cache_dir=store) as engine:
-        on_token = lambda i, t: files_at_first_token.append(len(list((store / "blocks").iterdir())))  # noqa: E731
+        on_token = lambda i, t: files_at_token.append(len(list((store / "blocks").iterdir())))  # noqa: E731
         assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12, on_token=on_token) == uncached[0]
-        assert files_at_first_token[0] == 0 and engine.store is not None and engine.store.writer is not None
+        assert files_at_token == [0] * 12 and engine.store is not None and engine.store.writer is not None
         assert engine.stats.prefix["stored_blocks"] == len(list((store / "blocks").iterdir())) >= 4
+
+
+def test_a_busy_engine_persists_blocks_that_waited_long_enough(model, uncached, tmp_path, monkeypatch):
+    """Blocks do not wait for idleness past PERSIST_AFTER_S: with 0, the prompt's blocks are handed to the writer
+    right after its pass, tokens still to come; a block another sequence took meanwhile is not stored."""
+    monkeypatch.setattr("own_engine.engine.PERSIST_AFTER_S", 0.0)
+    tokens_at_save = []
+    with Engine.from_pretrained(model, **{**OPTIONS, "prefill_chunk": 128}, prefix_cache_dir=tmp_path / "p") as engine:
+        assert engine.store is not None
+        save = engine.store.save
+        monkeypatch.setattr(engine.store, "save", lambda blocks, saved: (tokens_at_save.append(len(got)),
+                                                                         save(blocks, saved)))
+        got: list[int] = []
+        assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12, on_token=lambda i, t: got.append(t)) == (
+            uncached[0])
+        assert tokens_at_save == [1, 8]  # the prompt's 4 blocks, then the one its 80th token filled
+        engine.unsaved, engine.unsaved_since = [(0, b"taken by another")], 0.0  # block 0 holds another's key now
+        engine.persist(idle=False)
+        assert tokens_at_save == [1, 8] and engine.unsaved == []
 
 
 def test_an_engine_left_unclosed_is_still_finalized_with_its_store_writer(model, tmp_path):
