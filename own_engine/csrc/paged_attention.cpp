@@ -153,7 +153,16 @@ void head_bf16(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, 
   });
   const int64_t count = stop - start, padded = (count + 3) / 4 * 4;
   softmax<GROUP>(s, count, m, l);
-  std::fill(s + count * GROUP, s + (padded + 2) * GROUP, 0.0f);  // exactly nothing for the values
+  std::fill(s + count * GROUP, s + padded * GROUP, 0.0f);  // exactly nothing for the values
+  // The weights rounded to bf16 (as torch rounds them) in pairs: wp[i * GROUP + g] holds query row g's weights of
+  // keys 2i and 2i + 1, what one bf16 dot per lane multiplies two interleaved value rows by. Four keys a vector:
+  // lanes (key, g) reordered to (key pair, g, key in pair).
+  alignas(64) uint32_t wp[(PART + 16) / 2 * GROUP];
+  const __m256i order = _mm256_setr_epi16(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+  for (int64_t i = 0; i < padded; i += 4)
+    _mm256_store_si256(reinterpret_cast<__m256i*>(wp + i / 2 * GROUP),
+                       _mm256_permutexvar_epi16(order, reinterpret_cast<__m256i>(
+                                                           _mm512_cvtneps_pbh(_mm512_loadu_ps(s + i * GROUP)))));
   // Values two keys at a time: the two rows interleaved, so one bf16 dot per lane adds both keys' terms. Lanes
   // come out in unpack order (per 128-bit lane, elements 0-3 in the low vector, 4-7 in the high one), undone below.
   __m512 av[GROUP][2 * C];
@@ -166,9 +175,7 @@ void head_bf16(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool, 
       x[2 * c] = _mm512_unpacklo_epi16(a, b), x[2 * c + 1] = _mm512_unpackhi_epi16(a, b);
     }
     for (int g = 0; g < GROUP; ++g) {
-      const uint32_t w = static_cast<uint32_t>(to_bf16(s[key * GROUP + g])) |
-                         static_cast<uint32_t>(to_bf16(s[(key + 1) * GROUP + g])) << 16;
-      const __m512bh wv = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w));
+      const __m512bh wv = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(wp[key / 2 * GROUP + g]));
       for (int c = 0; c < 2 * C; ++c) av[g][c] = _mm512_dpbf16_ps(av[g][c], wv, (__m512bh)x[c]);
     }
   };
