@@ -30,8 +30,9 @@ from .stats import EngineStats
 from .weights import Checkpoint, LayerLayout
 
 # How long full blocks wait for an idle engine before they go to prefix_cache_dir anyway (persist): a server that
-# is never idle still persists.
-PERSIST_AFTER_S = 2.0
+# is never idle still persists. Longer than a long prompt's prefill (an 8,192-token one took 2.8 s on a 2-core CPU),
+# whose blocks would otherwise be written while it decodes.
+PERSIST_AFTER_S = 30.0
 
 
 def _one_prompt(prompts: list[int] | list[list[int]]) -> TypeIs[list[int]]:
