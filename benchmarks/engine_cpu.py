@@ -19,7 +19,10 @@ prefix_cache_dir. Ratios are printed against the issue's targets; all figures co
 With llamacpp, llama.cpp's own `llama-bench` (scripts/install-llama-server.sh builds it, from the same llama.cpp) runs
 on the same f16 GGUF with the same threads and batch: its prompt and generation speeds, turned into a TTFT and a
 decode time per token, cross-check our in-process llama.cpp numbers (a line beside them; a note when it is missing).
-Greedy, ignore EOS; each process answers a 16-token warm-up prompt first. Not part of the test suite.
+Greedy, ignore EOS; each process answers a 16-token warm-up prompt first. own, own-disk and hf run --repeats times
+(default 3), each run a process of its own, in alternating order: the table gives their medians, and each ratio the
+spread of its per-run ratios (runs paired in order), as memory bandwidth moves from one process to the next. Not part
+of the test suite.
 Each own configuration also compares its decode with its memory bound: the bytes of weights and KV one decoded token
 read (the engine's count) over the memory bandwidth its threads read at (a sum over 256 MiB, measured after it in the
 same process). The own configurations run with the own backend's OpenMP wait environment (--omp-wait-policy, its
@@ -30,6 +33,7 @@ import hashlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +54,9 @@ SIZES = {  # shaped like harness.inputs.models.PRESETS entries
                   num_key_value_heads=2, vocab_size=2048, bpe_vocab=1024),
 }
 CONFIGS = ("own", "own-disk", "hf", "llamacpp", "ollm")
+# Run --repeats times, in alternating order: memory bandwidth moves ±15% from one process to the next on a shared
+# machine, and the targets' ratios with it. llama.cpp (a minute's prefill at 8,192 tokens) and oLLM run once.
+REPEATED = ("own", "own-disk", "hf")
 ROOT = Path(__file__).resolve().parent.parent
 OLLM_PYTHON = ROOT / ".venv-ollm" / "bin" / "python"
 QUESTION = 32  # tokens of each question asked after the document
@@ -227,14 +234,40 @@ def build_model(size: str) -> Path:
     return path
 
 
-def ratio(a: float, b: float, target: str) -> str:
-    return f"{a / b:6.2f}x   (target {target})"
+def median_run(runs: list[dict]) -> dict:
+    """The first run (its tokens, plan, second question) with the median TTFT, decode time and decode/bound over all
+    runs of its configuration; `rounds` keeps each run's (TTFT, decode, decode/bound) for the spreads."""
+    def bound(r: dict) -> float | None:
+        first = r.get("first") or r["second"]
+        rate = r.get("memory_bytes_per_s")
+        return first["decode_s_per_token"] / (first["bytes_per_token"] / rate) if rate else None
+
+    first = runs[0].get("first") and "first" or "second"
+    rounds = [(r[first]["ttft_s"], r[first]["decode_s_per_token"], bound(r)) for r in runs]
+    med = [statistics.median(x for x in column if x is not None) if column[0] is not None else None
+           for column in zip(*rounds)]
+    return {**runs[0], first: {**runs[0][first], "ttft_s": med[0], "decode_s_per_token": med[1]},
+            "bound_ratio": med[2], "rounds": rounds}
+
+
+def spread(values: list[float]) -> str:
+    return f" (runs {min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+
+
+def ratio(a: float, b: float, target: str, runs: list[float] | None = None) -> str:
+    return f"{a / b:6.2f}x{spread(runs or [])}   (target {target})"
 
 
 def speeds(label: str, a: dict, b: dict, decode_target: str, ttft_target: str) -> str:
-    """Run a's decode time per token and TTFT over run b's, each against its target."""
-    return (f"{label} decode {ratio(a['decode_s_per_token'], b['decode_s_per_token'], decode_target)}   "
-            f"TTFT {ratio(a['ttft_s'], b['ttft_s'], ttft_target)}")
+    """Configuration a's median decode time per token and TTFT over b's, each against its target, with the spread
+    of the ratios run by run (runs paired in order)."""
+    pa, pb = a.get("rounds", []), b.get("rounds", [])
+    paired = list(zip(pa, pb))
+    first_a, first_b = a.get("first") or a["second"], b.get("first") or b["second"]
+    decode = ratio(first_a["decode_s_per_token"], first_b["decode_s_per_token"], decode_target,
+                   [x[1] / y[1] for x, y in paired])
+    ttft = ratio(first_a["ttft_s"], first_b["ttft_s"], ttft_target, [x[0] / y[0] for x, y in paired])
+    return f"{label} decode {decode}   TTFT {ttft}"
 
 
 def main():
@@ -245,6 +278,8 @@ def main():
     parser.add_argument("--prompts", help="comma-separated prompt lengths (default 2048,8192; 128,512 with --small)")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--skip", default="", help=f"comma-separated configurations to leave out ({', '.join(CONFIGS)})")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help=f"runs of {', '.join(REPEATED)} per prompt length, alternating (figures: medians)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--omp-wait-policy", choices=sorted(WAIT_ENVIRONMENT), default="bounded",
                         help="the OpenMP wait environment of the own configurations (the own backend's option)")
@@ -275,12 +310,16 @@ def main():
         tmp = Path(tmp)
         for n in lengths:
             last = n == lengths[-1]
-            results = {}
-            for name in configs:
-                warm(args.model)
-                extra = {"second": True, "prefix_dir": tmp / f"prefix{n}"} if name == "own" and last else {}
-                results[name] = child(args, name, n, tmp, **extra)
-                print(f"  {name} done; load average {os.getloadavg()[0]:.2f}", flush=True)
+            runs: dict[str, list[dict]] = {name: [] for name in configs}
+            for round_ in range(max(1, args.repeats)):
+                again = [c for c in REPEATED if c in configs]
+                for name in configs if round_ == 0 else again[::-1] if round_ % 2 else again:
+                    warm(args.model)
+                    second = name == "own" and last and round_ == 0  # the document's blocks go to prefix_dir
+                    extra = {"second": True, "prefix_dir": tmp / f"prefix{n}"} if second else {}
+                    runs[name].append(child(args, name, n, tmp, **extra))
+                    print(f"  {name} done; load average {os.getloadavg()[0]:.2f}", flush=True)
+            results = {name: median_run(r) for name, r in runs.items()}
             if "llamacpp" in results:
                 results["llama-bench"] = llama_bench(args.model, n, args.new_tokens)
             if "own" in results and last:  # the document's blocks, found on disk by a new process
@@ -290,8 +329,9 @@ def main():
 
 
 def report(n: int, results: dict):
-    print(f"\nprompt {n} tokens\n{'configuration':18} {'load s':>7} {'TTFT s':>8} {'decode s/token':>15} "
-          f"{'peak RSS':>10}")
+    repeats = max(len(r.get("rounds", [])) for r in results.values() if r)
+    print(f"\nprompt {n} tokens ({', '.join(c for c in REPEATED if c in results)}: medians of {repeats} runs)\n"
+          f"{'configuration':18} {'load s':>7} {'TTFT s':>8} {'decode s/token':>15} {'peak RSS':>10}")
     for name, r in results.items():
         if name == "llama-bench":
             continue
@@ -300,25 +340,25 @@ def report(n: int, results: dict):
               f"{r['peak_rss'] / 2**30:8.2f} G")
     get = results.get
     if get("own") and get("hf"):
-        a, h = results["own"]["first"], results["hf"]["first"]
-        print(speeds("own / hf      ", a, h, "<= 0.6", "<= 0.6"))
-        same = next((i for i, (x, y) in enumerate(zip(a["tokens"], h["tokens"])) if x != y), len(a["tokens"]))
-        print(f"own and hf share the first {same} of {len(a['tokens'])} greedy tokens")
+        a, h = results["own"]["first"]["tokens"], results["hf"]["first"]["tokens"]
+        print(speeds("own / hf      ", results["own"], results["hf"], "<= 0.6", "<= 0.6"))
+        same = next((i for i, (x, y) in enumerate(zip(a, h)) if x != y), len(a))
+        print(f"own and hf share the first {same} of {len(a)} greedy tokens")
     for name in ("own", "own-disk"):
-        if get(name) and results[name].get("memory_bytes_per_s"):
+        if get(name) and results[name].get("bound_ratio") is not None:
             r = results[name]
             first = r.get("first") or r["second"]
-            bound = first["bytes_per_token"] / r["memory_bytes_per_s"]
-            print(f"{name} decode / memory bound {ratio(first['decode_s_per_token'], bound, '<= 1.5')}   "
-                  f"({first['bytes_per_token'] / 2**20:.0f} MiB per token at "
-                  f"{r['memory_bytes_per_s'] / 1e9:.1f} GB/s: {bound * 1e3:.1f} ms)")
+            print(f"{name} decode / memory bound {r['bound_ratio']:6.2f}x{spread([x[2] for x in r['rounds']])}   "
+                  f"(target <= 1.5)   ({first['bytes_per_token'] / 2**20:.0f} MiB per token; each run against the "
+                  f"memory bandwidth its process read after it, first run {r['memory_bytes_per_s'] / 1e9:.1f} GB/s)")
     if get("own") and get("own-disk"):
-        a, d = results["own"]["first"], results["own-disk"]["first"]
-        print(speeds("own-disk / own", d, a, "<= 1.1", "<= 1.1") + f";  tokens identical: {d['tokens'] == a['tokens']}")
+        tokens = results["own-disk"]["first"]["tokens"] == results["own"]["first"]["tokens"]
+        print(speeds("own-disk / own", results["own-disk"], results["own"], "<= 1.1", "<= 1.1") +
+              f";  tokens identical: {tokens}")
     if get("own") and get("llamacpp"):
-        a, c = results["own"]["first"], results["llamacpp"]["first"]
-        print(speeds("own / llama.cpp f16", a, c, "<= 1.0", "none") +
-              f";  first greedy token shared: {a['tokens'][0] == c['tokens'][0]}")
+        shared = results["own"]["first"]["tokens"][0] == results["llamacpp"]["first"]["tokens"][0]
+        print(speeds("own / llama.cpp f16", results["own"], results["llamacpp"], "<= 1.0", "none") +
+              f";  first greedy token shared: {shared}")
     if "llama-bench" in results:
         bench = results["llama-bench"]
         if bench is None:
@@ -331,11 +371,10 @@ def report(n: int, results: dict):
                   f"s/token); in-process llamacpp / llama-bench: TTFT {c['ttft_s'] / (n / pp):.2f}x, decode "
                   f"{c['decode_s_per_token'] * tg:.2f}x")
     if get("own-disk") and get("ollm"):
-        d, o = results["own-disk"]["first"], results["ollm"]["first"]
-        print(speeds("own-disk / ollm (same placement)", d, o, "<= 0.4", "<= 0.4"))
+        print(speeds("own-disk / ollm (same placement)", results["own-disk"], results["ollm"], "<= 0.4", "<= 0.4"))
     if get("own") and "second" in results["own"]:
-        first, second = results["own"]["first"], results["own"]["second"]
-        print(f"second question, same process: TTFT {ratio(second['ttft_s'], first['ttft_s'], '<= 0.1')}  "
+        first_ttft, second = results["own"]["rounds"][0][0], results["own"]["second"]  # both in the first run
+        print(f"second question, same process: TTFT {ratio(second['ttft_s'], first_ttft, '<= 0.1')}  "
               f"prefix cache {results['own']['prefix_cache']}")
     if get("own-new-process"):
         fresh = results["own-new-process"]
