@@ -22,15 +22,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, form
     result transposed into place: a few rows, a small copy, and the next kernels read rows contiguously), "tiles"
     our AMX kernel (bf16; where it cannot take the shapes, torch.mv or (w @ x.T).T)."""
     xw = x if x.dtype == w.dtype else x.to(w.dtype)
-    if form == "tiles" and (tiles := tile_matmul()) is not None and (y := tiles(xw, w, b)) is not None:
-        pass
-    elif form in ("gemv", "tiles") and len(xw) == 1:
-        y = (torch.mv(w, xw[0]) if b is None else torch.addmv(b, w, xw[0])).unsqueeze(0)
-    elif form in ("wxt", "tiles"):
-        y = (torch.mm(w, xw.t()) if b is None else torch.addmm(b[:, None], w, xw.t())).t().contiguous()
-    else:
-        y = F.linear(xw, w, b)
+    tiles = tile_matmul() if form == "tiles" else None
+    y = tiles(xw, w, b) if tiles is not None else None  # None too where the kernel does not take the shapes
+    if y is None:
+        y = _torch_product(xw, w, b, form)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _torch_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, form: str) -> torch.Tensor:
+    if form in ("gemv", "tiles") and len(x) == 1:
+        return (torch.mv(w, x[0]) if b is None else torch.addmv(b, w, x[0])).unsqueeze(0)
+    if form in ("wxt", "tiles"):
+        return (torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())).t().contiguous()
+    return F.linear(x, w, b)
 
 
 def forms_here(dtype: torch.dtype) -> tuple[str, ...]:
