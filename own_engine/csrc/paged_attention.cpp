@@ -2,9 +2,9 @@
 // token per sequence attends to its keys where they lie in the pool (no gather), each key and value row read once.
 // Work items are (sequence, part of PART keys), merged by log-sum-exp. Within an item, bf16: the scores of every KV
 // head from whole key rows (read in order, each value row asked for into the L2 cache beside it), then the values
-// KV head by KV head; float32: KV head by KV head, the head's query rows in registers across its keys. Scores and value sums accumulate in float32: from bf16 dot
-// instructions for a bf16 cache (the softmax weights rounded to bf16 for the value sums, as torch's flash kernel
-// rounds them), from float32 FMAs for a float32 one.
+// KV head by KV head; float32: KV head by KV head, the head's query rows in registers across its keys. Scores and
+// value sums accumulate in float32: from bf16 dot instructions for a bf16 cache (the softmax weights rounded to bf16
+// for the value sums, as torch's flash kernel rounds them), from float32 FMAs for a float32 one.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,38 +43,43 @@ inline void runs(const int32_t* table, int64_t block_size, int64_t start, int64_
   }
 }
 
-// Ask for head h's part of key j's row PREFETCH keys ahead, through the table: the next block of a sequence is
-// anywhere in the pool.
+// The pool row of a sequence's key j, through its block table: the next block of a sequence is anywhere in the pool.
+inline int64_t row_of(const int32_t* table, int64_t block_size, int64_t j) {
+  return static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size;
+}
+
+// Ask for `bytes` of key j's row from element `offset` on, PREFETCH keys ahead, into L1 or (l2) L2.
 template <typename T>
-inline void prefetch(const T* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t dim, int64_t h,
-                     int64_t j, int64_t stop) {
+inline void prefetch(const T* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t offset,
+                     int64_t bytes, int64_t j, int64_t stop, bool l2 = false) {
   if (j + PREFETCH >= stop) return;
-  const int64_t key = j + PREFETCH;
-  const char* p = reinterpret_cast<const char*>(
-      pool + (static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size) * width + h * dim);
-  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  const char* p = reinterpret_cast<const char*>(pool + row_of(table, block_size, j + PREFETCH) * width + offset);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    if (l2)
+      _mm_prefetch(p + b, _MM_HINT_T1);
+    else
+      _mm_prefetch(p + b, _MM_HINT_T0);
+  }
 }
 
-// f(head h's row of key j, j - start) for keys [start, stop) of a sequence, asking for the row PREFETCH keys ahead.
-template <typename T, typename F>
-inline void each_row(const T* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t dim, int64_t h,
-                     int64_t start, int64_t stop, F f) {
-  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
-    const T* p = pool + row * width + h * dim;
-    for (int64_t i = 0; i < n; ++i, p += width) {
-      prefetch(pool, table, block_size, width, dim, h, start + j + i, stop);
-      f(p, j + i);
-    }
-  });
-}
-
-// f(head h's row of key j, j - start) for keys [start, stop) of a sequence, rows already asked for.
+// f(head h's row of key j, j - start) for keys [start, stop) of a sequence.
 template <typename T, typename F>
 inline void rows_of(const T* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t dim, int64_t h,
                     int64_t start, int64_t stop, F f) {
   runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
     const T* p = pool + row * width + h * dim;
     for (int64_t i = 0; i < n; ++i, p += width) f(p, j + i);
+  });
+}
+
+// rows_of, asking for head h's part of the row PREFETCH keys ahead (a head reads 128 of a row's 512 bytes for 4 KV
+// heads of 64: too sparse for the hardware's prefetcher).
+template <typename T, typename F>
+inline void each_row(const T* pool, const int32_t* table, int64_t block_size, int64_t width, int64_t dim, int64_t h,
+                     int64_t start, int64_t stop, F f) {
+  rows_of(pool, table, block_size, width, dim, h, start, stop, [&](const T* p, int64_t key) {
+    prefetch(pool, table, block_size, width, h * dim, dim * static_cast<int64_t>(sizeof(T)), start + key, stop);
+    f(p, key);
   });
 }
 
@@ -153,28 +158,18 @@ void scores_bf16(const uint16_t* q, const uint16_t* kpool, const uint16_t* vpool
                  const int32_t* table, int64_t block_size, int64_t start, int64_t stop, float scale, float* s) {
   constexpr int C = DIM / 32;  // bf16 vectors per row of a head
   const __m128 sc = _mm_set1_ps(scale);
-  runs(table, block_size, start, stop, [&](int64_t row, int64_t j, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t key = j + i;
-      if (start + key + PREFETCH < stop) {
-        const int64_t ahead = start + key + PREFETCH;
-        const int64_t at = (static_cast<int64_t>(table[ahead / block_size]) * block_size + ahead % block_size) * width;
-        for (int64_t b = 0; b < width * 2; b += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(kpool + at) + b, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(vpool + at) + b, _MM_HINT_T1);
-        }
+  rows_of(kpool, table, block_size, width, 0, 0, start, stop, [&](const uint16_t* k, int64_t key) {
+    prefetch(kpool, table, block_size, width, 0, width * 2, start + key, stop);
+    prefetch(vpool, table, block_size, width, 0, width * 2, start + key, stop, true);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      __m512 a[GROUP];
+      for (int g = 0; g < GROUP; ++g) {
+        a[g] = _mm512_setzero_ps();
+        for (int c = 0; c < C; ++c)
+          a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_loadu_si512(q + (h * GROUP + g) * DIM + c * 32),
+                                  (__m512bh)_mm512_loadu_si512(k + h * DIM + c * 32));
       }
-      const uint16_t* k = kpool + (row + i) * width;
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        __m512 a[GROUP];
-        for (int g = 0; g < GROUP; ++g) {
-          a[g] = _mm512_setzero_ps();
-          for (int c = 0; c < C; ++c)
-            a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_loadu_si512(q + (h * GROUP + g) * DIM + c * 32),
-                                    (__m512bh)_mm512_loadu_si512(k + h * DIM + c * 32));
-        }
-        _mm_storeu_ps(s + (h * (PART + 16) + key) * GROUP, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), sc));
-      }
+      _mm_storeu_ps(s + (h * (PART + 16) + key) * GROUP, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), sc));
     }
   });
 }
@@ -260,32 +255,36 @@ void attend(const Args& a) {
   T* out = static_cast<T*>(a.out);
   const int64_t n = a.n, parts = a.parts, kv_heads = a.kv_heads;
   const int64_t heads = kv_heads * G, width = kv_heads * DIM, item = heads * (DIM + 2);
-  // Pass 1, per (sequence, part of its keys): each query head's max score, sum of exp and weighted values.
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(a.threads)
-  for (int64_t b = 0; b < n; ++b) {
-    for (int64_t p = 0; p < parts; ++p) {
-      const int64_t len = a.lengths[b], first = a.window > 0 ? std::max<int64_t>(0, len - a.window) : 0;
-      const int64_t start = first + p * PART, stop = std::min(start + PART, len);
-      float* m = a.scratch + (b * parts + p) * item;  // [heads] max, [heads] sum, [heads][DIM] values
-      float* l = m + heads;
-      if (start >= stop) {  // a shorter sequence than the longest: no part here
-        std::fill(m, m + heads, -INFINITY);
-        std::fill(l, l + heads, 0.0f);
-        continue;
-      }
-      const int32_t* table = a.tables + b * a.table_stride;
-      if constexpr (std::is_same_v<T, uint16_t>) {
-        std::vector<float> s(kv_heads * (PART + 16) * G);
-        scores_bf16<DIM>(q + b * heads * DIM, kpool, vpool, width, kv_heads, table, a.block_size, start, stop,
-                         a.scale, s.data());
-        for (int64_t h = 0; h < kv_heads; ++h)
-          head_bf16<DIM>(vpool, width, h, table, a.block_size, start, stop, s.data() + h * (PART + 16) * G,
-                         m + h * G, l + h * G, l + heads + h * G * DIM);
-      } else {
-        alignas(64) float s[(PART + 16) * G];
-        for (int64_t h = 0; h < kv_heads; ++h)
-          head_f32<DIM, G>(q + (b * heads + h * G) * DIM, kpool, vpool, width, h, table, a.block_size, start, stop,
-                           a.scale, s, m + h * G, l + h * G, l + heads + h * G * DIM);
+  // Pass 1, per (sequence, part of its keys): each query head's max score, sum of exp and weighted values. Scores
+  // in one buffer per thread, made once per call: (PART + 16) x G floats per KV head (bf16: all heads' at once).
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<float> scores((std::is_same_v<T, uint16_t> ? kv_heads : 1) * (PART + 16) * G);
+    float* s = scores.data();
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < n; ++b) {
+      for (int64_t p = 0; p < parts; ++p) {
+        const int64_t len = a.lengths[b], first = a.window > 0 ? std::max<int64_t>(0, len - a.window) : 0;
+        const int64_t start = first + p * PART, stop = std::min(start + PART, len);
+        float* m = a.scratch + (b * parts + p) * item;  // [heads] max, [heads] sum, [heads][DIM] values
+        float* l = m + heads;
+        if (start >= stop) {  // a shorter sequence than the longest: no part here
+          std::fill(m, m + heads, -INFINITY);
+          std::fill(l, l + heads, 0.0f);
+          continue;
+        }
+        const int32_t* table = a.tables + b * a.table_stride;
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          scores_bf16<DIM>(q + b * heads * DIM, kpool, vpool, width, kv_heads, table, a.block_size, start, stop,
+                           a.scale, s);
+          for (int64_t h = 0; h < kv_heads; ++h)
+            head_bf16<DIM>(vpool, width, h, table, a.block_size, start, stop, s + h * (PART + 16) * G, m + h * G,
+                           l + h * G, l + heads + h * G * DIM);
+        } else {
+          for (int64_t h = 0; h < kv_heads; ++h)
+            head_f32<DIM, G>(q + (b * heads + h * G) * DIM, kpool, vpool, width, h, table, a.block_size, start,
+                             stop, a.scale, s, m + h * G, l + h * G, l + heads + h * G * DIM);
+        }
       }
     }
   }
