@@ -242,7 +242,7 @@ def median_run(runs: list[dict]) -> dict:
         rate = r.get("memory_bytes_per_s")
         return first["decode_s_per_token"] / (first["bytes_per_token"] / rate) if rate else None
 
-    first = runs[0].get("first") and "first" or "second"
+    first = "first" if "first" in runs[0] else "second"
     rounds = [(r[first]["ttft_s"], r[first]["decode_s_per_token"], bound(r)) for r in runs]
     med = [statistics.median(x for x in column if x is not None) if column[0] is not None else None
            for column in zip(*rounds)]

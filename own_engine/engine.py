@@ -185,7 +185,8 @@ class Engine:
             for seq, n in work:
                 new = self.blocks.commit(seq, n)
                 if self.store is not None and new:
-                    self.unsaved_since = self.unsaved_since if self.unsaved else time.monotonic()
+                    if not self.unsaved:
+                        self.unsaved_since = time.monotonic()
                     self.unsaved += new
         return logits
 
