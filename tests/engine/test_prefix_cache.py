@@ -118,6 +118,19 @@ def test_prefix_cache_dir_warms_a_new_engine_and_a_bad_manifest_is_rebuilt(model
         assert engine.stats.prefix["disk_hit_blocks"] < 2
 
 
+def test_prefix_cache_dir_warms_a_kv_cache_on_disk(model, uncached, tmp_path):
+    """The blocks go to the store from a KV cache on disk and come back into one (KVCache.blocks_data and
+    load_block read and write a mapped tier layer by layer, a tier in memory in one copy)."""
+    options = {**OPTIONS, "weights": "disk", "kv": "disk", "prefix_cache_dir": tmp_path / "prefix"}
+    with Engine.from_pretrained(model, **options, offload_dir=tmp_path / "off1") as engine:
+        assert set(engine.plan.kv_blocks) == {"disk"}
+        assert engine.generate(DOC + QUESTIONS[0], max_new_tokens=12) == uncached[0]
+        assert engine.stats.prefix["stored_blocks"] >= 4
+    with Engine.from_pretrained(model, **options, offload_dir=tmp_path / "off2") as engine:
+        assert engine.generate(DOC + QUESTIONS[1], max_new_tokens=12) == uncached[1]
+        assert engine.stats.prefix["disk_hit_blocks"] == 4
+
+
 def test_blocks_reach_prefix_cache_dir_once_the_engine_is_idle(model, uncached, tmp_path):
     """No token waits for the blocks' files, nor shares the CPU with their writing: they are handed to the store's
     writer once no sequence runs (here: after the last token), and all written when generate returns."""
