@@ -97,15 +97,17 @@ def combine(first: tuple[torch.Tensor, torch.Tensor],
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, cached: Iterable[CachedKV],
-                      scale: float, window: int | None = None, kernel: Kernel = fused_attention) -> torch.Tensor:
+                      scale: float, window: int | None = None, kernel: Kernel = fused_attention,
+                      q_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of new tokens over themselves (causal) and over cached KV chunks.
 
     q [T, H, D], k/v [T, Hkv, D] at positions pos [T] (a CPU tensor); `cached` yields (k, v, positions) of earlier
-    tokens, positions on the CPU. Starting from the new tokens' own part keeps the running lse finite (each
-    query sees itself).
+    tokens, positions on the CPU. Or q of the last new token alone (q_pos: its position), which sees every new key.
+    Starting from the new tokens' own part keeps the running lse finite (each query sees itself).
     """
-    return combine(part(q, k, v, pos, pos, scale, window, True, kernel),
-                   (part(q, ck, cv, pos, cpos, scale, window, False, kernel) for ck, cv, cpos in cached))
+    q_pos = pos if q_pos is None else q_pos
+    return combine(part(q, k, v, q_pos, pos, scale, window, True, kernel),
+                   (part(q, ck, cv, q_pos, cpos, scale, window, False, kernel) for ck, cv, cpos in cached))
 
 
 def joined_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: Iterable[CachedKV], cached_len: int,

@@ -131,14 +131,21 @@ class Transformer:
                                self.kv.slots(batch.block_ids[r], batch.offsets[r]),
                                self.forms(weights_dtype, r.stop - r.start), self.gathered(pieces))))
         h = self.globals.embed_tokens(batch.tokens.to(self.device))
-        for i in range(self.cfg.num_layers):
+        last = self.cfg.num_layers - 1
+        for i in range(last):
             w = self.weights.layer(i, narrow)
             if len(chunks) == 1:
                 h = self.decoder_layer(i, w, h, *chunks[0][1])
                 continue
             for r, chunk in chunks:
                 h[r] = self.decoder_layer(i, w, h[r], *chunk)
-        x = self.norm(h[batch.logit_rows], self.globals.norm)
+        # The last layer's outputs are wanted at the logit rows only; its K and V at every row (llama.cpp's last
+        # layer skips its other rows too). A prompt's other rows skip their attention, o_proj and MLP there.
+        w = self.weights.layer(last, narrow)
+        h = torch.cat([self.decoder_layer(last, w, h[r], *chunk,
+                                          outputs=[j - r.start for j in batch.logit_rows if r.start <= j < r.stop])
+                       for r, chunk in chunks])
+        x = self.norm(h, self.globals.norm)
         rows = len(batch.logit_rows)
         head_narrow = rows < self.narrow_rows
         return self.globals.logits(x, head_narrow, self.forms(self.globals.lm_head.dtype if head_narrow else self.dtype,
@@ -164,7 +171,10 @@ class Transformer:
 
     def decoder_layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, pieces: list[Piece],
                       pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: list[Slot], form: str,
-                      gathered: Gathered | None) -> torch.Tensor:
+                      gathered: Gathered | None, outputs: list[int] | None = None) -> torch.Tensor:
+        """The layer's output at every row of the chunk, or only at `outputs` (its rows, ascending), where every
+        row still writes its K and V: a prefill piece then attends from its last row alone, where that is one of
+        them, and not at all otherwise."""
         cfg, t = self.cfg, x.shape[0]
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         a = self.norm(x, w["input_layernorm.weight"])
@@ -179,11 +189,14 @@ class Transformer:
             v = linear(a, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"), form).reshape(t, kv_heads, d)
             q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         self.kv.write(i, slots, k, v)
+        if outputs == []:
+            return x[:0]
         if self.kv.dtype != self.dtype:  # attend to what the cache keeps, so where chunks split changes nothing
             k, v = k.to(self.kv.dtype).to(self.dtype), v.to(self.kv.dtype).to(self.dtype)
 
         first, scale = pieces[0].rows.start, d ** -0.5
-        attn = torch.empty(t, heads, d, dtype=q.dtype, device=q.device) if len(pieces) > 1 else None
+        keep = outputs if outputs is not None and len(outputs) < t else None
+        attn = torch.empty(t, heads, d, dtype=q.dtype, device=q.device) if len(pieces) > 1 or keep else None
         together: set[int] = set()
         if gathered is not None:  # the decoding sequences at once: where their KV lies, or over one gather of it
             together, rows, kv = gathered
@@ -201,20 +214,29 @@ class Transformer:
             if j in together:
                 continue
             r = slice(p.rows.start - first, p.rows.stop - first)
+            qr = r  # the rows that attend: a decoding piece's row is always wanted
+            if keep is not None and not p.own:
+                if r.stop - 1 not in keep:
+                    continue
+                qr = slice(r.stop - 1, r.stop)
             cached = self.kv.read(i, p.cached)
             if p.own:
                 out = cached_attention(q[r], pos[r], cached, scale, cfg.sliding_window)
             else:
                 cached_len = sum(c.valid for c in p.cached)
                 if cfg.sliding_window is None and cached_len + len(pos[r]) <= self.join_tokens:
-                    out = joined_attention(q[r], k[r], v[r], cached, cached_len, scale, self.prefill)
+                    out = joined_attention(q[qr], k[r], v[r], cached, cached_len, scale, self.prefill)
                 else:
-                    out = chunked_attention(q[r], k[r], v[r], pos[r], cached, scale, cfg.sliding_window, self.prefill)
+                    out = chunked_attention(q[qr], k[r], v[r], pos[r], cached, scale, cfg.sliding_window,
+                                            self.prefill, q_pos=pos[qr])
             if attn is None:
                 attn = out
             else:
-                attn[r] = out
+                attn[qr] = out
         # attn is set: by the gather, or by the pieces (there is at least one)
+        if keep is not None and attn is not None:
+            x, attn, t = x[keep], attn[keep], len(keep)
+            form = self.forms(w["self_attn.o_proj.weight"].dtype, t)
         x = x + linear(attn.reshape(t, -1),  # type: ignore[union-attr]
                        w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
         return x + mlp(self.norm(x, w["post_attention_layernorm.weight"]), w, self.mlp_rows, form, self.ops)

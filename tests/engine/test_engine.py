@@ -27,6 +27,26 @@ def test_batch_equals_each_sequence_alone(tiny_model, tmp_path, placement):
         assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
+def test_the_last_layer_computes_only_the_rows_whose_logits_are_wanted(tiny_model, monkeypatch):
+    """Its K and V at every row (the decode after it reads them: test_hf_parity), its MLP at each sequence's last
+    row only, however the prompts fall into chunks; the tokens as each sequence alone gives them."""
+    import own_engine.model
+
+    path, _ = tiny_model("llama_gqa2")  # 5 layers
+    options = dict(block_size=16, prefill_chunk=24, max_context=96, max_batch=3, prefix_cache=False)
+    with Engine.from_pretrained(path, weights="gpu", kv="gpu", **options) as engine:
+        alone = [engine.generate(p, max_new_tokens=4) for p in PROMPTS]
+        rows: list[int] = []
+        mlp = own_engine.model.mlp
+        monkeypatch.setattr(own_engine.model, "mlp", lambda x, *a: rows.append(len(x)) or mlp(x, *a))
+        seqs, _ = engine.prefill(PROMPTS)
+        engine.release(seqs)
+        monkeypatch.undo()
+        # 50 rows in chunks of 24, 24 and 2: four layers at every row, the last at the three prompts' last rows
+        assert rows == [24, 24, 2] * 4 + [1, 1, 1]
+        assert engine.generate(PROMPTS, max_new_tokens=4) == alone
+
+
 def test_stops_at_eos_unless_ignored(tiny_model):
     path, _ = tiny_model("llama_gqa2")
     with Engine.from_pretrained(path) as engine:
