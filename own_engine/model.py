@@ -139,8 +139,8 @@ class Transformer:
                 continue
             for r, chunk in chunks:
                 h[r] = self.decoder_layer(i, w, h[r], *chunk)
-        # The last layer's outputs are wanted at the logit rows only; its K and V at every row (llama.cpp's last
-        # layer skips its other rows too). A prompt's other rows skip their attention, o_proj and MLP there.
+        # The last layer's outputs are wanted at the logit rows only; its K and V at every row. A prompt's other rows
+        # skip their attention, o_proj and MLP there (llama.cpp's last layer drops them before its FFN).
         w = self.weights.layer(last, narrow)
         h = torch.cat([self.decoder_layer(last, w, h[r], *chunk,
                                           outputs=[j - r.start for j in batch.logit_rows if r.start <= j < r.stop])
