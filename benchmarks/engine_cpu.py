@@ -234,15 +234,20 @@ def build_model(size: str) -> Path:
     return path
 
 
+def timed(r: dict) -> str:
+    """The key of a run's timed question: "first", or "second" in a run that asked only that (own-new-process)."""
+    return "first" if "first" in r else "second"
+
+
 def median_run(runs: list[dict]) -> dict:
     """The first run (its tokens, plan, second question) with the median TTFT, decode time and decode/bound over all
     runs of its configuration; `rounds` keeps each run's (TTFT, decode, decode/bound) for the spreads."""
-    def bound(r: dict) -> float | None:
-        first = r.get("first") or r["second"]
-        rate = r.get("memory_bytes_per_s")
-        return first["decode_s_per_token"] / (first["bytes_per_token"] / rate) if rate else None
+    first = timed(runs[0])
 
-    first = "first" if "first" in runs[0] else "second"
+    def bound(r: dict) -> float | None:
+        rate = r.get("memory_bytes_per_s")
+        return r[first]["decode_s_per_token"] / (r[first]["bytes_per_token"] / rate) if rate else None
+
     rounds = [(r[first]["ttft_s"], r[first]["decode_s_per_token"], bound(r)) for r in runs]
     med = [statistics.median(x for x in column if x is not None) if column[0] is not None else None
            for column in zip(*rounds)]
@@ -263,7 +268,7 @@ def speeds(label: str, a: dict, b: dict, decode_target: str, ttft_target: str) -
     of the ratios run by run (runs paired in order)."""
     pa, pb = a.get("rounds", []), b.get("rounds", [])
     paired = list(zip(pa, pb))
-    first_a, first_b = a.get("first") or a["second"], b.get("first") or b["second"]
+    first_a, first_b = a[timed(a)], b[timed(b)]
     decode = ratio(first_a["decode_s_per_token"], first_b["decode_s_per_token"], decode_target,
                    [x[1] / y[1] for x, y in paired])
     ttft = ratio(first_a["ttft_s"], first_b["ttft_s"], ttft_target, [x[0] / y[0] for x, y in paired])
@@ -335,7 +340,7 @@ def report(n: int, results: dict):
     for name, r in results.items():
         if name == "llama-bench":
             continue
-        first = r.get("first") or r["second"]
+        first = r[timed(r)]
         print(f"{name:18} {r['load_s']:7.2f} {first['ttft_s']:8.2f} {first['decode_s_per_token']:15.4f} "
               f"{r['peak_rss'] / 2**30:8.2f} G")
     get = results.get
@@ -347,7 +352,7 @@ def report(n: int, results: dict):
     for name in ("own", "own-disk"):
         if get(name) and results[name].get("bound_ratio") is not None:
             r = results[name]
-            first = r.get("first") or r["second"]
+            first = r[timed(r)]
             print(f"{name} decode / memory bound {r['bound_ratio']:6.2f}x{spread([x[2] for x in r['rounds']])}   "
                   f"(target <= 1.5)   ({first['bytes_per_token'] / 2**20:.0f} MiB per token; each run against the "
                   f"memory bandwidth its process read after it, first run {r['memory_bytes_per_s'] / 1e9:.1f} GB/s)")
