@@ -196,7 +196,7 @@ class Transformer:
 
         first, scale = pieces[0].rows.start, d ** -0.5
         keep = outputs if outputs is not None and len(outputs) < t else None
-        attn = torch.empty(t, heads, d, dtype=q.dtype, device=q.device) if len(pieces) > 1 or keep else None
+        attn = torch.empty(t, heads, d, dtype=q.dtype, device=q.device) if len(pieces) > 1 or keep is not None else None
         together: set[int] = set()
         if gathered is not None:  # the decoding sequences at once: where their KV lies, or over one gather of it
             together, rows, kv = gathered
