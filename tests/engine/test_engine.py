@@ -27,11 +27,15 @@ def test_batch_equals_each_sequence_alone(tiny_model, tmp_path, placement):
         assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
-def test_the_last_layer_computes_only_the_rows_whose_logits_are_wanted(tiny_model, monkeypatch):
+@pytest.mark.parametrize("flags", [None, AVX2, EPYC], ids=["this_cpu", "avx2", "epyc"])
+def test_the_last_layer_computes_only_the_rows_whose_logits_are_wanted(tiny_model, monkeypatch, fake_cpu, flags):
     """Its K and V at every row (the decode after it reads them: test_hf_parity), its MLP at each sequence's last
-    row only, however the prompts fall into chunks; the tokens as each sequence alone gives them."""
+    row only, however the prompts fall into chunks; the tokens as each sequence alone gives them. On this CPU, and
+    on CPUs faked without bf16 instructions (torch's kernels only) and with them but no AMX."""
     import own_engine.model
 
+    if flags:
+        fake_cpu(flags)
     path, _ = tiny_model("llama_gqa2")  # 5 layers
     options = dict(block_size=16, prefill_chunk=24, max_context=96, max_batch=3, prefix_cache=False)
     with Engine.from_pretrained(path, weights="gpu", kv="gpu", **options) as engine:
