@@ -45,7 +45,7 @@ def test_the_last_layer_computes_only_the_rows_whose_logits_are_wanted(tiny_mode
         monkeypatch.setattr(own_engine.model, "mlp", lambda x, *a: rows.append(len(x)) or mlp(x, *a))
         seqs, _ = engine.prefill(PROMPTS)
         engine.release(seqs)
-        monkeypatch.undo()
+        monkeypatch.setattr(own_engine.model, "mlp", mlp)  # the fake CPU stays
         # 50 rows in chunks of 24, 24 and 2: four layers at every row, the last at the three prompts' last rows
         assert rows == [24, 24, 2] * 4 + [1, 1, 1]
         assert engine.generate(PROMPTS, max_new_tokens=4) == alone
