@@ -117,7 +117,10 @@ class Engine:
                                  plan.compute_dtype, plan.form,
                                  PagedAttention(ours) if ours and plan.attention_reason is None else None,
                                  LayerOps(ours) if ours and plan.layer_ops_reason is None else None,
-                                 PrefillAttention(ours) if ours and plan.prefill_reason is None else None)
+                                 PrefillAttention(ours) if ours and plan.prefill_reason is None else None,
+                                 plan.pad_rows)
+        if plan.pad_rows:
+            self.model.build_products(-(-plan.prefill_chunk // plan.pad_rows) * plan.pad_rows)
         self.store: PrefixStore | None = None
         self.unsaved: list[tuple[int, bytes]] = []  # full blocks committed, not yet in the store (persist)
         self.unsaved_since = 0.0  # time.monotonic() when the first of them was

@@ -103,12 +103,14 @@ class Transformer:
     def __init__(self, cfg: ModelConfig, weights: LayerWeights, globals_: Globals, kv: KVCache, mlp_rows: int,
                  narrow_rows: int, device: torch.device, compute_dtype: torch.dtype,
                  forms: Callable[[torch.dtype, int], str], paged: PagedAttention | None = None,
-                 ops: LayerOps | None = None, prefill: PrefillAttention | None = None) -> None:
+                 ops: LayerOps | None = None, prefill: PrefillAttention | None = None, pad_rows: int = 0) -> None:
         """narrow_rows: passes of fewer rows multiply by the weights as stored (compute.Compute.narrow_rows);
         forms(dtype, rows): how a product of that many rows is computed (compute.Compute.form); paged: our kernel,
         where decode attention runs in it, ops: ours, where a layer's elementwise steps run in them, prefill: ours,
-        where a prefill chunk's attention runs in it (native.py)."""
+        where a prefill chunk's attention runs in it (native.py); pad_rows: a chunk whose products go through
+        F.linear runs its products, norms and MLP on zero rows up to a multiple of this (planner.Plan.pad_rows)."""
         self.cfg, self.weights, self.globals, self.kv, self.paged, self.ops = cfg, weights, globals_, kv, paged, ops
+        self.pad_rows = pad_rows
         self.mlp_rows, self.narrow_rows, self.device, self.dtype = mlp_rows, narrow_rows, device, compute_dtype
         self.forms, self.rope, self.prefill = forms, Rope(cfg, device, compute_dtype), prefill or fused_attention
         self.join_tokens = JOIN_BYTES // cfg.kv_bytes_per_token(compute_dtype) if prefill else 0
@@ -124,32 +126,46 @@ class Transformer:
         narrow = len(batch) < self.narrow_rows
         weights_dtype = self.weights.layout.dtype if narrow else self.dtype
         cos, sin = self.rope.tables(batch.positions, batch.end)
-        chunks = []
+        chunks, wide = [], []
         for pieces in batch.chunks:
             r = slice(pieces[0].rows.start, pieces[-1].rows.stop)
+            form = self.forms(weights_dtype, r.stop - r.start)
             chunks.append((r, (pieces, batch.positions[r], cos[r], sin[r],
-                               self.kv.slots(batch.block_ids[r], batch.offsets[r]),
-                               self.forms(weights_dtype, r.stop - r.start), self.gathered(pieces))))
+                               self.kv.slots(batch.block_ids[r], batch.offsets[r]), form, self.gathered(pieces))))
+            wide.append(-((r.start - r.stop) // self.pad_rows) * self.pad_rows if self.pad_rows and form == "linear"
+                        else r.stop - r.start)
         h = self.globals.embed_tokens(batch.tokens.to(self.device))
+        # Each chunk's rows, with zero rows after them up to its width (pad_rows).
+        hs = [h[r] if n == r.stop - r.start else torch.cat((h[r], h.new_zeros(n - (r.stop - r.start), h.shape[1])))
+              for (r, _), n in zip(chunks, wide)]
         last = self.cfg.num_layers - 1
         for i in range(last):
             w = self.weights.layer(i, narrow)
-            if len(chunks) == 1:
-                h = self.decoder_layer(i, w, h, *chunks[0][1])
-                continue
-            for r, chunk in chunks:
-                h[r] = self.decoder_layer(i, w, h[r], *chunk)
+            hs = [self.decoder_layer(i, w, x, *chunk) for x, (_, chunk) in zip(hs, chunks)]
         # The last layer's outputs are wanted at the logit rows only; its K and V at every row. A prompt's other rows
         # skip their attention, o_proj and MLP there (llama.cpp's last layer drops them before its FFN).
         w = self.weights.layer(last, narrow)
-        h = torch.cat([self.decoder_layer(last, w, h[r], *chunk,
-                                          outputs=[j - r.start for j in batch.logit_rows if r.start <= j < r.stop])
-                       for r, chunk in chunks])
+        outputs = [[j - r.start for j in batch.logit_rows if r.start <= j < r.stop] for r, _ in chunks]
+        h = torch.cat([self.decoder_layer(last, w, x, *chunk, outputs=out)[:len(out)]
+                       for x, (_, chunk), out in zip(hs, chunks, outputs)])
         x = self.norm(h, self.globals.norm)
         rows = len(batch.logit_rows)
         head_narrow = rows < self.narrow_rows
         return self.globals.logits(x, head_narrow, self.forms(self.globals.lm_head.dtype if head_narrow else self.dtype,
                                                               rows))
+
+    def build_products(self, rows: int) -> None:
+        """Each of a layer's products once, on `rows` zero rows and zero weights of its shapes, so that oneDNN
+        builds its kernels for that width at load rather than in the first prompt that needs them."""
+        shapes = self.weights.layout.tensors
+        built = set()
+        for name, (_, shape) in shapes.items():
+            bias = shapes[b][1] if (b := name.removesuffix("weight") + "bias") in shapes else None
+            if name.endswith(".weight") and len(shape) == 2 and (shape, bias) not in built:
+                built.add((shape, bias))
+                linear(torch.zeros(rows, shape[1], dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       None if bias is None else torch.zeros(bias, dtype=self.dtype, device=self.device))
 
     def gathered(self, pieces: list[Piece]) -> Gathered | None:
         """For a chunk's decoding pieces that attend in one call: (their indices among the pieces, their rows in the
@@ -174,19 +190,19 @@ class Transformer:
                       gathered: Gathered | None, outputs: list[int] | None = None) -> torch.Tensor:
         """The layer's output at every row of the chunk, or only at `outputs` (its rows, ascending), where every
         row still writes its K and V: a prefill piece then attends from its last row alone, where that is one of
-        them, and not at all otherwise."""
-        cfg, t = self.cfg, x.shape[0]
+        them, and not at all otherwise. x may have zero rows after the chunk's (forward: pad_rows): its products,
+        norms and MLP run on them too, and its output has them unless `outputs` picks rows."""
+        cfg, t = self.cfg, len(pos)
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         a = self.norm(x, w["input_layernorm.weight"])
         if "qkv" in w and form in EXACT_FUSED:  # q, k and v adjacent: one product, one rotation of q and k
-            qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)
+            qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)[:t]
             qk = self.rotate(qkv[:, :self.qk_columns].reshape(t, heads + kv_heads, d), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, self.qk_columns:].reshape(t, kv_heads, d)
         else:
-            q = linear(a, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"), form).reshape(t, heads, d)
-            k = linear(a, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"), form).reshape(t, kv_heads, d)
-            v = linear(a, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"), form).reshape(t, kv_heads, d)
+            q, k, v = (linear(a, w[f"self_attn.{n}_proj.weight"], w.get(f"self_attn.{n}_proj.bias"), form)[:t]
+                       .reshape(t, -1, d) for n in "qkv")
             q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         self.kv.write(i, slots, k, v)
         if outputs == []:
@@ -237,6 +253,8 @@ class Transformer:
         if keep is not None and attn is not None:
             x, attn, t = x[keep], attn[keep], len(keep)
             form = self.forms(w["self_attn.o_proj.weight"].dtype, t)
+        elif len(x) > t and attn is not None:  # o_proj's product over the padded rows too
+            attn, t = torch.cat((attn, attn.new_zeros(len(x) - t, heads, d))), len(x)
         x = x + linear(attn.reshape(t, -1),  # type: ignore[union-attr]
                        w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
         return x + mlp(self.norm(x, w["post_attention_layernorm.weight"]), w, self.mlp_rows, form, self.ops)

@@ -49,6 +49,7 @@ class Plan:
     step_tokens: int  # rows of a pass over the weights while sequences decode (chunks of prefill_chunk rows)
     kv_chunk_blocks: int
     mlp_rows: int
+    pad_rows: int  # a chunk's products through F.linear run on rows padded to a multiple of this (0: none)
     n_slots: int
     slot_bytes: int  # one ring slot: a layer in the compute dtype
     layer_tiers: list[str]
@@ -105,6 +106,8 @@ class Plan:
             f"KV cache: {blocks} blocks of {self.block_size} tokens ({fmt_bytes(self.block_bytes)} per block, all layers)",
             f"chunks: prefill {self.prefill_chunk} tokens, attention KV {self.kv_chunk_blocks * self.block_size} "
             f"tokens, MLP {self.mlp_rows} rows; working buffers {fmt_bytes(self.working_bytes)}",
+            *([f"prefill products: rows padded with zeros to a multiple of {self.pad_rows} (oneDNN builds F.linear's "
+               f"kernels for each row count it meets), those of a full chunk built at load"] if self.pad_rows else []),
             f"scheduler: up to {self.step_tokens} tokens per pass over the weights "
             + ("(whole prompts: each pass streams every layer once)" if self.count("device") < len(self.layer_tiers)
                else "(decodes wait at most that)" + (f", {self.prefill_chunk} in a pass with no decode"
@@ -142,6 +145,11 @@ class Machine:
 
 
 DECODE_WAIT_ROWS = 512  # rows of a pass that running decodes wait behind, unless prefill_chunk says otherwise
+# On a CPU F.linear in bfloat16 is oneDNN's, which builds kernels for each row count it meets: 4-25 ms a product
+# (the 201M benchmark model, 300 to 2,048 rows; ~60 ms a prompt of a new length at 2,000 tokens, in transformers
+# too). A chunk's products padded to a multiple of 64 rows leave at most 32 widths per product in a 2,048-row
+# chunk, and cost no more than the rows they add (a 2,000-token prompt 401-407 ms padded, 412-429 ms not).
+PAD_ROWS = 64
 
 
 def default_chunk(device: torch.device) -> int:
@@ -214,6 +222,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
     forced = L if weights == "gpu" else 0  # resident layers the mode asks for
     weights_min = forced * layer + (embed if forced else 0) + min(1, ring(forced)) * slot
 
+    pad_rows = PAD_ROWS if device.type == "cpu" and compute == torch.bfloat16 else 0
     # Shrink the chunks until the minimum configuration fits.
     chunk = min(prefill_chunk or default_chunk(device), batch * context)
     kv_chunk = max(1, min(4096, context) // block_size)
@@ -221,7 +230,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
         # The MLP of a chunk in parts of at most 512 rows bounds its activations on a GPU; on a CPU one part per
         # chunk, as each part reads the MLP's weights again in calls of its own: a 2,048-token prefill of the 201M
         # model took 0.39-0.40 s in one part, 0.44 s in four.
-        mlp_rows = chunk if device.type == "cpu" else min(chunk, 512)
+        mlp_rows = -(-chunk // pad_rows) * pad_rows if pad_rows else chunk if device.type == "cpu" else min(chunk, 512)
         work = working_bytes(cfg, compute, batch * context, chunk, kv_chunk * block_size, mlp_rows, batch, device,
                              upcast)
         minimum = lm_head + work + weights_min + kv_forced
@@ -277,7 +286,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
                 narrow_rows=machine.compute.narrow_rows, matmul_forms=machine.compute.forms, kv_dtype=kv_dtype,
                 budget=budget, context=context, batch=batch, block_size=block_size, prefill_chunk=chunk,
                 step_tokens=step_rows(chunk, bool(prefill_chunk), batch, resident == L, context),
-                kv_chunk_blocks=kv_chunk, mlp_rows=mlp_rows, n_slots=slots, slot_bytes=slot,
+                kv_chunk_blocks=kv_chunk, mlp_rows=mlp_rows, pad_rows=pad_rows, n_slots=slots, slot_bytes=slot,
                 layer_tiers=tiers, embed_tier=embed_tier, kv_blocks=kv_blocks, layer_bytes=layer,
                 globals_bytes=lm_head + (embed if embed_tier == "device" else 0),
                 working_bytes=work, block_bytes=block_bytes, disk_bytes=disk_bytes,

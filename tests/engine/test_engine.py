@@ -51,6 +51,41 @@ def test_the_last_layer_computes_only_the_rows_whose_logits_are_wanted(tiny_mode
         assert engine.generate(PROMPTS, max_new_tokens=4) == alone
 
 
+@pytest.mark.parametrize("flags", [None, AVX2, EPYC], ids=["this_cpu", "avx2", "epyc"])
+def test_prefill_products_in_bf16_run_on_rows_padded_to_a_multiple_of_64(tiny_model, monkeypatch, fake_cpu, flags):
+    """oneDNN builds F.linear's kernels for each row count it meets: in bf16 on a CPU a chunk's products see only
+    multiples of 64 rows (those of a full chunk built at load), with the logits of unpadded products. A CPU without
+    bf16 instructions computes in float32 (MKL's products build nothing): no padding there."""
+    import own_engine.model
+
+    if flags:
+        fake_cpu(flags)
+    path, _ = tiny_model("llama_bf16")
+    calls: list[tuple[int, str, tuple[int, ...]]] = []
+    linear = own_engine.model.linear
+    monkeypatch.setattr(own_engine.model, "linear",
+                        lambda x, w, b=None, form="linear": calls.append((len(x), form, w.shape)) or linear(x, w, b, form))
+    prompts = [list(range(3, 103)), list(range(200, 350))]  # 100 and 150 rows: F.linear's
+    with Engine.from_pretrained(path, prefill_chunk=256, max_context=512, prefix_cache=False) as engine:
+        pad = 0 if flags == AVX2 else 64
+        assert engine.plan.pad_rows == pad and ("padded with zeros" in engine.plan.explain()) == bool(pad)
+        shapes = {tuple(s) for _, (_, s) in engine.model.weights.layout.tensors.items() if len(s) == 2}
+        assert {(rows, tuple(s)) for rows, _, s in calls} == ({(256, s) for s in shapes} if pad else set())
+        calls.clear()
+
+        def logits():
+            out = []
+            for prompt in prompts:  # a chunk each
+                seqs, last = engine.prefill([prompt])
+                engine.release(seqs)
+                out.append(last)
+            return torch.cat(out)
+        padded = logits()
+        assert {rows for rows, form, _ in calls if form == "linear"} == ({128, 192} if pad else {100, 150})
+        engine.model.pad_rows = 0
+        torch.testing.assert_close(padded, logits(), rtol=0, atol=0.05)
+
+
 def test_stops_at_eos_unless_ignored(tiny_model):
     path, _ = tiny_model("llama_gqa2")
     with Engine.from_pretrained(path) as engine:
