@@ -54,8 +54,9 @@ def test_the_last_layer_computes_only_the_rows_whose_logits_are_wanted(tiny_mode
 @pytest.mark.parametrize("flags", [None, AVX2, EPYC], ids=["this_cpu", "avx2", "epyc"])
 def test_prefill_products_in_bf16_run_on_rows_padded_to_a_multiple_of_64(tiny_model, monkeypatch, fake_cpu, flags):
     """oneDNN builds F.linear's kernels for each row count it meets: in bf16 on a CPU a chunk's products see only
-    multiples of 64 rows (those of a full chunk built at load), with the logits of unpadded products. A CPU without
-    bf16 instructions computes in float32 (MKL's products build nothing): no padding there."""
+    multiples of 64 rows (those of a full chunk built at load), alone or beside another chunk in the pass, with the
+    logits of unpadded products. A CPU without bf16 instructions computes in float32 (MKL's products build
+    nothing): no padding there."""
     import own_engine.model
 
     if flags:
@@ -65,25 +66,28 @@ def test_prefill_products_in_bf16_run_on_rows_padded_to_a_multiple_of_64(tiny_mo
     linear = own_engine.model.linear
     monkeypatch.setattr(own_engine.model, "linear",
                         lambda x, w, b=None, form="linear": calls.append((len(x), form, w.shape)) or linear(x, w, b, form))
-    prompts = [list(range(3, 103)), list(range(200, 350))]  # 100 and 150 rows: F.linear's
-    with Engine.from_pretrained(path, prefill_chunk=256, max_context=512, prefix_cache=False) as engine:
+    prompts = [list(range(3, 103)), list(range(200, 400))]  # 100 and 200 tokens
+    with Engine.from_pretrained(path, prefill_chunk=192, max_context=512, prefix_cache=False) as engine:
         pad = 0 if flags == AVX2 else 64
         assert engine.plan.pad_rows == pad and ("padded with zeros" in engine.plan.explain()) == bool(pad)
         shapes = {tuple(s) for _, (_, s) in engine.model.weights.layout.tensors.items() if len(s) == 2}
-        assert {(rows, tuple(s)) for rows, _, s in calls} == ({(256, s) for s in shapes} if pad else set())
-        calls.clear()
+        assert {(rows, tuple(s)) for rows, _, s in calls} == ({(192, s) for s in shapes} if pad else set())
 
-        def logits():
+        def logits(together: bool) -> torch.Tensor:
             out = []
-            for prompt in prompts:  # a chunk each
-                seqs, last = engine.prefill([prompt])
+            for batch in [prompts] if together else [[p] for p in prompts]:
+                seqs, last = engine.prefill(batch)
                 engine.release(seqs)
                 out.append(last)
             return torch.cat(out)
-        padded = logits()
-        assert {rows for rows, form, _ in calls if form == "linear"} == ({128, 192} if pad else {100, 150})
-        engine.model.pad_rows = 0
-        torch.testing.assert_close(padded, logits(), rtol=0, atol=0.05)
+
+        for together, plain in ((False, {100, 192}), (True, {192, 108})):  # chunks of 100; 192 and 8; 192 and 108
+            calls.clear()
+            engine.model.pad_rows = pad
+            padded = logits(together)
+            assert {rows for rows, form, _ in calls if form == "linear"} == ({128, 192} if pad else plain)
+            engine.model.pad_rows = 0
+            torch.testing.assert_close(padded, logits(together), rtol=0, atol=0.05)
 
 
 def test_stops_at_eos_unless_ignored(tiny_model):
