@@ -3,7 +3,7 @@
 // kernel does. That kernel reached ~0.5 TFLOP/s on 2,048 tokens (17.5 ms a layer of the 201M benchmark model, 16
 // heads of 64, 2 threads): its products go through a general GEMM call per block. Here both products are tile
 // instructions on packed operands and the softmax is one AVX-512 pass per row block, in base 2 (a polynomial for
-// 2^x, within 1.2e-7, where the weights are then rounded to bf16 for the value product, as torch rounds them).
+// 2^x, within 2.7e-6, where the weights are then rounded to bf16 for the value product, as torch rounds them).
 //
 // Work items are (query head, block of 32 query rows); each walks its keys 64 at a time: S = Q K^T (four 16x16
 // tiles per 32 keys), the online softmax on S's rows, then O += P V with O's rows loaded into tiles and stored back.
@@ -24,15 +24,15 @@ constexpr int64_t BM = 32;   // query rows per work item: two tiles of 16
 constexpr int64_t BN = 64;   // keys per softmax step: two products of 32
 constexpr int64_t MAX_D = 128;
 
-// 2^x for finite x <= 8: 2^round(x) times 2^f, f in [-0.5, 0.5], by a degree-4 polynomial (within 3.6e-6: the
-// weights are rounded to bf16 for the value product, their sum kept in float32).
+// 2^x for finite x (inf past 128): 2^floor(x) times 2^f, f = x - floor(x) in [0, 1) in one instruction, by a
+// degree-4 polynomial (within 2.7e-6: the weights are rounded to bf16 for the value product, their sum kept in
+// float32). The AVX-512 operations issue at about one a cycle here, so each one counts (the softmax is half a step).
 inline __m512 exp2_(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.676037098e-03f);
-  for (const float c : {5.592203565e-02f, 2.402210736e-01f, 6.931210340e-01f, 1.000000075f})
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
+  __m512 p = _mm512_set1_ps(1.3520620553e-02f);
+  for (const float c : {5.2037454187e-02f, 2.4142743011e-01f, 6.9300664870e-01f, 1.0000025155e+00f})
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(p, x);  // p * 2^floor(x)
 }
 
 struct Args {
@@ -120,11 +120,42 @@ void scores(Block& b, const uint32_t* kt, int64_t d, int64_t halves) {
   }
 }
 
+// The step's weights 2^(s * log2_scale - m) against the rows' maxima m, rounded to bf16 into b.p, and their sums
+// per row in total.
+template <bool Masked>
+void weights(Block& b, int64_t chunks, const int64_t* seen, float log2_scale, const float* m_new, float* total) {
+  const auto keep = [&](int64_t i, int64_t c) {
+    return static_cast<__mmask16>((1u << std::clamp<int64_t>(seen[i] - c * 16, 0, 16)) - 1);
+  };
+  const __m512 sl = _mm512_set1_ps(log2_scale);
+  for (int64_t i = 0; i < BM; i += 4) {
+    __m512 sum[4];
+    for (int64_t r = 0; r < 4; ++r) {
+      const __m512 m = _mm512_set1_ps(m_new[i + r]);
+      const float* sr = b.s + (i + r) * BN;
+      uint16_t* pr = b.p + (i + r) * BN;
+      sum[r] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; c += 2) {
+        __m512 e0 = exp2_(_mm512_fmsub_ps(_mm512_load_ps(sr + c * 16), sl, m));
+        __m512 e1 = exp2_(_mm512_fmsub_ps(_mm512_load_ps(sr + c * 16 + 16), sl, m));
+        if constexpr (Masked) {
+          e0 = _mm512_maskz_mov_ps(keep(i + r, c), e0);
+          e1 = _mm512_maskz_mov_ps(keep(i + r, c + 1), e1);
+        }
+        sum[r] = _mm512_add_ps(sum[r], _mm512_add_ps(e0, e1));
+        _mm512_store_si512(pr + c * 16, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+      }
+    }
+    _mm_store_ps(total + i, sum4(sum[0], sum[1], sum[2], sum[3]));
+  }
+}
+
 // The online softmax over the step's `chunks` of 16 keys, in base 2: the rows' maxima four at a time, then the new
 // maxima and their corrections for all rows at once, then the weights and their sums four rows at a time. A row's
-// max moves only when it grows by more than 8 (a factor 256): its weights stay below 256, exact enough in float32
-// and bf16, and most steps rescale no row. Masked: seen[i] is how many of the step's keys row i sees (a step on
-// the diagonal or at the end); otherwise it sees them all.
+// max moves only when it grows by more than 8 (a factor 256), so most steps rescale no row; most steps after the
+// first skip this pass altogether (softmax_known_max): weights of any size round to bf16 alike, and float32 sums
+// them alike. Masked: seen[i] is how many of the step's keys row i sees (a
+// step on the diagonal or at the end); otherwise it sees them all.
 template <bool Masked>
 void softmax(Block& b, int64_t chunks, const int64_t* seen, float log2_scale, int64_t d) {
   alignas(64) float top[BM], m_new[BM], alpha[BM], total[BM];
@@ -155,32 +186,25 @@ void softmax(Block& b, int64_t chunks, const int64_t* seen, float log2_scale, in
         _mm512_store_ps(b.o + row * d + c, _mm512_mul_ps(_mm512_load_ps(b.o + row * d + c), by));
     }
   }
-  const __m512 sl = _mm512_set1_ps(log2_scale);
-  for (int64_t i = 0; i < BM; i += 4) {
-    __m512 sum[4];
-    for (int64_t r = 0; r < 4; ++r) {
-      const __m512 m = _mm512_set1_ps(m_new[i + r]);
-      const float* sr = b.s + (i + r) * BN;
-      uint16_t* pr = b.p + (i + r) * BN;
-      sum[r] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; c += 2) {
-        __m512 e0 = exp2_(_mm512_fmsub_ps(_mm512_load_ps(sr + c * 16), sl, m));
-        __m512 e1 = exp2_(_mm512_fmsub_ps(_mm512_load_ps(sr + c * 16 + 16), sl, m));
-        if constexpr (Masked) {
-          e0 = _mm512_maskz_mov_ps(keep(i + r, c), e0);
-          e1 = _mm512_maskz_mov_ps(keep(i + r, c + 1), e1);
-        }
-        sum[r] = _mm512_add_ps(sum[r], _mm512_add_ps(e0, e1));
-        _mm512_store_si512(pr + c * 16, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
-      }
-    }
-    _mm_store_ps(total + i, sum4(sum[0], sum[1], sum[2], sum[3]));
-  }
+  weights<Masked>(b, chunks, seen, log2_scale, m_new, total);
   for (int64_t i = 0; i < BM; i += 16) {
     const __m512 l = _mm512_fmadd_ps(_mm512_load_ps(b.l + i), _mm512_load_ps(alpha + i), _mm512_load_ps(total + i));
     _mm512_store_ps(b.l + i, l);
     _mm512_store_ps(b.mx + i, _mm512_load_ps(m_new + i));
   }
+}
+
+// A step after the first whose keys every row sees: weights against the rows' maxima so far, without a pass for this
+// step's maxima. False, with nothing kept, where a row's weights summed past 2^16 (its scores grew past its max):
+// softmax<false> then redoes the step.
+bool softmax_known_max(Block& b, int64_t chunks, float log2_scale) {
+  alignas(64) float total[BM];
+  weights<false>(b, chunks, nullptr, log2_scale, b.mx, total);
+  for (int64_t i = 0; i < BM; i += 16)
+    if (_mm512_cmp_ps_mask(_mm512_load_ps(total + i), _mm512_set1_ps(65536.0f), _CMP_NLE_UQ)) return false;
+  for (int64_t i = 0; i < BM; i += 16)
+    _mm512_store_ps(b.l + i, _mm512_add_ps(_mm512_load_ps(b.l + i), _mm512_load_ps(total + i)));
+  return true;
 }
 
 // O += P V over the step's keys: 16 rows by 64 dims at a time, O's rows loaded into tiles and stored back.
@@ -237,10 +261,10 @@ void attend(const Args& a, Block& b, int64_t hq, int64_t m0) {
       seen[i] = i < rows ? std::clamp<int64_t>(last - n0 + 1, 0, width) : 0;
       whole &= seen[i] == width;
     }
-    if (whole)
-      softmax<false>(b, width / 16, seen, log2_scale, d);
-    else
+    if (!whole)
       softmax<true>(b, width / 16, seen, log2_scale, d);
+    else if (n0 == 0 || !softmax_known_max(b, width / 16, log2_scale))
+      softmax<false>(b, width / 16, seen, log2_scale, d);
     accumulate(b, vh + n0 * d, d, halves);
   }
   for (int64_t i = 0; i < rows; ++i) {

@@ -144,19 +144,22 @@ def test_layer_ops_round_as_torch_does(dtype, rows):
 
 
 @needs_amx
-@pytest.mark.parametrize("tq, tk, heads, kv_heads, dim, causal", [
-    (37, 37, 4, 1, 64, True),  # a chunk over itself: a tail of 5 rows and 5 keys
-    (200, 200, 16, 4, 64, True),  # several row blocks and key steps, on and off the diagonal
-    (100, 100, 8, 2, 128, True),  # Llama-3 8B's heads of 128
-    (61, 250, 8, 8, 128, False),  # a chunk over earlier tokens' keys
-    (1, 70, 8, 1, 128, False),  # one row
+@pytest.mark.parametrize("tq, tk, heads, kv_heads, dim, causal, ramp", [
+    (37, 37, 4, 1, 64, True, 0),  # a chunk over itself: a tail of 5 rows and 5 keys
+    (200, 200, 16, 4, 64, True, 0),  # several row blocks and key steps, on and off the diagonal
+    (100, 100, 8, 2, 128, True, 0),  # Llama-3 8B's heads of 128
+    (61, 250, 8, 8, 128, False, 0),  # a chunk over earlier tokens' keys
+    (1, 70, 8, 1, 128, False, 0),  # one row
+    (64, 320, 4, 1, 64, False, 1),  # keys growing along the sequence: steps whose scores pass the max so far
 ])
-def test_the_amx_kernel_computes_a_chunks_attention(tq, tk, heads, kv_heads, dim, causal):
+def test_the_amx_kernel_computes_a_chunks_attention(tq, tk, heads, kv_heads, dim, causal, ramp):
     """Queries and keys read where a layer leaves them (heads of a wider row, at a stride): output and log-sum-exp
     as close to a float32 reference as the flash kernel's (both round the weights and the output to bf16: the
     largest errors are an output's last bit, 0.03 at 5)."""
     gen = torch.Generator().manual_seed(tq + tk)
-    qkv = (torch.randn(max(tq, tk), heads + 2 * kv_heads, dim, generator=gen) * 2).to(torch.bfloat16)
+    qkv = torch.randn(max(tq, tk), heads + 2 * kv_heads, dim, generator=gen) * 2
+    qkv[:, heads:heads + kv_heads] *= 1 + ramp * torch.arange(len(qkv))[:, None, None] / len(qkv)
+    qkv = qkv.to(torch.bfloat16)
     q, k, v = qkv[:tq, :heads], qkv[:tk, heads:heads + kv_heads], qkv[:tk, heads + kv_heads:]
     scale = dim ** -0.5
     out, lse = PrefillAttention(HERE.library)(q, k, v, causal, None, scale)
