@@ -252,19 +252,19 @@ void attend(const Args& a, Block& b, int64_t hq, int64_t m0) {
   const uint32_t* kh = a.kp + h * a.tk_pad * d / 2;
   const uint16_t* vh = a.vp + h * a.tk_pad * d;
   int64_t seen[BM];
+  const int64_t first_sees = a.causal ? std::min(m0 + off, a.tk - 1) : a.tk - 1;  // the last key row 0 sees
   for (int64_t n0 = 0; n0 < end; n0 += BN) {
     const int64_t halves = (std::min(end - n0, BN) + 31) / 32, width = halves * 32;
     scores(b, kh + n0 * d / 2, d, halves);
-    bool whole = rows == BM;  // every row sees every key of the step
-    for (int64_t i = 0; i < BM; ++i) {
-      const int64_t last = a.causal ? std::min(m0 + i + off, a.tk - 1) : a.tk - 1;
-      seen[i] = i < rows ? std::clamp<int64_t>(last - n0 + 1, 0, width) : 0;
-      whole &= seen[i] == width;
-    }
-    if (!whole)
+    if (rows < BM || first_sees < n0 + width - 1) {  // some row does not see every key of the step
+      for (int64_t i = 0; i < BM; ++i) {
+        const int64_t last = a.causal ? std::min(m0 + i + off, a.tk - 1) : a.tk - 1;
+        seen[i] = i < rows ? std::clamp<int64_t>(last - n0 + 1, 0, width) : 0;
+      }
       softmax<true>(b, width / 16, seen, log2_scale, d);
-    else if (n0 == 0 || !softmax_known_max(b, width / 16, log2_scale))
+    } else if (n0 == 0 || !softmax_known_max(b, width / 16, log2_scale)) {
       softmax<false>(b, width / 16, seen, log2_scale, d);
+    }
     accumulate(b, vh + n0 * d, d, halves);
   }
   for (int64_t i = 0; i < rows; ++i) {
