@@ -114,8 +114,8 @@ class Backend(ABC):
 
     @classmethod
     def process_environment(cls, spec: BackendSpec) -> dict[str, str]:
-        """Variables an in-process engine's libraries read once, when they load (OpenMP's wait policy): the worker
-        sets them before it builds the backend, so before torch is imported."""
+        """Variables an in-process engine's libraries read once, when they load (OpenMP's wait policy) or as the
+        process starts (glibc's malloc): the cell's worker process starts with them."""
         return {}
 
     @classmethod

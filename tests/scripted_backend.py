@@ -44,6 +44,7 @@ class ScriptedOptions(BaseModel):
     hang_while_exists: str | None = None  # hang once the request is recorded (record_requests), while this file exists
     fill_disk_while_exists: str | None = None  # start() fills the cell folder's file system while this file exists
     env: dict[str, str] = {}  # an engine's environment: start() records sha256 of each value in CELL_DIR/env_seen.json
+    process_env: dict[str, str] = {}  # its process_environment: start() fails unless the process started with it
     # Serve this many requests at once and queue the rest inside, first come first served, as an engine with that many
     # batch slots: latency rises with the load (a capacity search's knee). Each request holds its slot until done.
     slots: int | None = None
@@ -66,7 +67,15 @@ class ScriptedBackend(Backend):
     async def prepare(self) -> None:
         await asyncio.sleep(self.options.prepare_s)
 
+    @classmethod
+    def process_environment(cls, spec) -> dict[str, str]:
+        return dict(spec.options.get("process_env", {}))
+
     async def start(self) -> None:
+        if self.options.process_env:  # what the process started with: variables set after it began are not there
+            started = dict(v.split("=", 1) for v in Path("/proc/self/environ").read_text().split("\0") if "=" in v)
+            if missing := {k: v for k, v in self.options.process_env.items() if started.get(k) != v}:
+                raise BackendError(f"scripted start failure: the process started without {missing}")
         if self.options.fail_if_exists and Path(self.options.fail_if_exists).exists():
             raise BackendError(f"scripted start failure ({self.options.fail_if_exists} exists)")
         if self.options.env:

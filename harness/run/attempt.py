@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backends.registry import get_backend_class
 from harness.config.scenario import Cell
 from harness.core.errors import BackendError
 from harness.core.files import atomic_write
@@ -41,6 +42,7 @@ def attempt_cell(planner: CellPlanner, cell: Cell, cell_dir: Path, timeout_s: fl
     if in_process:
         exit_code, log_tail = run_here(cell_dir, plan.model_dump_json())
     else:
+        environment = get_backend_class(plan.backend.kind, plan.backend.options).process_environment(plan.backend)
         exit_code, log_tail = run_worker(plan.backend.python, cell_dir, timeout_s, on_request_done,
-                                         plan.model_dump_json(), redact)
+                                         plan.model_dump_json(), redact, environment)
     return Attempt(exit_code=exit_code, log_tail=log_tail, node=where, prompts_file=plan.prompts_file)

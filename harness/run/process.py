@@ -52,16 +52,17 @@ def interruptible() -> Iterator[None]:
 
 
 def run_worker(python: Path | None, cell_dir: Path, timeout_s: float, on_request_done: Callable[[], None],
-               plan_json: str, redact: Redactor) -> tuple[int | str, str]:
+               plan_json: str, redact: Redactor, environment: dict[str, str]) -> tuple[int | str, str]:
     """(exit code, or why it has none; the tail of its log). The worker runs the installed package, or the source
     tree it was started from, with `python -m`: an engine venv (`python:`) has llmbench installed too. It reads its
     plan from its stdin: cell.json has the secrets masked, and so has worker.log, every line of which (stdout and
-    stderr, a traceback quoting a token included) passes through `redact`."""
+    stderr, a traceback quoting a token included) passes through `redact`. `environment` (the backend's
+    process_environment) is added to this process's for it."""
     log_path = cell_dir / "worker.log"
     argv = [str(python or sys.executable), "-u", "-m", "harness.run.worker", str(cell_dir)]
     with log_path.open("w") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", start_new_session=True)
+                                text=True, errors="replace", start_new_session=True, env={**os.environ, **environment})
         try:
             # Recorded like the servers: a resumed run kills it before reusing the folder, should it outlive this
             # runner.

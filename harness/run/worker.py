@@ -135,7 +135,6 @@ class CellWorker:
             ctx = CellContext(dir=self.dir, seed=plan.seed, vram_budget=plan.vram_budget,
                               concurrency=self.strategy.width, engine_cpus=split.engine_cpus or None)
             cls = get_backend_class(plan.backend.kind, plan.backend.options)
-            os.environ.update(cls.process_environment(plan.backend))  # before the engine's libraries load
             backend = cls(plan.backend, ModelInfo(plan.model_name, plan.model_path), ctx)
             need = backend.disk_need()
             if need and (problem := check_disk_space(*need)):

@@ -96,7 +96,8 @@ def test_the_wait_policy_sets_the_spin_count_too(policy, environment):
     from backends.own_backend import OwnBackend
 
     options = {} if policy is None else {"omp_wait_policy": policy}
-    assert OwnBackend.process_environment(BackendSpec(name="o", kind="own", options=options)) == environment
+    assert OwnBackend.process_environment(BackendSpec(name="o", kind="own", options=options)) == {
+        **environment, "MALLOC_ARENA_MAX": "1"}
 
 
 def test_a_resident_decode_is_compared_with_memory_bandwidth(tiny_model, tmp_path):

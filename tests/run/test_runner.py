@@ -54,6 +54,14 @@ def test_a_crashing_cell_does_not_stop_the_others(write_scenario, tiny_model, tm
     assert "crash" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_the_worker_process_starts_with_the_backends_process_environment(write_scenario, tiny_model, tmp_path):
+    """Read as a process starts by some libraries (glibc's MALLOC_ARENA_MAX): set in the worker's own environment
+    once it runs would be too late."""
+    backends = [{"name": "env", "kind": "scripted", "options": {"process_env": {"LLMBENCH_TEST_STARTED_WITH": "1"}}}]
+    path = write_scenario(scenario_dict(tiny_model, backends))
+    assert run(path, tmp_path / "out") == 0, results(tmp_path / "out")["cells"][0]["error"]
+
+
 def test_a_hanging_cell_times_out(write_scenario, tiny_model, tmp_path):
     backends = [{"name": "hang", "kind": "scripted", "options": {"hang": True}}, SCRIPTED]
     path = write_scenario(scenario_dict(tiny_model, backends, cell_timeout_s=3))
