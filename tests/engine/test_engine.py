@@ -68,7 +68,7 @@ def test_prefill_products_in_bf16_run_on_rows_padded_to_a_multiple_of_64(tiny_mo
                         lambda x, w, b=None, form="linear": calls.append((len(x), form, w.shape)) or linear(x, w, b, form))
     prompts = [list(range(3, 103)), list(range(200, 400))]  # 100 and 200 tokens
     with Engine.from_pretrained(path, prefill_chunk=192, max_context=512, prefix_cache=False) as engine:
-        pad = 0 if flags == AVX2 else 64
+        pad = 64 if {"avx512_bf16", "amx_bf16"} & (flags or cpu_flags()) else 0  # bf16 compute: the policy decides so
         assert engine.plan.pad_rows == pad and ("padded with zeros" in engine.plan.explain()) == bool(pad)
         shapes = {tuple(s) for _, (_, s) in engine.model.weights.layout.tensors.items() if len(s) == 2}
         assert {(rows, tuple(s)) for rows, _, s in calls} == ({(192, s) for s in shapes} if pad else set())
@@ -85,7 +85,8 @@ def test_prefill_products_in_bf16_run_on_rows_padded_to_a_multiple_of_64(tiny_mo
             calls.clear()
             engine.model.pad_rows = pad
             padded = logits(together)
-            assert {rows for rows, form, _ in calls if form == "linear"} == ({128, 192} if pad else plain)
+            # F.linear's widths past 64 rows (fewer go to the tile kernel, or to another form, as measured here)
+            assert {rows for rows, form, _ in calls if form == "linear" and rows > 64} == ({128, 192} if pad else plain)
             engine.model.pad_rows = 0
             torch.testing.assert_close(padded, logits(together), rtol=0, atol=0.05)
 
