@@ -21,7 +21,7 @@ from .kv_cache import KVCache
 from .model import Transformer
 from .placement import Globals, LayerWeights
 from .native import LayerOps, PagedAttention, PrefillAttention
-from .planner import Machine, Plan, make_plan
+from .planner import Machine, Plan, make_plan, padded
 from .prefix_store import PrefixStore
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, Status
@@ -120,7 +120,7 @@ class Engine:
                                  PrefillAttention(ours) if ours and plan.prefill_reason is None else None,
                                  plan.pad_rows)
         if plan.pad_rows:
-            self.model.build_products(-(-plan.prefill_chunk // plan.pad_rows) * plan.pad_rows)
+            self.model.build_products(padded(plan.prefill_chunk, plan.pad_rows))
         self.store: PrefixStore | None = None
         self.unsaved: list[tuple[int, bytes]] = []  # full blocks committed, not yet in the store (persist)
         self.unsaved_since = 0.0  # time.monotonic() when the first of them was

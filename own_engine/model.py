@@ -14,6 +14,7 @@ from .kv_cache import Gather, KVCache, Paged, Slot
 from .matmul import linear
 from .native import LayerOps, PagedAttention, PrefillAttention
 from .placement import Globals, LayerWeights
+from .planner import padded
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -132,8 +133,7 @@ class Transformer:
             form = self.forms(weights_dtype, r.stop - r.start)
             chunks.append((r, (pieces, batch.positions[r], cos[r], sin[r],
                                self.kv.slots(batch.block_ids[r], batch.offsets[r]), form, self.gathered(pieces))))
-            wide.append(-((r.start - r.stop) // self.pad_rows) * self.pad_rows if self.pad_rows and form == "linear"
-                        else r.stop - r.start)
+            wide.append(padded(r.stop - r.start, self.pad_rows if form == "linear" else 0))
         h = self.globals.embed_tokens(batch.tokens.to(self.device))
         # Each chunk's rows, with zero rows after them up to its width (pad_rows).
         hs = [h[r] if n == r.stop - r.start else torch.cat((h[r], h.new_zeros(n - (r.stop - r.start), h.shape[1])))
@@ -196,7 +196,7 @@ class Transformer:
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         a = self.norm(x, w["input_layernorm.weight"])
         if "qkv" in w and form in EXACT_FUSED:  # q, k and v adjacent: one product, one rotation of q and k
-            qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)[:t]
+            qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)  # not F.linear: no padded rows here
             qk = self.rotate(qkv[:, :self.qk_columns].reshape(t, heads + kv_heads, d), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, self.qk_columns:].reshape(t, kv_heads, d)

@@ -152,6 +152,11 @@ DECODE_WAIT_ROWS = 512  # rows of a pass that running decodes wait behind, unles
 PAD_ROWS = 64
 
 
+def padded(rows: int, multiple: int) -> int:
+    """rows rounded up to a multiple of `multiple` (0: rows as they are)."""
+    return -(-rows // multiple) * multiple if multiple else rows
+
+
 def default_chunk(device: torch.device) -> int:
     """Rows per prefill chunk unless asked. On a CPU 2,048: wider products and fewer attention merges (201M bf16
     model, 2,048-token prompt, Intel Xeon (AMX) 2 threads: TTFT 0.73 -> 0.64 s; 8,192 tokens 4.57 -> 4.43 s), in
@@ -230,7 +235,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
         # The MLP of a chunk in parts of at most 512 rows bounds its activations on a GPU; on a CPU one part per
         # chunk, as each part reads the MLP's weights again in calls of its own: a 2,048-token prefill of the 201M
         # model took 0.39-0.40 s in one part, 0.44 s in four.
-        mlp_rows = -(-chunk // pad_rows) * pad_rows if pad_rows else chunk if device.type == "cpu" else min(chunk, 512)
+        mlp_rows = padded(chunk, pad_rows) if device.type == "cpu" else min(chunk, 512)
         work = working_bytes(cfg, compute, batch * context, chunk, kv_chunk * block_size, mlp_rows, batch, device,
                              upcast)
         minimum = lm_head + work + weights_min + kv_forced

@@ -154,8 +154,8 @@ void weights(Block& b, int64_t chunks, const int64_t* seen, float log2_scale, co
 // maxima and their corrections for all rows at once, then the weights and their sums four rows at a time. A row's
 // max moves only when it grows by more than 8 (a factor 256), so most steps rescale no row; most steps after the
 // first skip this pass altogether (softmax_known_max): weights of any size round to bf16 alike, and float32 sums
-// them alike. Masked: seen[i] is how many of the step's keys row i sees (a
-// step on the diagonal or at the end); otherwise it sees them all.
+// them alike. Masked: seen[i] is how many of the step's keys row i sees (a step on the diagonal or at the end);
+// otherwise it sees them all.
 template <bool Masked>
 void softmax(Block& b, int64_t chunks, const int64_t* seen, float log2_scale, int64_t d) {
   alignas(64) float top[BM], m_new[BM], alpha[BM], total[BM];
