@@ -24,17 +24,6 @@ constexpr int64_t BM = 32;   // query rows per work item: two tiles of 16
 constexpr int64_t BN = 64;   // keys per softmax step: two products of 32
 constexpr int64_t MAX_D = 128;
 
-// 2^x for finite x (inf past 128): 2^floor(x) times 2^f, f = x - floor(x) in [0, 1) in one instruction, by a
-// degree-4 polynomial (within 2.7e-6: the weights are rounded to bf16 for the value product, their sum kept in
-// float32). The AVX-512 operations issue at about one a cycle here, so each one counts (the softmax is half a step).
-inline __m512 exp2_(__m512 x) {
-  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
-  __m512 p = _mm512_set1_ps(1.3520620553e-02f);
-  for (const float c : {5.2037454187e-02f, 2.4142743011e-01f, 6.9300664870e-01f, 1.0000025155e+00f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, x);  // p * 2^floor(x)
-}
-
 struct Args {
   const uint16_t *q, *k, *v;
   int64_t q_row, q_head, k_row, k_head, v_row, v_head;  // strides in elements
