@@ -11,7 +11,7 @@ import torch
 from typing_extensions import TypeIs
 
 from . import owned
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, touch_heap
 from .batch import prepare
 from .block_manager import BlockManager
 from .config import DTYPES, ModelConfig
@@ -121,6 +121,8 @@ class Engine:
                                  plan.pad_rows)
         if plan.pad_rows:
             self.model.build_products(padded(plan.prefill_chunk, plan.pad_rows))
+        if self.device.type == "cpu":
+            touch_heap(plan.working_bytes)
         self.store: PrefixStore | None = None
         self.unsaved: list[tuple[int, bytes]] = []  # full blocks committed, not yet in the store (persist)
         self.unsaved_since = 0.0  # time.monotonic() when the first of them was
