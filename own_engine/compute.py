@@ -166,9 +166,10 @@ def cache_file() -> Path:
 
 
 def _machine() -> dict[str, object]:
-    """What a timing depends on besides its own inputs: another value of any is another machine."""
+    """What a timing depends on besides its own inputs: another value of any is another machine (and another way
+    of timing, a cache to measure over: "rounds", _fastest)."""
     return {"cpu": cpu_model(), "flags": sorted(cpu_flags()), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "timing": "rounds"}
 
 
 Answer = TypeVar("Answer", Crossover, MatmulForms)
@@ -224,7 +225,7 @@ def matmul_forms(dtype: torch.dtype) -> MatmulForms:
 
 def measure_forms(dtype: torch.dtype) -> MatmulForms:
     """Time each form at each of FORM_ROWS over enough SHAPE matrices to fill WORKING_SET, each matrix read once
-    per pass as a decode step reads its weights; forms interleaved, the best of REPEATS passes each. A form must
+    per pass as a decode step reads its weights (_fastest: the best of REPEATS rounds over them all). A form must
     beat the ones before it in matmul.FORMS (F.linear, the call the engine made before, then torch.mv) by MARGIN.
     Only the forms that run here (matmul.forms_here) are candidates."""
     from .matmul import FORMS, forms_here, linear
@@ -232,25 +233,24 @@ def measure_forms(dtype: torch.dtype) -> MatmulForms:
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(SHAPE, generator=gen).to(dtype)
                for _ in range(max(2, WORKING_SET // (SHAPE[0] * SHAPE[1] * dtype.itemsize)))]
+    inputs = {rows: torch.randn((rows, SHAPE[1]), generator=gen).to(dtype) for rows in FORM_ROWS}
+
+    def product(rows: int, form: str) -> Callable[[], None]:
+        def run() -> None:
+            for w in weights:
+                linear(inputs[rows], w, None, form)
+        return run
+
+    candidates = {rows: [f for f in forms_here(dtype) if f != "gemv" or rows == 1] for rows in FORM_ROWS}
+    fastest = _fastest({(rows, f): product(rows, f) for rows in FORM_ROWS for f in candidates[rows]})
     seconds: dict[str, list[float | None]] = {form: [] for form in FORMS}
     best = []
     for rows in FORM_ROWS:
-        x = torch.randn((rows, SHAPE[1]), generator=gen).to(dtype)
-        candidates = [f for f in forms_here(dtype) if f != "gemv" or rows == 1]
-        times: dict[str, list[float]] = {f: [] for f in candidates}
-        for repeat in range(REPEATS + 1):
-            for form in candidates if repeat % 2 else candidates[::-1]:
-                start = time.perf_counter()
-                for w in weights:
-                    linear(x, w, None, form)
-                if repeat:  # the first pass: first touch, kernel choice
-                    times[form].append(time.perf_counter() - start)
-        fastest = {f: min(t) / len(weights) for f, t in times.items()}
         for form in FORMS:
-            seconds[form].append(fastest.get(form))
-        choice = candidates[0]
-        for form in candidates[1:]:
-            if fastest[form] * MARGIN < fastest[choice]:
+            seconds[form].append(fastest[rows, form] / len(weights) if (rows, form) in fastest else None)
+        choice = candidates[rows][0]
+        for form in candidates[rows][1:]:
+            if fastest[rows, form] * MARGIN < fastest[rows, choice]:
                 choice = form
         best.append(choice)
     return MatmulForms(dtype_name(dtype), FORM_ROWS, tuple(best), {f: tuple(t) for f, t in seconds.items()},
@@ -258,25 +258,39 @@ def measure_forms(dtype: torch.dtype) -> MatmulForms:
 
 
 def measure(stored: torch.dtype, compute: torch.dtype) -> Crossover:
-    """Time one SHAPE product at each of ROWS rows both ways (the best of REPEATS): reading the weights as stored
+    """Time one SHAPE product at each of ROWS rows both ways (_fastest): reading the weights as stored
     (matmul.linear's narrow path) and converting them into a reused buffer first (the upcast path)."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(SHAPE, generator=gen).to(stored)
     wide = torch.empty(SHAPE, dtype=compute)
-    as_stored, converted = [], []
-    for rows in ROWS:
-        x = torch.randn((rows, SHAPE[1]), generator=gen).to(compute)
-        as_stored.append(_best(lambda: F.linear(x.to(stored), w).to(compute)))
-        converted.append(_best(lambda: F.linear(x, wide.copy_(w))))
+    inputs = {rows: torch.randn((rows, SHAPE[1]), generator=gen).to(compute) for rows in ROWS}
+
+    def product(rows: int, way: str) -> Callable[[], object]:
+        x = inputs[rows]
+        return (lambda: F.linear(x.to(stored), w).to(compute)) if way == "as_stored" else (
+            lambda: F.linear(x, wide.copy_(w)))
+
+    fastest = _fastest({(rows, way): product(rows, way) for rows in ROWS for way in ("as_stored", "converted")})
+    as_stored, converted = [fastest[r, "as_stored"] for r in ROWS], [fastest[r, "converted"] for r in ROWS]
     narrow = next((r for r, a, c in zip(ROWS, as_stored, converted) if c < a), 2 * ROWS[-1])
     return Crossover(narrow, ROWS, tuple(as_stored), tuple(converted), None, False)
 
 
-def _best(run: Callable[[], object]) -> float:
-    run()  # first touch: allocations, kernel choice
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+K = TypeVar("K")
+
+
+def _fastest(runs: dict[K, Callable[[], object]]) -> dict[K, float]:
+    """The best of REPEATS timings of each run, taken in rounds over them all (after one untimed round: first
+    touch, kernel choice), in alternate orders: a burst of load from elsewhere (another process, a VM's neighbour)
+    then costs each run one or two of its timings, not all of them. Timed run by run, with timing loops of another
+    process beside the measurement, the forms' cache on an Intel Xeon (AMX) kept torch.mv for 1 row at 0.79 ms a
+    matrix and (w @ x.T).T for 16-64 rows, where alone the tile kernel takes 0.15-0.26 ms at every width."""
+    order = list(runs)
+    times: dict[K, list[float]] = {key: [] for key in order}
+    for repeat in range(REPEATS + 1):
+        for key in order if repeat % 2 else order[::-1]:
+            start = time.perf_counter()
+            runs[key]()
+            if repeat:
+                times[key].append(time.perf_counter() - start)
+    return {key: min(t) for key, t in times.items()}

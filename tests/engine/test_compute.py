@@ -1,6 +1,7 @@
 """The compute policy: decided by the CPU's instruction set where that is enough (faked here as each kind of CPU the
 engine meets), else by a micro-benchmark measured once per machine and kept in a cache file."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,6 +131,21 @@ def test_the_forms_micro_benchmark_times_each_candidate(monkeypatch):
     assert f.best[1] != "gemv"  # torch.mv multiplies one row
     for at, best in enumerate(f.best):  # F.linear unless another form beat it by the margin
         assert best == "linear" or f.seconds[best][at] * compute.MARGIN < f.seconds["linear"][at]
+
+
+def test_a_burst_of_load_as_long_as_one_runs_timings_decides_no_timing(monkeypatch):
+    """The micro-benchmarks take the best of REPEATS timings of each run in rounds over all runs: a burst that
+    spans as many consecutive calls as one run's timings (which, taken in a row, it would all slow) costs each run
+    one or two of them."""
+    clock, calls = [0.0], [0]
+
+    def run():
+        calls[0] += 1
+        clock[0] += 10.0 if 8 <= calls[0] < 8 + compute.REPEATS else 1.0  # calls 8-12: the second run's 5, in a row
+
+    monkeypatch.setattr(compute, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert compute._fastest({key: run for key in "abc"}) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert calls[0] == 3 * (compute.REPEATS + 1)
 
 
 def test_without_the_tile_kernel_its_form_is_no_candidate_and_falls_back(monkeypatch):
