@@ -105,7 +105,8 @@ class Plan:
             f"lm_head and final norm on the device, embed_tokens on {self.embed_tier}",
             f"KV cache: {blocks} blocks of {self.block_size} tokens ({fmt_bytes(self.block_bytes)} per block, all layers)",
             f"chunks: prefill {self.prefill_chunk} tokens, attention KV {self.kv_chunk_blocks * self.block_size} "
-            f"tokens, MLP {self.mlp_rows} rows; working buffers {fmt_bytes(self.working_bytes)}",
+            f"tokens, MLP {self.mlp_rows} rows; working buffers {fmt_bytes(self.working_bytes)}"
+            + (" (their pages faulted in at load)" if self.device.type == "cpu" else ""),
             *([f"prefill products: rows padded with zeros to a multiple of {self.pad_rows} (oneDNN builds F.linear's "
                f"kernels for each row count it meets), those of a full chunk built at load"] if self.pad_rows else []),
             f"scheduler: up to {self.step_tokens} tokens per pass over the weights "

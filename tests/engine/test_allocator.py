@@ -54,5 +54,5 @@ def test_a_heap_touched_at_load_serves_the_first_pass_without_page_faults(tiny_m
     touched: list[int] = []
     monkeypatch.setattr(engine, "touch_heap", touched.append)
     e = Engine(tiny_model("llama_gqa2")[0])
-    assert touched == [e.plan.working_bytes]
+    assert touched == [e.plan.working_bytes] and "(their pages faulted in at load)" in e.plan.explain()
     e.close()
