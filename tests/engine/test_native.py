@@ -136,7 +136,7 @@ def test_layer_ops_round_as_torch_does(dtype, rows):
     close = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=0)  # bf16: 1 ulp
     assert torch.allclose(ops.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), **close)
     assert torch.allclose(ops.silu_mul(x, other), F.silu(x) * other, **close)
-    gates = torch.tensor([[-300.0, -100.0, -89.0, -50.0, -1.0, 0.0, 50.0, 100.0] * 3], dtype=dtype)
+    gates = torch.tensor([[-300.0, -100.0, -89.0, -88.5, -87.5, -50.0, -1.0, 0.0, 50.0, 100.0] * 3], dtype=dtype)
     assert torch.allclose(ops.silu_mul(gates, torch.ones_like(gates)), F.silu(gates), **close)  # exp(-g) inf: 0
     heads = wide[:, :3 * 64].view(rows, 3, 64)  # three heads of 64, rows at a stride of 400
     angles = torch.arange(rows)[:, None] * torch.rand(32, generator=gen)
