@@ -30,8 +30,9 @@ def test_an_engine_on_the_cpu_serves_a_passs_megabytes_from_the_heap(tiny_model)
 
 
 TOUCHED = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from own_engine import allocator
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, whatever the machine's THP setting
 allocator.keep_freed_memory()
 if sys.argv[1] == "touched":
     allocator.touch_heap(64 << 20)
