@@ -5,11 +5,13 @@
 // instructions on packed operands and the softmax is one AVX-512 pass per row block, in base 2 (a polynomial for
 // 2^x, within 2.7e-6, where the weights are then rounded to bf16 for the value product, as torch rounds them).
 //
-// Work items are (KV head, its query heads or a share of them, block of 32 query rows); each walks its keys 64 at a
-// time, and per step each of its query heads in turn: S = Q K^T (four 16x16 tiles per 32 keys), the online softmax on
-// S's rows, then O += P V with O's rows loaded into tiles and stored back. The step's K and V are read once for the
-// heads that share them: one query head an item, 2,048 queries over 8,192 keys took 42.7-43.2 ms a layer of the
-// 201M benchmark model, 4 (its group) 39.8-40.9 ms.
+// Work items are (KV head, its query heads or a share of them, 4 blocks of 32 query rows); each walks its keys 64 at
+// a time, and per step each of its (row block, query head) in turn: S = Q K^T (four 16x16 tiles per 32 keys), the
+// online softmax on S's rows, then O += P V with O's rows loaded into tiles and stored back. The step's K and V are
+// read once for all of them: a layer of the 201M benchmark model, 2,048 queries over 8,192 keys, took 42.7-43.2 ms
+// with one query head and row block an item, 39.8-40.9 ms with the 4 heads of a KV head, 37.4-38.1 with 4 row
+// blocks of them too (in a prefill of 8,192 tokens, where other work evicts the K and V between reads, attention
+// 1.21-1.24 s -> 1.04-1.10 -> 0.99-1.05).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +29,7 @@ namespace {
 constexpr int64_t BM = 32;   // query rows per work item: two tiles of 16
 constexpr int64_t BN = 64;   // keys per softmax step: two products of 32
 constexpr int64_t MAX_D = 128;
+constexpr int64_t SPANS = 4;  // row blocks an item walks its keys for
 
 struct Args {
   const uint16_t *q, *k, *v;
@@ -228,57 +231,72 @@ void accumulate(Block& b, const uint16_t* vb, int64_t d, int64_t halves) {
     }
 }
 
-// One work item: query heads [hq, hq + count) of KV head h, rows [m0, m0 + BM), their states in bs.
-void attend(const Args& a, Block* bs, int64_t h, int64_t hq, int64_t count, int64_t m0) {
-  const int64_t d = a.d, rows = std::min(BM, a.tq - m0), off = a.tk - a.tq;
-  for (int64_t g = 0; g < count; ++g) {
-    Block& b = bs[g];
-    for (int64_t i = 0; i < BM; ++i) {
-      if (i < rows)
-        std::memcpy(b.q + i * d, a.q + (m0 + i) * a.q_row + (hq + g) * a.q_head, d * 2);
-      else
-        std::memset(b.q + i * d, 0, d * 2);
-      b.mx[i] = i < rows ? -INFINITY : 0.0f;  // a padding row sees no key: its max stays finite, its corrections 1
-      b.l[i] = 0.0f;
-    }
-    std::memset(b.o, 0, sizeof(float) * BM * d);
+// One work item: query heads [hq, hq + count) of KV head h over row blocks m0, m0 - BM, ... (`spans` of them, those
+// below 0 skipped), their states in bs (count per row block).
+void attend(const Args& a, Block* bs, int64_t h, int64_t hq, int64_t count, int64_t m0, int64_t spans) {
+  const int64_t d = a.d, off = a.tk - a.tq;
+  struct Span {
+    int64_t m0, rows, end, first_sees;
+  };
+  Span sp[SPANS];
+  int64_t n = 0, end = 0;
+  for (int64_t r = 0; r < spans && m0 - r * BM >= 0; ++r, ++n) {
+    const int64_t m = m0 - r * BM;
+    sp[r] = {m, std::min(BM, a.tq - m), a.causal ? std::min(a.tk, m + BM + off) : a.tk,  // rows see keys [0, end)
+             a.causal ? std::min(m + off, a.tk - 1) : a.tk - 1};  // the last key row 0 sees
+    end = std::max(end, sp[r].end);
   }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t g = 0; g < count; ++g) {
+      Block& b = bs[r * count + g];
+      for (int64_t i = 0; i < BM; ++i) {
+        if (i < sp[r].rows)
+          std::memcpy(b.q + i * d, a.q + (sp[r].m0 + i) * a.q_row + (hq + g) * a.q_head, d * 2);
+        else
+          std::memset(b.q + i * d, 0, d * 2);
+        b.mx[i] = i < sp[r].rows ? -INFINITY : 0.0f;  // a padding row sees no key: its max stays finite
+        b.l[i] = 0.0f;
+      }
+      std::memset(b.o, 0, sizeof(float) * BM * d);
+    }
   const float log2_scale = a.scale * 1.4426950408889634f;
-  const int64_t end = a.causal ? std::min(a.tk, m0 + BM + off) : a.tk;  // the block's rows see keys [0, end)
   const uint32_t* kh = a.kp + h * a.tk_pad * d / 2;
   const uint16_t* vh = a.vp + h * a.tk_pad * d;
   int64_t seen[BM];
-  const int64_t first_sees = a.causal ? std::min(m0 + off, a.tk - 1) : a.tk - 1;  // the last key row 0 sees
-  for (int64_t n0 = 0; n0 < end; n0 += BN) {
-    const int64_t halves = (std::min(end - n0, BN) + 31) / 32, width = halves * 32;
-    const bool masked = rows < BM || first_sees < n0 + width - 1;  // some row does not see every key of the step
-    if (masked)
-      for (int64_t i = 0; i < BM; ++i) {
-        const int64_t last = a.causal ? std::min(m0 + i + off, a.tk - 1) : a.tk - 1;
-        seen[i] = i < rows ? std::clamp<int64_t>(last - n0 + 1, 0, width) : 0;
-      }
-    for (int64_t g = 0; g < count; ++g) {
-      Block& b = bs[g];
-      scores(b, kh + n0 * d / 2, d, halves);
+  for (int64_t n0 = 0; n0 < end; n0 += BN)
+    for (int64_t r = 0; r < n; ++r) {
+      const Span& q = sp[r];
+      if (n0 >= q.end) continue;
+      const int64_t halves = (std::min(q.end - n0, BN) + 31) / 32, width = halves * 32;
+      const bool masked = q.rows < BM || q.first_sees < n0 + width - 1;  // a row does not see every key of the step
       if (masked)
-        softmax<true>(b, width / 16, seen, log2_scale, d);
-      else if (n0 == 0 || !softmax_known_max(b, width / 16, log2_scale))
-        softmax<false>(b, width / 16, seen, log2_scale, d);
-      accumulate(b, vh + n0 * d, d, halves);
-    }
-  }
-  for (int64_t g = 0; g < count; ++g) {
-    const Block& b = bs[g];
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m512 inv = _mm512_set1_ps(1.0f / b.l[i]);
-      uint16_t* out = a.out + ((m0 + i) * a.heads + hq + g) * d;
-      for (int64_t c = 0; c < d; c += 16) {
-        const __m512 x = _mm512_mul_ps(_mm512_load_ps(b.o + i * d + c), inv);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+        for (int64_t i = 0; i < BM; ++i) {
+          const int64_t last = a.causal ? std::min(q.m0 + i + off, a.tk - 1) : a.tk - 1;
+          seen[i] = i < q.rows ? std::clamp<int64_t>(last - n0 + 1, 0, width) : 0;
+        }
+      for (int64_t g = 0; g < count; ++g) {
+        Block& b = bs[r * count + g];
+        scores(b, kh + n0 * d / 2, d, halves);
+        if (masked)
+          softmax<true>(b, width / 16, seen, log2_scale, d);
+        else if (n0 == 0 || !softmax_known_max(b, width / 16, log2_scale))
+          softmax<false>(b, width / 16, seen, log2_scale, d);
+        accumulate(b, vh + n0 * d, d, halves);
       }
-      a.lse[(m0 + i) * a.heads + hq + g] = (b.mx[i] + std::log2(b.l[i])) * 0.6931471805599453f;
     }
-  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t g = 0; g < count; ++g) {
+      const Block& b = bs[r * count + g];
+      for (int64_t i = 0; i < sp[r].rows; ++i) {
+        const __m512 inv = _mm512_set1_ps(1.0f / b.l[i]);
+        uint16_t* out = a.out + ((sp[r].m0 + i) * a.heads + hq + g) * d;
+        for (int64_t c = 0; c < d; c += 16) {
+          const __m512 x = _mm512_mul_ps(_mm512_load_ps(b.o + i * d + c), inv);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+        }
+        a.lse[(sp[r].m0 + i) * a.heads + hq + g] = (b.mx[i] + std::log2(b.l[i])) * 0.6931471805599453f;
+      }
+    }
 }
 
 }  // namespace
@@ -299,19 +317,21 @@ int prefill_attention(const void* q, int64_t q_row, int64_t q_head, const void* 
                (tk + 31) / 32 * 32};
   pack(a, threads);
   const int64_t blocks = (tq + BM - 1) / BM;
-  // A KV head's query heads an item, or an even share of them where that leaves under 4 items a thread (a short
-  // chunk: a question after a cached document).
-  int64_t count = heads / kv_heads;
-  while (count % 2 == 0 && kv_heads * (heads / kv_heads / count) * blocks < 4 * threads) count /= 2;
-  const int64_t shares = heads / count;  // items per row block
+  // A KV head's query heads over SPANS row blocks an item; fewer blocks, then an even share of the heads, where that
+  // leaves under 4 items a thread (a short chunk: a question after a cached document).
+  int64_t count = heads / kv_heads, spans = SPANS;
+  const auto items = [&] { return heads / count * ((blocks + spans - 1) / spans); };
+  while (spans > 1 && items() < 4 * threads) --spans;
+  while (count % 2 == 0 && items() < 4 * threads) count /= 2;
+  const int64_t shares = heads / count, groups = (blocks + spans - 1) / spans;
 #pragma omp parallel num_threads(threads)
   {
     configure_tiles();
-    std::vector<Block> b(count);
+    std::vector<Block> b(count * spans);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < shares * blocks; ++item) {  // the last (longest, if causal) row blocks first
+    for (int64_t item = 0; item < shares * groups; ++item) {  // the last (longest, if causal) row blocks first
       const int64_t hq = item % shares * count;
-      attend(a, b.data(), hq / (heads / kv_heads), hq, count, (blocks - 1 - item / shares) * BM);
+      attend(a, b.data(), hq / (heads / kv_heads), hq, count, (blocks - 1 - item / shares * spans) * BM, spans);
     }
     _tile_release();
   }

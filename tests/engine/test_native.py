@@ -149,6 +149,7 @@ def test_layer_ops_round_as_torch_does(dtype, rows):
 @pytest.mark.parametrize("tq, tk, heads, kv_heads, dim, causal, ramp", [
     (37, 37, 4, 1, 64, True, 0),  # a chunk over itself: a tail of 5 rows and 5 keys
     (200, 200, 16, 4, 64, True, 0),  # several row blocks and key steps, on and off the diagonal
+    (300, 1200, 16, 4, 64, True, 0),  # over cached keys: items of 4 row blocks, the last of two
     (100, 100, 8, 2, 128, True, 0),  # Llama-3 8B's heads of 128
     (61, 250, 8, 8, 128, False, 0),  # a chunk over earlier tokens' keys
     (1, 70, 8, 1, 128, False, 0),  # one row
