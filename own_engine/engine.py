@@ -20,7 +20,7 @@ from .errors import EngineError
 from .kv_cache import KVCache
 from .model import Transformer
 from .placement import Globals, LayerWeights
-from .native import LayerOps, PagedAttention, PrefillAttention
+from .native import DecodeLayer, LayerOps, PagedAttention, PrefillAttention
 from .planner import Machine, Plan, make_plan, padded
 from .prefix_store import PrefixStore
 from .scheduler import Scheduler
@@ -118,7 +118,8 @@ class Engine:
                                  PagedAttention(ours) if ours and plan.attention_reason is None else None,
                                  LayerOps(ours) if ours and plan.layer_ops_reason is None else None,
                                  PrefillAttention(ours) if ours and plan.prefill_reason is None else None,
-                                 plan.pad_rows)
+                                 plan.pad_rows,
+                                 DecodeLayer(ours) if ours and plan.decode_layer else None)
         if plan.pad_rows:
             self.model.build_products(padded(plan.prefill_chunk, plan.pad_rows))
         if self.device.type == "cpu":

@@ -12,7 +12,7 @@ from .config import ModelConfig
 from .kernels import decode_attention, fused_attention
 from .kv_cache import Gather, KVCache, Paged, Slot
 from .matmul import linear
-from .native import LayerOps, PagedAttention, PrefillAttention
+from .native import DecodeLayer, LayerOps, PagedAttention, PrefillAttention
 from .placement import Globals, LayerWeights
 from .planner import padded
 
@@ -104,18 +104,21 @@ class Transformer:
     def __init__(self, cfg: ModelConfig, weights: LayerWeights, globals_: Globals, kv: KVCache, mlp_rows: int,
                  narrow_rows: int, device: torch.device, compute_dtype: torch.dtype,
                  forms: Callable[[torch.dtype, int], str], paged: PagedAttention | None = None,
-                 ops: LayerOps | None = None, prefill: PrefillAttention | None = None, pad_rows: int = 0) -> None:
+                 ops: LayerOps | None = None, prefill: PrefillAttention | None = None, pad_rows: int = 0,
+                 decode: DecodeLayer | None = None) -> None:
         """narrow_rows: passes of fewer rows multiply by the weights as stored (compute.Compute.narrow_rows);
         forms(dtype, rows): how a product of that many rows is computed (compute.Compute.form); paged: our kernel,
         where decode attention runs in it, ops: ours, where a layer's elementwise steps run in them, prefill: ours,
         where a prefill chunk's attention runs in it (native.py); pad_rows: a chunk whose products go through
-        F.linear runs its products, norms and MLP on zero rows up to a multiple of this (planner.Plan.pad_rows)."""
+        F.linear runs its products, norms and MLP on zero rows up to a multiple of this (planner.Plan.pad_rows);
+        decode: ours, where a layer of decoding rows may run in two calls (native.DecodeLayer, decoder_layer)."""
         self.cfg, self.weights, self.globals, self.kv, self.paged, self.ops = cfg, weights, globals_, kv, paged, ops
         self.pad_rows = pad_rows
         self.mlp_rows, self.narrow_rows, self.device, self.dtype = mlp_rows, narrow_rows, device, compute_dtype
         self.forms, self.rope, self.prefill = forms, Rope(cfg, device, compute_dtype), prefill or fused_attention
         self.join_tokens = JOIN_BYTES // cfg.kv_bytes_per_token(compute_dtype) if prefill else 0
         self.qk_columns = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim  # q's and k's columns of qkv
+        self.decode = decode
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -194,6 +197,16 @@ class Transformer:
         norms and MLP run on them too, and its output has them unless `outputs` picks rows."""
         cfg, t = self.cfg, len(pos)
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if self.decode is not None and self.decodes_natively(w, x, t, pieces, form, gathered, outputs):
+            assert gathered is not None and isinstance(gathered[2], Paged)  # decodes_natively checked
+            qkv, qk = self.decode.head(x, w["input_layernorm.weight"], cfg.rms_norm_eps, w["qkv"], w.get("qkv_bias"),
+                                       cos, sin, heads + kv_heads, d)
+            self.kv.write(i, slots, qk[:, heads:], qkv[:, self.qk_columns:].reshape(t, kv_heads, d))
+            paged = gathered[2]
+            return self.decode.tail(qk, heads, *self.kv.paged_pools(i, paged), paged.tables, paged.lengths,
+                                    self.kv.block_size, cfg.sliding_window, d ** -0.5, x,
+                                    w["self_attn.o_proj.weight"], w["post_attention_layernorm.weight"],
+                                    cfg.rms_norm_eps, w["gate_up"], w["mlp.down_proj.weight"])
         a = self.norm(x, w["input_layernorm.weight"])
         if "qkv" in w and form in EXACT_FUSED:  # q, k and v adjacent: one product, one rotation of q and k
             qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)  # not F.linear: no padded rows here
@@ -258,6 +271,24 @@ class Transformer:
         x = x + linear(attn.reshape(t, -1),  # type: ignore[union-attr]
                        w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
         return x + mlp(self.norm(x, w["post_attention_layernorm.weight"]), w, self.mlp_rows, form, self.ops)
+
+    def decodes_natively(self, w: dict[str, torch.Tensor], x: torch.Tensor, t: int, pieces: list[Piece], form: str,
+                         gathered: Gathered | None, outputs: list[int] | None) -> bool:
+        """Whether this layer of a chunk runs in native.DecodeLayer's two calls: every piece decoding, attending
+        together where its KV lies (one tier, in the compute dtype), every row wanted, products in the tile kernel
+        over fused qkv and gate_up weights in bf16, no bias but qkv's, shapes the tile kernel takes."""
+        if gathered is None or not isinstance(gathered[2], Paged) or gathered[1] != slice(0, len(pieces)):
+            return False
+        if outputs is not None and len(outputs) < t or len(x) != t or form != "tiles" or not x.is_contiguous():
+            return False
+        if "qkv" not in w or "gate_up" not in w or "self_attn.o_proj.bias" in w:
+            return False
+        names = ("qkv", "gate_up", "self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                 "post_attention_layernorm.weight", *(["qkv_bias"] if "qkv_bias" in w else []))
+        if x.dtype != torch.bfloat16 or self.kv.dtype != x.dtype or any(w[n].dtype != x.dtype for n in names):
+            return False
+        cfg = self.cfg
+        return all(v % 32 == 0 for v in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim))
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps

@@ -1,6 +1,8 @@
 """Our C++ kernels (csrc/), built for this CPU on first use: decode attention over the paged KV cache
 (paged_attention.cpp), a prefill chunk's attention with AMX tiles (prefill_attention.cpp), a layer's elementwise
-steps fused per row (layer_ops.cpp) and the products of a few rows by the weights with AMX tiles (tile_matmul.cpp).
+steps fused per row (layer_ops.cpp), the products of a few rows by the weights with AMX tiles (tile_matmul.cpp), and a
+layer of decoding rows as two calls of those (decode_layer.cpp: the ~45 tensor operations a layer made in Python
+between them took ~3 ms of an 18 ms decode step).
 
 Decode attention: torch's CPU flash kernel is compute-bound on a decode's few query rows: for the 201M bf16 benchmark
 model (16 query heads on 4 KV heads of 64) it took 0.32 ms a layer over 2,048 cached tokens and 1.24 ms over 8,192,
@@ -144,6 +146,12 @@ def load(library: Path) -> ctypes.CDLL:
     lib.prefill_attention.restype = i32
     lib.tile_matmul.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
     lib.tile_matmul.restype = i32
+    lib.decode_layer_head.argtypes = [ptr, ptr, f32, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
+                                      i32]
+    lib.decode_layer_head.restype = i32
+    lib.decode_layer_tail.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, ptr, ptr,
+                                      ptr, f32, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.decode_layer_tail.restype = i32
     return lib
 
 
@@ -272,6 +280,54 @@ def tile_matmul() -> TileMatmul | None:
         return None
     assert native.library is not None  # _unbuilt said so
     return TileMatmul(native.library)
+
+
+class DecodeLayer:
+    """A decoder layer's steps for decoding rows, bf16, in two calls around the KV write (csrc/decode_layer.cpp): the
+    kernels the layer's Python path calls, in its order, with none of its ~45 tensor operations a layer between them
+    (model.Transformer.decoder_layer says where it applies). Weights: qkv and gate_up fused (weights.fused), no bias
+    but qkv's."""
+
+    def __init__(self, library: Path):
+        lib = load(library)
+        self.head_call, self.tail_call = lib.decode_layer_head, lib.decode_layer_tail
+        self.part = lib.paged_attention_part()
+
+    def head(self, x: torch.Tensor, norm: torch.Tensor, eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
+             cos: torch.Tensor, sin: torch.Tensor, qk_heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, hidden] contiguous: (qkv [n, qkv columns], its first qk_heads heads rotated, [n, qk_heads, dim])."""
+        n, hidden = x.shape
+        cols = qkv_w.shape[0]
+        qkv, qk = torch.empty(n, cols, dtype=x.dtype), torch.empty(n, qk_heads, dim, dtype=x.dtype)
+        h, packed = torch.empty_like(x), torch.empty(hidden // 32 * -(-n // 16) * 512, dtype=x.dtype)
+        failed = self.head_call(x.data_ptr(), norm.data_ptr(), eps, qkv_w.data_ptr(),
+                                None if qkv_b is None else qkv_b.data_ptr(), n, hidden, cols, qk_heads, dim,
+                                cos.data_ptr(), sin.data_ptr(), h.data_ptr(), qkv.data_ptr(), qk.data_ptr(),
+                                packed.data_ptr(), torch.get_num_threads())
+        assert not failed, "the tile kernel does not take these shapes"  # Transformer checked them
+        return qkv, qk
+
+    def tail(self, qk: torch.Tensor, heads: int, kpool: torch.Tensor, vpool: torch.Tensor, tables: torch.Tensor,
+             lengths: list[int], block_size: int, window: int | None, scale: float, x: torch.Tensor,
+             o_w: torch.Tensor, norm: torch.Tensor, eps: float, gate_up_w: torch.Tensor,
+             down_w: torch.Tensor) -> torch.Tensor:
+        """The layer's output [n, hidden] from qk (head's) after the new rows' K and V are written to the pools."""
+        n, qk_heads, dim = qk.shape
+        hidden, inter, kv_heads = x.shape[1], down_w.shape[1], kpool.shape[1]
+        visible = max(lengths) if window is None else min(max(lengths), window)
+        parts = -(-visible // self.part)
+        y = torch.empty_like(x)
+        buf = torch.empty(n * (2 * heads * dim + 3 * hidden + 3 * inter), dtype=x.dtype)
+        scores = torch.empty(n * parts * heads * (dim + 2))
+        packed = torch.empty(max(hidden, inter, heads * dim) // 32 * -(-n // 16) * 512, dtype=x.dtype)
+        counts = torch.tensor(lengths, dtype=torch.int32)
+        failed = self.tail_call(qk.data_ptr(), qk_heads, kpool.data_ptr(), vpool.data_ptr(), tables.data_ptr(),
+                                tables.shape[1], counts.data_ptr(), heads, kv_heads, dim, block_size, window or 0,
+                                scale, parts, x.data_ptr(), o_w.data_ptr(), norm.data_ptr(), eps,
+                                gate_up_w.data_ptr(), down_w.data_ptr(), n, hidden, inter, y.data_ptr(),
+                                buf.data_ptr(), scores.data_ptr(), packed.data_ptr(), torch.get_num_threads())
+        assert not failed, "a kernel does not take these shapes"  # Transformer checked them
+        return y
 
 
 class PagedAttention:

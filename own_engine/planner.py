@@ -74,6 +74,12 @@ class Plan:
         return Compute(self.compute_dtype, self.narrow_rows, self.compute_reason, self.matmul_forms).form(dtype, rows)
 
     @property
+    def decode_layer(self) -> bool:
+        """Whether a layer of decoding rows may run in our two calls (native.DecodeLayer): bf16 compute with our
+        decode attention and layer ops (model.Transformer.decodes_natively decides per pass)."""
+        return self.compute_dtype == torch.bfloat16 and self.attention_reason is None and self.layer_ops_reason is None
+
+    @property
     def device_bytes(self) -> int:
         return (self.globals_bytes + self.count("device") * self.layer_bytes + self.n_slots * self.slot_bytes
                 + self.kv_blocks.get("device", 0) * self.block_bytes + self.working_bytes)
@@ -97,6 +103,8 @@ class Plan:
                                      else f"torch's ({self.prefill_reason})"),
             "RMSNorm, rotary, SiLU-and-multiply: " + ("ours, one pass each" if self.layer_ops_reason is None
                                                        else f"torch's ({self.layer_ops_reason})"),
+            *(["a layer of decoding rows: two calls of ours around its KV write, where our AMX tile kernel takes its "
+               "products"] if self.decode_layer else []),
             *([f"our kernels: {self.library}"] if self.library else []),
             f"weights: {self.count('device')} of {len(self.layer_tiers)} layers resident, "
             f"{self.count('host')} streamed from host memory, {self.count('disk')} from disk "

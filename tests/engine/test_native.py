@@ -222,6 +222,36 @@ def test_the_tile_form_falls_back_where_the_kernel_does_not_take_the_shapes():
     assert forms_here(torch.bfloat16) == FORMS and "tiles" not in forms_here(torch.float32)
 
 
+@needs_amx
+def test_a_layer_of_decoding_rows_in_two_native_calls_gives_the_python_paths_bits(tiny_model, tmp_path):
+    """Three sequences decoding together, their layers in native.DecodeLayer's two calls (products in the tile
+    kernel, as the compute policy picks here for a few rows): every pass's logits bit for bit those of the layer's
+    Python path, resident and on disk."""
+    path, _ = tiny_model("llama_bf16_gqa4")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (70, 5, 40)]
+    for placement in ({"weights": "gpu", "kv": "gpu"}, {"weights": "disk", "kv": "disk"}):
+        passes: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+        tails = []
+        for native in (True, False):
+            with Engine.from_pretrained(path, max_context=256, max_batch=3, offload_dir=tmp_path / f"off{native}",
+                                        **placement) as engine:
+                model = engine.model
+                model.forms = lambda dtype, rows: "tiles" if rows <= 64 else "linear"
+                forward, decode = model.forward, model.decode
+                model.forward = lambda batch: passes[native].append(forward(batch)) or passes[native][-1]
+                if native:
+                    assert decode is not None
+                    tail = decode.tail
+                    decode.tail = lambda *a, **k: tails.append(len(a[0])) or tail(*a, **k)
+                else:
+                    model.decode = None
+                engine.generate(prompts, max_new_tokens=8, ignore_eos=True)
+        assert 3 in tails  # the three decoding at once went the native way
+        assert len(passes[True]) == len(passes[False])
+        assert all(torch.equal(a, b) for a, b in zip(passes[True], passes[False]))
+
+
 @needs_kernel
 def test_the_engine_decodes_through_the_kernel_as_hf_does(tiny_model, tmp_path):
     """A bf16 model of Llama-3's attention shape: the plan says decode attention, a layer's elementwise steps and
