@@ -250,6 +250,19 @@ class PrefillAttention:
         return out, lse
 
 
+def tile_scratch(k: int, rows: int) -> torch.Tensor:
+    """The tile kernel's scratch for `rows` rows of x with k columns: x^T as the tiles take it (tile_matmul.cpp)."""
+    return torch.empty(k // 32 * -(-rows // 16) * 512, dtype=torch.bfloat16)
+
+
+def paged_scratch(part: int, lengths: list[int], window: int | None, heads: int, dim: int) -> tuple[int, torch.Tensor]:
+    """(parts, scratch) of the decode-attention kernel for these sequences: each one's visible keys in parts of
+    `part` (paged_attention_part), and per (sequence, part, head) a max, a sum and dim values (paged_attention.cpp)."""
+    visible = max(lengths) if window is None else min(max(lengths), window)
+    parts = -(-visible // part)
+    return parts, torch.empty(len(lengths) * parts * heads * (dim + 2))
+
+
 class TileMatmul:
     """x @ w.T (+ b) for a few rows of x with AMX tiles (csrc/tile_matmul.cpp), in bf16, w's rows contiguous: the
     form matmul.linear calls "tiles"."""
@@ -266,7 +279,7 @@ class TileMatmul:
                 or w.stride() != (k, 1) or (b is not None and (b.dtype != torch.bfloat16 or b.stride(0) != 1))):
             return None
         y = torch.empty(rows, n, dtype=torch.bfloat16)
-        packed = torch.empty(k // 32 * -(-rows // 16) * 512, dtype=torch.bfloat16)  # x^T, as the tiles take it
+        packed = tile_scratch(k, rows)
         self.call(x.data_ptr(), x.stride(0), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), n,
                   rows, n, k, packed.data_ptr(), torch.get_num_threads())
         return y
@@ -299,7 +312,7 @@ class DecodeLayer:
         n, hidden = x.shape
         cols = qkv_w.shape[0]
         qkv, qk = torch.empty(n, cols, dtype=x.dtype), torch.empty(n, qk_heads, dim, dtype=x.dtype)
-        h, packed = torch.empty_like(x), torch.empty(hidden // 32 * -(-n // 16) * 512, dtype=x.dtype)
+        h, packed = torch.empty_like(x), tile_scratch(hidden, n)
         failed = self.head_call(x.data_ptr(), norm.data_ptr(), eps, qkv_w.data_ptr(),
                                 None if qkv_b is None else qkv_b.data_ptr(), n, hidden, cols, qk_heads, dim,
                                 cos.data_ptr(), sin.data_ptr(), h.data_ptr(), qkv.data_ptr(), qk.data_ptr(),
@@ -314,12 +327,10 @@ class DecodeLayer:
         """The layer's output [n, hidden] from qk (head's) after the new rows' K and V are written to the pools."""
         n, qk_heads, dim = qk.shape
         hidden, inter, kv_heads = x.shape[1], down_w.shape[1], kpool.shape[1]
-        visible = max(lengths) if window is None else min(max(lengths), window)
-        parts = -(-visible // self.part)
+        parts, scores = paged_scratch(self.part, lengths, window, heads, dim)
         y = torch.empty_like(x)
         buf = torch.empty(n * (2 * heads * dim + 3 * hidden + 3 * inter), dtype=x.dtype)
-        scores = torch.empty(n * parts * heads * (dim + 2))
-        packed = torch.empty(max(hidden, inter, heads * dim) // 32 * -(-n // 16) * 512, dtype=x.dtype)
+        packed = tile_scratch(max(hidden, inter, heads * dim), n)
         counts = torch.tensor(lengths, dtype=torch.int32)
         failed = self.tail_call(qk.data_ptr(), qk_heads, kpool.data_ptr(), vpool.data_ptr(), tables.data_ptr(),
                                 tables.shape[1], counts.data_ptr(), heads, kv_heads, dim, block_size, window or 0,
@@ -343,10 +354,8 @@ class PagedAttention:
         float32); tables [n, blocks] int32, each sequence's block ids (within the pool) in key order; lengths its
         key counts, the new token's own key last. Returns [n, heads, dim] in q's dtype."""
         n, heads, dim = q.shape
-        visible = max(lengths) if window is None else min(max(lengths), window)
-        parts = -(-visible // self.part)
+        parts, scratch = paged_scratch(self.part, lengths, window, heads, dim)
         q, out = q.contiguous(), torch.empty_like(q)
-        scratch = torch.empty(n * parts * heads * (dim + 2))
         counts = torch.tensor(lengths, dtype=torch.int32)
         assert k.is_contiguous() and v.is_contiguous() and tables.is_contiguous() and tables.dtype == torch.int32
         kv_heads = k.shape[1]

@@ -6,7 +6,6 @@
 // bf16 only: the tile kernel's dtype.
 #include <cstdint>
 #include <cstring>
-#include <immintrin.h>
 
 extern "C" {
 void layer_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* y, int64_t rows, int64_t cols,
@@ -21,25 +20,7 @@ int paged_attention(int dtype, const void* q, const void* k, const void* v, cons
                     int64_t table_stride, const int32_t* lengths, int64_t n, int64_t group, int64_t kv_heads,
                     int64_t dim, int64_t block_size, int64_t window, float scale, void* out, float* scratch,
                     int64_t parts, int threads);
-}
-
-namespace {
-
-// y = T(a + b) over n bf16 values, as torch adds two bf16 tensors: in float32, rounded to nearest even.
-void add_bf16(const uint16_t* a, const uint16_t* b, uint16_t* y, int64_t n) {
-  const auto wide = [](const uint16_t* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-  };
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 s = _mm512_add_ps(wide(a + i, m), wide(b + i, m));
-    _mm256_mask_storeu_epi16(y + i, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(s)));
-  }
-}
-
-}  // namespace
-
-extern "C" {
+void layer_add_bf16(const void* a, const void* b, void* y, int64_t n);
 
 // Before the KV write: qkv [n, qkv_cols] = T(norm(x) * w_norm) w_qkv^T (+ b_qkv), and its first qk_heads heads
 // rotated into qk [n, qk_heads, dim]. h: [n, hidden] scratch; xp: the tile kernel's, for k = hidden. Returns 0, or 1
@@ -78,12 +59,12 @@ int decode_layer_tail(const void* qk, int64_t qk_heads, const void* kpool, const
                       block_size, window, scale, attn, scores, parts, threads))
     return 1;
   if (tile_matmul(attn, width, w_o, nullptr, mid, hidden, n, hidden, width, xp, threads)) return 1;
-  add_bf16(static_cast<const uint16_t*>(x), mid, x1, n * hidden);
+  layer_add_bf16(x, mid, x1, n * hidden);
   layer_rms_norm(0, x1, hidden, w_post, h, n, hidden, eps, threads);
   if (tile_matmul(h, hidden, w_gate_up, nullptr, gate_up, 2 * inter, n, 2 * inter, hidden, xp, threads)) return 1;
   layer_silu_mul(0, gate_up, gate_up + inter, 2 * inter, act, n, inter, threads);
   if (tile_matmul(act, inter, w_down, nullptr, mid, hidden, n, hidden, inter, xp, threads)) return 1;
-  add_bf16(x1, mid, static_cast<uint16_t*>(y), n * hidden);
+  layer_add_bf16(x1, mid, y, n * hidden);
   return 0;
 }
 

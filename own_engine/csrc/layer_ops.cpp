@@ -170,4 +170,15 @@ void layer_rope(int dtype, const void* x, int64_t x_stride, const void* cos, con
          static_cast<float*>(y), rows, heads, dim, threads);
 }
 
+// y = T(a + b) over n bf16 values, as torch adds two bf16 tensors: in float32, rounded to nearest even (the
+// residual adds of decode_layer.cpp).
+void layer_add_bf16(const void* a, const void* b, void* y, int64_t n) {
+  const auto *x0 = static_cast<const uint16_t*>(a), *x1 = static_cast<const uint16_t*>(b);
+  auto* out = static_cast<uint16_t*>(y);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int m = static_cast<int>(std::min<int64_t>(16, n - i));
+    store(out + i, _mm512_add_ps(load(x0 + i, m), load(x1 + i, m)), m);
+  }
+}
+
 }  // extern "C"

@@ -224,8 +224,8 @@ def test_the_tile_form_falls_back_where_the_kernel_does_not_take_the_shapes():
 
 @needs_amx
 def test_a_layer_of_decoding_rows_in_two_native_calls_gives_the_python_paths_bits(tiny_model, tmp_path):
-    """Three sequences decoding together, their layers in native.DecodeLayer's two calls (products in the tile
-    kernel, as the compute policy picks here for a few rows): every pass's logits bit for bit those of the layer's
+    """Three sequences decoding together, their layers in native.DecodeLayer's two calls (products of up to 64 rows
+    set to the tile kernel, the precondition, in both runs): every pass's logits bit for bit those of the layer's
     Python path, resident and on disk."""
     path, _ = tiny_model("llama_bf16_gqa4")
     gen = torch.Generator().manual_seed(5)
