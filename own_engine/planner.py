@@ -76,8 +76,11 @@ class Plan:
     @property
     def decode_layer(self) -> bool:
         """Whether a layer of decoding rows may run in our two calls (native.DecodeLayer): bf16 compute with our
-        decode attention and layer ops (model.Transformer.decodes_natively decides per pass)."""
-        return self.compute_dtype == torch.bfloat16 and self.attention_reason is None and self.layer_ops_reason is None
+        decode attention and layer ops, and our tile kernel among the forms of bf16 products (not on a CPU without
+        AMX, an AMD EPYC with avx512_bf16 say); model.Transformer.decodes_natively decides per pass."""
+        tiles = any(f.dtype == "bfloat16" and "tiles" in f.best for f in self.matmul_forms)
+        return (tiles and self.compute_dtype == torch.bfloat16 and self.attention_reason is None
+                and self.layer_ops_reason is None)
 
     @property
     def device_bytes(self) -> int:

@@ -70,6 +70,7 @@ def test_bench_engine_plan_says_what_it_computes_in_and_why(fake_cpu):
     assert run.exit_code == 0, run.output
     assert "device cpu," in run.output and "context 4096 tokens x batch 1" in run.output  # EngineConfig's defaults
     assert "compute in bfloat16: the stored dtype (this CPU has bfloat16 instructions: avx512_bf16)" in run.output
+    assert "a layer of decoding rows" not in run.output  # no AMX: our tile kernel, its precondition, never runs
     assert "read from this machine:" in run.output
     run = CliRunner().invoke(app, ["engine", "plan", "--model", "llama-3.1-8b", "--max-batch", "2", "--context",
                                    "1000"])
