@@ -268,9 +268,10 @@ class Transformer:
             form = self.forms(w["self_attn.o_proj.weight"].dtype, t)
         elif len(x) > t and attn is not None:  # o_proj's product over the padded rows too
             attn, t = torch.cat((attn, attn.new_zeros(len(x) - t, heads, d))), len(x)
-        x = x + linear(attn.reshape(t, -1),  # type: ignore[union-attr]
-                       w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
-        return x + mlp(self.norm(x, w["post_attention_layernorm.weight"]), w, self.mlp_rows, form, self.ops)
+        o = linear(attn.reshape(t, -1),  # type: ignore[union-attr]
+                   w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
+        x, a = self.add_norm(x, o, w["post_attention_layernorm.weight"])
+        return x + mlp(a, w, self.mlp_rows, form, self.ops)
 
     def decodes_natively(self, w: dict[str, torch.Tensor], x: torch.Tensor, t: int, pieces: list[Piece], form: str,
                          gathered: Gathered | None, outputs: list[int] | None) -> bool:
@@ -293,6 +294,14 @@ class Transformer:
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
         return self.ops.rms_norm(x, weight, eps) if self.ops else rms_norm(x, weight, eps)
+
+    def add_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + y and its RMSNorm, in one pass over them where the ops are ours (y: a product's output, overwritten
+        there)."""
+        if self.ops:
+            return self.ops.add_rms_norm(x, y, weight, self.cfg.rms_norm_eps)
+        x = x + y
+        return x, self.norm(x, weight)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self.ops.rope(x, cos, sin) if self.ops else apply_rope(x, cos, sin)

@@ -140,6 +140,7 @@ def load(library: Path) -> ctypes.CDLL:
     lib.paged_attention.restype = i32
     lib.layer_rms_norm.argtypes = [i32, ptr, i64, ptr, ptr, i64, i64, f32, i32]
     lib.layer_silu_mul.argtypes = [i32, ptr, ptr, i64, ptr, i64, i64, i32]
+    lib.layer_add_rms_norm.argtypes = [i32, ptr, i64, ptr, ptr, ptr, i64, i64, f32, i32]
     lib.layer_rope.argtypes = [i32, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i32]
     lib.prefill_attention.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i32, f32,
                                       ptr, ptr, ptr, ptr, i32]
@@ -187,8 +188,8 @@ def layer_ops_support(native: "Native | None", device: torch.device, dtype: torc
 
 class LayerOps:
     """A layer's elementwise steps, each one pass over its rows (csrc/layer_ops.cpp), in bf16 or float32, with
-    model.py's roundings: rms_norm, silu_mul (mlp) and rope (apply_rope). Inputs' rows may be strided; their last
-    dim is contiguous."""
+    model.py's roundings: rms_norm (alone, or after the residual add: add_rms_norm), silu_mul (mlp) and rope
+    (apply_rope). Inputs' rows may be strided; their last dim is contiguous."""
 
     def __init__(self, library: Path):
         self.lib = load(library)
@@ -205,6 +206,16 @@ class LayerOps:
         self.lib.layer_rms_norm(self._code(x), x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), x.shape[0],
                                 x.shape[1], eps, torch.get_num_threads())
         return y
+
+    def add_rms_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + y, its rms_norm) in one pass, the sum written over y (contiguous, x's shape and dtype)."""
+        assert y.is_contiguous() and y.shape == x.shape and y.dtype == x.dtype
+        weight = weight.to(x.dtype)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self.lib.layer_add_rms_norm(self._code(x), x.data_ptr(), x.stride(0), y.data_ptr(), weight.data_ptr(),
+                                    out.data_ptr(), x.shape[0], x.shape[1], eps, torch.get_num_threads())
+        return y, out
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """gate, up [rows, cols] with the same row stride (two halves of one product, or two products)."""

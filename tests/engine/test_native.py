@@ -125,7 +125,7 @@ def test_the_kernel_computes_attention_over_scattered_blocks(dtype, dim, group, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 37])
 def test_layer_ops_round_as_torch_does(dtype, rows):
-    """RMSNorm, SiLU-and-multiply and the rotary embedding in one pass each, over rows read at a stride (halves of
+    """RMSNorm (alone, or after a residual add), SiLU-and-multiply and the rotary embedding in one pass each, over rows read at a stride (halves of
     one product) with a tail of columns: what model.py's torch code gives, but for the last bit of a float32 sum
     (RMSNorm's mean) or exp."""
     ops = LayerOps(HERE.library)
@@ -136,6 +136,9 @@ def test_layer_ops_round_as_torch_does(dtype, rows):
     close = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=0)  # bf16: 1 ulp
     assert torch.allclose(ops.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), **close)
     assert torch.allclose(ops.silu_mul(x, other), F.silu(x) * other, **close)
+    y = other.clone()
+    added, normed = ops.add_rms_norm(x, y, w, 1e-5)  # the residual add and the norm after it: those two calls' bits
+    assert added is y and torch.equal(y, x + other) and torch.equal(normed, ops.rms_norm(x + other, w, 1e-5))
     gates = torch.tensor([[-300.0, -100.0, -89.0, -88.5, -87.5, -50.0, -1.0, 0.0, 50.0, 100.0] * 3], dtype=dtype)
     assert torch.allclose(ops.silu_mul(gates, torch.ones_like(gates)), F.silu(gates), **close)  # exp(-g) inf: 0
     heads = wide[:, :3 * 64].view(rows, 3, 64)  # three heads of 64, rows at a stride of 400
