@@ -42,9 +42,11 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -316,6 +318,13 @@ class DecodeLayer:
         lib = load(library)
         self.head_call, self.tail_call = lib.decode_layer_head, lib.decode_layer_tail
         self.part = lib.paged_attention_part()
+        # The calls' working memory, kept while the next call has the same shapes: every layer of a pass has them.
+        self.scratch: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
+
+    def _scratch(self, call: str, key: tuple[Any, ...], make: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
+        if (kept := self.scratch.get(call)) is None or kept[0] != key:
+            self.scratch[call] = kept = key, make()
+        return kept[1]
 
     def head(self, x: torch.Tensor, norm: torch.Tensor, eps: float, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,
              cos: torch.Tensor, sin: torch.Tensor, qk_heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +332,7 @@ class DecodeLayer:
         n, hidden = x.shape
         cols = qkv_w.shape[0]
         qkv, qk = torch.empty(n, cols, dtype=x.dtype), torch.empty(n, qk_heads, dim, dtype=x.dtype)
-        h, packed = torch.empty_like(x), tile_scratch(hidden, n)
+        h, packed = self._scratch("head", (n, hidden), lambda: (torch.empty_like(x), tile_scratch(hidden, n)))
         failed = self.head_call(x.data_ptr(), norm.data_ptr(), eps, qkv_w.data_ptr(),
                                 None if qkv_b is None else qkv_b.data_ptr(), n, hidden, cols, qk_heads, dim,
                                 cos.data_ptr(), sin.data_ptr(), h.data_ptr(), qkv.data_ptr(), qk.data_ptr(),
@@ -338,11 +347,13 @@ class DecodeLayer:
         """The layer's output [n, hidden] from qk (head's) after the new rows' K and V are written to the pools."""
         n, qk_heads, dim = qk.shape
         hidden, inter, kv_heads = x.shape[1], down_w.shape[1], kpool.shape[1]
-        parts, scores = paged_scratch(self.part, lengths, window, heads, dim)
         y = torch.empty_like(x)
-        buf = torch.empty(n * (2 * heads * dim + 3 * hidden + 3 * inter), dtype=x.dtype)
-        packed = tile_scratch(max(hidden, inter, heads * dim), n)
-        counts = torch.tensor(lengths, dtype=torch.int32)
+        kept = self._scratch("tail", (tuple(lengths), window, heads, dim, hidden, inter),
+                             lambda: (*paged_scratch(self.part, lengths, window, heads, dim),
+                                      torch.empty(n * (2 * heads * dim + 3 * hidden + 3 * inter), dtype=x.dtype),
+                                      tile_scratch(max(hidden, inter, heads * dim), n),
+                                      torch.tensor(lengths, dtype=torch.int32)))
+        parts, scores, buf, packed, counts = kept
         failed = self.tail_call(qk.data_ptr(), qk_heads, kpool.data_ptr(), vpool.data_ptr(), tables.data_ptr(),
                                 tables.shape[1], counts.data_ptr(), heads, kv_heads, dim, block_size, window or 0,
                                 scale, parts, x.data_ptr(), o_w.data_ptr(), norm.data_ptr(), eps,
