@@ -125,9 +125,9 @@ def test_the_kernel_computes_attention_over_scattered_blocks(dtype, dim, group, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 37])
 def test_layer_ops_round_as_torch_does(dtype, rows):
-    """RMSNorm (alone, or after a residual add), SiLU-and-multiply and the rotary embedding in one pass each, over rows read at a stride (halves of
-    one product) with a tail of columns: what model.py's torch code gives, but for the last bit of a float32 sum
-    (RMSNorm's mean) or exp."""
+    """RMSNorm (alone, or after a residual add), SiLU-and-multiply and the rotary embedding in one pass each, over
+    rows read at a stride (halves of one product) with a tail of columns: what model.py's torch code gives, but for
+    the last bit of a float32 sum (RMSNorm's mean) or exp."""
     ops = LayerOps(HERE.library)
     gen = torch.Generator().manual_seed(rows)
     wide = (torch.randn(rows, 2 * 200, generator=gen) * 3).to(dtype)
@@ -229,11 +229,12 @@ def test_the_tile_form_falls_back_where_the_kernel_does_not_take_the_shapes():
 def test_a_layer_of_decoding_rows_in_two_native_calls_gives_the_python_paths_bits(tiny_model, tmp_path):
     """Three sequences decoding together, their layers in native.DecodeLayer's two calls (products of up to 64 rows
     set to the tile kernel, the precondition, in both runs): every pass's logits bit for bit those of the layer's
-    Python path, resident and on disk."""
+    Python path, resident, with the weights in host memory, and on disk."""
     path, _ = tiny_model("llama_bf16_gqa4")
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (70, 5, 40)]
-    for placement in ({"weights": "gpu", "kv": "gpu"}, {"weights": "disk", "kv": "disk"}):
+    placements = ({"weights": "gpu", "kv": "gpu"}, {"weights": "cpu", "kv": "gpu"}, {"weights": "disk", "kv": "disk"})
+    for placement in placements:
         passes: dict[bool, list[torch.Tensor]] = {True: [], False: []}
         tails = []
         for native in (True, False):
@@ -271,7 +272,8 @@ def test_the_engine_decodes_through_the_kernel_as_hf_does(tiny_model, tmp_path):
         ref16, ref32 = hf16(ids[None]).logits[0, 69:].float(), hf32(ids[None]).logits[0, 69:]
     prompts = [ids[:70].tolist(), ids[10:15].tolist(), ids[:40].tolist()]
     alone = {}
-    for placement in ({"weights": "gpu", "kv": "gpu"}, {"weights": "disk", "kv": "disk"}):
+    placements = ({"weights": "gpu", "kv": "gpu"}, {"weights": "cpu", "kv": "gpu"}, {"weights": "disk", "kv": "disk"})
+    for placement in placements:
         with Engine.from_pretrained(path, max_context=256, max_batch=3, offload_dir=tmp_path / "off",
                                     **placement) as engine:
             plan = engine.plan.explain()
