@@ -104,7 +104,7 @@ class Engine:
             globals_ = Globals(ckpt, plan.embed_tier, cfg.tie_word_embeddings, self.dtype, plan.compute_dtype,
                                self.device, self.stats)
             kv = KVCache(cfg, plan.kv_blocks, plan.block_size, plan.kv_chunk_blocks, plan.kv_dtype, plan.compute_dtype,
-                         self.device, self.offload_dir and self.offload_dir / "kv", self.stats)
+                         self.device, self.offload_dir and self.offload_dir / "kv", self.stats, plan.prefault_disk_kv)
             closers.insert(0, kv.close)
         self.kv, self.max_batch = kv, o.max_batch
         self.blocks = BlockManager(kv.num_blocks, plan.block_size, [n for _, n, _ in kv.tiers.values()],

@@ -71,7 +71,8 @@ class Chunk:
 class KVCache:
     def __init__(self, cfg: ModelConfig, counts: dict[str, int], block_size: int, chunk_blocks: int,
                  dtype: torch.dtype, compute_dtype: torch.dtype, device: torch.device, directory: Path | None,
-                 stats: EngineStats):
+                 stats: EngineStats, prefault: bool = False):
+        """prefault: the disk tier's files get their pages at load (planner.Plan.prefault_disk_kv)."""
         self.block_size, self.chunk_blocks, self.device, self.stats = block_size, chunk_blocks, device, stats
         self.dtype, self.compute_dtype = dtype, compute_dtype
         block = (block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -92,6 +93,8 @@ class KVCache:
                     os.ftruncate(fd, 2 * n * self.block_bytes)
                     self.maps.append(Mapped(fd, writable=True))
                     os.close(fd)  # the map keeps its own reference to the file
+                    if prefault:  # else each page's first write faults inside a request, as host memory's would
+                        self.maps[-1].populate()
                 pools = [m.view(0, 2 * n * self.block_bytes, dtype).view(2, n, *block).unbind(0) for m in self.maps]
             else:
                 where = device if tier == "device" else torch.device("cpu")

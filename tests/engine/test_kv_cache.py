@@ -1,7 +1,9 @@
 """KV reads: in place where they can be, else copied ahead of use by the KV thread into two alternating buffers."""
+import resource
 import threading
 import time
 
+import pytest
 import torch
 
 from own_engine.block_manager import BlockManager
@@ -87,3 +89,27 @@ def test_chunks_read_in_place_are_runs_of_consecutive_blocks(tmp_path):
                      compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path, stats=EngineStats())
     assert [c.ids for c in copied.chunks(table, 45)] == [[0, 1, 4, 5], [6, 2]]
     copied.close()
+
+
+def test_a_disk_tier_faulted_in_at_load_takes_no_page_fault_at_its_first_writes(tmp_path):
+    """prefault (planner.Plan.prefault_disk_kv): a new KV file's pages at load, where otherwise the first write of
+    each faults inside the request that writes it (a disk KV file is sparse). Both ways, the writes land."""
+    faults = {}
+    for prefault in (False, True):
+        kv = KVCache(CFG, {"disk": 512}, block_size=8, chunk_blocks=1, dtype=torch.float32,
+                     compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path / str(prefault),
+                     stats=EngineStats(), prefault=prefault)
+        if prefault and not kv.maps[0].populate():
+            pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
+        blocks = BlockManager(kv.num_blocks, block_size=8)
+        seq = Sequence([])
+        blocks.reserve(seq, 4096)
+        k = torch.randn(4096, 2, 16)
+        where = kv.slots(*slots(seq.table, 8, torch.arange(4096)))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        kv.write(0, where, k, -k)  # layer 0's K and V: 512 KiB each, 256 pages
+        faults[prefault] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        ck, cv, pos = next(iter(kv.read(0, kv.chunks(seq.table, 4096))))
+        assert torch.equal(ck, k[pos]) and torch.equal(cv, -k[pos])
+        kv.close()
+    assert faults[False] >= 200 and faults[True] < 50, faults

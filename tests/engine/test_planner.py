@@ -40,6 +40,12 @@ def test_the_plan_follows_the_machine_it_is_given():
     tight = make_plan(cfg, config, Machine(ram=1 << 30, disk=1 << 40, disk_at=Path("/offload"), compute=BF16))
     assert set(roomy.layer_tiers) == {"device", "host"} and roomy.kv_blocks.get("host", 0) > 0
     assert set(tight.layer_tiers) == {"device", "disk"} and tight.kv_blocks.get("disk", 0) > 0  # no RAM to pin
+    # KV on disk for want of memory gets its pages as requests write them; a disk tier memory holds, at load
+    small = make_plan(cfg, EngineConfig(device="cuda", vram_budget="8GiB", max_context=4096, kv="disk"),
+                      Machine(ram=64 << 30, disk=1 << 40, disk_at=Path("/offload"), compute=BF16))
+    assert not roomy.prefault_disk_kv and not tight.prefault_disk_kv and small.prefault_disk_kv
+    kv_line = next(line for line in small.explain().splitlines() if line.startswith("KV cache:"))
+    assert kv_line.endswith("all layers) (the disk files' pages faulted in at load)"), kv_line
     with pytest.raises(EngineError, match=r"offload dir /offload: needs .* only 1.00 KiB free on its filesystem"):
         make_plan(cfg, config, Machine(ram=1 << 30, disk=1024, disk_at=Path("/offload"), compute=BF16))
 
