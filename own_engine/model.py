@@ -77,6 +77,10 @@ EXACT_FUSED = ("gemv", "wxt", "tiles")
 # rows in the chunk, and where our kernel reads their KV, or the gather of their KV and its mask.
 Gathered = tuple[set[int], slice | torch.Tensor, Paged | tuple[Gather, torch.Tensor]]
 
+# A chunk's hidden state between layers: x + y, where y (the MLP's output, None once added) is added by the next
+# layer's input RMSNorm in the same pass (Transformer.add_norm).
+Hidden = tuple[torch.Tensor, torch.Tensor | None]
+
 # A prefill chunk attends over its cached keys and its own in one call of our kernel (attention.joined_attention)
 # while they take at most this much (K and V of one layer, copied together): 8,192 tokens of 4 KV heads of 64 are
 # 8 MiB. A longer context attends chunk by chunk, merged, as on CUDA.
@@ -141,16 +145,18 @@ class Transformer:
         # Each chunk's rows, with zero rows after them up to its width (pad_rows).
         hs = [h[r] if n == r.stop - r.start else torch.cat((h[r], h.new_zeros(n - (r.stop - r.start), h.shape[1])))
               for (r, _), n in zip(chunks, wide)]
+        states: list[Hidden] = [(x, None) for x in hs]
         last = self.cfg.num_layers - 1
         for i in range(last):
             w = self.weights.layer(i, narrow)
-            hs = [self.decoder_layer(i, w, x, *chunk) for x, (_, chunk) in zip(hs, chunks)]
+            states = [self.decoder_layer(i, w, x, y, *chunk) for (x, y), (_, chunk) in zip(states, chunks)]
         # The last layer's outputs are wanted at the logit rows only; its K and V at every row. A prompt's other rows
         # skip their attention, o_proj and MLP there (llama.cpp's last layer drops them before its FFN).
         w = self.weights.layer(last, narrow)
         outputs = [[j - r.start for j in batch.logit_rows if r.start <= j < r.stop] for r, _ in chunks]
-        h = torch.cat([self.decoder_layer(last, w, x, *chunk, outputs=out)[:len(out)]
-                       for x, (_, chunk), out in zip(hs, chunks, outputs)])
+        ends = [self.decoder_layer(last, w, x, y, *chunk, outputs=out)
+                for (x, y), (_, chunk), out in zip(states, chunks, outputs)]
+        h = torch.cat([(x if y is None else x + y)[:len(out)] for (x, y), out in zip(ends, outputs)])
         x = self.norm(h, self.globals.norm)
         rows = len(batch.logit_rows)
         head_narrow = rows < self.narrow_rows
@@ -188,17 +194,19 @@ class Transformer:
             torch.tensor(starts, device=self.device) - first)
         return set(decode), rows, kv
 
-    def decoder_layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, pieces: list[Piece],
-                      pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: list[Slot], form: str,
-                      gathered: Gathered | None, outputs: list[int] | None = None) -> torch.Tensor:
-        """The layer's output at every row of the chunk, or only at `outputs` (its rows, ascending), where every
-        row still writes its K and V: a prefill piece then attends from its last row alone, where that is one of
-        them, and not at all otherwise. x may have zero rows after the chunk's (forward: pad_rows): its products,
-        norms and MLP run on them too, and its output has them unless `outputs` picks rows."""
+    def decoder_layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor | None,
+                      pieces: list[Piece], pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: list[Slot],
+                      form: str, gathered: Gathered | None, outputs: list[int] | None = None) -> Hidden:
+        """The layer's output (Hidden: x + y) at every row of the chunk, or only at `outputs` (its rows,
+        ascending), where every row still writes its K and V: a prefill piece then attends from its last row alone,
+        where that is one of them, and not at all otherwise. x may have zero rows after the chunk's (forward:
+        pad_rows): its products, norms and MLP run on them too, and its output has them unless `outputs` picks
+        rows."""
         cfg, t = self.cfg, len(pos)
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if self.decode is not None and self.decodes_natively(w, x, t, pieces, form, gathered, outputs):
             assert gathered is not None and isinstance(gathered[2], Paged)  # decodes_natively checked
+            x = x if y is None else x + y
             qkv, qk = self.decode.head(x, w["input_layernorm.weight"], cfg.rms_norm_eps, w["qkv"], w.get("qkv_bias"),
                                        cos, sin, heads + kv_heads, d)
             self.kv.write(i, slots, qk[:, heads:], qkv[:, self.qk_columns:].reshape(t, kv_heads, d))
@@ -206,8 +214,11 @@ class Transformer:
             return self.decode.tail(qk, heads, *self.kv.paged_pools(i, paged), paged.tables, paged.lengths,
                                     self.kv.block_size, cfg.sliding_window, d ** -0.5, x,
                                     w["self_attn.o_proj.weight"], w["post_attention_layernorm.weight"],
-                                    cfg.rms_norm_eps, w["gate_up"], w["mlp.down_proj.weight"])
-        a = self.norm(x, w["input_layernorm.weight"])
+                                    cfg.rms_norm_eps, w["gate_up"], w["mlp.down_proj.weight"]), None
+        if y is None:
+            a = self.norm(x, w["input_layernorm.weight"])
+        else:
+            x, a = self.add_norm(x, y, w["input_layernorm.weight"])
         if "qkv" in w and form in EXACT_FUSED:  # q, k and v adjacent: one product, one rotation of q and k
             qkv = linear(a, w["qkv"], w.get("qkv_bias"), form)  # not F.linear: no padded rows here
             qk = self.rotate(qkv[:, :self.qk_columns].reshape(t, heads + kv_heads, d), cos, sin)
@@ -219,7 +230,7 @@ class Transformer:
             q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         self.kv.write(i, slots, k, v)
         if outputs == []:
-            return x[:0]
+            return x[:0], None
         if self.kv.dtype != self.dtype:  # attend to what the cache keeps, so where chunks split changes nothing
             k, v = k.to(self.kv.dtype).to(self.dtype), v.to(self.kv.dtype).to(self.dtype)
 
@@ -271,7 +282,7 @@ class Transformer:
         o = linear(attn.reshape(t, -1),  # type: ignore[union-attr]
                    w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"), form)
         x, a = self.add_norm(x, o, w["post_attention_layernorm.weight"])
-        return x + mlp(a, w, self.mlp_rows, form, self.ops)
+        return x, mlp(a, w, self.mlp_rows, form, self.ops)  # the next RMSNorm adds them (add_norm)
 
     def decodes_natively(self, w: dict[str, torch.Tensor], x: torch.Tensor, t: int, pieces: list[Piece], form: str,
                          gathered: Gathered | None, outputs: list[int] | None) -> bool:
