@@ -54,64 +54,42 @@ inline void each_row(int64_t rows, int64_t work, int threads, F f) {
 }
 
 // LlamaRMSNorm: y = w * T(x * rsqrt(mean(x^2) + eps)), x in float32 (for float32, T is the identity and the product
-// is torch.rms_norm's).
-template <typename T>
-void rms_norm(const T* x, int64_t x_stride, const T* w, T* y, int64_t rows, int64_t cols, float eps, int threads) {
+// is torch.rms_norm's). With Add, of the residual sum s = T(x + sum) instead, written over sum (a product's output,
+// the caller's to overwrite): the bits of torch's add and then this norm, in one pass where the two wrote s and read
+// it back (2,048 rows of 1,024 bf16: 0.84 ms torch's add, 0.42 ms the norm).
+template <typename T, bool Add>
+void rms_norm(const T* x, int64_t x_stride, T* sum, const T* w, T* y, int64_t rows, int64_t cols, float eps,
+              int threads) {
   each_row(rows, cols, threads, [&](int64_t r) {
     const T* xr = x + r * x_stride;
+    T* sr = Add ? sum + r * cols : nullptr;
+    const T* in = Add ? sr : xr;  // the normed row, as the second loop reads it
+    const auto value = [&](int64_t c, int n) {
+      if constexpr (Add) {
+        const __m512 v = round_to<T>(_mm512_add_ps(load(xr + c, n), load(sr + c, n)));
+        store(sr + c, v, n);
+        return v;
+      } else {
+        return load(xr + c, n);
+      }
+    };
     T* yr = y + r * cols;
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 32 <= cols; c += 32) {
-      const __m512 a = load(xr + c), b = load(xr + c + 16);
+      const __m512 a = value(c, 16), b = value(c + 16, 16);
       s0 = _mm512_fmadd_ps(a, a, s0);
       s1 = _mm512_fmadd_ps(b, b, s1);
     }
     for (; c < cols; c += 16) {
-      const __m512 a = load(xr + c, static_cast<int>(std::min<int64_t>(16, cols - c)));
+      const __m512 a = value(c, static_cast<int>(std::min<int64_t>(16, cols - c)));
       s0 = _mm512_fmadd_ps(a, a, s0);
     }
     const float mean = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(cols);
     const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(mean + eps));
     for (c = 0; c < cols; c += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, cols - c));
-      store(yr + c, _mm512_mul_ps(load(w + c, n), round_to<T>(_mm512_mul_ps(load(xr + c, n), inv))), n);
-    }
-  });
-}
-
-// The residual add and the RMSNorm after it in one pass over the rows: s = T(x + y) written over y (a product's
-// output, the caller's to overwrite), then rms_norm of s into out, with its sums in rms_norm's order: the bits of
-// torch's add and then rms_norm, for one read of s where the two passes wrote it and read it back (2,048 rows of
-// 1,024 bf16: 0.84 ms torch's add, 0.42 ms our norm).
-template <typename T>
-void add_rms_norm(const T* x, int64_t x_stride, T* y, const T* w, T* out, int64_t rows, int64_t cols, float eps,
-                  int threads) {
-  each_row(rows, cols, threads, [&](int64_t r) {
-    const T* xr = x + r * x_stride;
-    T* sr = y + r * cols;
-    const auto sum = [&](int64_t c, int n) {  // s over 16 columns from c, stored, as rms_norm will load it
-      const __m512 v = round_to<T>(_mm512_add_ps(load(xr + c, n), load(sr + c, n)));
-      store(sr + c, v, n);
-      return v;
-    };
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + 32 <= cols; c += 32) {
-      const __m512 a = sum(c, 16), b = sum(c + 16, 16);
-      s0 = _mm512_fmadd_ps(a, a, s0);
-      s1 = _mm512_fmadd_ps(b, b, s1);
-    }
-    for (; c < cols; c += 16) {
-      const __m512 a = sum(c, static_cast<int>(std::min<int64_t>(16, cols - c)));
-      s0 = _mm512_fmadd_ps(a, a, s0);
-    }
-    const float mean = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(cols);
-    const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(mean + eps));
-    T* yr = out + r * cols;
-    for (c = 0; c < cols; c += 16) {
-      const int n = static_cast<int>(std::min<int64_t>(16, cols - c));
-      store(yr + c, _mm512_mul_ps(load(w + c, n), round_to<T>(_mm512_mul_ps(load(sr + c, n), inv))), n);
+      store(yr + c, _mm512_mul_ps(load(w + c, n), round_to<T>(_mm512_mul_ps(load(in + c, n), inv))), n);
     }
   });
 }
@@ -179,21 +157,21 @@ extern "C" {
 void layer_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* y, int64_t rows, int64_t cols,
                     float eps, int threads) {
   if (dtype == 0)
-    rms_norm(static_cast<const uint16_t*>(x), x_stride, static_cast<const uint16_t*>(w), static_cast<uint16_t*>(y),
-             rows, cols, eps, threads);
+    rms_norm<uint16_t, false>(static_cast<const uint16_t*>(x), x_stride, nullptr, static_cast<const uint16_t*>(w),
+                              static_cast<uint16_t*>(y), rows, cols, eps, threads);
   else
-    rms_norm(static_cast<const float*>(x), x_stride, static_cast<const float*>(w), static_cast<float*>(y), rows, cols,
-             eps, threads);
+    rms_norm<float, false>(static_cast<const float*>(x), x_stride, nullptr, static_cast<const float*>(w),
+                           static_cast<float*>(y), rows, cols, eps, threads);
 }
 
-void layer_add_rms_norm(int dtype, const void* x, int64_t x_stride, void* y, const void* w, void* out, int64_t rows,
+void layer_add_rms_norm(int dtype, const void* x, int64_t x_stride, void* sum, const void* w, void* y, int64_t rows,
                         int64_t cols, float eps, int threads) {
   if (dtype == 0)
-    add_rms_norm(static_cast<const uint16_t*>(x), x_stride, static_cast<uint16_t*>(y),
-                 static_cast<const uint16_t*>(w), static_cast<uint16_t*>(out), rows, cols, eps, threads);
+    rms_norm<uint16_t, true>(static_cast<const uint16_t*>(x), x_stride, static_cast<uint16_t*>(sum),
+                             static_cast<const uint16_t*>(w), static_cast<uint16_t*>(y), rows, cols, eps, threads);
   else
-    add_rms_norm(static_cast<const float*>(x), x_stride, static_cast<float*>(y), static_cast<const float*>(w),
-                 static_cast<float*>(out), rows, cols, eps, threads);
+    rms_norm<float, true>(static_cast<const float*>(x), x_stride, static_cast<float*>(sum),
+                          static_cast<const float*>(w), static_cast<float*>(y), rows, cols, eps, threads);
 }
 
 void layer_silu_mul(int dtype, const void* gate, const void* up, int64_t in_stride, void* y, int64_t rows,
