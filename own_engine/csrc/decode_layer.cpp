@@ -10,6 +10,8 @@
 extern "C" {
 void layer_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* y, int64_t rows, int64_t cols,
                     float eps, int threads);
+void layer_add_rms_norm(int dtype, const void* x, int64_t x_stride, void* sum, const void* w, void* y, int64_t rows,
+                        int64_t cols, float eps, int threads);
 void layer_silu_mul(int dtype, const void* gate, const void* up, int64_t in_stride, void* y, int64_t rows,
                     int64_t cols, int threads);
 void layer_rope(int dtype, const void* x, int64_t x_stride, const void* cos, const void* sin, void* y, int64_t rows,
@@ -50,7 +52,7 @@ int decode_layer_tail(const void* qk, int64_t qk_heads, const void* kpool, const
   uint16_t* attn = q + n * width;
   uint16_t* x1 = attn + n * width;
   uint16_t* h = x1 + n * hidden;
-  uint16_t* mid = h + n * hidden;  // o_proj's and down_proj's outputs
+  uint16_t* mid = h + n * hidden;  // down_proj's output
   uint16_t* gate_up = mid + n * hidden;
   uint16_t* act = gate_up + n * 2 * inter;
   for (int64_t r = 0; r < n; ++r)  // the kernel takes q's rows contiguous
@@ -58,9 +60,8 @@ int decode_layer_tail(const void* qk, int64_t qk_heads, const void* kpool, const
   if (paged_attention(0, q, kpool, vpool, tables, table_stride, lengths, n, heads / kv_heads, kv_heads, dim,
                       block_size, window, scale, attn, scores, parts, threads))
     return 1;
-  if (tile_matmul(attn, width, w_o, nullptr, mid, hidden, n, hidden, width, xp, threads)) return 1;
-  layer_add_bf16(x, mid, x1, n * hidden);
-  layer_rms_norm(0, x1, hidden, w_post, h, n, hidden, eps, threads);
+  if (tile_matmul(attn, width, w_o, nullptr, x1, hidden, n, hidden, width, xp, threads)) return 1;
+  layer_add_rms_norm(0, x, hidden, x1, w_post, h, n, hidden, eps, threads);  // x1 = T(x + x1), h its norm
   if (tile_matmul(h, hidden, w_gate_up, nullptr, gate_up, 2 * inter, n, 2 * inter, hidden, xp, threads)) return 1;
   layer_silu_mul(0, gate_up, gate_up + inter, 2 * inter, act, n, inter, threads);
   if (tile_matmul(act, inter, w_down, nullptr, mid, hidden, n, hidden, inter, xp, threads)) return 1;
