@@ -1,10 +1,30 @@
 """Files memory-mapped as torch byte tensors: compute reads them in place, from the page cache when warm."""
+import contextlib
+import functools
 import mmap
 import sys
 
 import torch
 
 from .errors import EngineError
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+; Python 3.11's mmap does not name it
+
+
+@functools.cache
+def can_populate() -> bool:
+    """Whether this kernel faults a mapping's pages in when asked (Mapped.populate), asked of one page of anonymous
+    memory: older kernels (RHEL 8's 4.18, Ubuntu 20.04's 5.4) refuse the advice."""
+    if sys.platform != "linux":
+        return False
+    probe = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        probe.madvise(MADV_POPULATE_WRITE)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class Mapped:
@@ -20,16 +40,12 @@ class Mapped:
             raise EngineError(f"tensor at byte {offset} is not aligned to its {dtype} elements: cannot map it")
         return self.bytes[offset:offset + nbytes].view(dtype)
 
-    def populate(self) -> bool:
-        """Fault every page in writable now (MADV_POPULATE_WRITE, Linux 5.14+), so that the first writes to a new
-        file do not each fault inside a request; False where the kernel cannot."""
-        if sys.platform != "linux":
-            return False
-        try:
-            self.map.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
-            return True
-        except (OSError, ValueError):
-            return False
+    def populate(self) -> None:
+        """Fault every page in writable now, so that the first writes to a new file do not each fault inside a
+        request; where the kernel can (can_populate: the plan asks only then). A refusal all the same (out of
+        memory) leaves the pages to fault in as they are written."""
+        with contextlib.suppress(OSError):
+            self.map.madvise(MADV_POPULATE_WRITE)
 
     def will_need(self, start: int, end: int) -> None:
         """Ask the kernel to read a byte range ahead (it returns at once; a warm page cache makes it a no-op)."""

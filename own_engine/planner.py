@@ -24,6 +24,7 @@ from .compute import Compute, MatmulForms, choose
 from .config import DTYPES, ModelConfig
 from .engine_config import EngineConfig
 from .errors import EngineError
+from .mapped import can_populate
 from .native import Native, build, layer_ops_support, prefill_support, support
 from .placement import LOGIT_ROWS
 from .weights import LayerLayout
@@ -65,7 +66,7 @@ class Plan:
     working_bytes: int
     block_bytes: int  # one block in all layers
     disk_bytes: int  # to be written under the offload dir
-    prefault_disk_kv: bool  # the disk tier's KV files get their pages at load (PREFAULT_SHARE)
+    prefault_disk_kv: bool  # the disk tier's KV files get their pages at load (PREFAULT_SHARE, Machine.populate)
     offload_dir: Path | None
     library: Path | None  # our kernels' (native.py), where any of them runs
     attention_reason: str | None  # why decode attention is not ours (None: it is)
@@ -150,6 +151,7 @@ class Machine:
     disk_at: Path  # the offload dir, or the folder a temporary one would be made in
     compute: Compute  # the compute policy's choice for the model's stored dtype on the device
     native: Native | None = None  # our kernels, on a CPU (native.build)
+    populate: bool = True  # the kernel faults a mapping's pages in when asked (mapped.can_populate)
 
     @classmethod
     def here(cls, cfg: ModelConfig, config: EngineConfig) -> "Machine":
@@ -160,7 +162,8 @@ class Machine:
         stored = DTYPES[config.dtype] if config.dtype else cfg.dtype
         compute = choose(torch.device(config.device), stored, config.compute_dtype and DTYPES[config.compute_dtype])
         native = build(policy.cpu_flags()) if torch.device(config.device).type == "cpu" else None
-        return cls(psutil.virtual_memory().available, shutil.disk_usage(probe).free, where, compute, native)
+        return cls(psutil.virtual_memory().available, shutil.disk_usage(probe).free, where, compute, native,
+                   can_populate())
 
 
 DECODE_WAIT_ROWS = 512  # rows of a pass that running decodes wait behind, unless prefill_chunk says otherwise
@@ -306,6 +309,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
     prefill = prefill_support(native, device, compute, cfg.head_dim)
     ours = attention is None or layer_ops is None or prefill is None
     library = native.library if native is not None and ours else None
+    prefault = machine.populate and 0 < kv_blocks.get("disk", 0) * block_bytes <= machine.ram * PREFAULT_SHARE
     return Plan(device=device, dtype=dtype, compute_dtype=compute, compute_reason=machine.compute.reason,
                 narrow_rows=machine.compute.narrow_rows, matmul_forms=machine.compute.forms, kv_dtype=kv_dtype,
                 budget=budget, context=context, batch=batch, block_size=block_size, prefill_chunk=chunk,
@@ -314,7 +318,7 @@ def make_plan(cfg: ModelConfig, config: EngineConfig, machine: Machine) -> Plan:
                 layer_tiers=tiers, embed_tier=embed_tier, kv_blocks=kv_blocks, layer_bytes=layer,
                 globals_bytes=lm_head + (embed if embed_tier == "device" else 0),
                 working_bytes=work, block_bytes=block_bytes, disk_bytes=disk_bytes,
-                prefault_disk_kv=0 < kv_blocks.get("disk", 0) * block_bytes <= machine.ram * PREFAULT_SHARE,
+                prefault_disk_kv=prefault,
                 offload_dir=config.offload_dir, library=library,
                 attention_reason=attention, layer_ops_reason=layer_ops, prefill_reason=prefill)
 

@@ -1,5 +1,8 @@
 """KV reads: in place where they can be, else copied ahead of use by the KV thread into two alternating buffers."""
+import platform
+import re
 import resource
+import sys
 import threading
 import time
 
@@ -9,6 +12,7 @@ import torch
 from own_engine.block_manager import BlockManager
 from own_engine.config import ModelConfig
 from own_engine.kv_cache import KVCache
+from own_engine.mapped import can_populate
 from own_engine.sequence import Sequence
 from own_engine.stats import EngineStats
 
@@ -91,16 +95,23 @@ def test_chunks_read_in_place_are_runs_of_consecutive_blocks(tmp_path):
     copied.close()
 
 
+def test_the_kernel_is_asked_whether_it_faults_pages_in_when_asked():
+    """can_populate, which the plan's prefault_disk_kv follows: MADV_POPULATE_WRITE came with Linux 5.14."""
+    release = re.match(r"(\d+)\.(\d+)", platform.release())
+    assert release is not None
+    assert can_populate() == (sys.platform == "linux" and tuple(map(int, release.groups())) >= (5, 14))
+
+
 def test_a_disk_tier_faulted_in_at_load_takes_no_page_fault_at_its_first_writes(tmp_path):
     """prefault (planner.Plan.prefault_disk_kv): a new KV file's pages at load, where otherwise the first write of
     each faults inside the request that writes it (a disk KV file is sparse). Both ways, the writes land."""
+    if not can_populate():
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+): the plan does not ask for it there")
     faults = {}
     for prefault in (False, True):
         kv = KVCache(CFG, {"disk": 512}, block_size=8, chunk_blocks=1, dtype=torch.float32,
                      compute_dtype=torch.float32, device=torch.device("cpu"), directory=tmp_path / str(prefault),
                      stats=EngineStats(), prefault=prefault)
-        if prefault and not kv.maps[0].populate():
-            pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
         blocks = BlockManager(kv.num_blocks, block_size=8)
         seq = Sequence([])
         blocks.reserve(seq, 4096)

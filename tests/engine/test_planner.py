@@ -46,6 +46,11 @@ def test_the_plan_follows_the_machine_it_is_given():
     assert not roomy.prefault_disk_kv and not tight.prefault_disk_kv and small.prefault_disk_kv
     kv_line = next(line for line in small.explain().splitlines() if line.startswith("KV cache:"))
     assert kv_line.endswith("all layers) (the disk files' pages faulted in at load)"), kv_line
+    # ... where the kernel can (Linux 5.14+): on an older one the pages come as requests write them, as the plan says
+    old_kernel = make_plan(cfg, EngineConfig(device="cuda", vram_budget="8GiB", max_context=4096, kv="disk"),
+                           Machine(ram=64 << 30, disk=1 << 40, disk_at=Path("/offload"), compute=BF16, populate=False))
+    kv_line = next(line for line in old_kernel.explain().splitlines() if line.startswith("KV cache:"))
+    assert not old_kernel.prefault_disk_kv and kv_line.endswith("all layers)"), kv_line
     with pytest.raises(EngineError, match=r"offload dir /offload: needs .* only 1.00 KiB free on its filesystem"):
         make_plan(cfg, config, Machine(ram=1 << 30, disk=1024, disk_at=Path("/offload"), compute=BF16))
 
